@@ -1,0 +1,126 @@
+"""Checkpoints: atomic save, safe load, resume.
+
+Layout of a run folder:
+
+    DIR/config.toml                 the run's config
+    DIR/metrics.jsonl               one JSON line per logged step
+    DIR/checkpoints/step_<n>/       model.pt (state_dict), optimizer.pt (Adam), state.json
+    DIR/checkpoints/latest          the name of the newest complete checkpoint folder
+
+A checkpoint is written into a temporary folder, flushed, renamed into place, and only then is
+`latest` replaced (itself through a rename). A crash at any point leaves `latest` naming a
+complete checkpoint. Everything is loaded with `weights_only=True`: a crafted pickle cannot run
+code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    version: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    state: dict[str, Any]  # config, sampler, store, format_version
+    path: Path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Any) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    version: int,
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
+    """Writes checkpoints/step_<step>/ atomically and points `latest` at it."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=root))
+    try:
+        _write_file(tmp / "model.pt", lambda f: torch.save(model, f))
+        _write_file(tmp / "optimizer.pt", lambda f: torch.save(optimizer, f))
+        meta = {**state, "step": step, "version": version, "format_version": FORMAT_VERSION}
+        _write_file(tmp / "state.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        if final.exists():  # a re-save of the same step (resumed run): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    pointer = root / f".latest.{os.getpid()}"
+    _write_file(pointer, lambda f: f.write(final.name.encode()))
+    os.replace(pointer, root / "latest")
+    _fsync_dir(root)
+    return final
+
+
+def latest(run_dir: Path) -> Path:
+    """The newest complete checkpoint folder of a run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        if not (run_dir / "config.toml").is_file():
+            raise CheckpointError(f"{run_dir} is not a distributed-maml run folder (no config.toml)")
+        raise CheckpointError(f"run {run_dir} has no checkpoint yet (no checkpoints/latest); train it first")
+    name = pointer.read_text().strip()
+    path = pointer.parent / name
+    if not name.startswith("step_") or not path.is_dir():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint folder")
+    return path
+
+
+def load(path: Path) -> Checkpoint:
+    """Loads a checkpoint folder; only tensors and plain containers are unpickled."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        model = torch.load(path / "model.pt", weights_only=True, map_location="cpu")
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(
+            f"checkpoint {path} was refused by the safe loader (weights_only=True): {first}"
+        ) from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state.get('format_version')}, expected {FORMAT_VERSION}"
+        )
+    return Checkpoint(state["step"], state["version"], model, optimizer, state, path)

@@ -1,0 +1,144 @@
+"""`distributed-maml` subcommands. A user error prints one line and exits with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps takes comma-separated whole numbers, got {text!r}") from None
+    if not steps or min(steps) < 0:
+        raise argparse.ArgumentTypeError(f"--steps takes comma-separated numbers >= 0, got {text!r}")
+    return steps
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distributed-maml", description="Distributed MAML meta-training on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="meta-train (default: the seed problem, in-process or on local Ray)")
+    t.add_argument("--config", type=Path, help="TOML config (default: the built-in one, = jobs/seed.toml)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable",
+    )
+    t.add_argument("--output-dir", type=Path, help="run folder (default: a new folder under runs/)")
+    t.add_argument("--tasks", type=Path, help="task store to train on (default: build one in the run folder)")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="adapt on held-out tasks; query loss/accuracy with 95%% CIs")
+    e.add_argument("--run", type=Path, required=True, help="run folder")
+    e.add_argument("--tasks", type=Path, help="held-out store (default: fresh tasks from the run's family)")
+    e.add_argument("--steps", type=_steps_list, default=[0, 1, 5, 10], help="inner steps to report (0,1,5,10)")
+    e.add_argument("--num-tasks", type=int, default=600, help="held-out tasks (600)")
+    e.add_argument("--shots", type=int, help="support shots of generated held-out tasks (default: the run's)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    tasks = sub.add_parser("tasks", help="build or inspect Arrow task stores").add_subparsers(
+        dest="tasks_cmd", required=True
+    )
+    b = tasks.add_parser("build", help="generate a task store")
+    b.add_argument("--family", required=True, help="seed or sinusoid")
+    b.add_argument("--num-tasks", type=int, required=True)
+    b.add_argument("--out", type=Path, required=True, help="the .arrow file to write")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--shots", type=int, default=None, help="support examples per class/points (seed 5, sinusoid 10)")
+    b.add_argument("--queries", type=int, default=None, help="query examples per class/points (seed 15, sinusoid 10)")
+    b.add_argument("--split", default="train", help="train or test (held-out tasks come from a disjoint stream)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    i = tasks.add_parser("info", help="describe a task store")
+    i.add_argument("path", type=Path)
+    i.add_argument("--json", action="store_true")
+
+    be = sub.add_parser("bench", help="vmap against a per-task loop: tasks/s on one CPU thread")
+    be.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
+    return p
+
+
+DEFAULT_SHOTS = {"seed": (5, 15), "sinusoid": (10, 10)}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from . import config, run, train
+
+    if args.resume:
+        if args.output_dir or args.tasks:
+            raise UserError("--resume continues a run in place; drop --output-dir and --tasks")
+        r = run.resume(args.resume, args.config, args.overrides)
+    else:
+        cfg = config.load(args.config, args.overrides)
+        r = run.prepare(cfg, args.output_dir, args.tasks, progress=not args.no_progress)
+    executor = train.make_executor(r)
+    try:
+        result = train.train(r, executor, progress=not args.no_progress)
+    finally:
+        executor.close()
+    print(f"done: {result.step} steps; checkpoint {r.dir / 'checkpoints' / ('step_' + str(result.step))}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from . import evaluate
+
+    result = evaluate.evaluate(args.run, args.tasks, args.steps, args.num_tasks, args.shots)
+    print(json.dumps(result) if args.json else evaluate.format_table(result))
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from . import store
+
+    if args.tasks_cmd == "build":
+        shots, queries = DEFAULT_SHOTS.get(args.family, (5, 15))
+        info = store.build(
+            args.out,
+            args.family,
+            args.num_tasks,
+            args.seed,
+            args.shots or shots,
+            args.queries or queries,
+            args.split,
+            overwrite=args.overwrite,
+        )
+        print(
+            f"wrote {args.out}: {info.num_tasks} {info.family} tasks ({info.split}, seed {info.seed}), "
+            f"{Path(args.out).stat().st_size / 2**20:.1f} MiB"
+        )
+    else:
+        d = store.describe(store.TaskStore.open(args.path), args.path)
+        print(json.dumps(d) if args.json else "\n".join(f"{k}: {v}" for k, v in d.items()))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from . import bench
+
+    bench.main(args.seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        {"train": cmd_train, "eval": cmd_eval, "tasks": cmd_tasks, "bench": cmd_bench}[args.command](args)
+    except UserError as e:
+        print(f"distributed-maml: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("distributed-maml: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

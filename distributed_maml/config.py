@@ -1,0 +1,305 @@
+"""Configuration: one frozen dataclass per component, loaded from TOML.
+
+Each section of a TOML file maps to one dataclass below; a component receives only its own
+section. Values are checked in ``__post_init__`` with messages a user can act on, and unknown
+sections or keys are errors (a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+FAMILIES = ("seed", "sinusoid", "table")
+MODELS = ("seed_mlp", "sinusoid_mlp", "mlp")
+PLACEMENTS = ("pack", "spread")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """[task]: which tasks, and how many per meta-step."""
+
+    family: str = "seed"
+    """Task family: "seed" (2-way classification, 10 features), "sinusoid" (the MAML paper's
+    regression) or "table" (N-way K-shot tasks built from a table with `tasks build --from-table`)."""
+    shots: int = 5
+    """Support examples per class (classification) or support points (regression)."""
+    queries: int = 15
+    """Query examples per class (classification) or query points (regression)."""
+    meta_batch: int = 32
+    """Tasks per meta-step."""
+    num_tasks: int = 0
+    """Size of the store `train` builds when no --tasks is given; 0 means steps x meta_batch,
+    so that a run sees each task about once (the paper draws fresh tasks every step)."""
+
+    def __post_init__(self) -> None:
+        _require(self.family in FAMILIES, f"task.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        _require(self.shots >= 1, f"task.shots must be >= 1, got {self.shots}")
+        _require(self.queries >= 1, f"task.queries must be >= 1, got {self.queries}")
+        _require(self.meta_batch >= 1, f"task.meta_batch must be >= 1, got {self.meta_batch}")
+        _require(self.num_tasks >= 0, f"task.num_tasks must be >= 0 (0 = steps x meta_batch), got {self.num_tasks}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the network that is meta-learned."""
+
+    name: str = "seed_mlp"
+    """"seed_mlp" (10 -> 64 -> 2, ReLU), "sinusoid_mlp" (1 -> 40 -> 40 -> 1, ReLU, the paper's)
+    or "mlp" (input and output sizes taken from the task store, hidden sizes from `hidden`)."""
+    hidden: tuple[int, ...] = (64,)
+    """Hidden layer widths, used by name = "mlp" only."""
+
+    def __post_init__(self) -> None:
+        _require(self.name in MODELS, f"model.name must be one of {', '.join(MODELS)}, got {self.name!r}")
+        _require(len(self.hidden) >= 1, "model.hidden must list at least one layer width")
+        _require(all(h >= 1 for h in self.hidden), f"model.hidden widths must be >= 1, got {list(self.hidden)}")
+
+
+@dataclass(frozen=True)
+class MamlConfig:
+    """[maml]: the inner loop and the order of the meta-gradient."""
+
+    inner_steps: int = 5
+    """SGD steps on the support set per task."""
+    inner_lr: float = 0.5
+    """Step size of the inner SGD (alpha in the paper)."""
+    first_order: bool = False
+    """Drop the second-order terms (FOMAML): cheaper, usually a little worse."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.inner_steps <= 100, f"maml.inner_steps must be in [1, 100], got {self.inner_steps}")
+        _require(
+            math.isfinite(self.inner_lr) and self.inner_lr > 0,
+            f"maml.inner_lr must be a finite number > 0, got {self.inner_lr}",
+        )
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """[optimizer]: the Adam meta-optimizer."""
+
+    lr: float = 1e-3
+    """Adam step size (beta in the paper)."""
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.lr) and self.lr > 0, f"optimizer.lr must be a finite number > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """[training]: length, seed, logging and checkpoints."""
+
+    steps: int = 500
+    """Meta-steps to run."""
+    seed: int = 0
+    """Seeds the initial weights, the task store `train` builds and the task order."""
+    log_every: int = 25
+    """Print a log line and write metrics.jsonl every this many steps."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (0 = only at the end)."""
+    on_nonfinite: str = "stop"
+    """What a non-finite loss or meta-gradient does: "stop" (default, weights untouched) or
+    "skip" (drop that step, count it in the metrics)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"training.steps must be >= 1, got {self.steps}")
+        _require(0 <= self.seed < 2**63, f"training.seed must be in [0, 2**63), got {self.seed}")
+        _require(self.log_every >= 1, f"training.log_every must be >= 1, got {self.log_every}")
+        _require(
+            self.checkpoint_every >= 0,
+            f"training.checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}",
+        )
+        _require(
+            self.on_nonfinite in NONFINITE_POLICIES,
+            f"training.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}",
+        )
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """[scaling]: where the per-task work runs."""
+
+    num_workers: int = 0
+    """Ray worker actors; 0 runs in-process without Ray, -1 sizes the pool to the cluster
+    (one worker per GPU when there are GPUs, else one per cpus_per_worker CPUs)."""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker reserves; its torch thread count is set to match."""
+    gpus_per_worker: float = 0.0
+    """GPUs each worker reserves (fractions share a card); > 0 computes on cuda:0 in the actor."""
+    placement: str = "pack"
+    """"pack" keeps workers on as few nodes as possible, "spread" puts them on distinct nodes."""
+    max_worker_failures: int = 3
+    """Failed calls a worker may have before its shards move to the other workers."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= -1, f"scaling.num_workers must be >= 0, or -1 for auto, got {self.num_workers}")
+        _require(
+            math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0,
+            f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}",
+        )
+        _require(
+            math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0,
+            f"scaling.gpus_per_worker must be >= 0, got {self.gpus_per_worker}",
+        )
+        _require(
+            self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer(),
+            f"scaling.gpus_per_worker above 1 must be a whole number, got {self.gpus_per_worker}",
+        )
+        _require(
+            self.placement in PLACEMENTS,
+            f"scaling.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}",
+        )
+        _require(
+            self.max_worker_failures >= 1,
+            f"scaling.max_worker_failures must be >= 1, got {self.max_worker_failures}",
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: one section per component."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    maml: MamlConfig = field(default_factory=MamlConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for f in dataclasses.fields(self):
+            section = dataclasses.asdict(getattr(self, f.name))
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+        return out
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a list of integers")
+
+
+def _coerce(where: str, tp: Any, value: Any) -> Any:
+    """Checks a TOML value against a field's annotated type (ints are accepted for floats)."""
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # tuple[int, ...]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    if not ok:
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _section(name: str, values: Any) -> Any:
+    cls = SECTIONS[name]
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] must be a table of key = value lines, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {name}.{unknown[0]}; [{name}] takes: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(f"{name}.{k}", hints[k], v) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Builds a Config from nested dicts (a parsed TOML file); missing keys take their defaults."""
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]; sections are: {', '.join(SECTIONS)}")
+    return Config(**{name: _section(name, values) for name, values in data.items()})
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise ConfigError(f"--set takes section.key=value (e.g. --set training.steps=100), got {text!r}")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as sinusoid is taken as a string
+    return section, name, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """A copy of nested config dicts with `section.key=value` lines applied."""
+    out = {s: dict(v) if isinstance(v, dict) else v for s, v in data.items()}
+    for text in overrides:
+        section, name, value = _parse_override(text)
+        if not isinstance(out.setdefault(section, {}), dict):
+            raise ConfigError(f"[{section}] must be a table of key = value lines")
+        out[section][name] = value
+    return out
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads a TOML config (defaults when path is None) and applies `--set section.key=value` lines."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} cannot be read: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    data = apply_overrides(data, overrides)
+    return from_dict(data)
+
+
+def dumps(cfg: Config) -> str:
+    """The config as TOML text (written into every run folder)."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)

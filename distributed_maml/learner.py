@@ -1,0 +1,74 @@
+"""The central learner: one flat parameter vector, Adam, and the fan-in of shard results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import ParamSpec
+
+
+@dataclass
+class ShardResult:
+    """What a worker returns for one shard: the SUM of its tasks' meta-gradients (flat float32
+    numpy, which Ray hands over without a copy), how many tasks it held, and metric sums."""
+
+    grad_sum: np.ndarray
+    count: int
+    metrics: dict[str, float]
+    compute_s: float = 0.0
+    worker: str = "in-process"
+
+
+@dataclass
+class Reduced:
+    grad: np.ndarray
+    count: int
+    metrics: dict[str, float] = field(default_factory=dict)  # means over tasks
+
+
+def reduce_shards(results: Sequence[ShardResult]) -> Reduced:
+    """The fan-in: the task-weighted mean of the shards' gradients and metrics, summed in shard
+    order (never arrival order) so that the result does not depend on timing."""
+    count = sum(r.count for r in results)
+    total = np.zeros_like(results[0].grad_sum)
+    sums: dict[str, float] = {}
+    for r in results:
+        total += r.grad_sum
+        for k, v in r.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return Reduced(total / np.float32(count), count, {k: v / count for k, v in sums.items()})
+
+
+class Learner:
+    """Holds the meta-parameters as one flat float32 tensor and applies Adam to it."""
+
+    def __init__(self, spec: ParamSpec, initial: torch.Tensor, lr: float) -> None:
+        self.spec = spec
+        self.flat = initial.detach().to(torch.float32).clone().requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.flat], lr=lr)
+        self.version = 0
+
+    def weights(self) -> np.ndarray:
+        """A copy of the current weights (workers must never see a later in-place update)."""
+        return self.flat.detach().numpy().copy()
+
+    def apply(self, grad: np.ndarray) -> None:
+        self.flat.grad = torch.from_numpy(np.ascontiguousarray(grad, dtype=np.float32)).clone()
+        self.optimizer.step()
+        self.flat.grad = None
+        self.version += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state_dict (parameter name -> tensor), as nn.Module.state_dict gives it."""
+        return {k: v.detach().clone() for k, v in self.spec.unflatten(self.flat.detach()).items()}
+
+    def load(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any], version: int) -> None:
+        with torch.no_grad():
+            self.flat.copy_(self.spec.flatten(model_state))
+        self.optimizer.load_state_dict(optimizer_state)
+        self.version = version

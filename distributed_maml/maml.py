@@ -1,0 +1,145 @@
+"""MAML as pure functions over explicit parameters, vectorised over tasks with torch.func.
+
+`meta_gradient` is the one function that turns (parameters, a batch of tasks) into the summed
+meta-gradient and metric sums; the in-process loop and every Ray worker call it.
+
+For one task with support (xs, ys) and query (xq, yq), inner steps k and step size alpha:
+
+    theta_0 = theta,  theta_{i+1} = theta_i - alpha * grad L_support(theta_i)
+    task loss = L_query(theta_k)
+
+The meta-gradient is d(task loss)/d(theta) through all k steps (second order). First-order
+MAML stops the gradient at each inner gradient, so it equals grad L_query at theta_k.
+`forward(params, x)` is the model as a pure function (models.functional).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import grad, vmap
+
+from .config import MamlConfig
+from .models import Forward
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """Tensors with a leading task axis: x [T, N, D]; y [T, N] labels or [T, N, O] targets."""
+
+    x_support: Tensor
+    y_support: Tensor
+    x_query: Tensor
+    y_query: Tensor
+
+    @classmethod
+    def from_numpy(cls, rows: dict, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> TaskBatch:
+        def conv(a: object) -> Tensor:
+            t = torch.from_numpy(a).to(device)  # type: ignore[arg-type]
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        return cls(*(conv(rows[k]) for k in ("x_support", "y_support", "x_query", "y_query")))
+
+    def __len__(self) -> int:
+        return self.x_support.shape[0]
+
+
+def loss_fn(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
+    return F.cross_entropy if kind == "classification" else F.mse_loss
+
+
+def task_losses(kind: str, out: Tensor, y: Tensor) -> Tensor:
+    """Per-task mean loss of outputs [T, N, C] against y, without vmap: [T]."""
+    if kind == "classification":
+        return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    return F.mse_loss(out, y, reduction="none").flatten(1).mean(1)
+
+
+def adapt(
+    forward: Forward,
+    kind: str,
+    params: Params,
+    xs: Tensor,
+    ys: Tensor,
+    steps: int,
+    lr: float,
+    first_order: bool = False,
+) -> Params:
+    """`steps` SGD steps on one task's support set, differentiable (unless first_order)."""
+    loss = loss_fn(kind)
+
+    def support_loss(p: Params) -> Tensor:
+        return loss(forward(p, xs), ys)
+
+    for _ in range(steps):
+        g = grad(support_loss)(params)
+        if first_order:
+            g = {k: v.detach() for k, v in g.items()}
+        params = {k: params[k] - lr * g[k] for k in params}
+    return params
+
+
+def meta_gradient(
+    forward: Forward, kind: str, params: Params, batch: TaskBatch, cfg: MamlConfig
+) -> tuple[Params, dict[str, float]]:
+    """The SUM over the batch's tasks of the per-task meta-gradients, and metric sums.
+
+    Returning sums (not means) lets shards of any size be combined exactly: the learner divides
+    by the total task count once. Metrics, summed over tasks: loss_after / loss_before (query
+    loss of the adapted and of the initial weights) and, for classification, acc_after / acc_before.
+    """
+    loss = loss_fn(kind)
+    classification = kind == "classification"
+
+    def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        adapted = adapt(forward, kind, p, xs, ys, cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+        out = forward(adapted, xq)
+        task_loss = loss(out, yq)
+        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else task_loss
+        return task_loss, acc.detach()
+
+    def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        losses, accs = vmap(task_objective, in_dims=(None, 0, 0, 0, 0))(
+            p, batch.x_support, batch.y_support, batch.x_query, batch.y_query
+        )
+        return losses.sum(), (losses.detach().sum(), accs.sum())
+
+    grads, (loss_after, acc_after) = grad(batch_objective, has_aux=True)(params)
+    # The unadapted weights need no vmap: the parameters are shared, so one batched forward does.
+    with torch.no_grad():
+        out = forward(params, batch.x_query)
+        metrics = {"loss_after": loss_after.item(), "loss_before": task_losses(kind, out, batch.y_query).sum().item()}
+        if classification:
+            metrics["acc_after"] = acc_after.item()
+            metrics["acc_before"] = (out.argmax(-1) == batch.y_query).to(out.dtype).mean(1).sum().item()
+    return grads, metrics
+
+
+def adaptation_curve(
+    forward: Forward, kind: str, params: Params, batch: TaskBatch, max_steps: int, lr: float
+) -> tuple[Tensor, Tensor | None]:
+    """Per-task query loss (and accuracy) after 0..max_steps inner steps: [T, max_steps + 1]."""
+    loss = loss_fn(kind)
+    classification = kind == "classification"
+
+    def curve(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        losses, accs = [], []
+        for step in range(max_steps + 1):
+            if step:
+                p = adapt(forward, kind, p, xs, ys, 1, lr, first_order=True)
+            out = forward(p, xq)
+            losses.append(loss(out, yq))
+            accs.append((out.argmax(-1) == yq).to(out.dtype).mean() if classification else losses[-1])
+        return torch.stack(losses), torch.stack(accs)
+
+    frozen = {k: v.detach() for k, v in params.items()}
+    losses, accs = vmap(curve, in_dims=(None, 0, 0, 0, 0))(
+        frozen, batch.x_support, batch.y_support, batch.x_query, batch.y_query
+    )
+    return losses.detach(), accs.detach() if classification else None

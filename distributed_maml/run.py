@@ -1,0 +1,137 @@
+"""Setting up a run: its folder, its config, its task store, and what a resume starts from."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+from . import config as config_mod
+from .config import Config
+from .errors import CheckpointError, ConfigError, StoreError
+from .store import TaskStore, build
+
+STORE_NAME = "tasks.arrow"
+# Keys a resume may change: the length and cadence of the run, and where it runs (the answer
+# does not depend on the number of workers). Anything else would make a different run.
+RESUME_MAY_CHANGE = {"training.steps", "training.log_every", "training.checkpoint_every", "training.on_nonfinite"}
+
+
+@dataclass
+class Run:
+    dir: Path
+    cfg: Config
+    store: TaskStore
+    store_path: Path
+    start: checkpoint.Checkpoint | None  # set when resuming
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, kv in cfg.to_dict().items() for k, v in kv.items()}
+
+
+def _new_run_dir(output_dir: str | Path | None, cfg: Config) -> Path:
+    if output_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path("runs") / f"{stamp}-{cfg.task.family}"
+        path, n = base, 1
+        while path.exists():
+            path, n = Path(f"{base}-{n}"), n + 1
+    else:
+        path = Path(output_dir)
+        if (path / "config.toml").exists():
+            raise ConfigError(
+                f"{path} already holds a run; continue it with --resume {path} or choose another --output-dir"
+            )
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            raise ConfigError(f"--output-dir {path} exists and is not an empty folder; choose another")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_store(store: TaskStore, cfg: Config) -> None:
+    info = store.info
+    if info.family != cfg.task.family:
+        raise StoreError(
+            f"{store.name} holds {info.family!r} tasks but task.family = {cfg.task.family!r}; "
+            f"set --set task.family={info.family} or use a {cfg.task.family} store"
+        )
+    if (info.shots, info.queries) != (cfg.task.shots, cfg.task.queries):
+        raise StoreError(
+            f"{store.name} has {info.shots} shots and {info.queries} queries but the config says "
+            f"task.shots = {cfg.task.shots}, task.queries = {cfg.task.queries}; make them agree"
+        )
+    if info.split != "train":
+        raise StoreError(f"{store.name} is a held-out ({info.split}) store; train on a store built with --split train")
+
+
+def prepare(
+    cfg: Config, output_dir: str | Path | None = None, tasks: str | Path | None = None, progress: bool = True
+) -> Run:
+    """A new run: makes its folder, writes config.toml, opens or builds its task store."""
+    if tasks is not None:
+        store_path = Path(tasks).resolve()
+        store = TaskStore.open(store_path)
+        _check_store(store, cfg)
+    run_dir = _new_run_dir(output_dir, cfg)
+    if tasks is None:
+        store_path = (run_dir / STORE_NAME).resolve()
+        num = cfg.task.num_tasks or cfg.training.steps * cfg.task.meta_batch
+        build(
+            store_path,
+            cfg.task.family,
+            num,
+            seed=cfg.training.seed,
+            shots=cfg.task.shots,
+            queries=cfg.task.queries,
+            progress=progress,
+        )
+        store = TaskStore.open(store_path)
+    (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
+    return Run(run_dir, cfg, store, store_path, None)
+
+
+def resume(run_dir: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Run:
+    """A run continued from its latest checkpoint. --config/--set may change only what
+    RESUME_MAY_CHANGE (and [scaling]) lists; anything else is a conflict, named."""
+    run_dir = Path(run_dir)
+    ckpt = checkpoint.load(checkpoint.latest(run_dir))
+    saved = config_mod.from_dict(ckpt.state["config"])
+    base = config_mod.load(config_path).to_dict() if config_path else ckpt.state["config"]
+    cfg = config_mod.from_dict(config_mod.apply_overrides(base, overrides))
+    for key, old in _flat(saved).items():
+        new = _flat(cfg)[key]
+        if new != old and key not in RESUME_MAY_CHANGE and not key.startswith("scaling."):
+            raise ConfigError(
+                f"cannot resume {run_dir} with {key} = {new!r}: the run was made with {old!r}; "
+                f"a resume may change only {', '.join(sorted(RESUME_MAY_CHANGE))} and [scaling]"
+            )
+    if cfg.training.steps < ckpt.step:
+        raise ConfigError(f"training.steps = {cfg.training.steps} is below the checkpoint's step {ckpt.step}")
+    store_path = Path(ckpt.state["store"]["path"])
+    if not store_path.exists() and (run_dir / STORE_NAME).exists():  # the run folder was moved
+        store_path = (run_dir / STORE_NAME).resolve()
+    store = TaskStore.open(store_path)
+    if len(store) != ckpt.state["sampler"]["num_tasks"]:
+        raise CheckpointError(
+            f"{store_path} holds {len(store)} tasks, but the run was trained on "
+            f"{ckpt.state['sampler']['num_tasks']}; resume with the original store"
+        )
+    (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
+    _truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
+    return Run(run_dir, cfg, store, store_path, ckpt)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops lines logged after the checkpoint a resume starts from (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

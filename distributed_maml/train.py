@@ -1,0 +1,131 @@
+"""The meta-training loop. The whole algorithm is on this page:
+
+    ids of step s (sampler) -> shards -> workers: summed meta-gradients -> learner: mean, Adam
+
+Everything else (config, run folder, store, Ray) is set up before the loop and passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import checkpoint, models
+from .errors import TrainingError
+from .learner import Learner, Reduced, ShardResult, reduce_shards
+from .run import Run
+from .sampler import Sampler, split_shards
+
+
+class Executor(Protocol):
+    num_shards: int
+
+    def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]: ...
+    def describe(self) -> str: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    weights: np.ndarray
+    last_metrics: dict[str, Any]
+
+
+def make_executor(run: Run) -> Executor:
+    """num_workers = 0 stays in-process; anything else goes through Ray (imported only then)."""
+    if run.cfg.scaling.num_workers == 0:
+        from .worker import InProcessExecutor
+
+        return InProcessExecutor(run.store, run.cfg.model, run.cfg.maml)
+    from .runtime import RayExecutor
+
+    return RayExecutor(run.store_path, run.cfg.model, run.cfg.maml, run.cfg.scaling)
+
+
+def make_learner(run: Run) -> Learner:
+    model = models.build(run.cfg.model, run.store.info, seed=run.cfg.training.seed)
+    spec = models.ParamSpec.of(model)
+    learner = Learner(spec, spec.flatten(dict(model.named_parameters())), run.cfg.optimizer.lr)
+    if run.start is not None:
+        learner.load(run.start.model, run.start.optimizer, run.start.version)
+    return learner
+
+
+def save_checkpoint(run: Run, learner: Learner, step: int, sampler: Sampler) -> Path:
+    state = {
+        "config": run.cfg.to_dict(),
+        "sampler": sampler.state(),
+        "store": {"path": str(run.store_path), "family": run.store.info.family, "seed": run.store.info.seed},
+    }
+    return checkpoint.save(run.dir, step, learner.version, learner.state_dict(), learner.optimizer.state_dict(), state)
+
+
+def _is_finite(reduced: Reduced) -> bool:
+    return bool(np.isfinite(reduced.grad).all()) and all(math.isfinite(v) for v in reduced.metrics.values())
+
+
+def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
+    cfg = run.cfg.training
+    learner = make_learner(run)
+    sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
+    start = run.start.step if run.start else 0
+    skipped, record = 0, {}
+    print(
+        f"run {run.dir}: {len(run.store)} {run.store.info.family} tasks, {executor.describe()}, "
+        f"steps {start}..{cfg.steps}",
+        flush=True,
+    )
+    with (
+        open(run.dir / "metrics.jsonl", "a") as log,
+        tqdm(total=cfg.steps, initial=start, desc="meta-train", unit="step", disable=not progress or None) as bar,
+    ):
+        for step in range(start + 1, cfg.steps + 1):  # `step` counts completed meta-steps
+            t0 = time.perf_counter()
+            shards = split_shards(sampler.ids(step - 1), executor.num_shards)
+            results = executor.compute(learner.weights(), learner.version, shards)  # blocks on the slowest shard
+            t1 = time.perf_counter()
+            reduced = reduce_shards(results)
+            if _is_finite(reduced):
+                learner.apply(reduced.grad)
+            elif cfg.on_nonfinite == "skip":
+                skipped += 1
+            else:  # stop before Adam sees it; the weights on disk are the last good ones
+                path = save_checkpoint(run, learner, step - 1, sampler)
+                raise TrainingError(
+                    f"step {step}: non-finite meta-loss or meta-gradient (loss {reduced.metrics.get('loss_after')}); "
+                    f"likely maml.inner_lr ({run.cfg.maml.inner_lr}) or optimizer.lr ({run.cfg.optimizer.lr}) is "
+                    f"too large; the last good weights are saved in {path}"
+                )
+            t2 = time.perf_counter()
+            compute = max(r.compute_s for r in results)
+            record = {
+                "step": step,
+                "meta_loss": reduced.metrics["loss_after"],
+                **reduced.metrics,
+                "tasks_per_s": reduced.count / (t2 - t0),
+                "skipped_steps": skipped,
+                "time": {"compute_s": compute, "wait_s": max(0.0, t1 - t0 - compute), "update_s": t2 - t1},
+            }
+            bar.set_postfix(
+                meta_loss=f"{record['meta_loss']:.4f}", tasks_s=f"{record['tasks_per_s']:.0f}", refresh=False
+            )
+            bar.update()
+            if step % cfg.log_every == 0 or step in (1, cfg.steps):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                tqdm.write(
+                    f"Step {step}, Meta Loss: {record['meta_loss']:.4f}"
+                    + (f", Accuracy: {record['acc_after']:.3f}" if "acc_after" in record else "")
+                )
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                save_checkpoint(run, learner, step, sampler)
+    return TrainResult(run.dir, cfg.steps, learner.weights(), record)

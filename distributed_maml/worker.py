@@ -1,0 +1,66 @@
+"""Shard computation without Ray: a task store, a model template and a device.
+
+`ShardComputer.compute` is what the in-process loop calls directly and what every Ray actor
+wraps; keeping it Ray-free keeps it testable and identical at every scale.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .config import MamlConfig, ModelConfig
+from .learner import ShardResult
+from .maml import TaskBatch, meta_gradient
+from .models import ParamSpec, build, functional
+from .store import TaskStore
+
+
+class ShardComputer:
+    def __init__(
+        self,
+        store: TaskStore,
+        model_cfg: ModelConfig,
+        maml_cfg: MamlConfig,
+        device: str = "cpu",
+        name: str = "in-process",
+    ) -> None:
+        self.store = store
+        self.maml_cfg = maml_cfg
+        self.device = torch.device(device)
+        # The module is only a template for functional_call: its own parameters are never used.
+        self.model = build(model_cfg, store.info, seed=0).to(self.device)
+        self.spec = ParamSpec.of(self.model)
+        self.forward = functional(self.model)
+        self.name = name
+
+    def compute(self, weights: np.ndarray, ids: np.ndarray) -> ShardResult:
+        """The summed meta-gradient of tasks `ids` at `weights` (flat float32)."""
+        start = time.perf_counter()
+        flat = torch.from_numpy(np.asarray(weights, dtype=np.float32)).to(self.device)
+        params = self.spec.unflatten(flat)
+        batch = TaskBatch.from_numpy(self.store.rows(ids), self.device)
+        grads, metrics = meta_gradient(self.forward, self.store.info.kind, params, batch, self.maml_cfg)
+        grad_sum = self.spec.flatten(grads).detach().to("cpu", torch.float32).numpy()
+        return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
+
+
+class InProcessExecutor:
+    """num_workers = 0: the shards are computed here, one after another, without Ray. This is
+    the reference every distributed run is held against."""
+
+    num_shards = 1
+
+    def __init__(self, store: TaskStore, model_cfg: ModelConfig, maml_cfg: MamlConfig) -> None:
+        self.computer = ShardComputer(store, model_cfg, maml_cfg)
+
+    def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]:
+        return [self.computer.compute(weights, ids) for ids in shards]
+
+    def describe(self) -> str:
+        return f"in-process ({torch.get_num_threads()} torch threads)"
+
+    def close(self) -> None:
+        pass
