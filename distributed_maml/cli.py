@@ -132,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         {"train": cmd_train, "eval": cmd_eval, "tasks": cmd_tasks, "bench": cmd_bench}[args.command](args)
     except UserError as e:
-        print(f"distributed-maml: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"distributed-maml: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("distributed-maml: interrupted", file=sys.stderr)

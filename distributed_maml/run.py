@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+from . import checkpoint, models
 from . import config as config_mod
 from .config import Config
 from .errors import CheckpointError, ConfigError, StoreError
-from .store import TaskStore, build
+from .store import TaskStore, build, family_info
+from .tasks import FAMILIES
 
 STORE_NAME = "tasks.arrow"
 # Keys a resume may change: the length and cadence of the run, and where it runs (the answer
@@ -73,26 +75,35 @@ def _check_store(store: TaskStore, cfg: Config) -> None:
 def prepare(
     cfg: Config, output_dir: str | Path | None = None, tasks: str | Path | None = None, progress: bool = True
 ) -> Run:
-    """A new run: makes its folder, writes config.toml, opens or builds its task store."""
+    """A new run: makes its folder, writes config.toml, opens or builds its task store.
+    Every check runs before the folder is made, so a refused run leaves nothing behind."""
+    num = cfg.task.num_tasks or cfg.training.steps * cfg.task.meta_batch
     if tasks is not None:
         store_path = Path(tasks).resolve()
         store = TaskStore.open(store_path)
         _check_store(store, cfg)
+        info = store.info
+    else:
+        info = family_info(FAMILIES[cfg.task.family], num, cfg.training.seed, cfg.task.shots, cfg.task.queries, "train")
+    models.dims(cfg.model, info)  # the model must fit the tasks
     run_dir = _new_run_dir(output_dir, cfg)
-    if tasks is None:
-        store_path = (run_dir / STORE_NAME).resolve()
-        num = cfg.task.num_tasks or cfg.training.steps * cfg.task.meta_batch
-        build(
-            store_path,
-            cfg.task.family,
-            num,
-            seed=cfg.training.seed,
-            shots=cfg.task.shots,
-            queries=cfg.task.queries,
-            progress=progress,
-        )
-        store = TaskStore.open(store_path)
-    (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
+    try:
+        if tasks is None:
+            store_path = (run_dir / STORE_NAME).resolve()
+            build(
+                store_path,
+                cfg.task.family,
+                num,
+                seed=cfg.training.seed,
+                shots=cfg.task.shots,
+                queries=cfg.task.queries,
+                progress=progress,
+            )
+            store = TaskStore.open(store_path)
+        (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return Run(run_dir, cfg, store, store_path, None)
 
 

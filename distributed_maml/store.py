@@ -25,7 +25,8 @@ from .tasks import FAMILIES, Family
 
 FORMAT = "distributed-maml-taskstore"
 FORMAT_VERSION = 1
-ROWS_PER_BATCH = 16384
+ROWS_PER_BATCH = 16384  # at most; fewer for large rows so a batch stays near BATCH_BYTES
+BATCH_BYTES = 64 * 2**20
 COLUMNS = ("x_support", "y_support", "x_query", "y_query", "params")
 SPLITS = ("train", "test")
 _SPLIT_STREAM = {"train": 0, "test": 1}  # disjoint RNG streams: held-out tasks never repeat training tasks
@@ -89,7 +90,7 @@ def family_info(family: Family, num_tasks: int, seed: int, shots: int, queries: 
         num_params=probe["params"].shape[1],
         seed=seed,
         split=split,
-        rows_per_batch=ROWS_PER_BATCH,
+        rows_per_batch=max(1, min(ROWS_PER_BATCH, BATCH_BYTES // sum(a[0].nbytes for a in probe.values()))),
     )
 
 
@@ -260,9 +261,14 @@ def _parse_info(schema: pa.Schema, name: str) -> StoreInfo:
         raise StoreError(f"{name} has inconsistent task-store metadata ({info}); rebuild it")
     expected = info.schema()
     if not schema.remove_metadata().equals(expected.remove_metadata()):
-        raise StoreError(
-            f"{name} has a wrong schema: {schema.remove_metadata()}, expected {expected.remove_metadata()}"
-        )
+        have = {f.name: str(f.type) for f in schema}
+        diff = [
+            f"{f.name} is {have.get(f.name, 'missing')}, expected {f.type}"
+            for f in expected
+            if have.get(f.name) != str(f.type)
+        ]
+        diff += [f"{n} is not a task-store column" for n in have if n not in expected.names]
+        raise StoreError(f"{name} has a wrong schema for its metadata: {'; '.join(diff)}; rebuild it")
     return info
 
 

@@ -1,0 +1,51 @@
+"""Shared helpers. Ray-free: tests that need Ray start one instance per module themselves."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # explicit, as Ray 2.60 tests must be
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The real command line in a fresh interpreter (exit codes and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "distributed_maml", *map(str, args)],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2, one line on stderr naming the problem, no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 or lines[0].startswith("usage:"), err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Content hash of every file under path (to prove nothing on disk changed)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture
+def cli():
+    return run_cli

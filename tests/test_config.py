@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+
+from distributed_maml import config
+from distributed_maml.errors import ConfigError
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def test_defaults_are_jobs_seed_toml():
+    assert config.load(JOBS / "seed.toml") == config.Config()
+
+
+def test_sinusoid_job_has_the_papers_settings():
+    c = config.load(JOBS / "sinusoid.toml")
+    assert (c.task.family, c.task.shots, c.task.queries, c.task.meta_batch) == ("sinusoid", 10, 10, 25)
+    assert (c.maml.inner_steps, c.maml.inner_lr, c.maml.first_order) == (1, 0.01, False)
+    assert (c.optimizer.lr, c.training.steps, c.model.name) == (1e-3, 70000, "sinusoid_mlp")
+
+
+def test_dumps_round_trips(tmp_path):
+    c = config.load(None, ["task.family=sinusoid", "model.name=mlp", "model.hidden=[8, 8]", "maml.first_order=true"])
+    (tmp_path / "c.toml").write_text(config.dumps(c))
+    assert config.load(tmp_path / "c.toml") == c
+
+
+def test_set_overrides_parse_toml_values_and_bare_strings():
+    c = config.load(
+        None, ["training.steps=7", "maml.inner_lr=0.25", "task.family=sinusoid", "scaling.placement=spread"]
+    )
+    assert (c.training.steps, c.maml.inner_lr, c.task.family, c.scaling.placement) == (7, 0.25, "sinusoid", "spread")
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("task.shots=0", "task.shots must be >= 1, got 0"),
+        ("task.queries=-1", "task.queries must be >= 1"),
+        ("task.meta_batch=0", "task.meta_batch must be >= 1"),
+        ("task.num_tasks=-5", "task.num_tasks must be >= 0"),
+        ("task.family=omniglot", "task.family must be one of"),
+        ("model.name=resnet", "model.name must be one of"),
+        ("model.hidden=[]", "model.hidden must list at least one"),
+        ("model.hidden=[0]", "model.hidden widths must be >= 1"),
+        ("maml.inner_steps=0", "maml.inner_steps must be in [1, 100]"),
+        ("maml.inner_lr=-0.1", "maml.inner_lr must be a finite number > 0, got -0.1"),
+        ("maml.inner_lr=nan", "maml.inner_lr must be a finite number > 0"),
+        ("optimizer.lr=0", "optimizer.lr must be a finite number > 0"),
+        ("optimizer.lr=inf", "optimizer.lr must be a finite number > 0"),
+        ("training.steps=0", "training.steps must be >= 1"),
+        ("training.seed=-1", "training.seed must be in"),
+        ("training.log_every=0", "training.log_every must be >= 1"),
+        ("training.checkpoint_every=-1", "training.checkpoint_every must be >= 0"),
+        ("training.on_nonfinite=ignore", "training.on_nonfinite must be one of"),
+        ("scaling.num_workers=-2", "scaling.num_workers must be >= 0"),
+        ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker must be > 0"),
+        ("scaling.gpus_per_worker=-0.5", "scaling.gpus_per_worker must be >= 0"),
+        ("scaling.gpus_per_worker=1.5", "whole number"),
+        ("scaling.placement=random", "scaling.placement must be one of"),
+        ("scaling.max_worker_failures=0", "scaling.max_worker_failures must be >= 1"),
+        # wrong types
+        ("training.steps=1.5", "training.steps must be an integer, got 1.5"),
+        ("training.steps=many", "training.steps must be an integer, got 'many'"),
+        ("maml.first_order=1", "maml.first_order must be true or false"),
+        ("maml.inner_lr=true", "maml.inner_lr must be a number"),
+        ("model.hidden=64", "model.hidden must be a list of integers"),
+        ("task.family=3", "task.family must be a string"),
+        # unknown names
+        ("training.stpes=3", "unknown key training.stpes"),
+        ("trainer.steps=3", "unknown section [trainer]"),
+        ("steps=3", "--set takes section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert needle in str(e.value)
+
+
+def test_toml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training\nsteps = 3\n")
+    with pytest.raises(ConfigError, match="bad.toml is not valid TOML"):
+        config.load(bad)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_section_must_be_a_table(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("training = 3\n")
+    with pytest.raises(ConfigError, match=r"\[training\] must be a table"):
+        config.load(bad)
+
+
+def test_ints_are_accepted_for_floats():
+    assert config.load(None, ["maml.inner_lr=1"]).maml.inner_lr == 1.0
