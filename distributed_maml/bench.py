@@ -104,8 +104,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(min_seconds: float = 2.0) -> dict[str, Any]:
-    result = run(min_seconds=min_seconds)
+def main(min_seconds: float = 2.0, meta_batches: tuple[int, ...] = (25, 1000)) -> dict[str, Any]:
+    result = run(meta_batches, min_seconds=min_seconds)
     print(format_table(result))
     print(json.dumps(result))
     return result

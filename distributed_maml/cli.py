@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="vmap against a per-task loop: tasks/s on one CPU thread")
     be.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
+    be.add_argument("--meta-batches", type=_steps_list, default=[25, 1000], help="meta-batch sizes (25,1000)")
     return p
 
 
@@ -124,7 +125,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
-    bench.main(args.seconds)
+    bench.main(args.seconds, tuple(args.meta_batches))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

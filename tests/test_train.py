@@ -1,0 +1,138 @@
+"""Training, checkpoints and resume (in-process), through the library and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_maml import checkpoint, config, models, run, train
+from distributed_maml.errors import CheckpointError, ConfigError
+
+from .conftest import assert_user_error, run_cli, tree_digest
+
+SMALL = ["task.meta_batch=8", "training.log_every=2", "maml.inner_steps=2"]
+
+
+def _train(tmp, name, steps, extra=(), resume=False):
+    if resume:
+        r = run.resume(tmp / name, overrides=[f"training.steps={steps}", *extra])
+    else:
+        cfg = config.load(None, [*SMALL, f"training.steps={steps}", "task.num_tasks=40", *extra])
+        r = run.prepare(cfg, tmp / name, progress=False)
+    ex = train.make_executor(r)
+    try:
+        return train.train(r, ex, progress=False)
+    finally:
+        ex.close()
+
+
+def _load(run_dir):
+    return checkpoint.load(checkpoint.latest(run_dir))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    _train(tmp_path, "straight", 9)
+    _train(tmp_path, "stopped", 4)
+    _train(tmp_path, "stopped", 9, resume=True)
+    a, b = _load(tmp_path / "straight"), _load(tmp_path / "stopped")
+    assert a.step == b.step == 9 and a.version == b.version == 9
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    for sa, sb in zip(a.optimizer["state"].values(), b.optimizer["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    lines = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 4, 6, 8, 9]
+
+
+def test_resume_from_a_middle_checkpoint_after_a_crash(tmp_path):
+    """Checkpoints every 3 steps; the run 'dies' after step 7 (latest = step 6); resume to 9."""
+    _train(tmp_path, "straight", 9)
+    _train(tmp_path, "crashed", 7, ["training.checkpoint_every=3"])
+    # simulate the crash: step 7's end-of-run checkpoint never happened
+    ckdir = tmp_path / "crashed" / "checkpoints"
+    import shutil
+
+    shutil.rmtree(ckdir / "step_7")
+    (ckdir / "latest").write_text("step_6")
+    _train(tmp_path, "crashed", 9, resume=True)
+    a, b = _load(tmp_path / "straight"), _load(tmp_path / "crashed")
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+
+
+def test_checkpoint_is_a_plain_state_dict(tmp_path):
+    result = _train(tmp_path, "r", 3)
+    path = checkpoint.latest(tmp_path / "r") / "model.pt"
+    state = torch.load(path, weights_only=True)
+    cfg = config.load(None, SMALL)
+    from distributed_maml.store import TaskStore
+
+    model = models.build(cfg.model, TaskStore.open(tmp_path / "r" / "tasks.arrow").info, seed=0)
+    model.load_state_dict(state)  # strict: names and shapes are the nn.Module's own
+    flat = models.ParamSpec.of(model).flatten(dict(model.named_parameters())).detach().numpy()
+    np.testing.assert_array_equal(flat, result.weights)
+    meta = json.loads((path.parent / "state.json").read_text())
+    assert meta["sampler"] == {"seed": 0, "num_tasks": 40, "meta_batch": 8} and meta["step"] == 3
+
+
+def test_an_interrupted_save_leaves_latest_on_a_complete_checkpoint(tmp_path, monkeypatch):
+    _train(tmp_path, "r", 2)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # model.pt written, optimizer.pt not: the process 'dies' here
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "r", 4, resume=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step_2"
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["latest", "step_2"]
+    assert _load(tmp_path / "r").step == 2
+
+
+def test_resume_rejects_a_conflicting_config(tmp_path):
+    _train(tmp_path, "r", 2)
+    before = tree_digest(tmp_path / "r")
+    with pytest.raises(ConfigError, match="maml.inner_lr"):
+        run.resume(tmp_path / "r", overrides=["maml.inner_lr=0.1"])
+    assert tree_digest(tmp_path / "r") == before
+
+
+def test_resume_needs_a_run_with_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run.resume(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a distributed-maml run"):
+        run.resume(tmp_path / "empty")
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path):
+    _train(tmp_path, "r", 2)
+    before = tree_digest(tmp_path / "r")
+    proc = run_cli("train", "--output-dir", tmp_path / "r", "--no-progress")
+    assert_user_error(proc, "already holds a run", "--resume")
+    assert tree_digest(tmp_path / "r") == before
+
+
+def test_eval_on_a_run_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.toml").write_text("")
+    assert_user_error(run_cli("eval", "--run", tmp_path / "r"), "has no checkpoint")
+
+
+def test_nonfinite_loss_stops_before_adam_and_keeps_good_weights(tmp_path):
+    # an absurd inner step makes the support loss explode within a few steps
+    with pytest.raises(Exception, match="non-finite") as e:
+        _train(tmp_path, "r", 6, ["maml.inner_lr=1e30", "task.family=sinusoid", "model.name=sinusoid_mlp"])
+    assert "step 1" in str(e.value) and "inner_lr" in str(e.value)
+    ck = _load(tmp_path / "r")
+    assert ck.step == 0 and all(torch.isfinite(v).all() for v in ck.model.values())
