@@ -26,6 +26,7 @@ FAMILIES = ("seed", "sinusoid", "table")
 MODELS = ("seed_mlp", "sinusoid_mlp", "mlp")
 PLACEMENTS = ("pack", "spread")
 NONFINITE_POLICIES = ("stop", "skip")
+STORE_SHARING = ("auto", "path", "object_store")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -138,7 +139,7 @@ class TrainingConfig:
 class ScalingConfig:
     """[scaling]: where the per-task work runs."""
 
-    num_workers: int = 0
+    num_workers: int = -1
     """Ray worker actors; 0 runs in-process without Ray, -1 sizes the pool to the cluster
     (one worker per GPU when there are GPUs, else one per cpus_per_worker CPUs)."""
     cpus_per_worker: float = 1.0
@@ -149,6 +150,10 @@ class ScalingConfig:
     """"pack" keeps workers on as few nodes as possible, "spread" puts them on distinct nodes."""
     max_worker_failures: int = 3
     """Failed calls a worker may have before its shards move to the other workers."""
+    store_sharing: str = "auto"
+    """How workers read the task store: "path" (memory-map the file; every node must see it),
+    "object_store" (the file's bytes put into Ray's object store once) or "auto" (path when
+    every worker's node sees the file, else object_store)."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= -1, f"scaling.num_workers must be >= 0, or -1 for auto, got {self.num_workers}")
@@ -167,6 +172,10 @@ class ScalingConfig:
         _require(
             self.placement in PLACEMENTS,
             f"scaling.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}",
+        )
+        _require(
+            self.store_sharing in STORE_SHARING,
+            f"scaling.store_sharing must be one of {', '.join(STORE_SHARING)}, got {self.store_sharing!r}",
         )
         _require(
             self.max_worker_failures >= 1,

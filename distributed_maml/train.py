@@ -73,6 +73,20 @@ def _is_finite(reduced: Reduced) -> bool:
     return bool(np.isfinite(reduced.grad).all()) and all(math.isfinite(v) for v in reduced.metrics.values())
 
 
+def timing(results: list[ShardResult], wall_s: float, update_s: float) -> dict[str, Any]:
+    """Where a step's time went: mean worker compute, how long the fastest worker idled for the
+    slowest (stragglers), what Ray's calls and transfers added, and the learner's update."""
+    compute = [r.compute_s for r in results]
+    slowest = max(range(len(results)), key=lambda i: compute[i])
+    return {
+        "compute_s": float(np.mean(compute)),
+        "straggler_s": max(compute) - min(compute),
+        "overhead_s": max(0.0, wall_s - max(compute)),
+        "update_s": update_s,
+        "slowest_worker": results[slowest].worker,
+    }
+
+
 def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
     cfg = run.cfg.training
     learner = make_learner(run)
@@ -91,29 +105,31 @@ def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
         for step in range(start + 1, cfg.steps + 1):  # `step` counts completed meta-steps
             t0 = time.perf_counter()
             shards = split_shards(sampler.ids(step - 1), executor.num_shards)
-            results = executor.compute(learner.weights(), learner.version, shards)  # blocks on the slowest shard
+            try:
+                results = executor.compute(learner.weights(), learner.version, shards)  # waits for the slowest shard
+                reduced = reduce_shards(results)
+                if not _is_finite(reduced) and cfg.on_nonfinite == "stop":
+                    raise TrainingError(
+                        f"step {step}: non-finite meta-loss or meta-gradient (loss {reduced.metrics.get('loss_after')});"
+                        f" likely maml.inner_lr ({run.cfg.maml.inner_lr}) or optimizer.lr ({run.cfg.optimizer.lr}) "
+                        "is too large"
+                    )
+            except TrainingError as e:  # stop before Adam sees the step; keep the last good weights
+                path = save_checkpoint(run, learner, step - 1, sampler)
+                raise TrainingError(f"{e}; the last good weights are saved in {path}") from None
             t1 = time.perf_counter()
-            reduced = reduce_shards(results)
             if _is_finite(reduced):
                 learner.apply(reduced.grad)
-            elif cfg.on_nonfinite == "skip":
+            else:  # on_nonfinite = "skip": drop the step, count it
                 skipped += 1
-            else:  # stop before Adam sees it; the weights on disk are the last good ones
-                path = save_checkpoint(run, learner, step - 1, sampler)
-                raise TrainingError(
-                    f"step {step}: non-finite meta-loss or meta-gradient (loss {reduced.metrics.get('loss_after')}); "
-                    f"likely maml.inner_lr ({run.cfg.maml.inner_lr}) or optimizer.lr ({run.cfg.optimizer.lr}) is "
-                    f"too large; the last good weights are saved in {path}"
-                )
             t2 = time.perf_counter()
-            compute = max(r.compute_s for r in results)
             record = {
                 "step": step,
                 "meta_loss": reduced.metrics["loss_after"],
                 **reduced.metrics,
                 "tasks_per_s": reduced.count / (t2 - t0),
                 "skipped_steps": skipped,
-                "time": {"compute_s": compute, "wait_s": max(0.0, t1 - t0 - compute), "update_s": t2 - t1},
+                "time": timing(results, t1 - t0, t2 - t1),
             }
             bar.set_postfix(
                 meta_loss=f"{record['meta_loss']:.4f}", tasks_s=f"{record['tasks_per_s']:.0f}", refresh=False

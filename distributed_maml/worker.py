@@ -39,7 +39,8 @@ class ShardComputer:
     def compute(self, weights: np.ndarray, ids: np.ndarray) -> ShardResult:
         """The summed meta-gradient of tasks `ids` at `weights` (flat float32)."""
         start = time.perf_counter()
-        flat = torch.from_numpy(np.asarray(weights, dtype=np.float32)).to(self.device)
+        # A copy: arrays from Ray's object store are read-only, and the copy is tiny.
+        flat = torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
         params = self.spec.unflatten(flat)
         batch = TaskBatch.from_numpy(self.store.rows(ids), self.device)
         grads, metrics = meta_gradient(self.forward, self.store.info.kind, params, batch, self.maml_cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # explicit, as Ray 2.60 tests must be
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # explicit, and on: as the product runs
 
 
 def run_cli(

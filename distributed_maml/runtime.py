@@ -1,0 +1,247 @@
+"""The only module that talks to Ray: connecting, placing worker actors, sharing the task
+store, running a step's shards, and recomputing the shards of workers that died.
+
+Per step only task ids and one weights reference travel to the workers; each returns its
+shard's summed meta-gradient as one flat float32 numpy array (which Ray hands back without a
+copy). The store is read where the work runs: memory-mapped from a path every node sees, or,
+when some node cannot see it, from one copy of the file's bytes in Ray's object store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import MamlConfig, ModelConfig, ScalingConfig
+from .errors import ConfigError, TrainingError
+from .learner import ShardResult
+
+PLACEMENT_TIMEOUT_S = 60.0  # a pool that cannot be placed by then never will be, on a fixed cluster
+RESTART_TIMEOUT_S = 60.0  # how long a dead worker may take to come back before its shards move
+
+
+def connect() -> None:
+    """Joins the cluster named by RAY_ADDRESS (as under `ray job submit`), or starts a local
+    Ray when there is none. Token authentication stays as Ray configures it (on by default);
+    a local instance keeps its dashboard off, so nothing listens beyond what Ray needs."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def resolve_num_workers(scaling: ScalingConfig) -> int:
+    """num_workers = -1: one worker per GPU slice when the cluster has GPUs and the config asks
+    for none explicitly, else one per `cpus_per_worker` CPUs."""
+    if scaling.num_workers > 0:
+        return scaling.num_workers
+    res = ray.cluster_resources()
+    if scaling.gpus_per_worker > 0:
+        return max(1, int(res.get("GPU", 0) / scaling.gpus_per_worker))
+    return max(1, int(res.get("CPU", 1) / scaling.cpus_per_worker))
+
+
+def auto_gpus(scaling: ScalingConfig) -> ScalingConfig:
+    """With num_workers = -1 and no GPU asked for, a cluster with GPUs gets one worker per GPU."""
+    if scaling.num_workers == -1 and scaling.gpus_per_worker == 0 and ray.cluster_resources().get("GPU", 0) >= 1:
+        return replace(scaling, gpus_per_worker=1.0)
+    return scaling
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """How a worker finds the task store: a path it memory-maps, or the file's bytes in the
+    object store (`blob` is resolved by Ray to a zero-copy uint8 array before the actor starts)."""
+
+    path: str
+    size: int
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class WorkerActor:
+    """Owns a CPU or GPU slice; computes shards with the Ray-free ShardComputer."""
+
+    def __init__(
+        self,
+        source: StoreSource,
+        blob: Any,
+        model_cfg: ModelConfig,
+        maml_cfg: MamlConfig,
+        cpus: float,
+        gpus: float,
+        index: int,
+    ) -> None:
+        import torch
+
+        from .store import TaskStore
+        from .worker import ShardComputer
+
+        torch.set_num_threads(max(1, int(cpus)))  # no oversubscription: threads = the CPU slice
+        # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always cuda:0.
+        device = "cuda:0" if gpus > 0 else "cpu"
+        if blob is not None:
+            store, self.store_mode = TaskStore.from_buffer(blob, name=f"{source.path} (object store)"), "object_store"
+        else:
+            store, self.store_mode = TaskStore.open(source.path), "path"
+        self.name = f"worker-{index}"
+        self.computer = ShardComputer(store, model_cfg, maml_cfg, device=device, name=self.name)
+        self.version = -1
+
+    def compute(self, weights: np.ndarray, version: int, ids: np.ndarray) -> ShardResult:
+        # The weights arrive with the call that uses them, so a worker can never compute on
+        # stale weights; a lower version than seen before means a driver bug, not a race.
+        if version < self.version:
+            raise RuntimeError(f"{self.name} got weights version {version} after {self.version}")
+        self.version = version
+        return self.computer.compute(weights, ids)
+
+    def info(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "name": self.name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "device": str(self.computer.device),
+            "store_mode": self.store_mode,
+            "torch_threads": torch.get_num_threads(),
+            "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
+        }
+
+
+@ray.remote(num_cpus=0)
+def _sees_store(path: str, size: int) -> bool:
+    p = Path(path)
+    return p.is_file() and p.stat().st_size == size
+
+
+class RayExecutor:
+    """A pool of worker actors in one placement group; `compute` runs one step's shards."""
+
+    def __init__(
+        self,
+        store_path: Path,
+        model_cfg: ModelConfig,
+        maml_cfg: MamlConfig,
+        scaling: ScalingConfig,
+        store_sharing: str | None = None,
+    ) -> None:
+        connect()
+        scaling = auto_gpus(scaling)
+        self.scaling = scaling
+        self.num_shards = n = resolve_num_workers(scaling)
+        bundle = {
+            "CPU": scaling.cpus_per_worker,
+            **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {}),
+        }
+        self.pg = placement_group([bundle] * n, strategy=scaling.placement.upper())
+        try:
+            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise ConfigError(
+                f"cannot place {n} workers of {bundle} on this cluster (it has {_free(ray.cluster_resources())}); "
+                "lower scaling.num_workers, cpus_per_worker or gpus_per_worker, or add nodes"
+            ) from None
+        path = str(Path(store_path).resolve())
+        source = StoreSource(path, Path(path).stat().st_size)
+        mode = store_sharing or scaling.store_sharing
+        if mode == "auto":
+            seen = ray.get(
+                [_sees_store.options(scheduling_strategy=self._bundle(i)).remote(path, source.size) for i in range(n)]
+            )
+            mode = "path" if all(seen) else "object_store"
+        # One copy of the file's bytes in the object store, shared by every worker of a node.
+        self.blob = ray.put(np.fromfile(path, dtype=np.uint8)) if mode == "object_store" else None
+        self.store_mode = mode
+        self.workers = [
+            WorkerActor.options(
+                num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker, scheduling_strategy=self._bundle(i)
+            ).remote(source, self.blob, model_cfg, maml_cfg, scaling.cpus_per_worker, scaling.gpus_per_worker, i)
+            for i in range(n)
+        ]
+        self.failures = [0] * n
+        self.max_failures = scaling.max_worker_failures
+
+    def _bundle(self, i: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
+
+    def healthy(self) -> list[int]:
+        return [i for i, f in enumerate(self.failures) if f < self.max_failures]
+
+    def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]:
+        """Every shard's result, in shard order. A shard whose worker died is computed again (on
+        the restarted actor, or on another worker once its owner has failed too often), so a
+        step is never applied with a shard missing."""
+        ref = ray.put(weights)  # one copy of the weights per step, the same ref for every worker
+        owner = list(range(len(shards)))  # shard i belongs to worker i while it is healthy
+        pending = {self.workers[w].compute.remote(ref, version, shards[i]): (i, w) for i, w in enumerate(owner)}
+        results: list[ShardResult | None] = [None] * len(shards)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i, w = pending.pop(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except RayActorError:
+                target = self._reassign(w, i)
+                pending[self.workers[target].compute.remote(ref, version, shards[i])] = (i, target)
+        return results  # type: ignore[return-value]
+
+    def _reassign(self, w: int, shard: int) -> int:
+        """Counts one failure of worker w and picks who computes its shard again: w itself once
+        Ray has restarted it, else (after max_worker_failures, or if it does not come back) a
+        healthy worker. No healthy worker left is the end of the run."""
+        self.failures[w] += 1
+        if self.failures[w] < self.max_failures and not self._back(w):
+            self.failures[w] = self.max_failures
+        healthy = self.healthy()
+        if not healthy:
+            raise TrainingError(
+                f"every worker has failed {self.max_failures} times (last: worker-{w} on shard {shard}); "
+                "see the Ray logs for why, then continue with --resume"
+            )
+        return w if w in healthy else healthy[shard % len(healthy)]
+
+    def _back(self, w: int) -> bool:
+        """Whether worker w answers again within RESTART_TIMEOUT_S (Ray restarts dead actors;
+        calls sent while it restarts would fail again and count as more failures)."""
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.workers[w].info.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                return True
+            except (RayActorError, GetTimeoutError):
+                time.sleep(0.2)
+        return False
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        return ray.get([w.info.remote() for w in self.workers])
+
+    def describe(self) -> str:
+        s = self.scaling
+        gpus = f", {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else ""
+        return (
+            f"{self.num_shards} Ray workers ({s.cpus_per_worker:g} CPU{gpus} each, {s.placement}, "
+            f"store via {self.store_mode})"
+        )
+
+    def close(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        remove_placement_group(self.pg)
+        self.blob = None
+
+
+def _free(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {resources[k]:g}" for k in ("CPU", "GPU") if k in resources)

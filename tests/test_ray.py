@@ -1,0 +1,179 @@
+"""The Ray runtime on one node: same answer at any scale, store sharing, placement, thread
+slices, and a worker killed mid-run. One Ray instance for the whole module."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+
+from distributed_maml import config, run, train
+from distributed_maml.errors import ConfigError
+from distributed_maml.runtime import RayExecutor
+
+pytestmark = pytest.mark.ray
+
+BASE = ["task.meta_batch=10", "task.num_tasks=60", "training.steps=6", "training.log_every=3", "maml.inner_steps=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=150 * 2**20)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    from distributed_maml.store import build
+
+    path = tmp_path_factory.mktemp("store") / "seed.arrow"
+    build(path, "seed", 60, seed=0, progress=False)
+    return path
+
+
+def train_run(tmp_path, store_path, name, workers, extra=(), executor_hook=None):
+    cfg = config.load(None, [*BASE, f"scaling.num_workers={workers}", *extra])
+    r = run.prepare(cfg, tmp_path / name, tasks=store_path, progress=False)
+    ex = train.make_executor(r)
+    try:
+        if executor_hook:
+            executor_hook(ex)
+        return train.train(r, ex, progress=False), ex
+    finally:
+        ex.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, store_path):
+    result, _ = train_run(tmp_path_factory.mktemp("ref"), store_path, "inproc", 0)
+    return result.weights
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_same_weights_at_any_scale(tmp_path, store_path, reference, workers):
+    """Meta-batch 10 over 3 workers makes uneven shards (4, 3, 3)."""
+    infos = {}
+    result, ex = train_run(
+        tmp_path, store_path, "r", workers, executor_hook=lambda ex: infos.update(w=ex.worker_info())
+    )
+    assert ex.num_shards == workers
+    assert len({i["pid"] for i in infos["w"]}) == workers  # distinct actor processes
+    assert all(i["store_mode"] == "path" and i["torch_threads"] == 1 for i in infos["w"])
+    np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(result.weights, np.zeros_like(reference))
+
+
+def test_store_through_the_object_store(tmp_path, store_path, reference):
+    infos = {}
+    result, ex = train_run(
+        tmp_path,
+        store_path,
+        "r",
+        2,
+        ["scaling.store_sharing=object_store"],
+        executor_hook=lambda ex: infos.update(w=ex.worker_info()),
+    )
+    assert ex.store_mode == "object_store"
+    assert all(i["store_mode"] == "object_store" for i in infos["w"])
+    np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_slices_set_torch_threads(store_path, tmp_path):
+    cfg = config.load(None, [*BASE, "scaling.num_workers=1", "scaling.cpus_per_worker=2"])
+    r = run.prepare(cfg, tmp_path / "r", tasks=store_path, progress=False)
+    ex = train.make_executor(r)
+    try:
+        assert ex.worker_info()[0]["torch_threads"] == 2
+    finally:
+        ex.close()
+
+
+def test_unplaceable_pool_is_a_clear_error(store_path, tmp_path, monkeypatch):
+    from distributed_maml import runtime
+
+    monkeypatch.setattr(runtime, "PLACEMENT_TIMEOUT_S", 3)
+    cfg = config.load(None, [*BASE, "scaling.num_workers=9"])
+    r = run.prepare(cfg, tmp_path / "r", tasks=store_path, progress=False)
+    with pytest.raises(ConfigError, match="cannot place 9 workers"):
+        RayExecutor(r.store_path, cfg.model, cfg.maml, cfg.scaling)
+
+
+def test_auto_sizes_the_pool_to_the_cluster(store_path, tmp_path):
+    cfg = config.load(None, [*BASE, "scaling.num_workers=-1", "scaling.cpus_per_worker=2"])
+    r = run.prepare(cfg, tmp_path / "r", tasks=store_path, progress=False)
+    ex = train.make_executor(r)
+    try:
+        assert ex.num_shards == 2  # 4 CPUs / 2 per worker
+    finally:
+        ex.close()
+
+
+def kill_worker_at_steps(worker: int, calls: set[int], record: list):
+    """An executor hook: before the compute calls numbered in `calls`, SIGKILL the worker's
+    process, so that the step's call to it fails and must be recomputed."""
+
+    def hook(ex):
+        original = ex.compute
+        n = {"calls": 0}
+
+        def compute(weights, version, shards):
+            n["calls"] += 1
+            if n["calls"] in calls:
+                pid = ex.worker_info()[worker]["pid"]
+                os.kill(pid, signal.SIGKILL)
+                record.append(pid)
+            return original(weights, version, shards)
+
+        ex.compute = compute
+
+    return hook
+
+
+def test_killed_worker_is_restarted_and_its_shard_recomputed(tmp_path, store_path, reference):
+    killed: list[int] = []
+    infos = {}
+
+    def hook(ex):
+        kill_worker_at_steps(1, {3}, killed)(ex)
+        infos["ex"] = ex
+
+    result, ex = train_run(tmp_path, store_path, "r", 2, executor_hook=hook)
+    np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
+    assert len(killed) == 1 and ex.failures == [0, 1]
+
+
+def test_a_worker_that_keeps_failing_hands_its_shards_over(tmp_path, store_path, reference):
+    killed: list[int] = []
+    result, ex = train_run(
+        tmp_path,
+        store_path,
+        "r",
+        2,
+        ["scaling.max_worker_failures=1"],
+        executor_hook=kill_worker_at_steps(0, {2}, killed),
+    )
+    np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
+    assert ex.failures == [1, 0] and ex.healthy() == [1]
+
+
+def test_no_healthy_worker_left_stops_with_a_valid_checkpoint(tmp_path, store_path):
+    from distributed_maml import checkpoint
+    from distributed_maml.errors import TrainingError
+
+    killed: list[int] = []
+    with pytest.raises(TrainingError, match="every worker has failed") as e:
+        train_run(
+            tmp_path,
+            store_path,
+            "r",
+            1,
+            ["scaling.max_worker_failures=1"],
+            executor_hook=kill_worker_at_steps(0, {4}, killed),
+        )
+    assert "step_3" in str(e.value)
+    ck = checkpoint.load(checkpoint.latest(tmp_path / "r"))
+    assert ck.step == 3 and ck.version == 3
