@@ -1,0 +1,92 @@
+"""Two Ray nodes on this machine (ray.cluster_utils.Cluster): spread placement puts workers on
+distinct nodes, the store is shared, and the weights equal the in-process run's. Removing the
+worker node mid-run loses nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from distributed_maml import config, run, train
+from distributed_maml.store import build
+
+pytestmark = pytest.mark.ray
+
+BASE = ["task.meta_batch=10", "task.num_tasks=60", "training.steps=6", "training.log_every=3", "maml.inner_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 100 * 2**20})
+    c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "seed.arrow"
+    build(path, "seed", 60, seed=0, progress=False)
+    return path
+
+
+def _run(tmp_path, store_path, name, extra, hook=None):
+    cfg = config.load(None, [*BASE, *extra])
+    r = run.prepare(cfg, tmp_path / name, tasks=store_path, progress=False)
+    ex = train.make_executor(r)
+    try:
+        if hook:
+            hook(ex)
+        return train.train(r, ex, progress=False), ex
+    finally:
+        ex.close()
+
+
+def test_spread_workers_land_on_distinct_nodes_with_the_in_process_weights(cluster, tmp_path, store_path):
+    reference, _ = _run(tmp_path, store_path, "ref", ["scaling.num_workers=0"])
+    seen = {}
+    result, ex = _run(tmp_path, store_path, "spread", ["scaling.num_workers=2", "scaling.placement=spread"],
+                      hook=lambda ex: seen.update(info=ex.worker_info()))
+    nodes = {i["node_id"] for i in seen["info"]}
+    assert len(nodes) == 2, seen
+    np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
+    for extra in (["scaling.store_sharing=object_store"],):
+        again, ex = _run(tmp_path, store_path, "spread-os",
+                         ["scaling.num_workers=2", "scaling.placement=spread", *extra])
+        assert ex.store_mode == "object_store"
+        np.testing.assert_allclose(again.weights, reference.weights, rtol=1e-5, atol=1e-6)
+
+
+def test_losing_the_worker_node_mid_run_loses_nothing(cluster, tmp_path, store_path, monkeypatch):
+    """The worker node goes away at step 3: its actor is restarted on the head node (its
+    placement-group bundle is rescheduled there), the shard it owed is computed again, and the
+    run ends with the undisturbed weights."""
+    from distributed_maml import runtime
+
+    monkeypatch.setattr(runtime, "RESTART_TIMEOUT_S", 30.0)
+    reference, _ = _run(tmp_path, store_path, "ref", ["scaling.num_workers=0"])
+    doomed = cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    cluster.wait_for_nodes()
+    seen = {}
+
+    def hook(ex):
+        seen["before"] = ex.worker_info()
+        original, calls = ex.compute, {"n": 0}
+
+        def compute(weights, version, shards):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                cluster.remove_node(doomed)
+            return original(weights, version, shards)
+
+        ex.compute = compute
+
+    result, ex = _run(tmp_path, store_path, "lossy", ["scaling.num_workers=3", "scaling.placement=spread"], hook)
+    assert doomed.node_id in {i["node_id"] for i in seen["before"]}
+    assert sum(ex.failures) >= 1
+    np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
