@@ -32,8 +32,18 @@ def head(tmp_path_factory):
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     temp = tmp_path_factory.mktemp("ray")
-    start = [ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             "--include-dashboard=true", "--num-cpus=2", "--object-store-memory=150000000", "--disable-usage-stats"]
+    start = [
+        ray_bin,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        "--num-cpus=2",
+        "--object-store-memory=150000000",
+        "--disable-usage-stats",
+    ]
     proc = subprocess.run(start, capture_output=True, text=True, env=env, cwd=temp, timeout=120)
     assert proc.returncode == 0, proc.stderr
     try:
@@ -68,7 +78,7 @@ def test_job_submit_runs_training_to_success(head, tmp_path):
     out = tmp_path / "job-run"  # an absolute path: the job's working dir is a temporary copy
     job = client.submit_job(
         entrypoint=f"python -m distributed_maml train --config jobs/seed.toml --output-dir {out} "
-                   "--set training.steps=40 --set training.log_every=20 --no-progress",
+        "--set training.steps=40 --set training.log_every=20 --no-progress",
         runtime_env=runtime_env,
     )
     deadline = time.monotonic() + 240
@@ -89,8 +99,9 @@ def test_a_failing_job_reports_failed_with_the_one_line_error(head, tmp_path):
     client = JobSubmissionClient(head)
     runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(REPO)
-    job = client.submit_job(entrypoint="python -m distributed_maml train --set maml.inner_lr=-1",
-                            runtime_env=runtime_env)
+    job = client.submit_job(
+        entrypoint="python -m distributed_maml train --set maml.inner_lr=-1", runtime_env=runtime_env
+    )
     deadline = time.monotonic() + 120
     while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline

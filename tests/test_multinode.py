@@ -50,14 +50,20 @@ def _run(tmp_path, store_path, name, extra, hook=None):
 def test_spread_workers_land_on_distinct_nodes_with_the_in_process_weights(cluster, tmp_path, store_path):
     reference, _ = _run(tmp_path, store_path, "ref", ["scaling.num_workers=0"])
     seen = {}
-    result, ex = _run(tmp_path, store_path, "spread", ["scaling.num_workers=2", "scaling.placement=spread"],
-                      hook=lambda ex: seen.update(info=ex.worker_info()))
+    result, ex = _run(
+        tmp_path,
+        store_path,
+        "spread",
+        ["scaling.num_workers=2", "scaling.placement=spread"],
+        hook=lambda ex: seen.update(info=ex.worker_info()),
+    )
     nodes = {i["node_id"] for i in seen["info"]}
     assert len(nodes) == 2, seen
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
     for extra in (["scaling.store_sharing=object_store"],):
-        again, ex = _run(tmp_path, store_path, "spread-os",
-                         ["scaling.num_workers=2", "scaling.placement=spread", *extra])
+        again, ex = _run(
+            tmp_path, store_path, "spread-os", ["scaling.num_workers=2", "scaling.placement=spread", *extra]
+        )
         assert ex.store_mode == "object_store"
         np.testing.assert_allclose(again.weights, reference.weights, rtol=1e-5, atol=1e-6)
 
