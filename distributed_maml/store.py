@@ -212,6 +212,10 @@ class TaskStore:
         b, o = divmod(task_id, self.info.rows_per_batch)
         return {c: a[o] for c, a in self._batches[b].items()}
 
+    def column_chunks(self, column: str) -> list[np.ndarray]:
+        """A column as its per-record-batch views [rows, *task shape], in task-id order."""
+        return [b[column] for b in self._batches]
+
     def rows(self, ids: np.ndarray, columns: tuple[str, ...] = COLUMNS[:4]) -> dict[str, np.ndarray]:
         """The arrays of tasks `ids`, gathered into contiguous [len(ids), ...] arrays (one copy)."""
         ids = np.asarray(ids, dtype=np.int64)

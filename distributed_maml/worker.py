@@ -15,7 +15,7 @@ from .config import MamlConfig, ModelConfig
 from .learner import ShardResult
 from .maml import TaskBatch, meta_gradient
 from .models import ParamSpec, build, functional
-from .store import TaskStore
+from .store import COLUMNS, TaskStore
 
 
 class ShardComputer:
@@ -35,6 +35,15 @@ class ShardComputer:
         self.spec = ParamSpec.of(self.model)
         self.forward = functional(self.model)
         self.name = name
+        self.resident = _resident_columns(store, self.device)
+
+    def batch(self, ids: np.ndarray) -> TaskBatch:
+        """The shard's rows as tensors on the device. On a GPU that holds the whole store, a
+        gather there; otherwise a gather from the memory-mapped store and one host-to-device copy."""
+        if self.resident is not None:
+            index = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)
+            return TaskBatch(*(col.index_select(0, index) for col in self.resident))
+        return TaskBatch.from_numpy(self.store.rows(ids), self.device)
 
     def compute(self, weights: np.ndarray, ids: np.ndarray) -> ShardResult:
         """The summed meta-gradient of tasks `ids` at `weights` (flat float32)."""
@@ -42,10 +51,23 @@ class ShardComputer:
         # A copy: arrays from Ray's object store are read-only, and the copy is tiny.
         flat = torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
         params = self.spec.unflatten(flat)
-        batch = TaskBatch.from_numpy(self.store.rows(ids), self.device)
+        batch = self.batch(ids)
         grads, metrics = meta_gradient(self.forward, self.store.info.kind, params, batch, self.maml_cfg)
         grad_sum = self.spec.flatten(grads).detach().to("cpu", torch.float32).numpy()
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
+
+
+def _resident_columns(store: TaskStore, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """A GPU worker copies the store to the device once when it takes under a quarter of the
+    free memory: per step it then moves only task ids, not rows (at meta-batch 65,536 of the
+    seed family that is 118 MB a step otherwise, which would dominate the step)."""
+    if device.type != "cuda":
+        return None
+    nbytes = sum(a.nbytes for c in COLUMNS[:4] for a in store.column_chunks(c))
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > free // 4:
+        return None
+    return tuple(torch.cat([torch.tensor(a, device=device) for a in store.column_chunks(c)]) for c in COLUMNS[:4])
 
 
 class InProcessExecutor:

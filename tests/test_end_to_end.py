@@ -87,7 +87,12 @@ def test_short_sinusoid_run_lowers_post_adaptation_mse(tmp_path):
 
 def test_eval_table_and_bad_flags(tmp_path):
     out = tmp_path / "run"
-    assert run_cli("train", "--output-dir", out, "--set", "training.steps=5", "--no-progress").returncode == 0
+    assert (
+        run_cli(
+            "train", "--output-dir", out, "--set", "training.steps=5", "--set", "scaling.num_workers=0", "--no-progress"
+        ).returncode
+        == 0
+    )
     table = run_cli("eval", "--run", out, "--steps", "0,1", "--num-tasks", "50")
     assert table.returncode == 0 and "± " in table.stdout and "inner steps" in table.stdout
     bad = run_cli("eval", "--run", out, "--steps", "a,b")

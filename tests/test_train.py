@@ -13,7 +13,7 @@ from distributed_maml.errors import CheckpointError, ConfigError
 
 from .conftest import assert_user_error, run_cli, tree_digest
 
-SMALL = ["task.meta_batch=8", "training.log_every=2", "maml.inner_steps=2"]
+SMALL = ["task.meta_batch=8", "training.log_every=2", "maml.inner_steps=2", "scaling.num_workers=0"]
 
 
 def _train(tmp, name, steps, extra=(), resume=False):

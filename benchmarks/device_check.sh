@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU-machine checks in one run (see README "GPU"): the gpu-marked tests, then the scaling
+# benchmark with 1, 2, 4, 8 CPU workers and GPU workers at meta-batch 65,536. Results go to $OUT.
+# Usage on the device (after installing Ray's wheels): bash benchmarks/device_check.sh
+set -uo pipefail
+OUT="${OUT:-/tmp/dmaml-out}"; mkdir -p "$OUT"
+MB="${MB:-65536}"; WORKERS="${WORKERS:-1,2,4,8}"; STEPS="${STEPS:-8}"
+export PYTHONUNBUFFERED=1
+{ nvidia-smi -L; nproc; python3 -c "import torch, ray, pyarrow; print('torch', torch.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$OUT/machine.txt"
+python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/gpu_tests.txt"
+gpu_args=(); python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && gpu_args=(--gpu-workers 1 --shared-gpu)
+python3 benchmarks/scaling.py --meta-batch "$MB" --workers "$WORKERS" "${gpu_args[@]}" --steps "$STEPS" --warmup 2 \
+  --overhead-meta-batch 0 --json "$OUT/scaling.json" 2>&1 | grep -v "^20[0-9][0-9]-" | tail -20 | tee "$OUT/scaling.txt"

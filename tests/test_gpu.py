@@ -1,0 +1,73 @@
+"""GPU slices (run on a CUDA machine: `pytest -m gpu`; skipped elsewhere). One GPU worker, and
+two workers sharing one GPU, give the in-process CPU weights to float32 tolerance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_maml import config, run, train
+from distributed_maml.config import MamlConfig, ModelConfig
+from distributed_maml.store import TaskStore, build
+from distributed_maml.worker import ShardComputer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+BASE = ["task.meta_batch=64", "task.num_tasks=256", "training.steps=6", "training.log_every=3", "maml.inner_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "seed.arrow"
+    build(path, "seed", 256, seed=0, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_gpu():
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=200 * 2**20)
+    yield
+    ray.shutdown()
+
+
+def _run(tmp_path, store_path, name, extra, hook=None):
+    cfg = config.load(None, [*BASE, *extra])
+    r = run.prepare(cfg, tmp_path / name, tasks=store_path, progress=False)
+    ex = train.make_executor(r)
+    try:
+        if hook:
+            hook(ex)
+        return train.train(r, ex, progress=False)
+    finally:
+        ex.close()
+
+
+def test_shard_on_gpu_matches_cpu(store_path):
+    store = TaskStore.open(store_path)
+    ids = np.arange(0, 256, 3)
+    weights = np.random.default_rng(0).normal(scale=0.1, size=834).astype(np.float32)
+    cpu = ShardComputer(store, ModelConfig(), MamlConfig()).compute(weights, ids)
+    gpu_computer = ShardComputer(store, ModelConfig(), MamlConfig(), device="cuda:0")
+    assert gpu_computer.resident is not None  # the store lives on the GPU: only ids travel
+    gpu = gpu_computer.compute(weights, ids)
+    np.testing.assert_allclose(gpu.grad_sum, cpu.grad_sum, rtol=1e-4, atol=1e-5)
+    assert gpu.metrics["loss_after"] == pytest.approx(cpu.metrics["loss_after"], rel=1e-5)
+
+
+@pytest.mark.parametrize("workers, gpus", [(1, 1.0), (2, 0.5)])
+def test_gpu_workers_match_the_cpu_in_process_run(ray_gpu, tmp_path, store_path, workers, gpus):
+    reference = _run(tmp_path, store_path, "cpu", ["scaling.num_workers=0"])
+    seen = {}
+    result = _run(
+        tmp_path,
+        store_path,
+        "gpu",
+        [f"scaling.num_workers={workers}", f"scaling.gpus_per_worker={gpus}"],
+        hook=lambda ex: seen.update(info=ex.worker_info()),
+    )
+    assert [i["device"] for i in seen["info"]] == ["cuda:0"] * workers
+    assert len({tuple(i["gpu_ids"]) for i in seen["info"]}) == 1  # the same card, shared
+    np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-4, atol=1e-5)
