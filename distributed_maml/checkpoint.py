@@ -20,6 +20,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,10 @@ def load(path: Path) -> Checkpoint:
     """Loads a checkpoint folder; only tensors and plain containers are unpickled."""
     try:
         state = json.loads((path / "state.json").read_text())
-        model = torch.load(path / "model.pt", weights_only=True, map_location="cpu")
-        optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns about foreign pickles; we report them in one line
+            warnings.simplefilter("ignore", UserWarning)
+            model = torch.load(path / "model.pt", weights_only=True, map_location="cpu")
+            optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing") from None
     except pickle.UnpicklingError as e:

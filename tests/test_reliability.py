@@ -1,0 +1,252 @@
+"""Reliability and security: driver crash and resume, non-finite steps, safe checkpoint
+loading, no leaked objects, and the CLI's bad-input table (one line, exit 2, nothing changed)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_maml import checkpoint, cli, config, run, train
+from distributed_maml.errors import CheckpointError
+
+from .conftest import REPO, assert_user_error, run_cli, tree_digest
+
+INPROC = ["scaling.num_workers=0", "task.meta_batch=16", "training.log_every=10"]
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _wait_for_checkpoint(run_dir: Path, min_step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    pointer = run_dir / "checkpoints" / "latest"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()
+        if pointer.exists() and int(pointer.read_text().removeprefix("step_")) >= min_step:
+            return int(pointer.read_text().removeprefix("step_"))
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_sigkilled_driver_resumes_bit_identical(tmp_path):
+    steps = ["training.steps=240", "training.checkpoint_every=10"]
+    straight = tmp_path / "straight"
+    assert run_cli("train", "--output-dir", straight, "--no-progress", *_sets(INPROC + steps)).returncode == 0
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed_maml",
+            "train",
+            "--output-dir",
+            str(crashed),
+            "--no-progress",
+            *_sets(INPROC + steps),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    at = _wait_for_checkpoint(crashed, 30, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert at < 240
+    resumed = run_cli("train", "--resume", crashed, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    a = checkpoint.load(checkpoint.latest(straight))
+    b = checkpoint.load(checkpoint.latest(crashed))
+    assert a.step == b.step == 240
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    # no temporary checkpoint folders are left behind
+    assert all(not p.name.startswith(".") for p in (crashed / "checkpoints").iterdir())
+
+
+def test_skip_policy_drops_nonfinite_steps_and_counts_them(tmp_path):
+    cfg = config.load(
+        None,
+        [
+            *INPROC,
+            "training.steps=4",
+            "training.log_every=1",
+            "training.on_nonfinite=skip",
+            "maml.inner_lr=1e30",
+            "task.family=sinusoid",
+            "model.name=sinusoid_mlp",
+            "task.shots=10",
+            "task.queries=10",
+        ],
+    )
+    r = run.prepare(cfg, tmp_path / "r", progress=False)
+    learner0 = train.make_learner(r).weights()
+    result = train.train(r, train.make_executor(r), progress=False)
+    assert result.last_metrics["skipped_steps"] == 4
+    assert (result.weights == learner0).all()  # Adam never saw a non-finite gradient
+
+
+def test_nonfinite_stop_through_the_cli_is_one_line(tmp_path):
+    out = tmp_path / "r"
+    proc = run_cli(
+        "train", "--output-dir", out, "--no-progress", *_sets([*INPROC, "training.steps=5", "maml.inner_lr=1e30"])
+    )
+    assert_user_error(proc, "step 1: non-finite", "maml.inner_lr", "step_0")
+    assert checkpoint.load(checkpoint.latest(out)).step == 0
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_checkpoint_is_refused_and_never_runs(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli("train", "--output-dir", out, "--no-progress", *_sets([*INPROC, "training.steps=2"])).returncode == 0
+    marker = tmp_path / "pwned"
+    evil = _Boom()
+    evil.marker = marker
+    model_pt = checkpoint.latest(out) / "model.pt"
+    with open(model_pt, "wb") as f:
+        pickle.dump({"0.weight": evil}, f)
+    with pytest.raises(CheckpointError, match="refused by the safe loader"):
+        checkpoint.load(checkpoint.latest(out))
+    assert_user_error(run_cli("eval", "--run", out), "refused by the safe loader")
+    assert_user_error(run_cli("train", "--resume", out, "--no-progress"), "refused by the safe loader")
+    assert not marker.exists()
+
+
+def test_product_code_never_turns_ray_auth_off():
+    for f in (REPO / "distributed_maml").rglob("*.py"):
+        text = f.read_text()
+        assert "RAY_AUTH_MODE" not in text and "auth_mode" not in text.lower(), f
+
+
+def test_local_ray_starts_without_a_dashboard(monkeypatch):
+    import ray
+
+    from distributed_maml import runtime
+
+    seen = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    runtime.connect()
+    assert seen.get("include_dashboard") is False
+
+
+# --- the bad-input table, through the CLI's main() (same code path as the console script) ---
+
+BAD_SETS = [
+    ("task.shots=0", "task.shots must be >= 1"),
+    ("task.meta_batch=-3", "task.meta_batch must be >= 1"),
+    ("task.family=omniglot", "task.family must be one of"),
+    ("model.name=resnet", "model.name must be one of"),
+    ("model.hidden=[0]", "model.hidden widths must be >= 1"),
+    ("maml.inner_steps=0", "maml.inner_steps must be in [1, 100]"),
+    ("maml.inner_lr=-0.1", "maml.inner_lr must be a finite number > 0"),
+    ("maml.first_order=maybe", "maml.first_order must be true or false"),
+    ("optimizer.lr=0", "optimizer.lr must be a finite number > 0"),
+    ("training.steps=0", "training.steps must be >= 1"),
+    ("training.steps=1.5", "training.steps must be an integer"),
+    ("training.log_every=0", "training.log_every must be >= 1"),
+    ("training.checkpoint_every=-1", "training.checkpoint_every must be >= 0"),
+    ("training.on_nonfinite=ignore", "training.on_nonfinite must be one of"),
+    ("scaling.num_workers=-2", "scaling.num_workers must be >= 0"),
+    ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker must be > 0"),
+    ("scaling.gpus_per_worker=-1", "scaling.gpus_per_worker must be >= 0"),
+    ("scaling.placement=random", "scaling.placement must be one of"),
+    ("scaling.store_sharing=s3", "scaling.store_sharing must be one of"),
+    ("scaling.max_worker_failures=0", "scaling.max_worker_failures must be >= 1"),
+    ("training.stpes=3", "unknown key training.stpes"),
+    ("trainer.steps=3", "unknown section [trainer]"),
+    ("nodot=3", "--set takes section.key=value"),
+]
+
+
+@pytest.mark.parametrize("override, needle", BAD_SETS)
+def test_bad_config_values_through_the_cli(override, needle, tmp_path, capsys):
+    code = cli.main(["train", "--set", override, "--output-dir", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_toml_syntax_error_through_the_cli(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training]\nsteps = = 3\n")
+    assert_user_error(run_cli("train", "--config", bad), "bad.toml is not valid TOML")
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    before = tree_digest(tmp_path / "junk")
+    assert_user_error(run_cli("train", "--resume", tmp_path / "junk"), "not a distributed-maml run folder")
+    assert_user_error(run_cli("train", "--resume", tmp_path / "nope"), "does not exist")
+    assert tree_digest(tmp_path / "junk") == before
+
+
+def test_resume_with_a_conflicting_config_changes_nothing(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli("train", "--output-dir", out, "--no-progress", *_sets([*INPROC, "training.steps=2"])).returncode == 0
+    before = tree_digest(out)
+    assert_user_error(
+        run_cli("train", "--resume", out, "--set", "task.meta_batch=64"), "cannot resume", "task.meta_batch"
+    )
+    assert_user_error(run_cli("train", "--resume", out, "--config", "jobs/sinusoid.toml"), "cannot resume")
+    assert tree_digest(out) == before
+
+
+def test_object_references_do_not_leak_over_a_run(tmp_path):
+    """The driver owns no more Ray objects after a run than before it, and the count is flat
+    during the run (one weights object per step, released after the step)."""
+    import gc
+
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
+    try:
+        core = ray._private.worker.global_worker.core_worker
+        cfg = config.load(
+            None,
+            [
+                "scaling.num_workers=2",
+                "task.meta_batch=8",
+                "training.steps=60",
+                "training.log_every=30",
+                "scaling.store_sharing=object_store",
+            ],
+        )
+        r = run.prepare(cfg, tmp_path / "r", progress=False)
+        gc.collect()
+        baseline = len(core.get_all_reference_counts())
+        ex = train.make_executor(r)
+        counts, original = [], ex.compute
+
+        def counting(weights, version, shards):
+            counts.append(len(core.get_all_reference_counts()))
+            return original(weights, version, shards)
+
+        ex.compute = counting
+        train.train(r, ex, progress=False)
+        ex.close()
+        del ex
+        gc.collect()
+        assert max(counts[10:]) <= counts[10] + 2, counts  # flat during the run (in-flight releases aside)
+        assert len(core.get_all_reference_counts()) <= baseline + 1
+        deadline = time.monotonic() + 20  # the object store frees asynchronously
+        while "Plasma memory usage 0 MiB, 0 objects" not in (summary := memory_summary(stats_only=True)):
+            assert time.monotonic() < deadline, summary
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
