@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_steps_list, default=[0, 1, 5, 10], help="inner steps to report (0,1,5,10)")
     e.add_argument("--num-tasks", type=int, default=600, help="held-out tasks (600)")
     e.add_argument("--shots", type=int, help="support shots of generated held-out tasks (default: the run's)")
+    e.add_argument("--inner-lr", type=float, help="test-time inner step size (default: the run's maml.inner_lr)")
+    e.add_argument("--no-baselines", action="store_true", help="skip the pretrained and scratch baselines")
+    e.add_argument("--pretrain-steps", type=int, help="steps of the pretrained baseline (default: min(steps, 10000))")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     tasks = sub.add_parser("tasks", help="build or inspect Arrow task stores").add_subparsers(
@@ -63,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     i = tasks.add_parser("info", help="describe a task store")
     i.add_argument("path", type=Path)
     i.add_argument("--json", action="store_true")
+
+    pl = sub.add_parser("plot", help="redraw a run's plots (PNG in RUN_DIR/plots/)")
+    pl.add_argument("run", type=Path)
 
     be = sub.add_parser("bench", help="vmap against a per-task loop: tasks/s on one CPU thread")
     be.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
@@ -94,8 +100,20 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from . import evaluate
 
-    result = evaluate.evaluate(args.run, args.tasks, args.steps, args.num_tasks, args.shots)
+    result = evaluate.evaluate(
+        args.run,
+        args.tasks,
+        args.steps,
+        args.num_tasks,
+        args.shots,
+        baselines=not args.no_baselines,
+        pretrain_steps=args.pretrain_steps,
+        inner_lr=args.inner_lr,
+    )
     print(json.dumps(result) if args.json else evaluate.format_table(result))
+    from . import plots
+
+    plots.plot_run(args.run)  # the adaptation plot of this evaluation, with the others
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
@@ -122,6 +140,13 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         print(json.dumps(d) if args.json else "\n".join(f"{k}: {v}" for k, v in d.items()))
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from . import plots
+
+    for path in plots.plot_run(args.run):
+        print(f"wrote {path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
@@ -131,7 +156,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        {"train": cmd_train, "eval": cmd_eval, "tasks": cmd_tasks, "bench": cmd_bench}[args.command](args)
+        {"train": cmd_train, "eval": cmd_eval, "tasks": cmd_tasks, "plot": cmd_plot, "bench": cmd_bench}[args.command](
+            args
+        )
     except UserError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"distributed-maml: error: {message}", file=sys.stderr)

@@ -117,6 +117,11 @@ class TrainingConfig:
     """Print a log line and write metrics.jsonl every this many steps."""
     checkpoint_every: int = 0
     """Save a checkpoint every this many steps (0 = only at the end)."""
+    eval_every: int = 100
+    """Every this many steps, score the weights on eval_tasks held-out tasks (after the inner
+    loop) and log it as heldout_loss (0 = never; table-built runs never, they have no generator)."""
+    eval_tasks: int = 200
+    """Held-out tasks for eval_every (drawn from the test stream, disjoint from training)."""
     on_nonfinite: str = "stop"
     """What a non-finite loss or meta-gradient does: "stop" (default, weights untouched) or
     "skip" (drop that step, count it in the metrics)."""
@@ -129,6 +134,8 @@ class TrainingConfig:
             self.checkpoint_every >= 0,
             f"training.checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}",
         )
+        _require(self.eval_every >= 0, f"training.eval_every must be >= 0 (0 = never), got {self.eval_every}")
+        _require(self.eval_tasks >= 1, f"training.eval_tasks must be >= 1, got {self.eval_tasks}")
         _require(
             self.on_nonfinite in NONFINITE_POLICIES,
             f"training.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}",

@@ -1,21 +1,41 @@
-"""Meta-test: adapt the trained initialisation on held-out tasks and score the query sets."""
+"""Meta-test: adapt on held-out tasks and score the query sets, against two baselines.
+
+The protocol (Finn et al. 2017): held-out tasks (a fixed test store, or fresh tasks from a
+stream disjoint from training), the adaptation curve for inner steps 0..n with the run's inner
+step size, mean and 95% confidence interval over >= 600 tasks. Every initialisation sees exactly
+the same tasks and inner steps:
+
+- maml: the run's meta-learned weights;
+- pretrained: the same network trained jointly on the training tasks' data (plain supervised
+  learning over all their examples, Adam), then fine-tuned on each test task's support set;
+- scratch: the run's own random initialisation (its step-0 weights), fine-tuned the same way.
+
+Few shots and many steps can diverge on some tasks (a learned initialisation may be tuned for
+the training inner loop); the result reports the median and the share of diverged tasks beside
+the mean instead of hiding them.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import checkpoint, models
 from . import config as config_mod
+from .config import Config
 from .errors import StoreError, UserError
-from .maml import TaskBatch, adaptation_curve
+from .maml import TaskBatch, adaptation_curve, loss_fn
+from .sampler import Sampler
 from .store import TaskStore, build_in_memory
 
 CHUNK = 1000  # tasks per vmap call: bounds memory, not results
+DIVERGED = 10.0  # a task diverged when its loss is non-finite or above 10x its unadapted loss
 
 
 def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,6 +50,8 @@ def held_out_store(state: dict[str, Any], tasks: str | Path | None, num_tasks: i
     cfg = config_mod.from_dict(state["config"])
     train = state["store"]
     if tasks is None:
+        if cfg.task.family == "table":
+            raise UserError("a run on table-built tasks needs --tasks: a store built with --classes-split test")
         return build_in_memory(
             cfg.task.family,
             num_tasks,
@@ -42,12 +64,84 @@ def held_out_store(state: dict[str, Any], tasks: str | Path | None, num_tasks: i
     info = store.info
     if info.family != train["family"]:
         raise StoreError(f"{tasks} holds {info.family!r} tasks but the run was trained on {train['family']!r} tasks")
-    if Path(tasks).resolve() == Path(train["path"]).resolve() or (info.split, info.seed) == ("train", train["seed"]):
+    same_file = Path(tasks).resolve() == Path(train["path"]).resolve()
+    same_stream = info.family != "table" and (info.split, info.seed) == ("train", train["seed"])
+    if same_file or same_stream:
         raise StoreError(
             f"{tasks} is the run's training store; evaluate on held-out tasks "
             "(build them with `distributed-maml tasks build --split test`)"
         )
+    if info.family == "table" and info.split != "test":
+        raise StoreError(f"{tasks} holds meta-training classes; build the test store with --classes-split test")
     return store
+
+
+def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int) -> dict[str, torch.Tensor]:
+    """The 'pretrained' baseline: one network fit to all examples of the training tasks."""
+    model = models.build(cfg.model, store.info, seed=seed)
+    forward = models.functional(model)
+    params = dict(model.named_parameters())
+    opt = torch.optim.Adam(params.values(), lr=cfg.optimizer.lr)
+    loss = loss_fn(store.info.kind)
+    sampler = Sampler(seed, len(store), cfg.task.meta_batch)
+    for step in tqdm(range(steps), desc="pretrained baseline", unit="step", disable=None, leave=False):
+        rows = store.rows(sampler.ids(step))
+        x = np.concatenate([rows["x_support"], rows["x_query"]], 1).reshape(-1, store.info.input_dim)
+        y = np.concatenate([rows["y_support"], rows["y_query"]], 1)
+        y = y.reshape(-1) if store.info.kind == "classification" else y.reshape(-1, store.info.output_dim)
+        opt.zero_grad()
+        loss(forward(params, torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+def baseline_weights(run_dir: Path, state: dict[str, Any], info: Any, pretrain_steps: int) -> dict[str, dict]:
+    """The two baselines' initial weights; the pretrained one is cached in the run folder."""
+    cfg = config_mod.from_dict(state["config"])
+    scratch = models.build(cfg.model, info, seed=cfg.training.seed)  # the run's own step-0 weights
+    out = {"scratch": {k: v.detach() for k, v in scratch.named_parameters()}}
+    cache = run_dir / "baselines" / f"pretrained_{pretrain_steps}.pt"
+    if cache.exists():
+        out["pretrained"] = torch.load(cache, weights_only=True)
+    else:
+        train_store = TaskStore.open(state["store"]["path"])
+        out["pretrained"] = pretrain(cfg, train_store, pretrain_steps, cfg.training.seed)
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(out["pretrained"], tmp)
+        tmp.replace(cache)
+    return out
+
+
+def curves(
+    cfg: Config, info: Any, params: dict[str, torch.Tensor], store: TaskStore, n: int, max_steps: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-task loss (and accuracy) after 0..max_steps inner steps: [n, max_steps + 1]."""
+    forward = models.functional(models.build(cfg.model, info, seed=0))
+    losses, accs = [], []
+    for lo in range(0, n, CHUNK):
+        batch = TaskBatch.from_numpy(store.rows(np.arange(lo, min(n, lo + CHUNK))))
+        loss, acc = adaptation_curve(forward, info.kind, params, batch, max_steps, cfg.maml.inner_lr)
+        losses.append(loss.numpy())
+        if acc is not None:
+            accs.append(acc.numpy())
+    return np.concatenate(losses), (np.concatenate(accs) if accs else None)
+
+
+def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int]) -> dict[str, Any]:
+    diverged = ~np.isfinite(losses) | (losses > DIVERGED * losses[:, :1])
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean, ci = mean_ci95(losses[:, steps])
+    out = {
+        "loss_mean": mean.tolist(),
+        "loss_ci95": ci.tolist(),
+        "loss_median": np.median(losses[:, steps], axis=0).tolist(),
+        "diverged_fraction": diverged[:, steps].mean(axis=0).tolist(),
+    }
+    if accs is not None:
+        mean, ci = mean_ci95(accs[:, steps])
+        out.update(accuracy_mean=mean.tolist(), accuracy_ci95=ci.tolist())
+    return out
 
 
 def evaluate(
@@ -56,55 +150,69 @@ def evaluate(
     steps: Sequence[int] = (0, 1, 5, 10),
     num_tasks: int = 600,
     shots: int | None = None,
+    baselines: bool = True,
+    pretrain_steps: int | None = None,
+    inner_lr: float | None = None,
 ) -> dict[str, Any]:
-    """Query loss (and accuracy) after each number of inner steps in `steps`, mean and 95% CI
-    over `num_tasks` held-out tasks."""
+    """The adaptation curve of the run's weights (and of the baselines) on held-out tasks."""
     if not steps or min(steps) < 0:
         raise UserError(f"--steps must be a list of numbers >= 0, got {list(steps)}")
     if num_tasks < 2:
         raise UserError(f"--num-tasks must be >= 2 for a confidence interval, got {num_tasks}")
     if shots is not None and shots < 1:
         raise UserError(f"--shots must be >= 1, got {shots}")
-    ckpt = checkpoint.load(checkpoint.latest(Path(run_dir)))
+    run_dir = Path(run_dir)
+    ckpt = checkpoint.load(checkpoint.latest(run_dir))
     cfg = config_mod.from_dict(ckpt.state["config"])
+    if inner_lr is not None:  # test-time step size (the run's by default)
+        cfg = cfg.replace(maml=config_mod.MamlConfig(cfg.maml.inner_steps, inner_lr, cfg.maml.first_order))
     store = held_out_store(ckpt.state, tasks, num_tasks, shots)
-    model = models.build(cfg.model, store.info, seed=0)
-    params = {k: v.to(torch.float32) for k, v in ckpt.model.items()}
-    n = min(num_tasks, len(store))
-    losses, accs = [], []
-    for lo in range(0, n, CHUNK):
-        batch = TaskBatch.from_numpy(store.rows(np.arange(lo, min(n, lo + CHUNK))))
-        loss, acc = adaptation_curve(
-            models.functional(model), store.info.kind, params, batch, max(steps), cfg.maml.inner_lr
-        )
-        losses.append(loss.numpy())
-        if acc is not None:
-            accs.append(acc.numpy())
-    idx = list(steps)
+    info, n, idx = store.info, min(num_tasks, len(store)), list(steps)
+    models.dims(cfg.model, info)
+    inits = {"maml": {k: v.to(torch.float32) for k, v in ckpt.model.items()}}
+    if baselines:
+        steps_pre = pretrain_steps if pretrain_steps is not None else min(cfg.training.steps, 10_000)
+        inits.update(baseline_weights(run_dir, ckpt.state, info, steps_pre))
+    results = {name: summarize(*curves(cfg, info, p, store, n, max(idx)), idx) for name, p in inits.items()}
     out: dict[str, Any] = {
         "run": str(run_dir),
         "checkpoint_step": ckpt.step,
+        "family": info.family,
         "num_tasks": n,
-        "shots": store.info.shots,
+        "shots": info.shots,
+        "inner_lr": cfg.maml.inner_lr,
         "steps": idx,
+        **results.pop("maml"),
+        "baselines": results,
     }
-    mean, ci = mean_ci95(np.concatenate(losses)[:, idx])
-    out.update(loss_mean=mean.tolist(), loss_ci95=ci.tolist())
-    if accs:
-        mean, ci = mean_ci95(np.concatenate(accs)[:, idx])
-        out.update(accuracy_mean=mean.tolist(), accuracy_ci95=ci.tolist())
+    save = run_dir / "eval" / f"eval-{info.shots}shots.json"
+    save.parent.mkdir(exist_ok=True)
+    save.write_text(json.dumps(out, indent=1))
     return out
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = f"{result['num_tasks']} held-out tasks, {result['shots']} shots, checkpoint step {result['checkpoint_step']}"
-    cols = ["inner steps", "query loss (95% CI)"] + (["accuracy (95% CI)"] if "accuracy_mean" in result else [])
+    head = (
+        f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, "
+        f"inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']}"
+    )
+    classification = "accuracy_mean" in result
+    cols = ["init", "inner steps", "query loss (95% CI)", "median", "diverged"] + (
+        ["accuracy (95% CI)"] if classification else []
+    )
     rows = []
-    for i, k in enumerate(result["steps"]):
-        row = [str(k), f"{result['loss_mean'][i]:.4f} ± {result['loss_ci95'][i]:.4f}"]
-        if "accuracy_mean" in result:
-            row.append(f"{result['accuracy_mean'][i]:.4f} ± {result['accuracy_ci95'][i]:.4f}")
-        rows.append(row)
+    for name, r in [("maml", result), *result.get("baselines", {}).items()]:
+        for i, k in enumerate(result["steps"]):
+            row = [
+                name,
+                str(k),
+                f"{r['loss_mean'][i]:.4f} ± {r['loss_ci95'][i]:.4f}",
+                f"{r['loss_median'][i]:.4f}",
+                f"{100 * r['diverged_fraction'][i]:.1f}%",
+            ]
+            if classification:
+                row.append(f"{r['accuracy_mean'][i]:.4f} ± {r['accuracy_ci95'][i]:.4f}")
+            rows.append(row)
     widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows)])

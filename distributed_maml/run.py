@@ -21,7 +21,14 @@ from .tasks import FAMILIES
 STORE_NAME = "tasks.arrow"
 # Keys a resume may change: the length and cadence of the run, and where it runs (the answer
 # does not depend on the number of workers). Anything else would make a different run.
-RESUME_MAY_CHANGE = {"training.steps", "training.log_every", "training.checkpoint_every", "training.on_nonfinite"}
+RESUME_MAY_CHANGE = {
+    "training.steps",
+    "training.log_every",
+    "training.checkpoint_every",
+    "training.on_nonfinite",
+    "training.eval_every",
+    "training.eval_tasks",
+}
 
 
 @dataclass

@@ -10,18 +10,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, models
 from .errors import TrainingError
 from .learner import Learner, Reduced, ShardResult, reduce_shards
+from .maml import TaskBatch, adaptation_curve
 from .run import Run
 from .sampler import Sampler, split_shards
+from .store import build_in_memory
 
 
 class Executor(Protocol):
@@ -87,9 +91,30 @@ def timing(results: list[ShardResult], wall_s: float, update_s: float) -> dict[s
     }
 
 
+def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
+    """The mean post-adaptation query loss on a fixed set of held-out tasks (None if off)."""
+    cfg, task = run.cfg.training, run.cfg.task
+    if not cfg.eval_every or task.family == "table":
+        return None
+    store = build_in_memory(task.family, cfg.eval_tasks, cfg.seed, task.shots, task.queries, split="test")
+    batch = TaskBatch.from_numpy(store.rows(np.arange(len(store))))
+    forward = models.functional(models.build(run.cfg.model, store.info, seed=0))
+    spec = models.ParamSpec.of(models.build(run.cfg.model, store.info, seed=0))
+    steps, lr = run.cfg.maml.inner_steps, run.cfg.maml.inner_lr
+
+    def score(weights: np.ndarray) -> float:
+        losses, _ = adaptation_curve(
+            forward, store.info.kind, spec.unflatten(torch.from_numpy(weights)), batch, steps, lr
+        )
+        return float(losses[:, -1].mean())
+
+    return score
+
+
 def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
     cfg = run.cfg.training
     learner = make_learner(run)
+    heldout = heldout_scorer(run)
     sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
     start = run.start.step if run.start else 0
     skipped, record = 0, {}
@@ -135,7 +160,9 @@ def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
                 meta_loss=f"{record['meta_loss']:.4f}", tasks_s=f"{record['tasks_per_s']:.0f}", refresh=False
             )
             bar.update()
-            if step % cfg.log_every == 0 or step in (1, cfg.steps):
+            if heldout and (step % cfg.eval_every == 0 or step == cfg.steps):
+                record["heldout_loss"] = heldout(learner.weights())
+            if step % cfg.log_every == 0 or step in (1, cfg.steps) or "heldout_loss" in record:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 tqdm.write(
