@@ -55,13 +55,30 @@ def parser() -> argparse.ArgumentParser:
         dest="tasks_cmd", required=True
     )
     b = tasks.add_parser("build", help="generate a task store")
-    b.add_argument("--family", required=True, help="seed or sinusoid")
+    b.add_argument("--family", help="seed or sinusoid (or use --from-table)")
+    b.add_argument(
+        "--from-table", type=Path, metavar="FILE", help="N-way K-shot tasks from a .parquet/.arrow/.csv table"
+    )
+    b.add_argument("--label-column", help="with --from-table: the class label column (the rest are features)")
+    b.add_argument("--ways", type=int, default=5, help="with --from-table: classes per task (5)")
+    b.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.3,
+        help="with --from-table: share of classes held out for meta-test (at least --ways)",
+    )
     b.add_argument("--num-tasks", type=int, required=True)
     b.add_argument("--out", type=Path, required=True, help="the .arrow file to write")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--shots", type=int, default=None, help="support examples per class/points (seed 5, sinusoid 10)")
     b.add_argument("--queries", type=int, default=None, help="query examples per class/points (seed 15, sinusoid 10)")
-    b.add_argument("--split", default="train", help="train or test (held-out tasks come from a disjoint stream)")
+    b.add_argument(
+        "--split",
+        "--classes-split",
+        dest="split",
+        default="train",
+        help="train or test: held-out tasks come from a disjoint stream (tables: disjoint classes)",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace an existing file")
     i = tasks.add_parser("info", help="describe a task store")
     i.add_argument("path", type=Path)
@@ -119,7 +136,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_tasks(args: argparse.Namespace) -> None:
     from . import store
 
-    if args.tasks_cmd == "build":
+    if args.tasks_cmd == "build" and args.from_table:
+        if not args.label_column:
+            raise UserError("--from-table needs --label-column NAME")
+        info = store.build_from_table(
+            args.from_table,
+            args.out,
+            args.label_column,
+            args.ways,
+            args.shots or 5,
+            args.queries or 15,
+            args.num_tasks,
+            args.split,
+            args.seed,
+            args.test_fraction,
+            overwrite=args.overwrite,
+        )
+        print(
+            f"wrote {args.out}: {info.num_tasks} {info.ways}-way {info.shots}-shot tasks from {args.from_table} "
+            f"({info.split} classes: {', '.join(info.classes)})"
+        )
+    elif args.tasks_cmd == "build":
+        if not args.family:
+            raise UserError("tasks build needs --family seed|sinusoid, or --from-table FILE")
         shots, queries = DEFAULT_SHOTS.get(args.family, (5, 15))
         info = store.build(
             args.out,

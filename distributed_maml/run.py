@@ -90,6 +90,11 @@ def prepare(
         store = TaskStore.open(store_path)
         _check_store(store, cfg)
         info = store.info
+    elif cfg.task.family == "table":
+        raise ConfigError(
+            'task.family = "table" trains on a store built with `distributed-maml tasks build '
+            "--from-table`: pass it with --tasks"
+        )
     else:
         info = family_info(FAMILIES[cfg.task.family], num, cfg.training.seed, cfg.task.shots, cfg.task.queries, "train")
     models.dims(cfg.model, info)  # the model must fit the tasks

@@ -49,6 +49,10 @@ class StoreInfo:
     split: str
     rows_per_batch: int
     format_version: int = FORMAT_VERSION
+    source: str = ""
+    """Table-built stores: the table the tasks were drawn from."""
+    classes: tuple[str, ...] = ()
+    """Table-built stores: the label values of this split's classes (params hold their indices)."""
 
     @property
     def n_support(self) -> int:
@@ -76,9 +80,12 @@ class StoreInfo:
         return pa.schema(fields, metadata=meta)
 
 
-def family_info(family: Family, num_tasks: int, seed: int, shots: int, queries: int, split: str) -> StoreInfo:
+def family_info(
+    family: Family, num_tasks: int, seed: int, shots: int, queries: int, split: str, **extra: Any
+) -> StoreInfo:
     probe = family.generate(np.random.default_rng(0), 1, shots, queries)
     return StoreInfo(
+        **extra,
         family=family.name,
         kind=family.kind,
         input_dim=family.input_dim,
@@ -103,12 +110,13 @@ def _record_batch(info: StoreInfo, arrays: dict[str, np.ndarray]) -> pa.RecordBa
     return pa.RecordBatch.from_arrays(cols, schema=info.schema())
 
 
-def generate_batches(info: StoreInfo, progress: bool = False) -> Iterator[pa.RecordBatch]:
+def generate_batches(info: StoreInfo, progress: bool = False, family: Family | None = None) -> Iterator[pa.RecordBatch]:
     """The store's record batches; batch i draws from its own seeded stream, so any slice of
     the store can be regenerated alone."""
-    family = FAMILIES[info.family]
+    family = family or FAMILIES[info.family]
     n_batches = -(-info.num_tasks // info.rows_per_batch)
-    for i in tqdm(range(n_batches), desc="building tasks", unit="batch", disable=not progress or n_batches < 4):
+    quiet = None if progress and n_batches >= 4 else True  # None: a bar on terminals only
+    for i in tqdm(range(n_batches), desc="building tasks", unit="batch", disable=quiet):
         count = min(info.rows_per_batch, info.num_tasks - i * info.rows_per_batch)
         rng = np.random.default_rng([info.seed, _SPLIT_STREAM[info.split], i])
         yield _record_batch(info, family.generate(rng, count, info.shots, info.queries))
@@ -159,6 +167,35 @@ def build(
     check_build_args(family, num_tasks, shots, queries, split, seed)
     info = family_info(FAMILIES[family], num_tasks, seed, shots, queries, split)
     write_batches(path, info.schema(), generate_batches(info, progress), overwrite)
+    return info
+
+
+def build_from_table(
+    table: str | Path,
+    out: str | Path,
+    label_column: str,
+    ways: int,
+    shots: int,
+    queries: int,
+    num_tasks: int,
+    split: str = "train",
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    overwrite: bool = False,
+) -> StoreInfo:
+    """Episodic N-way K-shot tasks from a table (see tasks/table.py); the classes of the
+    train and test splits are disjoint for the same seed and test_fraction."""
+    from .tasks import table as table_mod
+
+    check_build_args("seed", num_tasks, shots, queries, split, seed)
+    if not 0 < test_fraction < 1:
+        raise StoreError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    tasks = table_mod.load(table, label_column, ways, shots, queries, split, test_fraction, seed)
+    family = Family("table", "classification", tasks.features.shape[1], ways, ways, tasks.generate)
+    info = family_info(
+        family, num_tasks, seed, shots, queries, split, source=str(Path(table).resolve()), classes=tasks.class_names
+    )
+    write_batches(out, info.schema(), generate_batches(info, progress=True, family=family), overwrite)
     return info
 
 
@@ -256,7 +293,7 @@ def _parse_info(schema: pa.Schema, name: str) -> StoreInfo:
                 f"{name} has task-store format version {version}; this distributed-maml reads version "
                 f"{FORMAT_VERSION}: rebuild it with `distributed-maml tasks build`"
             )
-        info = StoreInfo(**raw)
+        info = StoreInfo(**{**raw, "classes": tuple(raw.get("classes", ()))})
     except StoreError:
         raise
     except (KeyError, TypeError, ValueError) as e:

@@ -1,0 +1,155 @@
+"""The meta-test protocol: confidence intervals, baselines on the very same tasks, table-built
+stores with disjoint classes, and the digits demonstration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distributed_maml import evaluate, store
+from distributed_maml.errors import StoreError
+
+from .conftest import assert_user_error, run_cli
+
+
+def test_ci_of_the_mean_matches_a_hand_computation():
+    values = np.array([[1.0], [2.0], [3.0], [4.0]])
+    mean, ci = evaluate.mean_ci95(values)
+    # sample sd of 1..4 = sqrt(5/3) = 1.290994; 1.96 * 1.290994 / sqrt(4) = 1.265174
+    assert mean[0] == pytest.approx(2.5) and ci[0] == pytest.approx(1.265174, rel=1e-6)
+
+
+def test_divergence_is_reported_not_hidden():
+    losses = np.array([[1.0, 0.5], [1.0, np.inf], [2.0, 30.0], [1.0, 0.4]])
+    s = evaluate.summarize(losses, None, [0, 1])
+    assert s["diverged_fraction"] == [0.0, 0.5]
+    assert s["loss_median"][1] == pytest.approx(15.25) and not np.isfinite(s["loss_mean"][1])
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    path = tmp_path_factory.mktemp("digits") / "digits.parquet"
+    pq.write_table(pa.table({**{f"px{i}": d.data[:, i] for i in range(64)}, "digit": d.target}), path)
+    return path
+
+
+def _build(table, out, split, shots=5, num=2000, seed=0, frac=0.3):
+    return store.build_from_table(table, out, "digit", 5, shots, 10, num, split, seed, frac)
+
+
+@pytest.mark.parametrize("seed, frac", [(0, 0.3), (1, 0.5), (5, 0.3)])
+def test_table_stores_never_share_a_class_between_splits(digits, tmp_path, seed, frac):
+    tr = _build(digits, tmp_path / "tr.arrow", "train", num=300, seed=seed, frac=frac)
+    te = _build(digits, tmp_path / "te.arrow", "test", num=300, seed=seed, frac=frac)
+    assert tr.classes and te.classes and not set(tr.classes) & set(te.classes)
+    assert sorted(tr.classes + te.classes) == [str(i) for i in range(10)]
+    ids = [
+        set(np.unique(store.TaskStore.open(tmp_path / f"{n}.arrow").rows(np.arange(300), ("params",))["params"]))
+        for n in ("tr", "te")
+    ]
+    assert not ids[0] & ids[1]
+    s = store.TaskStore.open(tmp_path / "tr.arrow")
+    t = s.task(0)
+    assert (
+        s.info.input_dim == 64 and t["x_support"].shape == (25, 64) and np.bincount(t["y_query"]).tolist() == [10] * 5
+    )
+
+
+def test_table_tasks_hold_real_rows_of_their_classes(digits, tmp_path):
+    _build(digits, tmp_path / "tr.arrow", "train", num=20)
+    s = store.TaskStore.open(tmp_path / "tr.arrow")
+    table = pq.read_table(digits)
+    x = np.column_stack([table[f"px{i}"].to_numpy() for i in range(64)]).astype(np.float64)
+    x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1)
+    labels = table["digit"].to_numpy()
+    t = s.task(3)
+    for label, cls in enumerate(t["params"].astype(int)):
+        rows = t["x_support"][t["y_support"] == label]
+        members = x[labels == cls]  # class ids index the sorted labels '0'..'9', so id == digit
+        for r in rows:  # every support example is a standardised row of its class
+            assert np.abs(members - r).max(axis=1).min() < 1e-4
+
+
+def test_table_build_bad_input(digits, tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("a,b,label\n1,x,0\n2,y,1\n")
+    cases = [
+        (["--from-table", digits, "--label-column", "nope"], "has no column 'nope'"),
+        (["--from-table", csv, "--label-column", "label"], "feature columns must be numeric; not numeric: b"),
+        (["--from-table", tmp_path / "t.xlsx", "--label-column", "x"], "does not exist"),
+        (["--from-table", digits, "--label-column", "digit", "--ways", "6"], "too few for 6-way"),
+        (
+            ["--from-table", digits, "--label-column", "digit", "--shots", "150", "--queries", "50"],
+            "fewer than shots + queries",
+        ),
+        (["--from-table", digits], "--from-table needs --label-column"),
+    ]
+    for args, needle in cases:
+        out = tmp_path / "o.arrow"
+        assert_user_error(run_cli("tasks", "build", *args, "--num-tasks", "10", "--out", out), needle)
+        assert not out.exists()
+    (tmp_path / "t.xlsx").write_text("x")
+    with pytest.raises(StoreError, match="must be one of"):
+        store.build_from_table(tmp_path / "t.xlsx", tmp_path / "o.arrow", "x", 5, 1, 1, 10)
+
+
+def test_baselines_see_exactly_the_same_tasks_and_steps(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    assert (
+        run_cli(
+            "train",
+            "--output-dir",
+            out,
+            "--no-progress",
+            "--set",
+            "scaling.num_workers=0",
+            "--set",
+            "training.steps=20",
+        ).returncode
+        == 0
+    )
+    seen = []
+    real = evaluate.curves
+
+    def spy(cfg, info, params, store_, n, max_steps):
+        seen.append((id(store_), n, max_steps, cfg.maml.inner_lr, store_.rows(np.arange(n))["x_query"].sum()))
+        return real(cfg, info, params, store_, n, max_steps)
+
+    monkeypatch.setattr(evaluate, "curves", spy)
+    res = evaluate.evaluate(out, steps=[0, 3], num_tasks=50, pretrain_steps=20)
+    assert len(seen) == 3 and len(set(seen)) == 1
+    assert set(res["baselines"]) == {"pretrained", "scratch"}
+    assert json.loads((out / "eval" / "eval-5shots.json").read_text())["steps"] == [0, 3]
+
+
+def test_digits_demonstration_beats_scratch(digits, tmp_path):
+    """jobs/digits.toml at 5 shots: after the trained number of inner steps (5), MAML's
+    initialisation classifies unseen digit classes better than the run's random one."""
+    _build(digits, tmp_path / "tr.arrow", "train", num=12800)
+    _build(digits, tmp_path / "te.arrow", "test", num=600)
+    out = tmp_path / "run"
+    proc = run_cli(
+        "train",
+        "--config",
+        "jobs/digits.toml",
+        "--tasks",
+        tmp_path / "tr.arrow",
+        "--output-dir",
+        out,
+        "--set",
+        "scaling.num_workers=0",
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_user_error(run_cli("eval", "--run", out), "needs --tasks")
+    res = json.loads(run_cli("eval", "--run", out, "--tasks", tmp_path / "te.arrow", "--steps", "0,5", "--json").stdout)
+    maml, scratch = res["accuracy_mean"][1], res["baselines"]["scratch"]["accuracy_mean"][1]
+    assert maml - res["accuracy_ci95"][1] > scratch + res["baselines"]["scratch"]["accuracy_ci95"][1], res
+    assert res["accuracy_mean"][0] < 0.3  # unadapted: chance among 5 ways
