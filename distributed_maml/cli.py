@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--num-tasks", type=int, default=600, help="held-out tasks (600)")
     e.add_argument("--shots", type=int, help="support shots of generated held-out tasks (default: the run's)")
     e.add_argument("--inner-lr", type=float, help="test-time inner step size (default: the run's maml.inner_lr)")
+    e.add_argument("--workers", type=int, help="Ray workers for evaluation (default: the run's; 0 = in-process)")
     e.add_argument("--no-baselines", action="store_true", help="skip the pretrained and scratch baselines")
     e.add_argument("--pretrain-steps", type=int, help="steps of the pretrained baseline (default: min(steps, 10000))")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,10 @@ from . import checkpoint, models
 from . import config as config_mod
 from .config import Config
 from .errors import StoreError, UserError
-from .maml import TaskBatch, adaptation_curve, loss_fn
-from .sampler import Sampler
+from .maml import loss_fn
+from .sampler import Sampler, split_shards
 from .store import TaskStore, build_in_memory
 
-CHUNK = 1000  # tasks per vmap call: bounds memory, not results
 DIVERGED = 10.0  # a task diverged when its loss is non-finite or above 10x its unadapted loss
 
 
@@ -113,19 +113,28 @@ def baseline_weights(run_dir: Path, state: dict[str, Any], info: Any, pretrain_s
     return out
 
 
+def eval_executor(cfg: Config, store: TaskStore, workers: int | None) -> Any:
+    """In-process, or the run's Ray workers (`workers`, default the run's scaling.num_workers):
+    held-out tasks are as parallel as training tasks."""
+    n = cfg.scaling.num_workers if workers is None else workers
+    if n == 0:
+        from .worker import InProcessExecutor
+
+        return InProcessExecutor(store, cfg.model, cfg.maml)
+    from .runtime import RayExecutor
+
+    source = store.buffer() if store.in_memory else Path(store.name)
+    return RayExecutor(source, cfg.model, cfg.maml, replace(cfg.scaling, num_workers=n))
+
+
 def curves(
-    cfg: Config, info: Any, params: dict[str, torch.Tensor], store: TaskStore, n: int, max_steps: int
+    executor: Any, spec: models.ParamSpec, params: dict[str, torch.Tensor], n: int, max_steps: int, lr: float
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-task loss (and accuracy) after 0..max_steps inner steps: [n, max_steps + 1]."""
-    forward = models.functional(models.build(cfg.model, info, seed=0))
-    losses, accs = [], []
-    for lo in range(0, n, CHUNK):
-        batch = TaskBatch.from_numpy(store.rows(np.arange(lo, min(n, lo + CHUNK))))
-        loss, acc = adaptation_curve(forward, info.kind, params, batch, max_steps, cfg.maml.inner_lr)
-        losses.append(loss.numpy())
-        if acc is not None:
-            accs.append(acc.numpy())
-    return np.concatenate(losses), (np.concatenate(accs) if accs else None)
+    weights = spec.flatten(params).detach().to(torch.float32).numpy()
+    parts = executor.curves(weights, split_shards(np.arange(n), executor.num_shards), max_steps, lr)
+    losses = np.concatenate([p[0] for p in parts])
+    return losses, (None if parts[0][1] is None else np.concatenate([p[1] for p in parts]))
 
 
 def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int]) -> dict[str, Any]:
@@ -153,6 +162,7 @@ def evaluate(
     baselines: bool = True,
     pretrain_steps: int | None = None,
     inner_lr: float | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """The adaptation curve of the run's weights (and of the baselines) on held-out tasks."""
     if not steps or min(steps) < 0:
@@ -173,7 +183,15 @@ def evaluate(
     if baselines:
         steps_pre = pretrain_steps if pretrain_steps is not None else min(cfg.training.steps, 10_000)
         inits.update(baseline_weights(run_dir, ckpt.state, info, steps_pre))
-    results = {name: summarize(*curves(cfg, info, p, store, n, max(idx)), idx) for name, p in inits.items()}
+    spec = models.ParamSpec.of(models.build(cfg.model, info, seed=0))
+    executor = eval_executor(cfg, store, workers)
+    try:
+        results = {
+            name: summarize(*curves(executor, spec, p, n, max(idx), cfg.maml.inner_lr), idx)
+            for name, p in inits.items()
+        }
+    finally:
+        executor.close()
     out: dict[str, Any] = {
         "run": str(run_dir),
         "checkpoint_step": ckpt.step,
@@ -182,6 +200,7 @@ def evaluate(
         "shots": info.shots,
         "inner_lr": cfg.maml.inner_lr,
         "steps": idx,
+        "evaluated_by": executor.describe(),
         **results.pop("maml"),
         "baselines": results,
     }
@@ -194,7 +213,7 @@ def evaluate(
 def format_table(result: dict[str, Any]) -> str:
     head = (
         f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, "
-        f"inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']}"
+        f"inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']}; {result['evaluated_by']}"
     )
     classification = "accuracy_mean" in result
     cols = ["init", "inner steps", "query loss (95% CI)", "median", "diverged"] + (

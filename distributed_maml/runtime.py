@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ class WorkerActor:
         self.version = version
         return self.computer.compute(weights, ids)
 
+    def curve(self, weights: np.ndarray, ids: np.ndarray, max_steps: int, lr: float) -> Any:
+        return self.computer.curve(weights, ids, max_steps, lr)
+
     def info(self) -> dict[str, Any]:
         import torch
 
@@ -130,13 +134,10 @@ class RayExecutor:
     """A pool of worker actors in one placement group; `compute` runs one step's shards."""
 
     def __init__(
-        self,
-        store_path: Path,
-        model_cfg: ModelConfig,
-        maml_cfg: MamlConfig,
-        scaling: ScalingConfig,
-        store_sharing: str | None = None,
+        self, store: Path | np.ndarray, model_cfg: ModelConfig, maml_cfg: MamlConfig, scaling: ScalingConfig
     ) -> None:
+        """`store` is the path of a store file, or the bytes of an in-memory store (which then
+        always travels through the object store)."""
         connect()
         scaling = auto_gpus(scaling)
         self.scaling = scaling
@@ -154,16 +155,20 @@ class RayExecutor:
                 f"cannot place {n} workers of {bundle} on this cluster (it has {_free(ray.cluster_resources())}); "
                 "lower scaling.num_workers, cpus_per_worker or gpus_per_worker, or add nodes"
             ) from None
-        path = str(Path(store_path).resolve())
-        source = StoreSource(path, Path(path).stat().st_size)
-        mode = store_sharing or scaling.store_sharing
+        in_memory = isinstance(store, np.ndarray)
+        path = "<in-memory store>" if in_memory else str(Path(store).resolve())
+        source = StoreSource(path, store.nbytes if in_memory else Path(path).stat().st_size)
+        mode = "object_store" if in_memory else scaling.store_sharing
         if mode == "auto":
             seen = ray.get(
                 [_sees_store.options(scheduling_strategy=self._bundle(i)).remote(path, source.size) for i in range(n)]
             )
             mode = "path" if all(seen) else "object_store"
-        # One copy of the file's bytes in the object store, shared by every worker of a node.
-        self.blob = ray.put(np.fromfile(path, dtype=np.uint8)) if mode == "object_store" else None
+        # One copy of the store's bytes in the object store, shared by every worker of a node.
+        if mode == "object_store":
+            self.blob = ray.put(store if in_memory else np.fromfile(path, dtype=np.uint8))
+        else:
+            self.blob = None
         self.store_mode = mode
         self.workers = [
             WorkerActor.options(
@@ -181,13 +186,21 @@ class RayExecutor:
         return [i for i, f in enumerate(self.failures) if f < self.max_failures]
 
     def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]:
-        """Every shard's result, in shard order. A shard whose worker died is computed again (on
-        the restarted actor, or on another worker once its owner has failed too often), so a
-        step is never applied with a shard missing."""
+        """Every shard's result, in shard order (see _map: nothing lost, nothing doubled)."""
         ref = ray.put(weights)  # one copy of the weights per step, the same ref for every worker
-        owner = list(range(len(shards)))  # shard i belongs to worker i while it is healthy
-        pending = {self.workers[w].compute.remote(ref, version, shards[i]): (i, w) for i, w in enumerate(owner)}
-        results: list[ShardResult | None] = [None] * len(shards)
+        return self._map(lambda worker, ids: worker.compute.remote(ref, version, ids), shards)
+
+    def curves(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]:
+        """Adaptation curves of each shard's tasks (evaluation), in shard order."""
+        ref = ray.put(weights)
+        return self._map(lambda worker, ids: worker.curve.remote(ref, ids, max_steps, lr), shards)
+
+    def _map(self, call: Callable[[Any, np.ndarray], Any], shards: list[np.ndarray]) -> list[Any]:
+        """Shard i goes to worker i (the fixed partition); results come back in shard order. A
+        shard whose worker died is computed again (on the restarted actor, or on another worker
+        once its owner has failed too often), so a step never goes on with a shard missing."""
+        pending = {call(self.workers[i], ids): (i, i) for i, ids in enumerate(shards)}
+        results: list[Any] = [None] * len(shards)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             i, w = pending.pop(done[0])
@@ -195,8 +208,8 @@ class RayExecutor:
                 results[i] = ray.get(done[0])
             except RayActorError:
                 target = self._reassign(w, i)
-                pending[self.workers[target].compute.remote(ref, version, shards[i])] = (i, target)
-        return results  # type: ignore[return-value]
+                pending[call(self.workers[target], shards[i])] = (i, target)
+        return results
 
     def _reassign(self, w: int, shard: int) -> int:
         """Counts one failure of worker w and picks who computes its shard again: w itself once

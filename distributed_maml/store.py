@@ -242,6 +242,16 @@ class TaskStore:
     def __len__(self) -> int:
         return self.info.num_tasks
 
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self._source, pa.Buffer)
+
+    def buffer(self) -> np.ndarray:
+        """An in-memory store's IPC bytes, as a uint8 array (no copy), e.g. for ray.put."""
+        if not self.in_memory:
+            raise ValueError(f"{self.name} is memory-mapped from a file; share its path instead")
+        return np.frombuffer(self._source, dtype=np.uint8)
+
     def task(self, task_id: int) -> dict[str, np.ndarray]:
         """One task's arrays: views into the store, no copy."""
         if not 0 <= task_id < len(self):

@@ -13,9 +13,11 @@ import torch
 
 from .config import MamlConfig, ModelConfig
 from .learner import ShardResult
-from .maml import TaskBatch, meta_gradient
+from .maml import TaskBatch, adaptation_curve, meta_gradient
 from .models import ParamSpec, build, functional
 from .store import COLUMNS, TaskStore
+
+CURVE_CHUNK = 1000  # tasks per vmap call when evaluating: bounds memory, not results
 
 
 class ShardComputer:
@@ -56,6 +58,21 @@ class ShardComputer:
         grad_sum = self.spec.flatten(grads).detach().to("cpu", torch.float32).numpy()
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
 
+    def curve(
+        self, weights: np.ndarray, ids: np.ndarray, max_steps: int, lr: float
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-task query loss (and accuracy) after 0..max_steps inner steps of size lr, for
+        tasks `ids` from `weights`: [len(ids), max_steps + 1] (vmap over chunks of CURVE_CHUNK)."""
+        params = self.spec.unflatten(torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device))
+        losses, accs = [], []
+        for lo in range(0, len(ids), CURVE_CHUNK):
+            loss, acc = adaptation_curve(
+                self.forward, self.store.info.kind, params, self.batch(ids[lo : lo + CURVE_CHUNK]), max_steps, lr
+            )
+            losses.append(loss.cpu().numpy())
+            accs.append(None if acc is None else acc.cpu().numpy())
+        return np.concatenate(losses), (None if accs[0] is None else np.concatenate(accs))
+
 
 def _resident_columns(store: TaskStore, device: torch.device) -> tuple[torch.Tensor, ...] | None:
     """A GPU worker copies the store to the device once when it takes under a quarter of the
@@ -81,6 +98,11 @@ class InProcessExecutor:
 
     def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]:
         return [self.computer.compute(weights, ids) for ids in shards]
+
+    def curves(
+        self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        return [self.computer.curve(weights, ids, max_steps, lr) for ids in shards]
 
     def describe(self) -> str:
         return f"in-process ({torch.get_num_threads()} torch threads)"

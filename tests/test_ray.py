@@ -177,3 +177,16 @@ def test_no_healthy_worker_left_stops_with_a_valid_checkpoint(tmp_path, store_pa
     assert "step_3" in str(e.value)
     ck = checkpoint.load(checkpoint.latest(tmp_path / "r"))
     assert ck.step == 3 and ck.version == 3
+
+
+def test_evaluation_through_ray_workers_matches_in_process(tmp_path, store_path):
+    """Held-out tasks (generated in memory, so they travel through the object store) split over
+    2 workers give the in-process evaluation's numbers."""
+    from distributed_maml import evaluate
+
+    train_run(tmp_path, store_path, "r", 0)
+    local = evaluate.evaluate(tmp_path / "r", steps=[0, 2], num_tasks=60, baselines=False, workers=0)
+    remote = evaluate.evaluate(tmp_path / "r", steps=[0, 2], num_tasks=60, baselines=False, workers=2)
+    assert "2 Ray workers" in remote["evaluated_by"] and "object_store" in remote["evaluated_by"]
+    for key in ("loss_mean", "loss_ci95", "accuracy_mean"):
+        np.testing.assert_allclose(remote[key], local[key], rtol=1e-5)
