@@ -144,7 +144,8 @@ def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int]) -> 
     out = {
         "loss_mean": mean.tolist(),
         "loss_ci95": ci.tolist(),
-        "loss_median": np.median(losses[:, steps], axis=0).tolist(),
+        # a NaN loss is a diverged task: it counts as +inf, so the median stays meaningful
+        "loss_median": np.median(np.nan_to_num(losses[:, steps], nan=np.inf), axis=0).tolist(),
         "diverged_fraction": diverged[:, steps].mean(axis=0).tolist(),
     }
     if accs is not None:
@@ -204,7 +205,8 @@ def evaluate(
         **results.pop("maml"),
         "baselines": results,
     }
-    save = run_dir / "eval" / f"eval-{info.shots}shots.json"
+    lr_tag = "" if inner_lr is None else f"-lr{inner_lr:g}"  # a test-time step size of its own keeps its own file
+    save = run_dir / "eval" / f"eval-{info.shots}shots{lr_tag}.json"
     save.parent.mkdir(exist_ok=True)
     save.write_text(json.dumps(out, indent=1))
     return out

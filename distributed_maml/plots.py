@@ -113,7 +113,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     made = [training(run_dir, out / "training.png")]
-    for ev in sorted((run_dir / "eval").glob("eval-*shots.json")):
+    for ev in sorted((run_dir / "eval").glob("eval-*shots*.json")):
         made.append(
             adaptation(
                 json.loads(ev.read_text()), out / ev.name.replace("eval-", "adaptation-").replace(".json", ".png")
