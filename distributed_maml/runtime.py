@@ -196,10 +196,13 @@ class RayExecutor:
         return self._map(lambda worker, ids: worker.curve.remote(ref, ids, max_steps, lr), shards)
 
     def _map(self, call: Callable[[Any, np.ndarray], Any], shards: list[np.ndarray]) -> list[Any]:
-        """Shard i goes to worker i (the fixed partition); results come back in shard order. A
+        """Shard i goes to worker i while it is healthy (the fixed partition; a retired worker's
+        shards go to healthy ones); results come back in shard order. A
         shard whose worker died is computed again (on the restarted actor, or on another worker
         once its owner has failed too often), so a step never goes on with a shard missing."""
-        pending = {call(self.workers[i], ids): (i, i) for i, ids in enumerate(shards)}
+        healthy = self.healthy()
+        owners = [i if i in healthy else healthy[i % len(healthy)] for i in range(len(shards))]
+        pending = {call(self.workers[w], ids): (i, w) for i, (w, ids) in enumerate(zip(owners, shards))}
         results: list[Any] = [None] * len(shards)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

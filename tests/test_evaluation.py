@@ -118,12 +118,13 @@ def test_baselines_see_exactly_the_same_tasks_and_steps(tmp_path, monkeypatch):
     seen = []
     real = evaluate.curves
 
-    def spy(cfg, info, params, store_, n, max_steps):
-        seen.append((id(store_), n, max_steps, cfg.maml.inner_lr, store_.rows(np.arange(n))["x_query"].sum()))
-        return real(cfg, info, params, store_, n, max_steps)
+    def spy(executor, spec, params, n, max_steps, lr):
+        store_ = executor.computer.store
+        seen.append((id(store_), n, max_steps, lr, float(store_.rows(np.arange(n))["x_query"].sum())))
+        return real(executor, spec, params, n, max_steps, lr)
 
     monkeypatch.setattr(evaluate, "curves", spy)
-    res = evaluate.evaluate(out, steps=[0, 3], num_tasks=50, pretrain_steps=20)
+    res = evaluate.evaluate(out, steps=[0, 3], num_tasks=50, pretrain_steps=20, workers=0)
     assert len(seen) == 3 and len(set(seen)) == 1
     assert set(res["baselines"]) == {"pretrained", "scratch"}
     assert json.loads((out / "eval" / "eval-5shots.json").read_text())["steps"] == [0, 3]

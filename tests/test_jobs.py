@@ -77,7 +77,7 @@ def test_job_submit_runs_training_to_success(head, tmp_path):
     runtime_env["working_dir"] = str(REPO)
     out = tmp_path / "job-run"  # an absolute path: the job's working dir is a temporary copy
     job = client.submit_job(
-        entrypoint=f"python -m distributed_maml train --config jobs/seed.toml --output-dir {out} "
+        entrypoint=f"{sys.executable} -m distributed_maml train --config jobs/seed.toml --output-dir {out} "
         "--set training.steps=40 --set training.log_every=20 --no-progress",
         runtime_env=runtime_env,
     )
@@ -100,7 +100,7 @@ def test_a_failing_job_reports_failed_with_the_one_line_error(head, tmp_path):
     runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(REPO)
     job = client.submit_job(
-        entrypoint="python -m distributed_maml train --set maml.inner_lr=-1", runtime_env=runtime_env
+        entrypoint=f"{sys.executable} -m distributed_maml train --set maml.inner_lr=-1", runtime_env=runtime_env
     )
     deadline = time.monotonic() + 120
     while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
