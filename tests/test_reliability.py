@@ -72,6 +72,47 @@ def test_sigkilled_driver_resumes_bit_identical(tmp_path):
     assert all(not p.name.startswith(".") for p in (crashed / "checkpoints").iterdir())
 
 
+@pytest.mark.ray
+def test_sigkilled_ray_driver_resumes_to_float32_rounding(tmp_path):
+    """The driver (and with it the local Ray it started) dies mid-run; --resume with Ray
+    workers ends at the in-process run's weights to float32 rounding."""
+    steps = ["training.steps=100", "training.checkpoint_every=10", "task.meta_batch=16", "training.log_every=50"]
+    straight = tmp_path / "straight"
+    assert (
+        run_cli(
+            "train", "--output-dir", straight, "--no-progress", *_sets([*steps, "scaling.num_workers=0"])
+        ).returncode
+        == 0
+    )
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed_maml",
+            "train",
+            "--output-dir",
+            str(crashed),
+            "--no-progress",
+            *_sets([*steps, "scaling.num_workers=2"]),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    at = _wait_for_checkpoint(crashed, 20, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert at < 100
+    resumed = run_cli("train", "--resume", crashed, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    a = checkpoint.load(checkpoint.latest(straight))
+    b = checkpoint.load(checkpoint.latest(crashed))
+    assert a.step == b.step == 100
+    for k in a.model:
+        torch.testing.assert_close(b.model[k], a.model[k], rtol=1e-4, atol=1e-5)
+
+
 def test_skip_policy_drops_nonfinite_steps_and_counts_them(tmp_path):
     cfg = config.load(
         None,
