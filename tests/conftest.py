@@ -49,3 +49,18 @@ def tree_digest(path: Path) -> dict[str, str]:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def train_on(run_dir: Path, store_path: Path, overrides, hook=None):
+    """Trains a run on an existing store through the library (the CLI's path minus argv); `hook`
+    sees the executor before the first step. Returns (TrainResult, executor)."""
+    from distributed_maml import config, run, train
+
+    r = run.prepare(config.load(None, list(overrides)), run_dir, tasks=store_path, progress=False)
+    ex = train.make_executor(r)
+    try:
+        if hook:
+            hook(ex)
+        return train.train(r, ex, progress=False), ex
+    finally:
+        ex.close()

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_maml import config, run, train
 from distributed_maml.config import MamlConfig, ModelConfig
 from distributed_maml.store import TaskStore, build
 from distributed_maml.worker import ShardComputer
+
+from .conftest import train_on
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -33,18 +34,6 @@ def ray_gpu():
     ray.shutdown()
 
 
-def _run(tmp_path, store_path, name, extra, hook=None):
-    cfg = config.load(None, [*BASE, *extra])
-    r = run.prepare(cfg, tmp_path / name, tasks=store_path, progress=False)
-    ex = train.make_executor(r)
-    try:
-        if hook:
-            hook(ex)
-        return train.train(r, ex, progress=False)
-    finally:
-        ex.close()
-
-
 def test_shard_on_gpu_matches_cpu(store_path):
     store = TaskStore.open(store_path)
     ids = np.arange(0, 256, 3)
@@ -59,13 +48,12 @@ def test_shard_on_gpu_matches_cpu(store_path):
 
 @pytest.mark.parametrize("workers, gpus", [(1, 1.0), (2, 0.5)])
 def test_gpu_workers_match_the_cpu_in_process_run(ray_gpu, tmp_path, store_path, workers, gpus):
-    reference = _run(tmp_path, store_path, "cpu", ["scaling.num_workers=0"])
+    reference, _ = train_on(tmp_path / "cpu", store_path, [*BASE, "scaling.num_workers=0"])
     seen = {}
-    result = _run(
-        tmp_path,
+    result, _ = train_on(
+        tmp_path / "gpu",
         store_path,
-        "gpu",
-        [f"scaling.num_workers={workers}", f"scaling.gpus_per_worker={gpus}"],
+        [*BASE, f"scaling.num_workers={workers}", f"scaling.gpus_per_worker={gpus}"],
         hook=lambda ex: seen.update(info=ex.worker_info()),
     )
     assert [i["device"] for i in seen["info"]] == ["cuda:0"] * workers

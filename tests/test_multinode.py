@@ -9,8 +9,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from distributed_maml import config, run, train
 from distributed_maml.store import build
+
+from .conftest import train_on
 
 pytestmark = pytest.mark.ray
 
@@ -35,34 +36,21 @@ def store_path(tmp_path_factory):
     return path
 
 
-def _run(tmp_path, store_path, name, extra, hook=None):
-    cfg = config.load(None, [*BASE, *extra])
-    r = run.prepare(cfg, tmp_path / name, tasks=store_path, progress=False)
-    ex = train.make_executor(r)
-    try:
-        if hook:
-            hook(ex)
-        return train.train(r, ex, progress=False), ex
-    finally:
-        ex.close()
-
-
 def test_spread_workers_land_on_distinct_nodes_with_the_in_process_weights(cluster, tmp_path, store_path):
-    reference, _ = _run(tmp_path, store_path, "ref", ["scaling.num_workers=0"])
+    reference, _ = train_on(tmp_path / "ref", store_path, [*BASE, "scaling.num_workers=0"])
     seen = {}
-    result, ex = _run(
-        tmp_path,
+    result, ex = train_on(
+        tmp_path / "spread",
         store_path,
-        "spread",
-        ["scaling.num_workers=2", "scaling.placement=spread"],
+        [*BASE, "scaling.num_workers=2", "scaling.placement=spread"],
         hook=lambda ex: seen.update(info=ex.worker_info()),
     )
     nodes = {i["node_id"] for i in seen["info"]}
     assert len(nodes) == 2, seen
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
     for extra in (["scaling.store_sharing=object_store"],):
-        again, ex = _run(
-            tmp_path, store_path, "spread-os", ["scaling.num_workers=2", "scaling.placement=spread", *extra]
+        again, ex = train_on(
+            tmp_path / "spread-os", store_path, [*BASE, "scaling.num_workers=2", "scaling.placement=spread", *extra]
         )
         assert ex.store_mode == "object_store"
         np.testing.assert_allclose(again.weights, reference.weights, rtol=1e-5, atol=1e-6)
@@ -75,7 +63,7 @@ def test_losing_the_worker_node_mid_run_loses_nothing(cluster, tmp_path, store_p
     from distributed_maml import runtime
 
     monkeypatch.setattr(runtime, "RESTART_TIMEOUT_S", 30.0)
-    reference, _ = _run(tmp_path, store_path, "ref", ["scaling.num_workers=0"])
+    reference, _ = train_on(tmp_path / "ref", store_path, [*BASE, "scaling.num_workers=0"])
     doomed = cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
     cluster.wait_for_nodes()
     seen = {}
@@ -92,7 +80,9 @@ def test_losing_the_worker_node_mid_run_loses_nothing(cluster, tmp_path, store_p
 
         ex.compute = compute
 
-    result, ex = _run(tmp_path, store_path, "lossy", ["scaling.num_workers=3", "scaling.placement=spread"], hook)
+    result, ex = train_on(
+        tmp_path / "lossy", store_path, [*BASE, "scaling.num_workers=3", "scaling.placement=spread"], hook
+    )
     assert doomed.node_id in {i["node_id"] for i in seen["before"]}
     assert sum(ex.failures) >= 1
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,8 @@ from distributed_maml import config, run, train
 from distributed_maml.errors import ConfigError
 from distributed_maml.runtime import RayExecutor
 
+from .conftest import train_on
+
 pytestmark = pytest.mark.ray
 
 BASE = ["task.meta_batch=10", "task.num_tasks=60", "training.steps=6", "training.log_every=3", "maml.inner_steps=2"]
@@ -36,15 +38,7 @@ def store_path(tmp_path_factory):
 
 
 def train_run(tmp_path, store_path, name, workers, extra=(), executor_hook=None):
-    cfg = config.load(None, [*BASE, f"scaling.num_workers={workers}", *extra])
-    r = run.prepare(cfg, tmp_path / name, tasks=store_path, progress=False)
-    ex = train.make_executor(r)
-    try:
-        if executor_hook:
-            executor_hook(ex)
-        return train.train(r, ex, progress=False), ex
-    finally:
-        ex.close()
+    return train_on(tmp_path / name, store_path, [*BASE, f"scaling.num_workers={workers}", *extra], executor_hook)
 
 
 @pytest.fixture(scope="module")

@@ -37,78 +37,40 @@ def _wait_for_checkpoint(run_dir: Path, min_step: int, proc: subprocess.Popen, t
     raise AssertionError("no checkpoint in time")
 
 
-def test_sigkilled_driver_resumes_bit_identical(tmp_path):
-    steps = ["training.steps=240", "training.checkpoint_every=10"]
-    straight = tmp_path / "straight"
-    assert run_cli("train", "--output-dir", straight, "--no-progress", *_sets(INPROC + steps)).returncode == 0
-    crashed = tmp_path / "crashed"
+def _crash_and_resume(tmp_path: Path, reference: list[str], crashing: list[str], steps: int, kill_after: int):
+    """Trains `reference` straight through; trains `crashing`, SIGKILLs its driver once a
+    checkpoint at or past `kill_after` exists, resumes it; returns both final checkpoints."""
+    common = [f"training.steps={steps}", "training.checkpoint_every=10"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert run_cli("train", "--output-dir", straight, "--no-progress", *_sets([*common, *reference])).returncode == 0
+    argv = [sys.executable, "-m", "distributed_maml", "train", "--output-dir", str(crashed), "--no-progress"]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed_maml",
-            "train",
-            "--output-dir",
-            str(crashed),
-            "--no-progress",
-            *_sets(INPROC + steps),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        [*argv, *_sets([*common, *crashing])], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    at = _wait_for_checkpoint(crashed, 30, proc)
+    at = _wait_for_checkpoint(crashed, kill_after, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert at < 240
+    assert at < steps
     resumed = run_cli("train", "--resume", crashed, "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
-    a = checkpoint.load(checkpoint.latest(straight))
-    b = checkpoint.load(checkpoint.latest(crashed))
-    assert a.step == b.step == 240
-    for k in a.model:
-        assert torch.equal(a.model[k], b.model[k]), k
     # no temporary checkpoint folders are left behind
     assert all(not p.name.startswith(".") for p in (crashed / "checkpoints").iterdir())
+    a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight, crashed))
+    assert a.step == b.step == steps
+    return a, b
+
+
+def test_sigkilled_driver_resumes_bit_identical(tmp_path):
+    a, b = _crash_and_resume(tmp_path, INPROC, INPROC, steps=240, kill_after=30)
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
 
 
 @pytest.mark.ray
 def test_sigkilled_ray_driver_resumes_to_float32_rounding(tmp_path):
     """The driver (and with it the local Ray it started) dies mid-run; --resume with Ray
     workers ends at the in-process run's weights to float32 rounding."""
-    steps = ["training.steps=100", "training.checkpoint_every=10", "task.meta_batch=16", "training.log_every=50"]
-    straight = tmp_path / "straight"
-    assert (
-        run_cli(
-            "train", "--output-dir", straight, "--no-progress", *_sets([*steps, "scaling.num_workers=0"])
-        ).returncode
-        == 0
-    )
-    crashed = tmp_path / "crashed"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed_maml",
-            "train",
-            "--output-dir",
-            str(crashed),
-            "--no-progress",
-            *_sets([*steps, "scaling.num_workers=2"]),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    at = _wait_for_checkpoint(crashed, 20, proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert at < 100
-    resumed = run_cli("train", "--resume", crashed, "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr
-    a = checkpoint.load(checkpoint.latest(straight))
-    b = checkpoint.load(checkpoint.latest(crashed))
-    assert a.step == b.step == 100
+    a, b = _crash_and_resume(tmp_path, INPROC, [*INPROC, "scaling.num_workers=2"], steps=100, kill_after=20)
     for k in a.model:
         torch.testing.assert_close(b.model[k], a.model[k], rtol=1e-4, atol=1e-5)
 
