@@ -98,8 +98,8 @@ def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
         return None
     store = build_in_memory(task.family, cfg.eval_tasks, cfg.seed, task.shots, task.queries, split="test")
     batch = TaskBatch.from_numpy(store.rows(np.arange(len(store))))
-    forward = models.functional(models.build(run.cfg.model, store.info, seed=0))
-    spec = models.ParamSpec.of(models.build(run.cfg.model, store.info, seed=0))
+    template = models.build(run.cfg.model, store.info, seed=0)
+    forward, spec = models.functional(template), models.ParamSpec.of(template)
     steps, lr = run.cfg.maml.inner_steps, run.cfg.maml.inner_lr
 
     def score(weights: np.ndarray) -> float:
@@ -168,6 +168,7 @@ def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
                 tqdm.write(
                     f"Step {step}, Meta Loss: {record['meta_loss']:.4f}"
                     + (f", Accuracy: {record['acc_after']:.3f}" if "acc_after" in record else "")
+                    + (f", Held-out Loss: {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
                 )
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 save_checkpoint(run, learner, step, sampler)
