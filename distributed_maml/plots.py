@@ -61,7 +61,8 @@ def adaptation(result: dict, out: Path) -> Path:
     ax.set(
         xlabel="inner gradient steps at test",
         ylabel="query loss",
-        title=f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots",
+        title=f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, "
+        f"inner lr {result['inner_lr']:g}",
     )
     ax.set_yscale("log")
     ax.legend(fontsize=8)
