@@ -150,7 +150,7 @@ def test_adaptation_curve_step_zero_is_the_unadapted_loss_and_steps_follow_sgd()
     for t in range(4):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
         assert float(losses[t, 0]) == pytest.approx(
-            float(task_loss(kind, forward(p, batch.x_query[t]), batch.y_query[t])), rel=1e-5
+            float(task_loss(kind, forward(p, batch.x_query[t]), batch.y_query[t]).detach()), rel=1e-5
         )
         for k in (1, 2):
             loss = task_loss(kind, forward(p, batch.x_support[t]), batch.y_support[t])
