@@ -156,5 +156,5 @@ def test_adaptation_curve_step_zero_is_the_unadapted_loss_and_steps_follow_sgd()
             loss = task_loss(kind, forward(p, batch.x_support[t]), batch.y_support[t])
             grads = torch.autograd.grad(loss, list(p.values()))
             p = {n: (v - 0.01 * g).detach().requires_grad_(True) for (n, v), g in zip(p.items(), grads)}
-            q = float(task_loss(kind, forward(p, batch.x_query[t]), batch.y_query[t]))
+            q = float(task_loss(kind, forward(p, batch.x_query[t]), batch.y_query[t]).detach())
             assert float(losses[t, k]) == pytest.approx(q, rel=1e-4)
