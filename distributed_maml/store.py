@@ -122,8 +122,9 @@ def generate_batches(info: StoreInfo, progress: bool = False, family: Family | N
         yield _record_batch(info, family.generate(rng, count, info.shots, info.queries))
 
 
-def check_build_args(family: str, num_tasks: int, shots: int, queries: int, split: str, seed: int) -> None:
-    if family not in FAMILIES:
+def check_build_args(family: str | None, num_tasks: int, shots: int, queries: int, split: str, seed: int) -> None:
+    """The arguments of a build; family None means tasks from a table (no generator family)."""
+    if family is not None and family not in FAMILIES:
         raise StoreError(f"unknown task family {family!r}; families: {', '.join(FAMILIES)}")
     if num_tasks < 1:
         raise StoreError(f"--num-tasks must be >= 1, got {num_tasks}")
@@ -187,7 +188,7 @@ def build_from_table(
     train and test splits are disjoint for the same seed and test_fraction."""
     from .tasks import table as table_mod
 
-    check_build_args("seed", num_tasks, shots, queries, split, seed)
+    check_build_args(None, num_tasks, shots, queries, split, seed)
     if not 0 < test_fraction < 1:
         raise StoreError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     tasks = table_mod.load(table, label_column, ways, shots, queries, split, test_fraction, seed)
