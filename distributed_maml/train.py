@@ -133,7 +133,8 @@ def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
             try:
                 results = executor.compute(learner.weights(), learner.version, shards)  # waits for the slowest shard
                 reduced = reduce_shards(results)
-                if not _is_finite(reduced) and cfg.on_nonfinite == "stop":
+                finite = _is_finite(reduced)
+                if not finite and cfg.on_nonfinite == "stop":
                     raise TrainingError(
                         f"step {step}: non-finite meta-loss or meta-gradient (loss {reduced.metrics.get('loss_after')});"
                         f" likely maml.inner_lr ({run.cfg.maml.inner_lr}) or optimizer.lr ({run.cfg.optimizer.lr}) "
@@ -143,7 +144,7 @@ def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
                 path = save_checkpoint(run, learner, step - 1, sampler)
                 raise TrainingError(f"{e}; the last good weights are saved in {path}") from None
             t1 = time.perf_counter()
-            if _is_finite(reduced):
+            if finite:
                 learner.apply(reduced.grad)
             else:  # on_nonfinite = "skip": drop the step, count it
                 skipped += 1
