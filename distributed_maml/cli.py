@@ -56,17 +56,42 @@ def parser() -> argparse.ArgumentParser:
         dest="tasks_cmd", required=True
     )
     b = tasks.add_parser("build", help="generate a task store")
-    b.add_argument("--family", help="seed or sinusoid (or use --from-table)")
+    b.add_argument("--family", help="seed, sinusoid, glyphs or package.module:Family (or --from-table/--from-images)")
     b.add_argument(
         "--from-table", type=Path, metavar="FILE", help="N-way K-shot tasks from a .parquet/.arrow/.csv table"
     )
     b.add_argument("--label-column", help="with --from-table: the class label column (the rest are features)")
-    b.add_argument("--ways", type=int, default=5, help="with --from-table: classes per task (5)")
+    b.add_argument(
+        "--from-images",
+        type=Path,
+        metavar="DIR",
+        help="N-way K-shot image tasks from DIR/<class>/*.png|jpg (see --class-depth)",
+    )
+    b.add_argument("--image-size", type=int, default=28, help="with --from-images: resize to S x S pixels (28)")
+    b.add_argument("--grayscale", action="store_true", help="with --from-images: one channel instead of RGB")
+    b.add_argument(
+        "--rotations",
+        type=_steps_list,
+        default=[0],
+        help="with --from-images: comma-separated degrees; each rotation is a new class (Omniglot: 0,90,180,270)",
+    )
+    b.add_argument(
+        "--class-depth",
+        type=int,
+        default=1,
+        help="with --from-images: folder levels per class (2 for Omniglot's alphabet/character/)",
+    )
+    b.add_argument(
+        "--strict", action="store_true", help="with --from-images: an unreadable image is an error, not skipped"
+    )
+    b.add_argument(
+        "--ways", type=int, default=None, help="classes per task (--from-table/--from-images: 5; glyphs: 5)"
+    )
     b.add_argument(
         "--test-fraction",
         type=float,
         default=0.3,
-        help="with --from-table: share of classes held out for meta-test (at least --ways)",
+        help="with --from-table/--from-images: share of classes held out for meta-test (at least --ways)",
     )
     b.add_argument("--num-tasks", type=int, required=True)
     b.add_argument("--out", type=Path, required=True, help="the .arrow file to write")
@@ -78,7 +103,8 @@ def parser() -> argparse.ArgumentParser:
         "--classes-split",
         dest="split",
         default="train",
-        help="train or test: held-out tasks come from a disjoint stream (tables: disjoint classes)",
+        help="train or test: held-out tasks come from a disjoint stream (tables, images, glyphs: disjoint "
+        "classes); all: every class of an image folder that ships its own split",
     )
     b.add_argument("--overwrite", action="store_true", help="replace an existing file")
     i = tasks.add_parser("info", help="describe a task store")
@@ -94,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-DEFAULT_SHOTS = {"seed": (5, 15), "sinusoid": (10, 10)}
+DEFAULT_SHOTS = {"seed": (5, 15), "sinusoid": (10, 10), "glyphs": (1, 15)}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -137,14 +163,41 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_tasks(args: argparse.Namespace) -> None:
     from . import store
 
-    if args.tasks_cmd == "build" and args.from_table:
+    if args.tasks_cmd == "build" and args.from_table and args.from_images:
+        raise UserError("give one of --from-table and --from-images")
+    if args.tasks_cmd == "build" and args.from_images:
+        info, summary = store.build_from_images(
+            args.from_images,
+            args.out,
+            args.ways or 5,
+            args.shots or 1,
+            args.queries or 15,
+            args.num_tasks,
+            args.image_size,
+            args.split,
+            args.seed,
+            args.test_fraction,
+            grayscale=args.grayscale,
+            rotations=tuple(args.rotations),
+            class_depth=args.class_depth,
+            strict=args.strict,
+            overwrite=args.overwrite,
+        )
+        c, h, w = info.image_shape
+        print(
+            f"wrote {args.out}: {info.num_tasks} {info.ways}-way {info.shots}-shot tasks over {info.num_images} "
+            f"images ({c}x{h}x{w}) of {len(info.classes)} {info.split} classes from {args.from_images}; skipped "
+            f"{summary.unreadable} unreadable file(s), dropped {summary.classes_dropped} class(es) with fewer than "
+            f"{info.shots + info.queries} images; {Path(args.out).stat().st_size / 2**20:.1f} MiB"
+        )
+    elif args.tasks_cmd == "build" and args.from_table:
         if not args.label_column:
             raise UserError("--from-table needs --label-column NAME")
         info = store.build_from_table(
             args.from_table,
             args.out,
             args.label_column,
-            args.ways,
+            args.ways or 5,
             args.shots or 5,
             args.queries or 15,
             args.num_tasks,
@@ -159,7 +212,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         )
     elif args.tasks_cmd == "build":
         if not args.family:
-            raise UserError("tasks build needs --family seed|sinusoid, or --from-table FILE")
+            raise UserError("tasks build needs --family seed|sinusoid|glyphs, --from-table FILE or --from-images DIR")
         shots, queries = DEFAULT_SHOTS.get(args.family, (5, 15))
         info = store.build(
             args.out,
@@ -170,9 +223,11 @@ def cmd_tasks(args: argparse.Namespace) -> None:
             args.queries or queries,
             args.split,
             overwrite=args.overwrite,
+            ways=args.ways or 0,
         )
+        images = f" over {info.num_images} images of {len(info.classes)} classes" if info.layout == "images" else ""
         print(
-            f"wrote {args.out}: {info.num_tasks} {info.family} tasks ({info.split}, seed {info.seed}), "
+            f"wrote {args.out}: {info.num_tasks} {info.family} tasks{images} ({info.split}, seed {info.seed}), "
             f"{Path(args.out).stat().st_size / 2**20:.1f} MiB"
         )
     else:

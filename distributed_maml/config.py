@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -22,9 +23,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-FAMILIES = ("seed", "sinusoid", "table")
-MODELS = ("seed_mlp", "sinusoid_mlp", "mlp")
+FAMILIES = ("seed", "sinusoid", "glyphs", "table", "images")
+MODELS = ("seed_mlp", "sinusoid_mlp", "mlp", "conv4")
 PLACEMENTS = ("pack", "spread")
+TASK_MAPS = ("auto", "vmap", "loop")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_import_path(name: str) -> bool:
+    """`package.module:attribute`: user code, imported where it is used."""
+    return bool(_IMPORT_PATH.match(name))
 NONFINITE_POLICIES = ("stop", "skip")
 STORE_SHARING = ("auto", "path", "object_store")
 
@@ -40,7 +48,11 @@ class TaskConfig:
 
     family: str = "seed"
     """Task family: "seed" (2-way classification, 10 features), "sinusoid" (the MAML paper's
-    regression) or "table" (N-way K-shot tasks built from a table with `tasks build --from-table`)."""
+    regression), "glyphs" (procedural handwritten-character images, N-way K-shot), "table" or
+    "images" (stores built with `tasks build --from-table` / `--from-images`, passed with --tasks),
+    or "package.module:Family" (your own generator, see README)."""
+    ways: int = 0
+    """Classes per task for families that choose (glyphs); 0 = the family's or store's own."""
     shots: int = 5
     """Support examples per class (classification) or support points (regression)."""
     queries: int = 15
@@ -52,7 +64,12 @@ class TaskConfig:
     so that a run sees each task about once (the paper draws fresh tasks every step)."""
 
     def __post_init__(self) -> None:
-        _require(self.family in FAMILIES, f"task.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        _require(
+            self.family in FAMILIES or is_import_path(self.family),
+            f"task.family must be one of {', '.join(FAMILIES)} or package.module:Family, got {self.family!r}",
+        )
+        _require(self.ways >= 0, f"task.ways must be >= 0 (0 = the family's own), got {self.ways}")
+        _require(self.ways != 1, "task.ways must be >= 2 for classification (0 = the family's own), got 1")
         _require(self.shots >= 1, f"task.shots must be >= 1, got {self.shots}")
         _require(self.queries >= 1, f"task.queries must be >= 1, got {self.queries}")
         _require(self.meta_batch >= 1, f"task.meta_batch must be >= 1, got {self.meta_batch}")
@@ -64,13 +81,27 @@ class ModelConfig:
     """[model]: the network that is meta-learned."""
 
     name: str = "seed_mlp"
-    """"seed_mlp" (10 -> 64 -> 2, ReLU), "sinusoid_mlp" (1 -> 40 -> 40 -> 1, ReLU, the paper's)
-    or "mlp" (input and output sizes taken from the task store, hidden sizes from `hidden`)."""
+    """"seed_mlp" (10 -> 64 -> 2, ReLU), "sinusoid_mlp" (1 -> 40 -> 40 -> 1, ReLU, the paper's),
+    "mlp" (input and output sizes taken from the task store, hidden sizes from `hidden`), "conv4"
+    (the paper's 4-block conv net with per-task BatchNorm, sized from the store) or
+    "package.module:factory": your own, called as factory(input_shape=..., num_outputs=..., **kwargs)."""
     hidden: tuple[int, ...] = (64,)
     """Hidden layer widths, used by name = "mlp" only."""
+    channels: int = 64
+    """Filters per conv block, used by name = "conv4" only (the paper: 64 Omniglot, 32 mini-ImageNet)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """[model.kwargs]: keyword arguments passed through to a user factory."""
 
     def __post_init__(self) -> None:
-        _require(self.name in MODELS, f"model.name must be one of {', '.join(MODELS)}, got {self.name!r}")
+        _require(
+            self.name in MODELS or is_import_path(self.name),
+            f"model.name must be one of {', '.join(MODELS)} or package.module:factory, got {self.name!r}",
+        )
+        _require(self.channels >= 1, f"model.channels must be >= 1, got {self.channels}")
+        _require(
+            not self.kwargs or is_import_path(self.name),
+            f"model.kwargs are passed to a user factory only; model.name = {self.name!r} takes none",
+        )
         _require(len(self.hidden) >= 1, "model.hidden must list at least one layer width")
         _require(all(h >= 1 for h in self.hidden), f"model.hidden widths must be >= 1, got {list(self.hidden)}")
 
@@ -157,6 +188,10 @@ class ScalingConfig:
     """"pack" keeps workers on as few nodes as possible, "spread" puts them on distinct nodes."""
     max_worker_failures: int = 3
     """Failed calls a worker may have before its shards move to the other workers."""
+    task_map: str = "auto"
+    """How a worker maps its shard's tasks: "vmap" (one batched computation), "loop" (one task
+    at a time) or "auto": loop for conv nets on a CPU (vmap turns their convolutions into slow
+    grouped ones there), vmap otherwise. Same gradients either way (tested)."""
     store_sharing: str = "auto"
     """How workers read the task store: "path" (memory-map the file; every node must see it),
     "object_store" (the file's bytes put into Ray's object store once) or "auto" (path when
@@ -183,6 +218,10 @@ class ScalingConfig:
         _require(
             self.store_sharing in STORE_SHARING,
             f"scaling.store_sharing must be one of {', '.join(STORE_SHARING)}, got {self.store_sharing!r}",
+        )
+        _require(
+            self.task_map in TASK_MAPS,
+            f"scaling.task_map must be one of {', '.join(TASK_MAPS)}, got {self.task_map!r}",
         )
         _require(
             self.max_worker_failures >= 1,
@@ -216,7 +255,9 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 
 
 def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a list of integers")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "a table" if typing.get_origin(tp) is dict else "a list of integers"
+    )
 
 
 def _coerce(where: str, tp: Any, value: Any) -> Any:
@@ -230,6 +271,9 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
         value = float(value) if ok else value
     elif tp is str:
         ok = isinstance(value, str)
+    elif typing.get_origin(tp) is dict:
+        ok = isinstance(value, dict)
+        value = dict(value) if ok else value
     else:  # tuple[int, ...]
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         value = tuple(value) if ok else value
@@ -318,4 +362,10 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table: [model.kwargs] round-trips through config.toml
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)

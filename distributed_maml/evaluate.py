@@ -31,9 +31,10 @@ from . import checkpoint, models
 from . import config as config_mod
 from .config import Config
 from .errors import StoreError, UserError
-from .maml import loss_fn
+from .maml import as_input, loss_fn
 from .sampler import Sampler, split_shards
-from .store import TaskStore, build_in_memory
+from .store import COLUMNS, TaskStore, build_in_memory
+from .tasks import FROM_FILES
 
 DIVERGED = 10.0  # a task diverged when its loss is non-finite or above 10x its unadapted loss
 
@@ -50,8 +51,11 @@ def held_out_store(state: dict[str, Any], tasks: str | Path | None, num_tasks: i
     cfg = config_mod.from_dict(state["config"])
     train = state["store"]
     if tasks is None:
-        if cfg.task.family == "table":
-            raise UserError("a run on table-built tasks needs --tasks: a store built with --classes-split test")
+        if cfg.task.family in FROM_FILES:
+            raise UserError(
+                f"a run on tasks built with {FROM_FILES[cfg.task.family]} needs --tasks: a store built with "
+                "--classes-split test"
+            )
         return build_in_memory(
             cfg.task.family,
             num_tasks,
@@ -59,40 +63,53 @@ def held_out_store(state: dict[str, Any], tasks: str | Path | None, num_tasks: i
             shots=shots or cfg.task.shots,
             queries=cfg.task.queries,
             split="test",
+            ways=train.get("ways", cfg.task.ways),
         )
     store = TaskStore.open(tasks)
     info = store.info
     if info.family != train["family"]:
         raise StoreError(f"{tasks} holds {info.family!r} tasks but the run was trained on {train['family']!r} tasks")
     same_file = Path(tasks).resolve() == Path(train["path"]).resolve()
-    same_stream = info.family != "table" and (info.split, info.seed) == ("train", train["seed"])
+    same_stream = info.family not in FROM_FILES and (info.split, info.seed) == ("train", train["seed"])
     if same_file or same_stream:
         raise StoreError(
             f"{tasks} is the run's training store; evaluate on held-out tasks "
             "(build them with `distributed-maml tasks build --split test`)"
         )
-    if info.family == "table" and info.split != "test":
+    if info.family in FROM_FILES and info.split == "train":
         raise StoreError(f"{tasks} holds meta-training classes; build the test store with --classes-split test")
     return store
 
 
 def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int) -> dict[str, torch.Tensor]:
-    """The 'pretrained' baseline: one network fit to all examples of the training tasks."""
-    model = models.build(cfg.model, store.info, seed=seed)
+    """The 'pretrained' baseline: one network fit to all examples of the training tasks.
+
+    A store with named classes (tables, image folders, glyphs) is pretrained as a classifier over
+    all its classes (task labels mapped back to classes through `params`), the standard transfer
+    baseline of the few-shot literature; the parameters whose shape depends on the number of
+    outputs (the head) then start from the run's own initialisation. Other stores fit the task
+    labels or targets as given."""
+    info = store.info
+    global_labels = info.kind == "classification" and len(info.classes) > info.ways
+    wide = replace(info, output_dim=len(info.classes), ways=len(info.classes)) if global_labels else info
+    model = models.build(cfg.model, wide, seed=seed)
     forward = models.functional(model)
     params = dict(model.named_parameters())
     opt = torch.optim.Adam(params.values(), lr=cfg.optimizer.lr)
-    loss = loss_fn(store.info.kind)
+    loss = loss_fn(info.kind)
     sampler = Sampler(seed, len(store), cfg.task.meta_batch)
     for step in tqdm(range(steps), desc="pretrained baseline", unit="step", disable=None, leave=False):
-        rows = store.rows(sampler.ids(step))
-        x = np.concatenate([rows["x_support"], rows["x_query"]], 1).reshape(-1, store.info.input_dim)
+        rows = store.rows(sampler.ids(step), columns=(*COLUMNS[:4], "params"))
+        x = np.concatenate([rows["x_support"], rows["x_query"]], 1).reshape(-1, *info.example_shape)
         y = np.concatenate([rows["y_support"], rows["y_query"]], 1)
-        y = y.reshape(-1) if store.info.kind == "classification" else y.reshape(-1, store.info.output_dim)
+        if global_labels:
+            y = np.take_along_axis(rows["params"].astype(np.int64), y, axis=1)
+        y = y.reshape(-1) if info.kind == "classification" else y.reshape(-1, info.output_dim)
         opt.zero_grad()
-        loss(forward(params, torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        loss(forward(params, as_input(torch.from_numpy(x))), torch.from_numpy(y)).backward()
         opt.step()
-    return {k: v.detach().clone() for k, v in params.items()}
+    own = dict(models.build(cfg.model, info, seed=seed).named_parameters())
+    return {k: (v if v.shape == own[k].shape else own[k]).detach().clone() for k, v in params.items()}
 
 
 def baseline_weights(run_dir: Path, state: dict[str, Any], info: Any, pretrain_steps: int) -> dict[str, dict]:
@@ -120,7 +137,7 @@ def eval_executor(cfg: Config, store: TaskStore, workers: int | None) -> Any:
     if n == 0:
         from .worker import InProcessExecutor
 
-        return InProcessExecutor(store, cfg.model, cfg.maml)
+        return InProcessExecutor(store, cfg.model, cfg.maml, cfg.scaling.task_map)
     from .runtime import RayExecutor
 
     source = store.buffer() if store.in_memory else Path(store.name)
@@ -179,7 +196,6 @@ def evaluate(
         cfg = cfg.replace(maml=config_mod.MamlConfig(cfg.maml.inner_steps, inner_lr, cfg.maml.first_order))
     store = held_out_store(ckpt.state, tasks, num_tasks, shots)
     info, n, idx = store.info, min(num_tasks, len(store)), list(steps)
-    models.dims(cfg.model, info)
     inits = {"maml": {k: v.to(torch.float32) for k, v in ckpt.model.items()}}
     if baselines:
         steps_pre = pretrain_steps if pretrain_steps is not None else min(cfg.training.steps, 10_000)

@@ -11,6 +11,12 @@ For one task with support (xs, ys) and query (xq, yq), inner steps k and step si
 The meta-gradient is d(task loss)/d(theta) through all k steps (second order). First-order
 MAML stops the gradient at each inner gradient, so it equals grad L_query at theta_k.
 `forward(params, x)` is the model as a pure function (models.functional).
+
+Tasks are mapped one of two ways (`task_map`), with the same result: "vmap" runs all tasks of a
+batch as one batched computation; "loop" runs them one at a time and sums their gradients (on a
+CPU, conv nets are faster so: under vmap each task's adapted weights turn every convolution into
+a grouped one). Either way a task only ever sees its own examples, so a model with BatchNorm
+normalises each task with that task's own statistics.
 """
 
 from __future__ import annotations
@@ -41,13 +47,38 @@ class TaskBatch:
     @classmethod
     def from_numpy(cls, rows: dict, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> TaskBatch:
         def conv(a: object) -> Tensor:
-            t = torch.from_numpy(a).to(device)  # type: ignore[arg-type]
+            t = as_input(torch.from_numpy(a).to(device))  # type: ignore[arg-type]  # uint8 crosses to the device
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
         return cls(*(conv(rows[k]) for k in ("x_support", "y_support", "x_query", "y_query")))
 
     def __len__(self) -> int:
         return self.x_support.shape[0]
+
+
+def as_input(t: Tensor) -> Tensor:
+    """Stored images (uint8) as model inputs: float32 in [0, 1], made where the model runs."""
+    return t.to(torch.float32).div_(255.0) if t.dtype == torch.uint8 else t
+
+
+TaskMap = Callable[..., tuple[Tensor, ...]]
+
+
+def map_tasks(fn: Callable[..., tuple[Tensor, ...]], task_map: str) -> TaskMap:
+    """fn(p, *task_tensors) over the leading task axis of the tensors (p shared): vmap, or a
+    Python loop with the outputs stacked. Both give every task only its own examples."""
+    if task_map == "vmap":
+
+        def vmapped(p: Params, *tensors: Tensor) -> tuple[Tensor, ...]:
+            return vmap(fn, in_dims=(None, *(0,) * len(tensors)))(p, *tensors)
+
+        return vmapped
+
+    def looped(p: Params, *tensors: Tensor) -> tuple[Tensor, ...]:
+        outs = [fn(p, *(t[i] for t in tensors)) for i in range(tensors[0].shape[0])]
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True))
+
+    return looped
 
 
 def loss_fn(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -86,7 +117,7 @@ def adapt(
 
 
 def meta_gradient(
-    forward: Forward, kind: str, params: Params, batch: TaskBatch, cfg: MamlConfig
+    forward: Forward, kind: str, params: Params, batch: TaskBatch, cfg: MamlConfig, task_map: str = "vmap"
 ) -> tuple[Params, dict[str, float]]:
     """The SUM over the batch's tasks of the per-task meta-gradients, and metric sums.
 
@@ -97,32 +128,51 @@ def meta_gradient(
     loss = loss_fn(kind)
     classification = kind == "classification"
 
+    def accuracy(out: Tensor, y: Tensor) -> Tensor:
+        return (out.argmax(-1) == y).to(out.dtype).mean() if classification else out.new_zeros(())
+
     def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         adapted = adapt(forward, kind, p, xs, ys, cfg.inner_steps, cfg.inner_lr, cfg.first_order)
         out = forward(adapted, xq)
         task_loss = loss(out, yq)
-        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else task_loss
-        return task_loss, acc.detach()
+        return task_loss, accuracy(out, yq).detach()
 
-    def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        losses, accs = vmap(task_objective, in_dims=(None, 0, 0, 0, 0))(
-            p, batch.x_support, batch.y_support, batch.x_query, batch.y_query
-        )
-        return losses.sum(), (losses.detach().sum(), accs.sum())
+    def unadapted(p: Params, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        out = forward(p, xq)  # per task: a BatchNorm model sees this task's examples only
+        return loss(out, yq), accuracy(out, yq)
 
-    grads, (loss_after, acc_after) = grad(batch_objective, has_aux=True)(params)
-    # The unadapted weights need no vmap: the parameters are shared, so one batched forward does.
+    tasks = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+    if task_map == "vmap":
+
+        def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            losses, accs = map_tasks(task_objective, "vmap")(p, *tasks)
+            return losses.sum(), (losses.detach().sum(), accs.sum())
+
+        grads, (loss_after, acc_after) = grad(batch_objective, has_aux=True)(params)
+    else:  # one task at a time: the memory of one task's graph, gradients summed in task order
+        def one_task(p: Params, *task: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            task_loss, acc = task_objective(p, *task)
+            return task_loss, (task_loss.detach(), acc)
+
+        per_task = grad(one_task, has_aux=True)
+        grads = {k: torch.zeros_like(v) for k, v in params.items()}
+        loss_after = acc_after = torch.zeros((), device=batch.x_query.device)
+        for i in range(len(batch)):
+            g, (task_loss, acc) = per_task(params, *(t[i] for t in tasks))
+            grads = {k: grads[k] + g[k] for k in grads}
+            loss_after, acc_after = loss_after + task_loss.detach(), acc_after + acc
     with torch.no_grad():
-        out = forward(params, batch.x_query)
-        metrics = {"loss_after": loss_after.item(), "loss_before": task_losses(kind, out, batch.y_query).sum().item()}
-        if classification:
-            metrics["acc_after"] = acc_after.item()
-            metrics["acc_before"] = (out.argmax(-1) == batch.y_query).to(out.dtype).mean(1).sum().item()
+        frozen = {k: v.detach() for k, v in params.items()}
+        losses_before, accs_before = map_tasks(unadapted, task_map)(frozen, batch.x_query, batch.y_query)
+    metrics = {"loss_after": loss_after.item(), "loss_before": losses_before.sum().item()}
+    if classification:
+        metrics["acc_after"] = acc_after.item()
+        metrics["acc_before"] = accs_before.sum().item()
     return grads, metrics
 
 
 def adaptation_curve(
-    forward: Forward, kind: str, params: Params, batch: TaskBatch, max_steps: int, lr: float
+    forward: Forward, kind: str, params: Params, batch: TaskBatch, max_steps: int, lr: float, task_map: str = "vmap"
 ) -> tuple[Tensor, Tensor | None]:
     """Per-task query loss (and accuracy) after 0..max_steps inner steps: [T, max_steps + 1]."""
     loss = loss_fn(kind)
@@ -139,7 +189,7 @@ def adaptation_curve(
         return torch.stack(losses), torch.stack(accs)
 
     frozen = {k: v.detach() for k, v in params.items()}
-    losses, accs = vmap(curve, in_dims=(None, 0, 0, 0, 0))(
+    losses, accs = map_tasks(curve, task_map)(
         frozen, batch.x_support, batch.y_support, batch.x_query, batch.y_query
     )
     return losses.detach(), accs.detach() if classification else None

@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from . import checkpoint, models
 from . import config as config_mod
 from .config import Config
 from .errors import CheckpointError, ConfigError, StoreError
-from .store import TaskStore, build, family_info
-from .tasks import FAMILIES
+from .maml import as_input
+from .store import Plan, StoreInfo, TaskStore, plan, write_batches
 
 STORE_NAME = "tasks.arrow"
 # Keys a resume may change: the length and cadence of the run, and where it runs (the answer
@@ -75,8 +78,21 @@ def _check_store(store: TaskStore, cfg: Config) -> None:
             f"{store.name} has {info.shots} shots and {info.queries} queries but the config says "
             f"task.shots = {cfg.task.shots}, task.queries = {cfg.task.queries}; make them agree"
         )
-    if info.split != "train":
+    if cfg.task.ways and cfg.task.ways != info.ways:
+        raise StoreError(
+            f"{store.name} holds {info.ways}-way tasks but task.ways = {cfg.task.ways}; make them agree (0 = the store's)"
+        )
+    if info.split == "test":
         raise StoreError(f"{store.name} is a held-out ({info.split}) store; train on a store built with --split train")
+
+
+def check_model(cfg: Config, info: StoreInfo, store: TaskStore | None) -> None:
+    """The model must build, fit the tasks and obey the vmap rules: checked once, on the driver,
+    on a real example when there is a store (zeros of the right shape before it is built)."""
+    example = None
+    if store is not None:
+        example = as_input(torch.from_numpy(np.ascontiguousarray(store.rows(np.array([0]))["x_support"][0])))
+    models.check(cfg.model, info, example)
 
 
 def prepare(
@@ -85,32 +101,21 @@ def prepare(
     """A new run: makes its folder, writes config.toml, opens or builds its task store.
     Every check runs before the folder is made, so a refused run leaves nothing behind."""
     num = cfg.task.num_tasks or cfg.training.steps * cfg.task.meta_batch
+    new_store: Plan | None = None
     if tasks is not None:
         store_path = Path(tasks).resolve()
         store = TaskStore.open(store_path)
         _check_store(store, cfg)
-        info = store.info
-    elif cfg.task.family == "table":
-        raise ConfigError(
-            'task.family = "table" trains on a store built with `distributed-maml tasks build '
-            "--from-table`: pass it with --tasks"
-        )
+        check_model(cfg, store.info, store)
     else:
-        info = family_info(FAMILIES[cfg.task.family], num, cfg.training.seed, cfg.task.shots, cfg.task.queries, "train")
-    models.dims(cfg.model, info)  # the model must fit the tasks
+        t = cfg.task
+        new_store = plan(t.family, num, cfg.training.seed, t.shots, t.queries, "train", t.ways)
+        check_model(cfg, new_store.info, None)
     run_dir = _new_run_dir(output_dir, cfg)
     try:
-        if tasks is None:
+        if new_store is not None:
             store_path = (run_dir / STORE_NAME).resolve()
-            build(
-                store_path,
-                cfg.task.family,
-                num,
-                seed=cfg.training.seed,
-                shots=cfg.task.shots,
-                queries=cfg.task.queries,
-                progress=progress,
-            )
+            write_batches(store_path, new_store.info.schema(), new_store.batches(progress), overwrite=False)
             store = TaskStore.open(store_path)
         (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
     except BaseException:

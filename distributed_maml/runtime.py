@@ -22,9 +22,10 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .config import MamlConfig, ModelConfig, ScalingConfig
+from .config import MamlConfig, ModelConfig, ScalingConfig, is_import_path
 from .errors import ConfigError, TrainingError
 from .learner import ShardResult
+from .userimport import search_path
 
 PLACEMENT_TIMEOUT_S = 60.0  # a pool that cannot be placed by then never will be, on a fixed cluster
 RESTART_TIMEOUT_S = 60.0  # how long a dead worker may take to come back before its shards move
@@ -82,12 +83,17 @@ class WorkerActor:
         cpus: float,
         gpus: float,
         index: int,
+        task_map: str = "auto",
+        code_paths: tuple[str, ...] = (),
     ) -> None:
         import torch
 
         from .store import TaskStore
+        from .userimport import ensure_on_path
         from .worker import ShardComputer
 
+        for folder in code_paths:  # where the driver imported user models from, if this node has it
+            ensure_on_path(folder)
         torch.set_num_threads(max(1, int(cpus)))  # no oversubscription: threads = the CPU slice
         # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always cuda:0.
         device = "cuda:0" if gpus > 0 else "cpu"
@@ -96,7 +102,7 @@ class WorkerActor:
         else:
             store, self.store_mode = TaskStore.open(source.path), "path"
         self.name = f"worker-{index}"
-        self.computer = ShardComputer(store, model_cfg, maml_cfg, device=device, name=self.name)
+        self.computer = ShardComputer(store, model_cfg, maml_cfg, device=device, name=self.name, task_map=task_map)
         self.version = -1
 
     def compute(self, weights: np.ndarray, version: int, ids: np.ndarray) -> ShardResult:
@@ -119,6 +125,7 @@ class WorkerActor:
             "pid": os.getpid(),
             "device": str(self.computer.device),
             "store_mode": self.store_mode,
+            "task_map": self.computer.task_map,
             "torch_threads": torch.get_num_threads(),
             "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
         }
@@ -170,12 +177,24 @@ class RayExecutor:
         else:
             self.blob = None
         self.store_mode = mode
+        code = tuple(p for p in [search_path(model_cfg.name)] if p) if is_import_path(model_cfg.name) else ()
         self.workers = [
             WorkerActor.options(
                 num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker, scheduling_strategy=self._bundle(i)
-            ).remote(source, self.blob, model_cfg, maml_cfg, scaling.cpus_per_worker, scaling.gpus_per_worker, i)
+            ).remote(
+                source,
+                self.blob,
+                model_cfg,
+                maml_cfg,
+                scaling.cpus_per_worker,
+                scaling.gpus_per_worker,
+                i,
+                scaling.task_map,
+                code,
+            )
             for i in range(n)
         ]
+        self._task_map: str | None = None
         self.failures = [0] * n
         self.max_failures = scaling.max_worker_failures
 
@@ -247,9 +266,11 @@ class RayExecutor:
     def describe(self) -> str:
         s = self.scaling
         gpus = f", {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else ""
+        if self._task_map is None:  # the workers decide (their device); ask once
+            self._task_map = "/".join(sorted({i["task_map"] for i in self.worker_info()}))
         return (
             f"{self.num_shards} Ray workers ({s.cpus_per_worker:g} CPU{gpus} each, {s.placement}, "
-            f"store via {self.store_mode})"
+            f"store via {self.store_mode}, tasks by {self._task_map})"
         )
 
     def close(self) -> None:

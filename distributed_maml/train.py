@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, models
 from .errors import TrainingError
 from .learner import Learner, Reduced, ShardResult, reduce_shards
-from .maml import TaskBatch, adaptation_curve
 from .run import Run
 from .sampler import Sampler, split_shards
 from .store import build_in_memory
+from .tasks import FROM_FILES
+from .worker import ShardComputer
 
 
 class Executor(Protocol):
@@ -49,7 +49,7 @@ def make_executor(run: Run) -> Executor:
     if run.cfg.scaling.num_workers == 0:
         from .worker import InProcessExecutor
 
-        return InProcessExecutor(run.store, run.cfg.model, run.cfg.maml)
+        return InProcessExecutor(run.store, run.cfg.model, run.cfg.maml, run.cfg.scaling.task_map)
     from .runtime import RayExecutor
 
     return RayExecutor(run.store_path, run.cfg.model, run.cfg.maml, run.cfg.scaling)
@@ -68,7 +68,12 @@ def save_checkpoint(run: Run, learner: Learner, step: int, sampler: Sampler) -> 
     state = {
         "config": run.cfg.to_dict(),
         "sampler": sampler.state(),
-        "store": {"path": str(run.store_path), "family": run.store.info.family, "seed": run.store.info.seed},
+        "store": {
+            "path": str(run.store_path),
+            "family": run.store.info.family,
+            "seed": run.store.info.seed,
+            "ways": run.store.info.ways,
+        },
     }
     return checkpoint.save(run.dir, step, learner.version, learner.state_dict(), learner.optimizer.state_dict(), state)
 
@@ -94,18 +99,16 @@ def timing(results: list[ShardResult], wall_s: float, update_s: float) -> dict[s
 def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
     """The mean post-adaptation query loss on a fixed set of held-out tasks (None if off)."""
     cfg, task = run.cfg.training, run.cfg.task
-    if not cfg.eval_every or task.family == "table":
+    if not cfg.eval_every or task.family in FROM_FILES:
         return None
-    store = build_in_memory(task.family, cfg.eval_tasks, cfg.seed, task.shots, task.queries, split="test")
-    batch = TaskBatch.from_numpy(store.rows(np.arange(len(store))))
-    template = models.build(run.cfg.model, store.info, seed=0)
-    forward, spec = models.functional(template), models.ParamSpec.of(template)
+    info = run.store.info
+    store = build_in_memory(task.family, cfg.eval_tasks, cfg.seed, task.shots, task.queries, "test", info.ways)
+    computer = ShardComputer(store, run.cfg.model, run.cfg.maml, task_map=run.cfg.scaling.task_map)
+    ids = np.arange(len(store))
     steps, lr = run.cfg.maml.inner_steps, run.cfg.maml.inner_lr
 
     def score(weights: np.ndarray) -> float:
-        losses, _ = adaptation_curve(
-            forward, store.info.kind, spec.unflatten(torch.from_numpy(weights)), batch, steps, lr
-        )
+        losses, _ = computer.curve(weights, ids, steps, lr)
         return float(losses[:, -1].mean())
 
     return score

@@ -10,12 +10,13 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 
 from .config import MamlConfig, ModelConfig
 from .learner import ShardResult
-from .maml import TaskBatch, adaptation_curve, meta_gradient
+from .maml import TaskBatch, adaptation_curve, as_input, meta_gradient
 from .models import ParamSpec, build, functional
-from .store import COLUMNS, TaskStore
+from .store import TaskStore
 
 CURVE_CHUNK = 1000  # tasks per vmap call when evaluating: bounds memory, not results
 
@@ -28,6 +29,7 @@ class ShardComputer:
         maml_cfg: MamlConfig,
         device: str = "cpu",
         name: str = "in-process",
+        task_map: str = "auto",
     ) -> None:
         self.store = store
         self.maml_cfg = maml_cfg
@@ -37,15 +39,23 @@ class ShardComputer:
         self.spec = ParamSpec.of(self.model)
         self.forward = functional(self.model)
         self.name = name
+        self.task_map = choose_task_map(self.model, self.device, task_map)
         self.resident = _resident_columns(store, self.device)
 
     def batch(self, ids: np.ndarray) -> TaskBatch:
         """The shard's rows as tensors on the device. On a GPU that holds the whole store, a
-        gather there; otherwise a gather from the memory-mapped store and one host-to-device copy."""
-        if self.resident is not None:
-            index = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)
-            return TaskBatch(*(col.index_select(0, index) for col in self.resident))
-        return TaskBatch.from_numpy(self.store.rows(ids), self.device)
+        gather there; otherwise a gather from the memory-mapped store and one host-to-device copy
+        (images cross as uint8 and become floats on the device)."""
+        if self.resident is None:
+            return TaskBatch.from_numpy(self.store.rows(ids), self.device)
+        index = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)
+        cols = {c: t.index_select(0, index) for c, t in self.resident.items() if c != "images"}
+        if "images" in self.resident:  # the image table lives on the device: gather there
+            ns = self.store.info.n_support
+            ids_s, ids_q = cols.pop("image_ids").split([ns, cols["y_query"].shape[1]], dim=1)
+            cols["x_support"] = as_input(self.resident["images"][ids_s])
+            cols["x_query"] = as_input(self.resident["images"][ids_q])
+        return TaskBatch(cols["x_support"], cols["y_support"], cols["x_query"], cols["y_query"])
 
     def compute(self, weights: np.ndarray, ids: np.ndarray) -> ShardResult:
         """The summed meta-gradient of tasks `ids` at `weights` (flat float32)."""
@@ -54,7 +64,7 @@ class ShardComputer:
         flat = torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
         params = self.spec.unflatten(flat)
         batch = self.batch(ids)
-        grads, metrics = meta_gradient(self.forward, self.store.info.kind, params, batch, self.maml_cfg)
+        grads, metrics = meta_gradient(self.forward, self.store.info.kind, params, batch, self.maml_cfg, self.task_map)
         grad_sum = self.spec.flatten(grads).detach().to("cpu", torch.float32).numpy()
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
 
@@ -66,25 +76,41 @@ class ShardComputer:
         params = self.spec.unflatten(torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device))
         losses, accs = [], []
         for lo in range(0, len(ids), CURVE_CHUNK):
-            loss, acc = adaptation_curve(
-                self.forward, self.store.info.kind, params, self.batch(ids[lo : lo + CURVE_CHUNK]), max_steps, lr
-            )
+            batch = self.batch(ids[lo : lo + CURVE_CHUNK])
+            loss, acc = adaptation_curve(self.forward, self.store.info.kind, params, batch, max_steps, lr, self.task_map)
             losses.append(loss.cpu().numpy())
             accs.append(None if acc is None else acc.cpu().numpy())
         return np.concatenate(losses), (None if accs[0] is None else np.concatenate(accs))
 
 
-def _resident_columns(store: TaskStore, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+def choose_task_map(model: nn.Module, device: torch.device, setting: str) -> str:
+    """scaling.task_map = "auto": a per-task loop for conv nets on a CPU (vmap turns each
+    adapted conv into a grouped convolution, which lost 1.3-2.7x to the loop on this project's
+    2-core machine), vmap everywhere else (59x faster than the loop for conv4 on an H200)."""
+    if setting != "auto":
+        return setting
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return "loop" if has_conv and device.type == "cpu" else "vmap"
+
+
+def _resident_columns(store: TaskStore, device: torch.device) -> dict[str, torch.Tensor] | None:
     """A GPU worker copies the store to the device once when it takes under a quarter of the
     free memory: per step it then moves only task ids, not rows (at meta-batch 65,536 of the
-    seed family that is 118 MB a step otherwise, which would dominate the step)."""
+    seed family that is 118 MB a step otherwise, which would dominate the step). An image store
+    puts its image table there too (uint8: Omniglot ~25 MB, mini-ImageNet ~1.3 GB)."""
     if device.type != "cuda":
         return None
-    nbytes = sum(a.nbytes for c in COLUMNS[:4] for a in store.column_chunks(c))
+    columns = store.model_columns()
+    nbytes = sum(a.nbytes for c in columns for a in store.column_chunks(c))
+    nbytes += store.images.nbytes if store.images is not None else 0
     free, _ = torch.cuda.mem_get_info(device)
     if nbytes > free // 4:
         return None
-    return tuple(torch.cat([torch.tensor(a, device=device) for a in store.column_chunks(c)]) for c in COLUMNS[:4])
+    out = {c: torch.cat([torch.tensor(a, device=device) for a in store.column_chunks(c)]) for c in columns}
+    if store.images is not None:
+        out["images"] = torch.tensor(store.images, device=device)
+        out["image_ids"] = out["image_ids"].long()
+    return out
 
 
 class InProcessExecutor:
@@ -93,8 +119,8 @@ class InProcessExecutor:
 
     num_shards = 1
 
-    def __init__(self, store: TaskStore, model_cfg: ModelConfig, maml_cfg: MamlConfig) -> None:
-        self.computer = ShardComputer(store, model_cfg, maml_cfg)
+    def __init__(self, store: TaskStore, model_cfg: ModelConfig, maml_cfg: MamlConfig, task_map: str = "auto") -> None:
+        self.computer = ShardComputer(store, model_cfg, maml_cfg, task_map=task_map)
 
     def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]:
         return [self.computer.compute(weights, ids) for ids in shards]
@@ -105,7 +131,7 @@ class InProcessExecutor:
         return [self.computer.curve(weights, ids, max_steps, lr) for ids in shards]
 
     def describe(self) -> str:
-        return f"in-process ({torch.get_num_threads()} torch threads)"
+        return f"in-process ({torch.get_num_threads()} torch threads, tasks by {self.computer.task_map})"
 
     def close(self) -> None:
         pass
