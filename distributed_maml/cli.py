@@ -84,9 +84,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--strict", action="store_true", help="with --from-images: an unreadable image is an error, not skipped"
     )
-    b.add_argument(
-        "--ways", type=int, default=None, help="classes per task (--from-table/--from-images: 5; glyphs: 5)"
-    )
+    b.add_argument("--ways", type=int, default=None, help="classes per task (--from-table/--from-images: 5; glyphs: 5)")
     b.add_argument(
         "--test-fraction",
         type=float,

@@ -33,6 +33,8 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 def is_import_path(name: str) -> bool:
     """`package.module:attribute`: user code, imported where it is used."""
     return bool(_IMPORT_PATH.match(name))
+
+
 NONFINITE_POLICIES = ("stop", "skip")
 STORE_SHARING = ("auto", "path", "object_store")
 

@@ -150,6 +150,7 @@ def meta_gradient(
 
         grads, (loss_after, acc_after) = grad(batch_objective, has_aux=True)(params)
     else:  # one task at a time: the memory of one task's graph, gradients summed in task order
+
         def one_task(p: Params, *task: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
             task_loss, acc = task_objective(p, *task)
             return task_loss, (task_loss.detach(), acc)
@@ -189,7 +190,5 @@ def adaptation_curve(
         return torch.stack(losses), torch.stack(accs)
 
     frozen = {k: v.detach() for k, v in params.items()}
-    losses, accs = map_tasks(curve, task_map)(
-        frozen, batch.x_support, batch.y_support, batch.x_query, batch.y_query
-    )
+    losses, accs = map_tasks(curve, task_map)(frozen, batch.x_support, batch.y_support, batch.x_query, batch.y_query)
     return losses.detach(), accs.detach() if classification else None

@@ -124,7 +124,9 @@ def conv4(input_shape: tuple[int, ...], num_outputs: int, channels: int = 64) ->
     layers: list[nn.Module] = []
     for i in range(4):
         layers += [
-            nn.Conv2d(c if i == 0 else channels, channels, 3, padding=1),
+            # No conv bias: the BatchNorm after it cancels any bias exactly, so its meta-gradient is
+            # zero up to rounding, and Adam would turn that rounding noise into lr-sized steps.
+            nn.Conv2d(c if i == 0 else channels, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels, track_running_stats=False),
             nn.ReLU(),
             nn.MaxPool2d(2),

@@ -4,7 +4,9 @@
   run evaluated held-out tasks at intervals, their post-adaptation loss;
 - adaptation-<k>shots.png: the adaptation curves of MAML and the baselines from `eval`;
 - sinusoid-tasks.png (sinusoid runs): the paper's figure-2 panel for a few held-out tasks: the
-  true function, the support points, predictions before adaptation and after 1 and 10 steps.
+  true function, the support points, predictions before adaptation and after 1 and 10 steps;
+- image-tasks.png (image stores: glyphs, folders): a few of the run's tasks, one row each, its
+  support images and one query image per class, with their task labels.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from . import checkpoint, models  # noqa: E402
 from . import config as config_mod  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
 from .maml import adapt  # noqa: E402
-from .store import build_in_memory  # noqa: E402
+from .store import TaskStore, build_in_memory  # noqa: E402
 from .tasks.sinusoid import X_RANGE, function  # noqa: E402
 
 
@@ -106,6 +108,35 @@ def sinusoid_tasks(run_dir: Path, out: Path, shots: int = 10, tasks: int = 3) ->
     return out
 
 
+def image_tasks(store_path: Path, out: Path, tasks: int = 3, max_support: int = 10) -> Path | None:
+    """A grid of a few tasks of an images store: support images, then one query per class."""
+    store = TaskStore.open(store_path)
+    info = store.info
+    if info.layout != "images":
+        return None
+    ids = np.arange(min(tasks, len(store)))
+    rows = store.rows(ids)
+    ns = min(info.n_support, max_support)
+    first_query = np.arange(info.ways) * info.queries  # query images are grouped by class
+    cols = ns + info.ways
+    fig, axes = plt.subplots(len(ids), cols, figsize=(1.1 * cols, 1.3 * len(ids)), squeeze=False)
+    for t in range(len(ids)):
+        panels = [("support", rows["x_support"][t, j], rows["y_support"][t, j]) for j in range(ns)]
+        panels += [("query", rows["x_query"][t, j], rows["y_query"][t, j]) for j in first_query]
+        for ax, (part, img, label) in zip(axes[t], panels):
+            ax.imshow(
+                img.transpose(1, 2, 0).squeeze(-1) if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray_r"
+            )
+            ax.set_title(f"{part} {label}", fontsize=7, color="C0" if part == "support" else "C3")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{info.family}: {info.ways}-way {info.shots}-shot tasks (label = task-relative class)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Redraws every plot a run folder has the data for; returns their paths."""
     run_dir = Path(run_dir)
@@ -121,6 +152,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             )
         )
     cfg = config_mod.load(run_dir / "config.toml")
-    if cfg.task.family == "sinusoid" and (run_dir / "checkpoints" / "latest").exists():
+    latest = run_dir / "checkpoints" / "latest"
+    if cfg.task.family == "sinusoid" and latest.exists():
         made.append(sinusoid_tasks(run_dir, out / "sinusoid-tasks.png"))
+    if latest.exists():
+        store_path = Path(checkpoint.load(checkpoint.latest(run_dir)).state["store"]["path"])
+        if store_path.exists():
+            made.append(image_tasks(store_path, out / "image-tasks.png"))
     return [p for p in made if p is not None]

@@ -140,7 +140,15 @@ def family_info(
 
 
 def image_info(
-    name: str, table: ImageTable, num_tasks: int, seed: int, ways: int, shots: int, queries: int, split: str, **extra: Any
+    name: str,
+    table: ImageTable,
+    num_tasks: int,
+    seed: int,
+    ways: int,
+    shots: int,
+    queries: int,
+    split: str,
+    **extra: Any,
 ) -> StoreInfo:
     """The StoreInfo of an images-layout store over `table`."""
     return StoreInfo(
@@ -218,9 +226,7 @@ class Plan:
         return generate_batches(self.info, progress, self.family, self.table)
 
 
-def plan(
-    family: str, num_tasks: int, seed: int, shots: int, queries: int, split: str, ways: int = 0
-) -> Plan:
+def plan(family: str, num_tasks: int, seed: int, shots: int, queries: int, split: str, ways: int = 0) -> Plan:
     """The store a family would give (vector or image), checked, before anything is written."""
     check_build_args(num_tasks, shots, queries, split, seed)
     fam = resolve(family)
@@ -368,7 +374,9 @@ class TaskStore:
         self._source = source  # keeps the mapping (or buffer) alive as long as the views are
         self.info = _parse_info(reader.schema, name)
         self._batches = _load_batches(reader, self.info, name)
-        self.images, self.image_labels = _image_table(reader, self.info, name) if self.info.layout == "images" else (None, None)
+        self.images, self.image_labels = (
+            _image_table(reader, self.info, name) if self.info.layout == "images" else (None, None)
+        )
 
     @classmethod
     def open(cls, path: str | Path) -> TaskStore:
@@ -485,7 +493,11 @@ def _parse_info(schema: pa.Schema, name: str) -> StoreInfo:
     bad_images = info.layout == "images" and (
         len(info.image_shape) != 3 or min(info.image_shape) < 1 or info.num_images < 1 or info.kind != "classification"
     )
-    if info.kind not in ("classification", "regression") or min(info.input_dim, info.output_dim, info.ways) < 1 or bad_images:
+    if (
+        info.kind not in ("classification", "regression")
+        or min(info.input_dim, info.output_dim, info.ways) < 1
+        or bad_images
+    ):
         raise StoreError(f"{name} has inconsistent task-store metadata; rebuild it")
     expected = info.schema()
     if not schema.remove_metadata().equals(expected.remove_metadata()):

@@ -77,7 +77,9 @@ class ShardComputer:
         losses, accs = [], []
         for lo in range(0, len(ids), CURVE_CHUNK):
             batch = self.batch(ids[lo : lo + CURVE_CHUNK])
-            loss, acc = adaptation_curve(self.forward, self.store.info.kind, params, batch, max_steps, lr, self.task_map)
+            loss, acc = adaptation_curve(
+                self.forward, self.store.info.kind, params, batch, max_steps, lr, self.task_map
+            )
             losses.append(loss.cpu().numpy())
             accs.append(None if acc is None else acc.cpu().numpy())
         return np.concatenate(losses), (None if accs[0] is None else np.concatenate(accs))

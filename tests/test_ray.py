@@ -184,3 +184,46 @@ def test_evaluation_through_ray_workers_matches_in_process(tmp_path, store_path)
     assert "2 Ray workers" in remote["evaluated_by"] and "object_store" in remote["evaluated_by"]
     for key in ("loss_mean", "loss_ci95", "accuracy_mean"):
         np.testing.assert_allclose(remote[key], local[key], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def glyph_store_path(tmp_path_factory):
+    from distributed_maml.store import build
+
+    path = tmp_path_factory.mktemp("glyphs") / "glyphs.arrow"
+    build(path, "glyphs", 24, seed=0, shots=1, queries=2, ways=3, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("model", ["model.name=conv4", "model.name=tests.usercode.nets:small_cnn"])
+def test_image_models_same_weights_at_0_and_2_workers(tmp_path, glyph_store_path, model):
+    """conv4 and a user network on glyph tasks: the workers import the user module themselves
+    (from the folder the driver imported it from) and agree with the in-process run."""
+    extra = [
+        "task.family=glyphs",
+        "task.ways=3",
+        "task.shots=1",
+        "task.queries=2",
+        "task.meta_batch=4",
+        "task.num_tasks=24",
+        "training.steps=3",
+        "training.eval_every=0",
+        "maml.inner_steps=1",
+        "maml.inner_lr=0.4",
+        "model.channels=4",
+        model,
+    ]
+    ref, _ = train_on(tmp_path / "r0", glyph_store_path, [*extra, "scaling.num_workers=0"])
+    infos = {}
+    two, ex = train_on(
+        tmp_path / "r2",
+        glyph_store_path,
+        [*extra, "scaling.num_workers=2"],
+        lambda ex: infos.update(w=ex.worker_info(), d=ex.describe()),
+    )
+    assert {i["task_map"] for i in infos["w"]} == {"loop"} and "tasks by loop" in infos["d"]
+    np.testing.assert_allclose(two.weights, ref.weights, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(
+        ref.weights,
+        train_on(tmp_path / "rx", glyph_store_path, [*extra, "scaling.num_workers=0", "training.steps=1"])[0].weights,
+    )

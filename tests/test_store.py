@@ -207,7 +207,7 @@ def test_build_is_atomic(tmp_path, monkeypatch):
     """A build that fails midway leaves neither a partial file nor a temporary one."""
     path = tmp_path / "s.arrow"
 
-    def broken(info, progress=False):
+    def broken(info, progress=False, *sources):
         yield from []
         raise RuntimeError("disk full")
 

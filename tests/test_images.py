@@ -1,0 +1,230 @@
+"""Image task stores: images stored once, tasks as indices; the folder loader; glyphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distributed_maml import store
+from distributed_maml.errors import StoreError
+from distributed_maml.tasks import folders, glyphs
+from distributed_maml.tasks.images import ImageTable
+
+from .conftest import assert_user_error, run_cli
+
+
+def _png(path, seed, size=12):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """alphabet/character/ folders (Omniglot's layout): 8 characters with 4 images, one with 2
+    (too few for 1 shot + 2 queries... kept at 3), and a corrupt file."""
+    root = tmp_path_factory.mktemp("omni")
+    n = 0
+    for a in range(2):
+        for c in range(5):
+            d = root / f"alpha{a}" / f"char{c}"
+            d.mkdir(parents=True)
+            count = 2 if (a, c) == (1, 4) else 4
+            for i in range(count):
+                _png(d / f"{i}.png", n)
+                n += 1
+    (root / "alpha0" / "char0" / "broken.png").write_bytes(b"not a png at all")
+    (root / "alpha0" / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_folder_loader_counts_skips_drops_and_rotates(image_folder):
+    table, summary = folders.load(
+        image_folder, 2, 1, 2, 8, "all", 0.3, 0, grayscale=True, rotations=(0, 90), class_depth=2
+    )
+    assert (summary.classes_found, summary.classes_used, summary.classes_dropped, summary.unreadable) == (10, 9, 1, 1)
+    assert table.num_classes == 18 and table.images.shape == (9 * 4 * 2, 1, 8, 8)
+    assert "alpha0/char0@90" in table.class_names and "alpha1/char4@0" not in table.class_names
+    # a rotation is a new class whose images are the base class's turned by 90 degrees
+    base, rot = table.class_names.index("alpha0/char1@0"), table.class_names.index("alpha0/char1@90")
+    np.testing.assert_array_equal(
+        table.images[table.labels == rot], np.rot90(table.images[table.labels == base], 1, axes=(2, 3))
+    )
+    with pytest.raises(StoreError, match="broken.png is not a readable image"):
+        folders.load(image_folder, 2, 1, 2, 8, "all", 0.3, 0, grayscale=True, class_depth=2, strict=True)
+
+
+def test_folder_class_splits_are_disjoint_and_seeded(image_folder):
+    args = (image_folder, 2, 1, 2, 8)
+    train, _ = folders.load(*args, "train", 0.4, 3, grayscale=True, class_depth=2)
+    test, _ = folders.load(*args, "test", 0.4, 3, grayscale=True, class_depth=2)
+    again, _ = folders.load(*args, "train", 0.4, 3, grayscale=True, class_depth=2)
+    assert set(train.class_names).isdisjoint(test.class_names) and train.class_names == again.class_names
+    assert len(test.class_names) >= 2
+
+
+def test_from_images_cli_summary_and_errors(image_folder, tmp_path):
+    out = tmp_path / "t.arrow"
+    common = ["--ways", "2", "--shots", "1", "--queries", "2", "--num-tasks", "40", "--image-size", "8", "--grayscale"]
+    p = run_cli(
+        "tasks",
+        "build",
+        "--from-images",
+        image_folder,
+        "--class-depth",
+        "2",
+        "--classes-split",
+        "all",
+        *common,
+        "--rotations",
+        "0,180",
+        "--out",
+        out,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "skipped 1 unreadable file(s), dropped 1 class(es)" in p.stdout and "of 18 all classes" in p.stdout
+    info = run_cli("tasks", "info", out)
+    assert "num_images: 72" in info.stdout and "num_classes: 18" in info.stdout
+    assert_user_error(
+        run_cli(
+            "tasks",
+            "build",
+            "--from-images",
+            image_folder,
+            "--class-depth",
+            "2",
+            "--strict",
+            "--classes-split",
+            "all",
+            *common,
+            "--out",
+            tmp_path / "s.arrow",
+        ),
+        "broken.png",
+    )
+    assert_user_error(
+        run_cli("tasks", "build", "--from-images", image_folder, *common, "--out", tmp_path / "d.arrow"),
+        "--class-depth 2",
+    )  # images sit two levels down
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(
+        run_cli("tasks", "build", "--from-images", empty, *common, "--out", tmp_path / "e.arrow"), "holds no images"
+    )
+    assert_user_error(
+        run_cli(
+            "tasks",
+            "build",
+            "--from-images",
+            image_folder,
+            "--class-depth",
+            "2",
+            "--classes-split",
+            "all",
+            *common[:1],
+            "20",
+            *common[2:],
+            "--out",
+            tmp_path / "w.arrow",
+        ),
+        "too few for 20-way tasks",
+    )
+    assert not (tmp_path / "s.arrow").exists() and not (tmp_path / "w.arrow").exists()
+
+
+def _table(n_classes=6, per_class=5, shape=(3, 6, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n_classes * per_class, *shape), dtype=np.uint8)
+    return ImageTable(
+        images, np.repeat(np.arange(n_classes, dtype=np.int32), per_class), tuple(f"c{i}" for i in range(n_classes))
+    )
+
+
+def _write(path, table, num_tasks, ways=3, shots=1, queries=2, split="train"):
+    info = store.image_info("images", table, num_tasks, 0, ways, shots, queries, split)
+    store.write_batches(path, info.schema(), store.generate_batches(info, table=table), overwrite=True)
+    return store.TaskStore.open(path)
+
+
+def test_uint8_images_round_trip_and_rows_gather_by_index(tmp_path):
+    table = _table()
+    s = _write(tmp_path / "s.arrow", table, 50)
+    assert s.info.layout == "images" and s.images.dtype == np.uint8
+    np.testing.assert_array_equal(s.images, table.images)
+    np.testing.assert_array_equal(s.image_labels, table.labels)
+    ids = np.array([3, 0, 49])
+    rows = s.rows(ids, columns=(*store.COLUMNS[:4], "params"))
+    assert rows["x_support"].shape == (3, 3, 3, 6, 6) and rows["x_query"].shape == (3, 6, 3, 6, 6)
+    for t, tid in enumerate(ids):
+        image_ids = s._batches[0]["image_ids"][tid]
+        np.testing.assert_array_equal(rows["x_support"][t], table.images[image_ids[:3]])
+        np.testing.assert_array_equal(rows["x_query"][t], table.images[image_ids[3:]])
+        # every image of a task-relative label comes from the class that label stands for
+        classes = rows["params"][t].astype(int)
+        assert (table.labels[image_ids[:3]] == classes[rows["y_support"][t]]).all()
+        assert (table.labels[image_ids[3:]] == classes[rows["y_query"][t]]).all()
+        assert len(set(image_ids)) == 9  # no image twice in a task
+    # the store opens from its bytes too (the object-store path)
+    same = store.TaskStore.from_buffer((tmp_path / "s.arrow").read_bytes(), "buf")
+    np.testing.assert_array_equal(same.rows(ids)["x_query"], rows["x_query"])
+
+
+def test_task_rows_are_indices_the_file_does_not_grow_with_repeated_images(tmp_path):
+    table = _table(shape=(1, 28, 28))
+    small = (tmp_path / "a.arrow", 100)
+    large = (tmp_path / "b.arrow", 5100)
+    for path, n in (small, large):
+        _write(path, table, n)
+    per_task = (large[0].stat().st_size - small[0].stat().st_size) / 5000
+    images_per_task = 9 * 28 * 28  # what materialising each task's pixels would cost
+    assert per_task < 200 < images_per_task, per_task  # 9 int32 ids + 9 int64 labels + params
+
+
+def test_corrupt_image_indices_are_a_store_error(tmp_path):
+    table = _table()
+    s = _write(tmp_path / "s.arrow", table, 10)
+    with pytest.raises(StoreError, match="image indices outside its image table"):
+        s.gather_images(np.array([[0, 1, len(table.images)]]))
+
+
+def test_glyphs_are_deterministic_and_splits_disjoint():
+    assert len(glyphs.class_ids("train")) >= 1000 and len(glyphs.class_ids("test")) >= 300
+    assert set(glyphs.class_ids("train")).isdisjoint(glyphs.class_ids("test"))
+    a = glyphs.render(np.array([5, 1300]), examples=3)
+    b = glyphs.render(np.array([5, 1300]), examples=3)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (6, 1, 28, 28) and a.dtype == np.uint8 and 5 < a.mean() < 120
+    # examples of a class differ (jitter), classes differ more than examples of one class
+    within = np.abs(a[0].astype(float) - a[1]).mean()
+    between = np.abs(a[0].astype(float) - a[3]).mean()
+    assert 0 < within < between
+    tr, te = glyphs.table("train"), glyphs.table("test")
+    assert set(tr.class_names).isdisjoint(te.class_names) and tr.images.shape[0] == 20 * len(tr.class_names)
+
+
+def test_glyph_store_through_the_cli(tmp_path):
+    out = tmp_path / "g.arrow"
+    p = run_cli(
+        "tasks", "build", "--family", "glyphs", "--ways", "3", "--num-tasks", "20", "--split", "test", "--out", out
+    )
+    assert p.returncode == 0, p.stderr
+    s = store.TaskStore.open(out)
+    assert (s.info.ways, s.info.shots, s.info.queries, s.info.split) == (3, 1, 15, "test")
+    assert s.info.num_images == 20 * glyphs.TEST_CLASSES
+    assert_user_error(
+        run_cli(
+            "tasks",
+            "build",
+            "--family",
+            "glyphs",
+            "--shots",
+            "10",
+            "--queries",
+            "15",
+            "--num-tasks",
+            "2",
+            "--out",
+            tmp_path / "x.arrow",
+        ),
+        "fewer than shots + queries = 25",
+    )
