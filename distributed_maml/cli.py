@@ -114,7 +114,13 @@ def parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="vmap against a per-task loop: tasks/s on one CPU thread")
     be.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
-    be.add_argument("--meta-batches", type=_steps_list, default=[25, 1000], help="meta-batch sizes (25,1000)")
+    be.add_argument(
+        "--meta-batches", type=_steps_list, default=None, help="meta-batch sizes (25,1000; conv4: 4,32,256)"
+    )
+    be.add_argument("--conv4", action="store_true", help="conv4 on 5-way 1-shot glyphs: vmap vs loop, and memory")
+    be.add_argument("--channels", type=int, default=32, help="with --conv4: filters per block (32)")
+    be.add_argument("--queries", type=int, default=5, help="with --conv4: query images per class (5)")
+    be.add_argument("--threads", type=int, default=None, help="with --conv4: torch threads (default: all)")
     return p
 
 
@@ -243,7 +249,14 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
-    bench.main(args.seconds, tuple(args.meta_batches))
+    if args.conv4:
+        if args.channels < 1 or args.queries < 1:
+            raise UserError(f"--channels and --queries must be >= 1, got {args.channels} and {args.queries}")
+        bench.conv4_main(
+            tuple(args.meta_batches or (4, 32, 256)), args.channels, args.queries, args.seconds, args.threads
+        )
+    else:
+        bench.main(args.seconds, tuple(args.meta_batches or (25, 1000)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,33 @@ def test_sinusoid_job_has_the_papers_settings():
     assert (c.optimizer.lr, c.training.steps, c.model.name) == (1e-3, 70000, "sinusoid_mlp")
 
 
+def test_image_jobs_have_the_papers_settings():
+    g = config.load(JOBS / "glyphs.toml")
+    assert (g.task.family, g.task.ways, g.task.shots, g.task.meta_batch, g.model.name) == ("glyphs", 5, 1, 32, "conv4")
+    assert (g.maml.inner_steps, g.maml.inner_lr, g.optimizer.lr, g.model.channels) == (1, 0.4, 1e-3, 64)
+    o = config.load(JOBS / "omniglot.toml")
+    assert (o.task.family, o.maml.inner_lr, o.task.meta_batch, o.model.channels) == ("images", 0.4, 32, 64)
+    m = config.load(JOBS / "miniimagenet.toml")
+    assert (m.maml.inner_steps, m.maml.inner_lr, m.task.meta_batch, m.model.channels) == (5, 0.01, 4, 32)
+    small = config.load(JOBS / "glyphs-small.toml")
+    assert (small.model.channels, small.task.queries) == (32, 5)
+
+
+def test_user_code_paths_and_kwargs_round_trip(tmp_path):
+    c = config.load(
+        None,
+        [
+            "model.name=my_pkg.nets:build",
+            'model.kwargs={depth = 3, act = "relu"}',
+            "task.family=my_pkg.tasks:Family",
+            "scaling.task_map=loop",
+        ],
+    )
+    assert c.model.kwargs == {"depth": 3, "act": "relu"} and c.scaling.task_map == "loop"
+    (tmp_path / "c.toml").write_text(config.dumps(c))
+    assert config.load(tmp_path / "c.toml") == c
+
+
 def test_dumps_round_trips(tmp_path):
     c = config.load(None, ["task.family=sinusoid", "model.name=mlp", "model.hidden=[8, 8]", "maml.first_order=true"])
     (tmp_path / "c.toml").write_text(config.dumps(c))
@@ -41,6 +68,13 @@ def test_set_overrides_parse_toml_values_and_bare_strings():
         ("task.num_tasks=-5", "task.num_tasks must be >= 0"),
         ("task.family=omniglot", "task.family must be one of"),
         ("model.name=resnet", "model.name must be one of"),
+        ("model.name=resnet:", "model.name must be one of"),
+        ("model.channels=0", "model.channels must be >= 1"),
+        ("model.kwargs={a = 1}", "model.kwargs are passed to a user factory only"),
+        ("model.kwargs=3", "model.kwargs must be a table"),
+        ("task.ways=1", "task.ways must be >= 2"),
+        ("task.family=my.mod", "package.module:Family"),
+        ("scaling.task_map=fast", "scaling.task_map must be one of"),
         ("model.hidden=[]", "model.hidden must list at least one"),
         ("model.hidden=[0]", "model.hidden widths must be >= 1"),
         ("maml.inner_steps=0", "maml.inner_steps must be in [1, 100]"),

@@ -227,3 +227,39 @@ def test_user_model_and_family_through_the_cli(tmp_path):
         "['x_query'] must be",
     )
     assert not any((tmp_path / d).exists() for d in ("bn", "nf", "b.arrow"))
+
+
+def test_glyph_run_evaluates_against_baselines(tmp_path):
+    """A tiny conv4 run on glyphs, then eval: held-out glyph classes, the pretrained baseline
+    fit as a classifier over all training classes (its head re-initialised for the ways)."""
+    from distributed_maml import evaluate, run, train
+
+    cfg = config.load(
+        None,
+        [
+            "task.family=glyphs",
+            "task.ways=3",
+            "task.shots=1",
+            "task.queries=2",
+            "task.meta_batch=4",
+            "training.steps=3",
+            "training.eval_every=0",
+            "model.name=conv4",
+            "model.channels=4",
+            "maml.inner_steps=1",
+            "maml.inner_lr=0.4",
+            "scaling.num_workers=0",
+        ],
+    )
+    r = run.prepare(cfg, tmp_path / "g", progress=False)
+    ex = train.make_executor(r)
+    train.train(r, ex, progress=False)
+    res = evaluate.evaluate(tmp_path / "g", steps=[0, 1], num_tasks=12, pretrain_steps=3, workers=0)
+    assert res["family"] == "glyphs" and res["num_tasks"] == 12 and len(res["accuracy_mean"]) == 2
+    assert set(res["baselines"]) == {"pretrained", "scratch"}
+    assert all(0 <= a <= 1 for b in res["baselines"].values() for a in b["accuracy_mean"])
+    pre = torch.load(tmp_path / "g" / "baselines" / "pretrained_3.pt", weights_only=True)
+    scratch = models.build(cfg.model, r.store.info, seed=0)
+    assert pre["17.weight"].shape == (3, 4)  # the head: ways outputs, from the run's own init
+    torch.testing.assert_close(pre["17.weight"], scratch.state_dict()["17.weight"])
+    assert not torch.equal(pre["0.weight"], scratch.state_dict()["0.weight"])  # the body was pretrained
