@@ -157,6 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         baselines=not args.no_baselines,
         pretrain_steps=args.pretrain_steps,
         inner_lr=args.inner_lr,
+        workers=args.workers,
     )
     print(json.dumps(result) if args.json else evaluate.format_table(result))
     from . import plots

@@ -203,6 +203,7 @@ def evaluate(
     spec = models.ParamSpec.of(models.build(cfg.model, info, seed=0))
     executor = eval_executor(cfg, store, workers)
     try:
+        evaluated_by = executor.describe()  # while its workers are up (Ray asks them)
         results = {
             name: summarize(*curves(executor, spec, p, n, max(idx), cfg.maml.inner_lr), idx)
             for name, p in inits.items()
@@ -217,7 +218,7 @@ def evaluate(
         "shots": info.shots,
         "inner_lr": cfg.maml.inner_lr,
         "steps": idx,
-        "evaluated_by": executor.describe(),
+        "evaluated_by": evaluated_by,
         **results.pop("maml"),
         "baselines": results,
     }

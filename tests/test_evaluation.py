@@ -154,3 +154,21 @@ def test_digits_demonstration_beats_scratch(digits, tmp_path):
     maml, scratch = res["accuracy_mean"][1], res["baselines"]["scratch"]["accuracy_mean"][1]
     assert maml - res["accuracy_ci95"][1] > scratch + res["baselines"]["scratch"]["accuracy_ci95"][1], res
     assert res["accuracy_mean"][0] < 0.3  # unadapted: chance among 5 ways
+
+
+def test_cli_eval_passes_every_flag(monkeypatch, tmp_path):
+    """The CLI hands --workers (and the rest) to evaluate(): a flag the parser takes and drops
+    would silently evaluate somewhere else."""
+    from distributed_maml import cli, evaluate, plots
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(evaluate, "evaluate", spy)
+    monkeypatch.setattr(plots, "plot_run", lambda *_: [])
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--run", str(tmp_path), "--workers", "3", "--inner-lr", "0.1", "--num-tasks", "7"])
+    assert seen["kwargs"]["workers"] == 3 and seen["kwargs"]["inner_lr"] == 0.1 and 7 in seen["args"]

@@ -46,6 +46,22 @@ def test_shard_on_gpu_matches_cpu(store_path):
     assert gpu.metrics["loss_after"] == pytest.approx(cpu.metrics["loss_after"], rel=1e-5)
 
 
+def test_glyph_shard_on_gpu_gathers_images_on_the_device(tmp_path):
+    """The image table lives on the GPU; the vmap conv4 shard there equals the CPU loop."""
+    path = tmp_path / "glyphs.arrow"
+    build(path, "glyphs", 40, seed=0, shots=1, queries=5, progress=False)
+    store = TaskStore.open(path)
+    model, maml = ModelConfig(name="conv4", channels=16), MamlConfig(inner_steps=1, inner_lr=0.4)
+    cpu_computer = ShardComputer(store, model, maml)
+    weights = cpu_computer.spec.flatten(dict(cpu_computer.model.named_parameters())).detach().numpy()
+    ids = np.arange(0, 40, 2)
+    gpu_computer = ShardComputer(store, model, maml, device="cuda:0")
+    assert gpu_computer.resident is not None and "images" in gpu_computer.resident
+    assert (cpu_computer.task_map, gpu_computer.task_map) == ("loop", "vmap")
+    cpu, gpu = cpu_computer.compute(weights, ids), gpu_computer.compute(weights, ids)
+    np.testing.assert_allclose(gpu.grad_sum, cpu.grad_sum, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("workers, gpus", [(1, 1.0), (2, 0.5)])
 def test_gpu_workers_match_the_cpu_in_process_run(ray_gpu, tmp_path, store_path, workers, gpus):
     reference, _ = train_on(tmp_path / "cpu", store_path, [*BASE, "scaling.num_workers=0"])
