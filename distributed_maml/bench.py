@@ -120,10 +120,16 @@ def _conv4_setup(meta_batch: int, channels: int, queries: int, device: str = "cp
 
 
 def conv4_rows(
-    meta_batches: tuple[int, ...], channels: int, queries: int, min_seconds: float, device: str = "cpu"
+    meta_batches: tuple[int, ...],
+    channels: int,
+    queries: int,
+    min_seconds: float,
+    device: str = "cpu",
+    vmap_budget: dict[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """tasks/s of both task maps for every (order, inner steps, meta-batch), with a check that
-    their gradients agree."""
+    their gradients agree. `vmap_budget`: inner steps -> the largest meta-batch whose vmap step
+    fits in memory (a vmap step holds every task's graph at once; the loop holds one task's)."""
     from tqdm.auto import tqdm
 
     combos = [(fo, k, mb) for fo in (True, False) for k in (1, 5) for mb in meta_batches]
@@ -135,14 +141,26 @@ def conv4_rows(
         row: dict[str, Any] = {"model": f"conv4-{channels}", "meta_batch": mb, "inner_steps": steps}
         row["first_order"] = first_order
         for task_map in ("vmap", "loop"):
+            if task_map == "vmap" and vmap_budget is not None and mb > vmap_budget.get(steps, mb):
+                row["vmap_tasks_per_s"] = None  # would not fit: measured memory per task x meta-batch
+                continue
             call = partial(meta_gradient, forward, "classification", params, batch, cfg, task_map)
             grads[task_map] = torch.cat([g.reshape(-1) for g in call()[0].values()])
             row[f"{task_map}_tasks_per_s"] = mb / _time(call, min_seconds, reps=1)
-        scale = float(grads["loop"].abs().max())
-        row["max_rel_diff"] = float((grads["vmap"] - grads["loop"]).abs().max()) / scale
-        row["faster"] = "vmap" if row["vmap_tasks_per_s"] > row["loop_tasks_per_s"] else "loop"
+        if "vmap" in grads:
+            scale = float(grads["loop"].abs().max())
+            row["max_rel_diff"] = float((grads["vmap"] - grads["loop"]).abs().max()) / scale
+            row["faster"] = "vmap" if row["vmap_tasks_per_s"] > row["loop_tasks_per_s"] else "loop"
+        else:
+            row["max_rel_diff"], row["faster"] = None, "loop (vmap out of memory)"
         rows.append(row)
     return rows
+
+
+def _available_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
 
 
 _MEMORY_PROBE = """
@@ -195,13 +213,16 @@ def conv4_main(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if threads:
         torch.set_num_threads(threads)
+    memory = conv4_memory((1, 5, 10), min(max(meta_batches), 32), channels, queries, device)
+    # a vmap step must fit in half the free memory (second order bounds first order from above)
+    budget = {r["inner_steps"]: int(0.5 * _available_bytes(device) / (r["mib_per_task"] * 2**20)) for r in memory}
     result = {
         "benchmark": f"conv4 ({channels} filters) meta-gradient, 5-way 1-shot glyphs, {queries} queries per class",
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "rows": conv4_rows(meta_batches, channels, queries, min_seconds, device),
-        "memory": conv4_memory((1, 5, 10), min(meta_batches[-1], 32), channels, queries, device),
+        "rows": conv4_rows(meta_batches, channels, queries, min_seconds, device, budget),
+        "memory": memory,
     }
     lines = [
         f"{result['benchmark']}; {result['device']}, {result['torch_threads']} thread(s), torch {result['torch']}",
@@ -209,10 +230,11 @@ def conv4_main(
         "------ | ----------- | ---------- | ------------ | ------------ | ------ | ------------",
     ]
     for r in result["rows"]:
+        vmap = "out of mem" if r["vmap_tasks_per_s"] is None else f"{r['vmap_tasks_per_s']:,.1f}"
+        diff = "-" if r["max_rel_diff"] is None else f"{r['max_rel_diff']:.1e}"
         lines.append(
             f"{'first' if r['first_order'] else 'second':<6} | {r['inner_steps']:>11} | {r['meta_batch']:>10} | "
-            f"{r['vmap_tasks_per_s']:>12,.1f} | {r['loop_tasks_per_s']:>12,.1f} | {r['faster']:<6} | "
-            f"{r['max_rel_diff']:.1e}"
+            f"{vmap:>12} | {r['loop_tasks_per_s']:>12,.1f} | {r['faster']:<6} | {diff}"
         )
     lines += ["", "second order, vmap | inner steps | meta-batch | peak MiB per task", "--- | ---: | ---: | ---:"]
     lines += [f"| {r['inner_steps']} | {r['meta_batch']} | {r['mib_per_task']:.2f}" for r in result["memory"]]
