@@ -86,9 +86,12 @@ class ShardComputer:
 
 
 def choose_task_map(model: nn.Module, device: torch.device, setting: str) -> str:
-    """scaling.task_map = "auto": a per-task loop for conv nets on a CPU (vmap turns each
-    adapted conv into a grouped convolution, which lost 1.3-2.7x to the loop on this project's
-    2-core machine), vmap everywhere else (59x faster than the loop for conv4 on an H200)."""
+    """scaling.task_map = "auto": a per-task loop for conv nets on a CPU, vmap everywhere else.
+
+    Under vmap each adapted conv becomes a grouped convolution and every task's graph is held at
+    once: on the 2-core CPU, conv4-32 needed 48-230 MiB per task (1-10 inner steps) and was
+    between 1.8x slower and 1.6x faster than the loop (`bench --conv4`), while the loop's memory
+    is one task's whatever the shard. On a GPU vmap won 59x (conv4, H200, design notes)."""
     if setting != "auto":
         return setting
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
