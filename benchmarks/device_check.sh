@@ -11,3 +11,8 @@ python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -2
 gpu_args=(); python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && gpu_args=(--gpu-workers 1 --shared-gpu)
 python3 benchmarks/scaling.py --meta-batch "$MB" --workers "$WORKERS" "${gpu_args[@]}" --steps "$STEPS" --warmup 2 \
   --overhead-meta-batch 0 --json "$OUT/scaling.json" 2>&1 | grep -v "^20[0-9][0-9]-" | tail -20 | tee "$OUT/scaling.txt"
+# conv4 on glyph tasks (issue 8): vmap vs the per-task loop at meta-batch 32 and 1,024, and the
+# peak GPU memory per task of a second-order step at 1, 5, 10 inner steps.
+CONV4_MB="${CONV4_MB:-32,1024}"
+timeout "${CONV4_TIMEOUT:-240}" python3 -m distributed_maml bench --conv4 --meta-batches "$CONV4_MB" --channels 64 \
+  --queries 15 --seconds 1 2>&1 | tail -25 | tee "$OUT/conv4.txt"
