@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ def _flat(cfg: Config) -> dict[str, Any]:
 def _new_run_dir(output_dir: str | Path | None, cfg: Config) -> Path:
     if output_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path("runs") / f"{stamp}-{cfg.task.family}"
+        base = Path("runs") / f"{stamp}-{re.sub(r'[^A-Za-z0-9_-]+', '-', cfg.task.family)}"  # no ':' from user paths
         path, n = base, 1
         while path.exists():
             path, n = Path(f"{base}-{n}"), n + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from .errors import ConfigError
 def load(path: str, what: str) -> Any:
     """The object named by `module:attribute`; `what` names the config key for messages."""
     module_name, _, attr = path.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # the console script, unlike `python -m`, does not put the working folder on the path;
+        # user code "next to where you run" must import either way (last, so it shadows nothing)
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

@@ -263,3 +263,17 @@ def test_glyph_run_evaluates_against_baselines(tmp_path):
     assert pre["17.weight"].shape == (3, 4)  # the head: ways outputs, from the run's own init
     torch.testing.assert_close(pre["17.weight"], scratch.state_dict()["17.weight"])
     assert not torch.equal(pre["0.weight"], scratch.state_dict()["0.weight"])  # the body was pretrained
+
+
+def test_user_code_next_to_where_you_run_imports_from_the_console_script(tmp_path, monkeypatch):
+    """`distributed-maml` (the console script) does not put the working folder on sys.path as
+    `python -m` does; user code beside the user must import all the same."""
+    import sys
+
+    from distributed_maml import userimport
+
+    (tmp_path / "beside_me.py").write_text("def f(input_shape, num_outputs):\n    return 42\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert userimport.load("beside_me:f", "model.name")((1,), 1) == 42
+    assert userimport.search_path("beside_me:f") == str(tmp_path.resolve())
