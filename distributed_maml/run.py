@@ -20,6 +20,7 @@ from . import config as config_mod
 from .config import Config
 from .errors import CheckpointError, ConfigError, StoreError
 from .maml import as_input
+from .runlock import RunLock
 from .store import Plan, StoreInfo, TaskStore, plan, write_batches
 
 STORE_NAME = "tasks.arrow"
@@ -42,6 +43,7 @@ class Run:
     store: TaskStore
     store_path: Path
     start: checkpoint.Checkpoint | None  # set when resuming
+    lock: RunLock | None = None  # this process is the run's one writer until released
 
 
 def _flat(cfg: Config) -> dict[str, Any]:
@@ -113,16 +115,20 @@ def prepare(
         new_store = plan(t.family, num, cfg.training.seed, t.shots, t.queries, "train", t.ways)
         check_model(cfg, new_store.info, None)
     run_dir = _new_run_dir(output_dir, cfg)
+    lock = None
     try:
+        lock = RunLock(run_dir)
         if new_store is not None:
             store_path = (run_dir / STORE_NAME).resolve()
             write_batches(store_path, new_store.info.schema(), new_store.batches(progress), overwrite=False)
             store = TaskStore.open(store_path)
         (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if lock is not None:
+            lock.release()
+            shutil.rmtree(run_dir, ignore_errors=True)  # only a folder this process made and held
         raise
-    return Run(run_dir, cfg, store, store_path, None)
+    return Run(run_dir, cfg, store, store_path, None, lock)
 
 
 def resume(run_dir: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Run:
@@ -151,9 +157,14 @@ def resume(run_dir: str | Path, config_path: str | Path | None = None, overrides
             f"{store_path} holds {len(store)} tasks, but the run was trained on "
             f"{ckpt.state['sampler']['num_tasks']}; resume with the original store"
         )
-    (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
-    _truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
-    return Run(run_dir, cfg, store, store_path, ckpt)
+    lock = RunLock(run_dir)  # before anything in the folder changes
+    try:
+        (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
+        _truncate_metrics(run_dir / "metrics.jsonl", ckpt.step)
+    except BaseException:
+        lock.release()
+        raise
+    return Run(run_dir, cfg, store, store_path, ckpt, lock)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

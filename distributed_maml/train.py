@@ -115,6 +115,14 @@ def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
 
 
 def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
+    try:
+        return _train(run, executor, progress)
+    finally:  # the run folder's one-writer lock (taken by prepare/resume) ends with the training
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     cfg = run.cfg.training
     learner = make_learner(run)
     heldout = heldout_scorer(run)

@@ -136,3 +136,44 @@ def test_nonfinite_loss_stops_before_adam_and_keeps_good_weights(tmp_path):
     assert "step 1" in str(e.value) and "inner_lr" in str(e.value)
     ck = _load(tmp_path / "r")
     assert ck.step == 0 and all(torch.isfinite(v).all() for v in ck.model.values())
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    """A run being written refuses a second writer (one line naming the holder, exit 2, nothing
+    changed); the lock ends with the training, and a SIGKILLed holder never blocks a resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+
+    cfg = config.load(None, ["training.steps=2", "task.meta_batch=4", "scaling.num_workers=0", "training.eval_every=0"])
+    r = run.prepare(cfg, tmp_path / "r", progress=False)
+    train.train(r, train.make_executor(r), progress=False)
+    held = run.resume(tmp_path / "r", overrides=["training.steps=3"])  # this process now writes it
+    before = tree_digest(tmp_path / "r")
+    proc = run_cli("train", "--resume", tmp_path / "r", "--set", "training.steps=4")
+    assert_user_error(proc, f"being written by pid {os.getpid()}", "--resume")
+    assert tree_digest(tmp_path / "r") == before
+    with pytest.raises(CheckpointError, match="one writer per run"):
+        run.resume(tmp_path / "r")
+    train.train(held, train.make_executor(held), progress=False)  # releases the lock at the end
+    # a holder killed with SIGKILL: the kernel drops its lock
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from distributed_maml.runlock import RunLock; "
+            "lock = RunLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path / "r"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(CheckpointError, match=f"pid {holder.pid}"):
+        run.resume(tmp_path / "r")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    again = run.resume(tmp_path / "r", overrides=["training.steps=4"])
+    assert train.train(again, train.make_executor(again), progress=False).step == 4
