@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import warnings
@@ -64,8 +65,10 @@ def save(
     model: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     state: dict[str, Any],
+    keep: int = 0,
 ) -> Path:
-    """Writes checkpoints/step_<step>/ atomically and points `latest` at it."""
+    """Writes checkpoints/step_<step>/ atomically, points `latest` at it, then (keep > 0)
+    deletes all but the `keep` newest complete checkpoints."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -85,7 +88,18 @@ def save(
     _write_file(pointer, lambda f: f.write(final.name.encode()))
     os.replace(pointer, root / "latest")
     _fsync_dir(root)
+    if keep:
+        prune(root, keep, final.name)
     return final
+
+
+def prune(root: Path, keep: int, latest_name: str) -> None:
+    """Deletes the older checkpoint folders beyond the `keep` newest; never `latest_name`, and
+    only after `latest` names a complete newer one (the caller's order)."""
+    steps = sorted((int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
+    for _, path in steps[:-keep]:
+        if path.name != latest_name:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def latest(run_dir: Path) -> Path:

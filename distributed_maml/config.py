@@ -150,6 +150,9 @@ class TrainingConfig:
     """Print a log line and write metrics.jsonl every this many steps."""
     checkpoint_every: int = 0
     """Save a checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoint folders kept, the newest ones (0 = keep all); older ones are deleted only after
+    a newer one is complete, and never the one `latest` names."""
     eval_every: int = 100
     """Every this many steps, score the weights on eval_tasks held-out tasks (after the inner
     loop) and log it as heldout_loss (0 = never; table-built runs never, they have no generator)."""
@@ -166,6 +169,10 @@ class TrainingConfig:
         _require(
             self.checkpoint_every >= 0,
             f"training.checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}",
+        )
+        _require(
+            self.keep_checkpoints >= 0,
+            f"training.keep_checkpoints must be >= 0 (0 = keep all), got {self.keep_checkpoints}",
         )
         _require(self.eval_every >= 0, f"training.eval_every must be >= 0 (0 = never), got {self.eval_every}")
         _require(self.eval_tasks >= 1, f"training.eval_tasks must be >= 1, got {self.eval_tasks}")

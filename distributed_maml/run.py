@@ -30,6 +30,7 @@ RESUME_MAY_CHANGE = {
     "training.steps",
     "training.log_every",
     "training.checkpoint_every",
+    "training.keep_checkpoints",
     "training.on_nonfinite",
     "training.eval_every",
     "training.eval_tasks",

@@ -75,7 +75,10 @@ def save_checkpoint(run: Run, learner: Learner, step: int, sampler: Sampler) -> 
             "ways": run.store.info.ways,
         },
     }
-    return checkpoint.save(run.dir, step, learner.version, learner.state_dict(), learner.optimizer.state_dict(), state)
+    keep = run.cfg.training.keep_checkpoints
+    return checkpoint.save(
+        run.dir, step, learner.version, learner.state_dict(), learner.optimizer.state_dict(), state, keep
+    )
 
 
 def _is_finite(reduced: Reduced) -> bool:

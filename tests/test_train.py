@@ -146,7 +146,6 @@ def test_one_writer_per_run_folder(tmp_path):
     import subprocess
     import sys
 
-
     cfg = config.load(None, ["training.steps=2", "task.meta_batch=4", "scaling.num_workers=0", "training.eval_every=0"])
     r = run.prepare(cfg, tmp_path / "r", progress=False)
     train.train(r, train.make_executor(r), progress=False)
@@ -177,3 +176,23 @@ def test_one_writer_per_run_folder(tmp_path):
     holder.wait()
     again = run.resume(tmp_path / "r", overrides=["training.steps=4"])
     assert train.train(again, train.make_executor(again), progress=False).step == 4
+
+
+@pytest.mark.parametrize("keep, expected", [(3, [6, 8, 10]), (0, [2, 4, 6, 8, 10])])
+def test_checkpoint_retention(tmp_path, keep, expected):
+    overrides = [
+        "training.steps=10",
+        "training.checkpoint_every=2",
+        f"training.keep_checkpoints={keep}",
+        "task.meta_batch=4",
+        "scaling.num_workers=0",
+        "training.eval_every=0",
+    ]
+    r = run.prepare(config.load(None, overrides), tmp_path / "r", progress=False)
+    train.train(r, train.make_executor(r), progress=False)
+    kept = sorted(int(p.name[5:]) for p in (tmp_path / "r" / "checkpoints").glob("step_*"))
+    assert kept == expected and checkpoint.latest(tmp_path / "r").name == "step_10"
+    assert not list((tmp_path / "r" / "checkpoints").glob(".step_*"))  # no temporary folder left
+    again = run.resume(tmp_path / "r", overrides=["training.steps=12", "training.keep_checkpoints=1"])
+    train.train(again, train.make_executor(again), progress=False)
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").glob("step_*")] == ["step_12"]
