@@ -434,9 +434,8 @@ class TaskStore:
         if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
             raise IndexError(f"task ids out of range for {self.name} ({len(self)} tasks)")
         images = self.info.layout == "images"
-        want = [c for c in columns if not c.startswith("x_")] + (["image_ids"] if images else [])
-        if not images:
-            want = list(columns)
+        # an images store reads the rows' indices and gathers x_* from its image table
+        want = [c for c in columns if not c.startswith("x_")] + ["image_ids"] if images else list(columns)
         b, o = np.divmod(ids, self.info.rows_per_batch)
         first = self._batches[0]
         out = {c: np.empty((ids.size, *first[c].shape[1:]), dtype=first[c].dtype) for c in want}

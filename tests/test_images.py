@@ -21,8 +21,8 @@ def _png(path, seed, size=12):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    """alphabet/character/ folders (Omniglot's layout): 8 characters with 4 images, one with 2
-    (too few for 1 shot + 2 queries... kept at 3), and a corrupt file."""
+    """alphabet/character/ folders (Omniglot's layout): 9 characters with 4 images, one with 2
+    (too few for 1 shot + 2 queries), and a corrupt file."""
     root = tmp_path_factory.mktemp("omni")
     n = 0
     for a in range(2):

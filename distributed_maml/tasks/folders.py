@@ -91,7 +91,7 @@ def load(
     if split != "all":
         if not 0 < test_fraction < 1:
             raise StoreError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-        keep = split_classes(len(classes), ways, test_fraction, seed)[split]
+        keep = split_classes(len(classes), ways, test_fraction, seed, f"--from-images {root}")[split]
         classes = [classes[i] for i in keep]
     need = shots + queries
     images: list[np.ndarray] = []

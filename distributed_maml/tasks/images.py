@@ -85,10 +85,13 @@ class ImageTable:
         }
 
 
-def split_classes(n: int, ways: int, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Disjoint meta-train / meta-test class indices (a seeded permutation of 0..n-1)."""
+def split_classes(n: int, ways: int, test_fraction: float, seed: int, what: str) -> dict[str, np.ndarray]:
+    """Disjoint meta-train / meta-test class indices (a seeded permutation of 0..n-1); `what`
+    names the source in the error (tables and image folders share this split)."""
     n_test = max(ways, int(round(test_fraction * n)))
     if n - n_test < ways:
-        raise StoreError(f"{n} classes are too few for {ways}-way tasks in both splits (need {2 * ways}); lower --ways")
+        raise StoreError(
+            f"{what} has {n} classes: too few for {ways}-way tasks in both splits (need {2 * ways}); lower --ways"
+        )
     perm = np.random.default_rng([seed, 7919]).permutation(n)
     return {"test": np.sort(perm[:n_test]), "train": np.sort(perm[n_test:])}

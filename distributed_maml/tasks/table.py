@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import StoreError
+from .images import split_classes
 
 SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc", ".csv")
 
@@ -73,18 +74,6 @@ class TableTasks:
         }
 
 
-def split_classes(labels: np.ndarray, ways: int, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Disjoint meta-train / meta-test class indices (into the sorted unique labels)."""
-    n = len(np.unique(labels))
-    n_test = max(ways, int(round(test_fraction * n)))
-    if n - n_test < ways:
-        raise StoreError(
-            f"the table has {n} classes: too few for {ways}-way tasks in both splits (need {2 * ways}); lower --ways"
-        )
-    perm = np.random.default_rng([seed, 7919]).permutation(n)
-    return {"test": np.sort(perm[:n_test]), "train": np.sort(perm[n_test:])}
-
-
 def load(
     path: str | Path,
     label_column: str,
@@ -113,7 +102,7 @@ def load(
         np.asarray(table[label_column].to_numpy(zero_copy_only=False)).astype(str), return_inverse=True
     )
     x = ((x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)).astype(np.float32)
-    classes = split_classes(labels, ways, test_fraction, seed)[split]
+    classes = split_classes(len(names), ways, test_fraction, seed, "the table")[split]
     index = [np.flatnonzero(labels == c) for c in classes]
     short = [names[c] for c, i in zip(classes, index) if len(i) < shots + queries]
     if short:
