@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import stopping
 from .errors import UserError
 
 
@@ -262,6 +263,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "train" or (args.command == "tasks" and args.tasks_cmd == "build"):
+        stopping.install()  # these write: a signal stops them at a safe point
     try:
         {"train": cmd_train, "eval": cmd_eval, "tasks": cmd_tasks, "plot": cmd_plot, "bench": cmd_bench}[args.command](
             args
@@ -270,8 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"distributed-maml: error: {message}", file=sys.stderr)
         return e.exit_code
+    except stopping.Stopped as e:  # a graceful stop (see stopping.py): its line says how to go on
+        print(f"distributed-maml: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("distributed-maml: interrupted", file=sys.stderr)
+        print("\ndistributed-maml: interrupted", file=sys.stderr)
         return 130
     return 0
 

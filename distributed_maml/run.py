@@ -21,7 +21,7 @@ from .config import Config
 from .errors import CheckpointError, ConfigError, StoreError
 from .maml import as_input
 from .runlock import RunLock
-from .store import Plan, StoreInfo, TaskStore, plan, write_batches
+from .store import Plan, StoreInfo, TaskStore, check_disk, default_plan, plan, write_batches
 
 STORE_NAME = "tasks.arrow"
 # Keys a resume may change: the length and cadence of the run, and where it runs (the answer
@@ -104,7 +104,6 @@ def prepare(
 ) -> Run:
     """A new run: makes its folder, writes config.toml, opens or builds its task store.
     Every check runs before the folder is made, so a refused run leaves nothing behind."""
-    num = cfg.task.num_tasks or cfg.training.steps * cfg.task.meta_batch
     new_store: Plan | None = None
     if tasks is not None:
         store_path = Path(tasks).resolve()
@@ -113,15 +112,20 @@ def prepare(
         check_model(cfg, store.info, store)
     else:
         t = cfg.task
-        new_store = plan(t.family, num, cfg.training.seed, t.shots, t.queries, "train", t.ways)
+        if t.num_tasks:
+            new_store = plan(t.family, t.num_tasks, cfg.training.seed, t.shots, t.queries, "train", t.ways)
+        else:
+            steps, seed = cfg.training.steps, cfg.training.seed
+            new_store = default_plan(t.family, steps, t.meta_batch, seed, t.shots, t.queries, t.ways)
         check_model(cfg, new_store.info, None)
+        check_disk(Path(output_dir or "runs") / STORE_NAME, new_store.info.nbytes)  # before the folder exists
     run_dir = _new_run_dir(output_dir, cfg)
     lock = None
     try:
         lock = RunLock(run_dir)
         if new_store is not None:
             store_path = (run_dir / STORE_NAME).resolve()
-            write_batches(store_path, new_store.info.schema(), new_store.batches(progress), overwrite=False)
+            write_batches(store_path, new_store.info, new_store.batches(progress), overwrite=False)
             store = TaskStore.open(store_path)
         (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
     except BaseException:

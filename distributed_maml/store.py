@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from . import stopping
 from .errors import StoreError
 from .tasks import Family, ImageFamily, check_generated, resolve
 from .tasks.images import ImageTable
@@ -37,6 +39,11 @@ FORMAT_VERSION = 1  # the vectors layout
 FORMAT_VERSIONS = {"vectors": 1, "images": 2}
 ROWS_PER_BATCH = 16384  # at most; fewer for large rows so a batch stays near BATCH_BYTES
 BATCH_BYTES = 64 * 2**20
+DISK_MARGIN_BYTES = 64 * 2**20  # room left for checkpoints and logs after a store is written
+# The store `train` builds when task.num_tasks = 0: steps x meta_batch tasks (each seen once),
+# but no more than this many tasks or bytes; the sampler cycles through it in epochs.
+DEFAULT_MAX_TASKS = 10**6
+DEFAULT_MAX_BYTES = 2**30
 COLUMNS = ("x_support", "y_support", "x_query", "y_query", "params")
 IMAGE_COLUMNS = ("image_ids", "y_support", "y_query", "params")
 SPLITS = ("train", "test")
@@ -109,6 +116,18 @@ class StoreInfo:
         if column == "image_ids":
             return pa.dictionary(pa.int32(), self.image_type())
         return pa.int64() if column.startswith("y_") and self.kind == "classification" else pa.float32()
+
+    @property
+    def row_nbytes(self) -> int:
+        """One task row's bytes (fixed-size columns: exact up to Arrow's buffer padding)."""
+        itemsize = {"image_ids": 4} | {c: self.dtype(c).bit_width // 8 for c in self.columns if c != "image_ids"}
+        return sum(int(np.prod(self.shape(c))) * itemsize[c] for c in self.columns)
+
+    @property
+    def nbytes(self) -> int:
+        """What the file will take: every row, plus the image table once."""
+        images = self.num_images * (int(np.prod(self.image_shape)) + 4) if self.layout == "images" else 0
+        return self.row_nbytes * self.num_tasks + images
 
     def schema(self) -> pa.Schema:
         fields = [
@@ -242,6 +261,13 @@ def plan(family: str, num_tasks: int, seed: int, shots: int, queries: int, split
     return Plan(family_info(fam, num_tasks, seed, shots, queries, split), family=fam)
 
 
+def default_plan(family: str, steps: int, meta_batch: int, seed: int, shots: int, queries: int, ways: int) -> Plan:
+    """The store `train` builds when task.num_tasks = 0 (the rule above DEFAULT_MAX_TASKS)."""
+    p = plan(family, 1, seed, shots, queries, "train", ways)
+    cap = min(DEFAULT_MAX_TASKS, max(1, (DEFAULT_MAX_BYTES - p.info.nbytes) // p.info.row_nbytes))
+    return replace(p, info=replace(p.info, num_tasks=min(steps * meta_batch, cap)))
+
+
 def check_build_args(num_tasks: int, shots: int, queries: int, split: str, seed: int) -> None:
     """The arguments every build shares."""
     if num_tasks < 1:
@@ -254,16 +280,43 @@ def check_build_args(num_tasks: int, shots: int, queries: int, split: str, seed:
         raise StoreError(f"--seed must be in [0, 2**63), got {seed}")
 
 
-def write_batches(path: str | Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch], overwrite: bool) -> Path:
-    """Writes an IPC file atomically: a temporary file beside the target, then a rename."""
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def check_disk(path: Path, nbytes: int) -> None:
+    """Refuses a file that would not fit in its folder's free space (with a margin for the
+    checkpoints and logs that follow it), before anything is written."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folder may be made later
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if nbytes + DISK_MARGIN_BYTES > free:
+        raise StoreError(
+            f"the task store {path} would take about {_size(nbytes)} but {folder} has {_size(free)} free; "
+            "lower --num-tasks / task.num_tasks or write it elsewhere"
+        )
+
+
+def write_batches(path: str | Path, info: StoreInfo, batches: Iterator[pa.RecordBatch], overwrite: bool) -> Path:
+    """Writes an IPC file atomically: a temporary file beside the target, then a rename. Checked
+    against the free disk first; a failed or stopped write removes its temporary file."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
+    if path.is_dir():
+        raise StoreError(f"--out {path} is a folder; give the path of the .arrow file to write")
+    check_disk(path, info.nbytes)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, info.schema()) as writer:
             for batch in batches:
+                stopping.check(f"while writing {path}; nothing was kept")
                 writer.write_batch(batch)
         os.replace(tmp, path)
     finally:
@@ -286,7 +339,7 @@ def build(
     """Generates `num_tasks` tasks of a family into an Arrow IPC file at `path` (`ways`: for
     families that choose, 0 = the family's default)."""
     p = plan(family, num_tasks, seed, shots, queries, split, ways)
-    write_batches(path, p.info.schema(), p.batches(progress), overwrite)
+    write_batches(path, p.info, p.batches(progress), overwrite)
     return p.info
 
 
@@ -317,7 +370,7 @@ def build_from_table(
     info = family_info(
         family, num_tasks, seed, shots, queries, split, source=str(Path(table).resolve()), classes=tasks.class_names
     )
-    write_batches(out, info.schema(), generate_batches(info, progress=True, family=family), overwrite)
+    write_batches(out, info, generate_batches(info, progress=True, family=family), overwrite)
     return info
 
 
@@ -350,7 +403,7 @@ def build_from_images(
         root, ways, shots, queries, image_size, split, test_fraction, seed, grayscale, rotations, class_depth, strict
     )
     info = image_info("images", table, num_tasks, seed, ways, shots, queries, split, source=str(Path(root).resolve()))
-    write_batches(out, info.schema(), generate_batches(info, True, table=table), overwrite)
+    write_batches(out, info, generate_batches(info, True, table=table), overwrite)
     return info, summary
 
 

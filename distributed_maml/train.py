@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, models
+from . import checkpoint, models, stopping
 from .errors import TrainingError
 from .learner import Learner, Reduced, ShardResult, reduce_shards
 from .run import Run
@@ -117,6 +117,15 @@ def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
     return score
 
 
+def _stop(run: Run, learner: Learner, step: int, sampler: Sampler, saved: int) -> None:
+    """Saves the last applied step (unless it is saved already) and ends the run resumably."""
+    if step != saved or not (run.dir / "checkpoints" / "latest").exists():
+        save_checkpoint(run, learner, step, sampler)
+    signum = stopping.requested()
+    assert signum is not None
+    raise stopping.Stopped(signum, f"stopped at step {step}; continue with distributed-maml train --resume {run.dir}")
+
+
 def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
     try:
         return _train(run, executor, progress)
@@ -131,7 +140,8 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     heldout = heldout_scorer(run)
     sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
     start = run.start.step if run.start else 0
-    skipped, record = 0, {}
+    skipped, record, saved = 0, {}, start
+    stopping.install()  # again: connecting to Ray replaced the SIGTERM handler
     print(
         f"run {run.dir}: {len(run.store)} {run.store.info.family} tasks, {executor.describe()}, "
         f"steps {start}..{cfg.steps}",
@@ -142,6 +152,8 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
         tqdm(total=cfg.steps, initial=start, desc="meta-train", unit="step", disable=not progress or None) as bar,
     ):
         for step in range(start + 1, cfg.steps + 1):  # `step` counts completed meta-steps
+            if stopping.requested():  # SIGINT/SIGTERM: the last step is applied; keep it, then stop
+                _stop(run, learner, step - 1, sampler, saved)
             t0 = time.perf_counter()
             shards = split_shards(sampler.ids(step - 1), executor.num_shards)
             try:
@@ -187,4 +199,5 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
                 )
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 save_checkpoint(run, learner, step, sampler)
+                saved = step
     return TrainResult(run.dir, cfg.steps, learner.weights(), record)

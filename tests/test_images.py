@@ -142,7 +142,7 @@ def _table(n_classes=6, per_class=5, shape=(3, 6, 6), seed=0):
 
 def _write(path, table, num_tasks, ways=3, shots=1, queries=2, split="train"):
     info = store.image_info("images", table, num_tasks, 0, ways, shots, queries, split)
-    store.write_batches(path, info.schema(), store.generate_batches(info, table=table), overwrite=True)
+    store.write_batches(path, info, store.generate_batches(info, table=table), overwrite=True)
     return store.TaskStore.open(path)
 
 

@@ -3,8 +3,10 @@ loading, no leaked objects, and the CLI's bad-input table (one line, exit 2, not
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -61,18 +63,99 @@ def _crash_and_resume(tmp_path: Path, reference: list[str], crashing: list[str],
 
 
 def test_sigkilled_driver_resumes_bit_identical(tmp_path):
-    a, b = _crash_and_resume(tmp_path, INPROC, INPROC, steps=240, kill_after=30)
+    a, b = _crash_and_resume(tmp_path, INPROC, INPROC, steps=120, kill_after=30)
     for k in a.model:
         assert torch.equal(a.model[k], b.model[k]), k
 
 
-@pytest.mark.ray
-def test_sigkilled_ray_driver_resumes_to_float32_rounding(tmp_path):
-    """The driver (and with it the local Ray it started) dies mid-run; --resume with Ray
-    workers ends at the in-process run's weights to float32 rounding."""
-    a, b = _crash_and_resume(tmp_path, INPROC, [*INPROC, "scaling.num_workers=2"], steps=100, kill_after=20)
+def _signal_and_resume(tmp_path: Path, sig: int, overrides: list[str], steps: int, then_kill: bool = False) -> Path:
+    """Trains `overrides`, sends `sig` once the run has logged a random step, checks the one
+    line and the exit code, resumes (`then_kill`: SIGKILLs that resume at its next periodic
+    checkpoint and resumes again), and returns the run folder."""
+    at = random.Random().randint(3, steps // 2)  # a different step every time; printed on failure
+    out = tmp_path / f"stopped-{sig}"
+    argv = [sys.executable, "-m", "distributed_maml", "train", "--output-dir", str(out), "--no-progress"]
+    every = steps // 4 if then_kill else 0
+    common = [*overrides, f"training.steps={steps}", "training.log_every=1", f"training.checkpoint_every={every}"]
+    proc = subprocess.Popen(
+        [*argv, *_sets(common)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics, end = out / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= at):
+        assert proc.poll() is None and time.monotonic() < end, (at, proc.communicate())
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    last = stderr.strip().splitlines()[-1]
+    stopped = int(last.split("stopped at step ")[1].split(";")[0]) if "stopped at step" in last else -1
+    assert proc.returncode == 128 + sig, (at, proc.returncode, stderr)
+    assert last == f"distributed-maml: stopped at step {stopped}; continue with distributed-maml train --resume {out}"
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr
+    assert at <= stopped < steps - every and checkpoint.latest(out).name == f"step_{stopped}", (at, stopped)
+    if then_kill:
+        proc = subprocess.Popen([*argv[:4], "--resume", str(out), "--no-progress"], cwd=REPO, stderr=subprocess.PIPE)
+        _wait_for_checkpoint(out, (stopped // every + 1) * every, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = run_cli("train", "--resume", out, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # every step once: none lost, none doubled
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    straight = tmp_path_factory.mktemp("straight") / "run"
+    common = [*INPROC, "training.steps=150", "training.checkpoint_every=0"]
+    assert run_cli("train", "--output-dir", straight, "--no-progress", *_sets(common)).returncode == 0
+    return straight
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_last_step_and_resume_is_bit_identical(tmp_path, sig, straight_run):
+    out = _signal_and_resume(tmp_path, sig, INPROC, 150)
+    a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight_run, out))
+    assert a.step == b.step == 150 and a.version == b.version
     for k in a.model:
-        torch.testing.assert_close(b.model[k], a.model[k], rtol=1e-4, atol=1e-5)
+        assert torch.equal(a.model[k], b.model[k]), k
+    for x, y in zip(a.optimizer["state"].values(), b.optimizer["state"].values(), strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.ray
+def test_sigterm_then_sigkill_of_a_ray_driver_resume_bit_identical(tmp_path):
+    """Two Ray workers, stopped by SIGTERM, resumed, that resume SIGKILLed (the driver and the
+    local Ray it started die), resumed again: equal to the uninterrupted run bit for bit (the
+    shards and their reduction order do not depend on where the run stopped)."""
+    ray2 = [*INPROC, "scaling.num_workers=2"]
+    straight = tmp_path / "straight"
+    common = [*ray2, "training.steps=80"]
+    assert run_cli("train", "--output-dir", straight, "--no-progress", *_sets(common)).returncode == 0
+    out = _signal_and_resume(tmp_path, signal.SIGTERM, ray2, 80, then_kill=True)
+    a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight, out))
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+
+
+def test_a_second_signal_stops_at_once(monkeypatch):
+    from distributed_maml import stopping
+
+    monkeypatch.setattr(stopping, "_requested", None)
+    previous = {s: signal.getsignal(s) for s in stopping.SIGNALS}
+    try:
+        stopping.install()
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: only asks
+        time.sleep(0.01)
+        assert stopping.requested() == signal.SIGTERM
+        with pytest.raises(stopping.Stopped, match="stopped at once by a second SIGINT") as e:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert e.value.exit_code == 130
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        stopping.reset()
 
 
 def test_skip_policy_drops_nonfinite_steps_and_counts_them(tmp_path):
