@@ -15,6 +15,7 @@ code.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -22,15 +23,57 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from . import config as config_mod
+from .config import Config
+from .errors import CheckpointError, with_filename
+from .sampler import Sampler
 
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """The task store a run trains on, as it was when the run began: a resume refuses a store
+    whose file was replaced by a different one (other tasks, other size)."""
+
+    path: str
+    family: str
+    seed: int
+    ways: int
+    num_tasks: int
+    size_bytes: int | None = None  # None: written by an older version, not checked
+    fingerprint: str | None = None  # sha-256 of the store's metadata (shapes, seed, classes, ...)
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Everything beside the tensors that a checkpoint holds: the one place it is written and
+    read (resume, evaluation and plots take it from here)."""
+
+    config: Config
+    sampler: Sampler
+    store: StoreRef
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "sampler": self.sampler.state(), "store": asdict(self.store)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: Path) -> RunState:
+        try:
+            store = {k: v for k, v in data["store"].items() if k in StoreRef.__dataclass_fields__}
+            store.setdefault("ways", 0)
+            store.setdefault("num_tasks", data["sampler"]["num_tasks"])
+            return cls(config_mod.from_dict(data["config"]), Sampler(**data["sampler"]), StoreRef(**store))
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {where} has an unreadable state.json ({e!r}); resume from another"
+            ) from None
 
 
 @dataclass
@@ -39,7 +82,7 @@ class Checkpoint:
     version: int
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    state: dict[str, Any]  # config, sampler, store, format_version
+    state: RunState
     path: Path
 
 
@@ -51,11 +94,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, write: Any) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+def _write_file(path: Path, data: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise with_filename(e, path) from None
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    """Serialised in memory first: torch's zip writer turns a failed write (a full disk) into a
+    RuntimeError about stream positions; a plain file write raises the OSError it is."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def save(
@@ -64,7 +118,7 @@ def save(
     version: int,
     model: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
-    state: dict[str, Any],
+    state: RunState,
     keep: int = 0,
 ) -> Path:
     """Writes checkpoints/step_<step>/ atomically, points `latest` at it, then (keep > 0)
@@ -74,10 +128,10 @@ def save(
     final = root / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=root))
     try:
-        _write_file(tmp / "model.pt", lambda f: torch.save(model, f))
-        _write_file(tmp / "optimizer.pt", lambda f: torch.save(optimizer, f))
-        meta = {**state, "step": step, "version": version, "format_version": FORMAT_VERSION}
-        _write_file(tmp / "state.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        _write_file(tmp / "model.pt", _torch_bytes(model))
+        _write_file(tmp / "optimizer.pt", _torch_bytes(optimizer))
+        meta = {**state.to_json(), "step": step, "version": version, "format_version": FORMAT_VERSION}
+        _write_file(tmp / "state.json", json.dumps(meta, indent=1).encode())
         if final.exists():  # a re-save of the same step (resumed run): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -85,8 +139,11 @@ def save(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     pointer = root / f".latest.{os.getpid()}"
-    _write_file(pointer, lambda f: f.write(final.name.encode()))
-    os.replace(pointer, root / "latest")
+    try:
+        _write_file(pointer, final.name.encode())
+        os.replace(pointer, root / "latest")
+    finally:
+        pointer.unlink(missing_ok=True)
     _fsync_dir(root)
     if keep:
         prune(root, keep, final.name)
@@ -106,7 +163,8 @@ def latest(run_dir: Path) -> Path:
     """The newest complete checkpoint folder of a run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist")
+        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
+        raise CheckpointError(f"run folder {run_dir} {what}")
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.is_file():
         if not (run_dir / "config.toml").is_file():
@@ -140,4 +198,4 @@ def load(path: Path) -> Checkpoint:
         raise CheckpointError(
             f"checkpoint {path} has format version {state.get('format_version')}, expected {FORMAT_VERSION}"
         )
-    return Checkpoint(state["step"], state["version"], model, optimizer, state, path)
+    return Checkpoint(state["step"], state["version"], model, optimizer, RunState.from_json(state, path), path)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import stopping
-from .errors import UserError
+from .errors import UserError, os_error_line
 
 
 def _steps_list(text: str) -> list[int]:
@@ -263,16 +264,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "train" or (args.command == "tasks" and args.tasks_cmd == "build"):
-        stopping.install()  # these write: a signal stops them at a safe point
+    writes = args.command == "train" or (args.command == "tasks" and args.tasks_cmd == "build")
+    command = {"train": cmd_train, "eval": cmd_eval, "tasks": cmd_tasks, "plot": cmd_plot, "bench": cmd_bench}
     try:
-        {"train": cmd_train, "eval": cmd_eval, "tasks": cmd_tasks, "plot": cmd_plot, "bench": cmd_bench}[args.command](
-            args
-        )
+        with stopping.handling() if writes else contextlib.nullcontext():  # a signal stops these at a safe point
+            command[args.command](args)
     except UserError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"distributed-maml: error: {message}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a full disk, an unwritable or missing path: the user's to fix, in one line
+        print(f"distributed-maml: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except stopping.Stopped as e:  # a graceful stop (see stopping.py): its line says how to go on
         print(f"distributed-maml: {e}", file=sys.stderr)
         return e.exit_code

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, models
 from . import config as config_mod
+from .checkpoint import RunState
 from .config import Config
 from .errors import StoreError, UserError
 from .maml import as_input, loss_fn
@@ -47,9 +48,8 @@ def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(axis=0), 1.96 * sd / np.sqrt(n)
 
 
-def held_out_store(state: dict[str, Any], tasks: str | Path | None, num_tasks: int, shots: int | None) -> TaskStore:
-    cfg = config_mod.from_dict(state["config"])
-    train = state["store"]
+def held_out_store(state: RunState, tasks: str | Path | None, num_tasks: int, shots: int | None) -> TaskStore:
+    cfg, train = state.config, state.store
     if tasks is None:
         if cfg.task.family in FROM_FILES:
             raise UserError(
@@ -59,18 +59,18 @@ def held_out_store(state: dict[str, Any], tasks: str | Path | None, num_tasks: i
         return build_in_memory(
             cfg.task.family,
             num_tasks,
-            seed=train["seed"],
+            seed=train.seed,
             shots=shots or cfg.task.shots,
             queries=cfg.task.queries,
             split="test",
-            ways=train.get("ways", cfg.task.ways),
+            ways=train.ways or cfg.task.ways,
         )
     store = TaskStore.open(tasks)
     info = store.info
-    if info.family != train["family"]:
-        raise StoreError(f"{tasks} holds {info.family!r} tasks but the run was trained on {train['family']!r} tasks")
-    same_file = Path(tasks).resolve() == Path(train["path"]).resolve()
-    same_stream = info.family not in FROM_FILES and (info.split, info.seed) == ("train", train["seed"])
+    if info.family != train.family:
+        raise StoreError(f"{tasks} holds {info.family!r} tasks but the run was trained on {train.family!r} tasks")
+    same_file = Path(tasks).resolve() == Path(train.path).resolve()
+    same_stream = info.family not in FROM_FILES and (info.split, info.seed) == ("train", train.seed)
     if same_file or same_stream:
         raise StoreError(
             f"{tasks} is the run's training store; evaluate on held-out tasks "
@@ -112,16 +112,16 @@ def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int) -> dict[str, 
     return {k: (v if v.shape == own[k].shape else own[k]).detach().clone() for k, v in params.items()}
 
 
-def baseline_weights(run_dir: Path, state: dict[str, Any], info: Any, pretrain_steps: int) -> dict[str, dict]:
+def baseline_weights(run_dir: Path, state: RunState, info: Any, pretrain_steps: int) -> dict[str, dict]:
     """The two baselines' initial weights; the pretrained one is cached in the run folder."""
-    cfg = config_mod.from_dict(state["config"])
+    cfg = state.config
     scratch = models.build(cfg.model, info, seed=cfg.training.seed)  # the run's own step-0 weights
     out = {"scratch": {k: v.detach() for k, v in scratch.named_parameters()}}
     cache = run_dir / "baselines" / f"pretrained_{pretrain_steps}.pt"
     if cache.exists():
         out["pretrained"] = torch.load(cache, weights_only=True)
     else:
-        train_store = TaskStore.open(state["store"]["path"])
+        train_store = TaskStore.open(state.store.path)
         out["pretrained"] = pretrain(cfg, train_store, pretrain_steps, cfg.training.seed)
         cache.parent.mkdir(exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -191,7 +191,7 @@ def evaluate(
         raise UserError(f"--shots must be >= 1, got {shots}")
     run_dir = Path(run_dir)
     ckpt = checkpoint.load(checkpoint.latest(run_dir))
-    cfg = config_mod.from_dict(ckpt.state["config"])
+    cfg = ckpt.state.config
     if inner_lr is not None:  # test-time step size (the run's by default)
         cfg = cfg.replace(maml=config_mod.MamlConfig(cfg.maml.inner_steps, inner_lr, cfg.maml.first_order))
     store = held_out_store(ckpt.state, tasks, num_tasks, shots)

@@ -76,8 +76,8 @@ def adaptation(result: dict, out: Path) -> Path:
 
 def sinusoid_tasks(run_dir: Path, out: Path, shots: int = 10, tasks: int = 3) -> Path:
     ckpt = checkpoint.load(checkpoint.latest(run_dir))
-    cfg = config_mod.from_dict(ckpt.state["config"])
-    store = build_in_memory("sinusoid", tasks, seed=ckpt.state["store"]["seed"] + 7, shots=shots, queries=1)
+    cfg = ckpt.state.config
+    store = build_in_memory("sinusoid", tasks, seed=ckpt.state.store.seed + 7, shots=shots, queries=1)
     model = models.build(cfg.model, store.info, seed=0)
     forward = models.functional(model)
     params = {k: v.float() for k, v in ckpt.model.items()}
@@ -156,7 +156,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if cfg.task.family == "sinusoid" and latest.exists():
         made.append(sinusoid_tasks(run_dir, out / "sinusoid-tasks.png"))
     if latest.exists():
-        store_path = Path(checkpoint.load(checkpoint.latest(run_dir)).state["store"]["path"])
+        store_path = Path(checkpoint.load(checkpoint.latest(run_dir)).state.store.path)
         if store_path.exists():
             made.append(image_tasks(store_path, out / "image-tasks.png"))
     return [p for p in made if p is not None]

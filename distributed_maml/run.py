@@ -46,6 +46,20 @@ class Run:
     start: checkpoint.Checkpoint | None  # set when resuming
     lock: RunLock | None = None  # this process is the run's one writer until released
 
+    @property
+    def store_ref(self) -> checkpoint.StoreRef:
+        """What checkpoints record about the store (as opened when the run began or resumed)."""
+        info = self.store.info
+        return checkpoint.StoreRef(
+            str(self.store_path),
+            info.family,
+            info.seed,
+            info.ways,
+            len(self.store),
+            self.store_path.stat().st_size,
+            info.fingerprint,
+        )
+
 
 def _flat(cfg: Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, kv in cfg.to_dict().items() for k, v in kv.items()}
@@ -141,8 +155,8 @@ def resume(run_dir: str | Path, config_path: str | Path | None = None, overrides
     RESUME_MAY_CHANGE (and [scaling]) lists; anything else is a conflict, named."""
     run_dir = Path(run_dir)
     ckpt = checkpoint.load(checkpoint.latest(run_dir))
-    saved = config_mod.from_dict(ckpt.state["config"])
-    base = config_mod.load(config_path).to_dict() if config_path else ckpt.state["config"]
+    saved = ckpt.state.config
+    base = config_mod.load(config_path).to_dict() if config_path else saved.to_dict()
     cfg = config_mod.from_dict(config_mod.apply_overrides(base, overrides))
     for key, old in _flat(saved).items():
         new = _flat(cfg)[key]
@@ -153,15 +167,12 @@ def resume(run_dir: str | Path, config_path: str | Path | None = None, overrides
             )
     if cfg.training.steps < ckpt.step:
         raise ConfigError(f"training.steps = {cfg.training.steps} is below the checkpoint's step {ckpt.step}")
-    store_path = Path(ckpt.state["store"]["path"])
+    ref = ckpt.state.store
+    store_path = Path(ref.path)
     if not store_path.exists() and (run_dir / STORE_NAME).exists():  # the run folder was moved
         store_path = (run_dir / STORE_NAME).resolve()
     store = TaskStore.open(store_path)
-    if len(store) != ckpt.state["sampler"]["num_tasks"]:
-        raise CheckpointError(
-            f"{store_path} holds {len(store)} tasks, but the run was trained on "
-            f"{ckpt.state['sampler']['num_tasks']}; resume with the original store"
-        )
+    _check_same_store(store, store_path, ref)
     lock = RunLock(run_dir)  # before anything in the folder changes
     try:
         (run_dir / "config.toml").write_text(config_mod.dumps(cfg))
@@ -172,11 +183,35 @@ def resume(run_dir: str | Path, config_path: str | Path | None = None, overrides
     return Run(run_dir, cfg, store, store_path, ckpt, lock)
 
 
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line torn by a full disk or a kill mid-write
+        return None
+
+
+def _check_same_store(store: TaskStore, path: Path, ref: checkpoint.StoreRef) -> None:
+    """The store a resume opens must be the one the run trained on: same metadata, same size."""
+    changed = []
+    if len(store) != ref.num_tasks:
+        changed.append(f"{len(store)} tasks instead of {ref.num_tasks}")
+    if ref.size_bytes is not None and path.stat().st_size != ref.size_bytes:
+        changed.append(f"{path.stat().st_size} bytes instead of {ref.size_bytes}")
+    if ref.fingerprint is not None and store.info.fingerprint != ref.fingerprint:
+        changed.append("different metadata (family, seed, shapes or classes)")
+    if changed:
+        raise CheckpointError(
+            f"{path} was replaced since the run trained on it ({'; '.join(changed)}); "
+            "put the original store back to resume (the run's tasks must not change under it)"
+        )
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops lines logged after the checkpoint a resume starts from (they will be logged again)."""
+    """Drops lines logged after the checkpoint a resume starts from (they will be logged again),
+    and a torn last line."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text().splitlines() if (_logged_step(line) or step + 1) <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)

@@ -4,17 +4,21 @@ removing what it wrote); a second one stops at once.
 
 SIGTERM is what `ray job stop`, Kubernetes and spot preemption send, SIGINT is Ctrl-C. Ray's
 core worker installs its own SIGTERM handler (a native stack dump, then exit) when it connects,
-so `install()` is called again once Ray is up; it is idempotent.
+so `install()` is called again once Ray is up; it is idempotent, and does nothing outside
+`handling()`.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested: int | None = None
+_active = False  # inside handling()
 
 
 class Stopped(BaseException):  # noqa: N818 - a control-flow signal like KeyboardInterrupt, not an error
@@ -37,9 +41,29 @@ def _handle(signum: int, frame: FrameType | None) -> None:
     _requested = signum
 
 
+@contextmanager
+def handling() -> Iterator[None]:
+    """SIGINT/SIGTERM ask for a stop while inside (the CLI's writing commands); the previous
+    handlers come back after. Library calls outside it keep Python's defaults."""
+    global _active
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    _active = True
+    install()
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _active = False
+        reset()
+
+
 def install() -> None:
-    """Routes SIGINT/SIGTERM to the flag (main thread only; elsewhere Python cannot)."""
-    if threading.current_thread() is threading.main_thread():
+    """(Re)routes SIGINT/SIGTERM to the flag inside `handling()`; called again once Ray is up."""
+    if _active and threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
             signal.signal(s, _handle)
 

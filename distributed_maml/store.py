@@ -17,9 +17,9 @@ gathered, where they are used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +30,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from . import stopping
-from .errors import StoreError
+from .errors import StoreError, with_filename
 from .tasks import Family, ImageFamily, check_generated, resolve
 from .tasks.images import ImageTable
 
@@ -116,6 +116,11 @@ class StoreInfo:
         if column == "image_ids":
             return pa.dictionary(pa.int32(), self.image_type())
         return pa.int64() if column.startswith("y_") and self.kind == "classification" else pa.float32()
+
+    @property
+    def fingerprint(self) -> str:
+        """A short digest of everything the metadata says (a replaced store shows here)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def row_nbytes(self) -> int:
@@ -265,6 +270,11 @@ def default_plan(family: str, steps: int, meta_batch: int, seed: int, shots: int
     """The store `train` builds when task.num_tasks = 0 (the rule above DEFAULT_MAX_TASKS)."""
     p = plan(family, 1, seed, shots, queries, "train", ways)
     cap = min(DEFAULT_MAX_TASKS, max(1, (DEFAULT_MAX_BYTES - p.info.nbytes) // p.info.row_nbytes))
+    if meta_batch > cap:
+        raise StoreError(
+            f"task.meta_batch = {meta_batch} is larger than the default store ({cap} {family} tasks, at most "
+            f"{DEFAULT_MAX_TASKS} tasks or {_size(DEFAULT_MAX_BYTES)}); lower task.meta_batch or set task.num_tasks"
+        )
     return replace(p, info=replace(p.info, num_tasks=min(steps * meta_batch, cap)))
 
 
@@ -294,7 +304,10 @@ def check_disk(path: Path, nbytes: int) -> None:
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # the folder may be made later
         folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    st = os.statvfs(folder)
+    if st.f_blocks == 0:  # not a disk (/proc, /sys): writing there fails on its own, with its own reason
+        return
+    free = st.f_bavail * st.f_frsize
     if nbytes + DISK_MARGIN_BYTES > free:
         raise StoreError(
             f"the task store {path} would take about {_size(nbytes)} but {folder} has {_size(free)} free; "
@@ -319,6 +332,8 @@ def write_batches(path: str | Path, info: StoreInfo, batches: Iterator[pa.Record
                 stopping.check(f"while writing {path}; nothing was kept")
                 writer.write_batch(batch)
         os.replace(tmp, path)
+    except OSError as e:  # Arrow's write errors carry no file name
+        raise with_filename(e, path) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

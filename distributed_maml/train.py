@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import checkpoint, models, stopping
-from .errors import TrainingError
+from .errors import TrainingError, os_error_line, with_filename
 from .learner import Learner, Reduced, ShardResult, reduce_shards
 from .run import Run
 from .sampler import Sampler, split_shards
@@ -65,16 +65,7 @@ def make_learner(run: Run) -> Learner:
 
 
 def save_checkpoint(run: Run, learner: Learner, step: int, sampler: Sampler) -> Path:
-    state = {
-        "config": run.cfg.to_dict(),
-        "sampler": sampler.state(),
-        "store": {
-            "path": str(run.store_path),
-            "family": run.store.info.family,
-            "seed": run.store.info.seed,
-            "ways": run.store.info.ways,
-        },
-    }
+    state = checkpoint.RunState(run.cfg, sampler, run.store_ref)
     keep = run.cfg.training.keep_checkpoints
     return checkpoint.save(
         run.dir, step, learner.version, learner.state_dict(), learner.optimizer.state_dict(), state, keep
@@ -117,9 +108,27 @@ def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
     return score
 
 
+def _append(log: IO[bytes], line: str) -> None:
+    """One metrics line, written through (the file is unbuffered: a failed write leaves nothing
+    pending that closing the file would fail on again, hiding the first error)."""
+    data = memoryview(line.encode())
+    try:
+        while data:
+            data = data[log.write(data) or 0 :]
+    except OSError as e:
+        raise with_filename(e, log.name) from None
+
+
+def _has_checkpoint(run: Run) -> bool:
+    try:
+        return (run.dir / "checkpoints" / "latest").is_file()
+    except OSError:
+        return False
+
+
 def _stop(run: Run, learner: Learner, step: int, sampler: Sampler, saved: int) -> None:
     """Saves the last applied step (unless it is saved already) and ends the run resumably."""
-    if step != saved or not (run.dir / "checkpoints" / "latest").exists():
+    if step != saved or not _has_checkpoint(run):
         save_checkpoint(run, learner, step, sampler)
     signum = stopping.requested()
     assert signum is not None
@@ -129,6 +138,12 @@ def _stop(run: Run, learner: Learner, step: int, sampler: Sampler, saved: int) -
 def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
     try:
         return _train(run, executor, progress)
+    except OSError as e:  # a full disk or a vanished folder mid-run: checkpoints are atomic, so `latest` is whole
+        last = (run.dir / "checkpoints" / "latest").read_text().strip() if _has_checkpoint(run) else "none yet"
+        raise TrainingError(
+            f"{os_error_line(e)}; the last checkpoint ({last}) is intact: fix this, then continue with "
+            f"distributed-maml train --resume {run.dir}"
+        ) from None
     finally:  # the run folder's one-writer lock (taken by prepare/resume) ends with the training
         if run.lock is not None:
             run.lock.release()
@@ -141,6 +156,8 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
     start = run.start.step if run.start else 0
     skipped, record, saved = 0, {}, start
+    if run.start is None:  # step 0 on disk at once: a run stopped or failed before its first checkpoint resumes
+        save_checkpoint(run, learner, 0, sampler)
     stopping.install()  # again: connecting to Ray replaced the SIGTERM handler
     print(
         f"run {run.dir}: {len(run.store)} {run.store.info.family} tasks, {executor.describe()}, "
@@ -148,7 +165,7 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
         flush=True,
     )
     with (
-        open(run.dir / "metrics.jsonl", "a") as log,
+        open(run.dir / "metrics.jsonl", "ab", buffering=0) as log,
         tqdm(total=cfg.steps, initial=start, desc="meta-train", unit="step", disable=not progress or None) as bar,
     ):
         for step in range(start + 1, cfg.steps + 1):  # `step` counts completed meta-steps
@@ -190,8 +207,7 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
             if heldout and (step % cfg.eval_every == 0 or step == cfg.steps):
                 record["heldout_loss"] = heldout(learner.weights())
             if step % cfg.log_every == 0 or step in (1, cfg.steps) or "heldout_loss" in record:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                _append(log, json.dumps(record) + "\n")
                 tqdm.write(
                     f"Step {step}, Meta Loss: {record['meta_loss']:.4f}"
                     + (f", Accuracy: {record['acc_after']:.3f}" if "acc_after" in record else "")

@@ -3,10 +3,12 @@ loading, no leaked objects, and the CLI's bad-input table (one line, exit 2, not
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_maml import checkpoint, cli, config, run, train
+from distributed_maml import checkpoint, cli, config, run, store, train
 from distributed_maml.errors import CheckpointError
 
 from .conftest import REPO, assert_user_error, run_cli, tree_digest
@@ -138,13 +140,11 @@ def test_sigterm_then_sigkill_of_a_ray_driver_resume_bit_identical(tmp_path):
         assert torch.equal(a.model[k], b.model[k]), k
 
 
-def test_a_second_signal_stops_at_once(monkeypatch):
+def test_a_second_signal_stops_at_once():
     from distributed_maml import stopping
 
-    monkeypatch.setattr(stopping, "_requested", None)
-    previous = {s: signal.getsignal(s) for s in stopping.SIGNALS}
-    try:
-        stopping.install()
+    before = signal.getsignal(signal.SIGTERM)
+    with stopping.handling():
         os.kill(os.getpid(), signal.SIGTERM)  # the first: only asks
         time.sleep(0.01)
         assert stopping.requested() == signal.SIGTERM
@@ -152,10 +152,7 @@ def test_a_second_signal_stops_at_once(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
         assert e.value.exit_code == 130
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        stopping.reset()
+    assert stopping.requested() is None and signal.getsignal(signal.SIGTERM) is before  # restored
 
 
 def test_skip_policy_drops_nonfinite_steps_and_counts_them(tmp_path):
@@ -255,6 +252,15 @@ BAD_SETS = [
     ("training.stpes=3", "unknown key training.stpes"),
     ("trainer.steps=3", "unknown section [trainer]"),
     ("nodot=3", "--set takes section.key=value"),
+    # a value of the wrong TOML type, in every section
+    ('task.shots="5"', "task.shots must be an integer, got '5'"),
+    ('model.hidden="x"', "model.hidden must be a list of integers"),
+    ('maml.inner_lr="fast"', "maml.inner_lr must be a number"),
+    ("optimizer.lr=true", "optimizer.lr must be a number"),
+    ('training.seed="a"', "training.seed must be an integer"),
+    ('scaling.num_workers="2"', "scaling.num_workers must be an integer"),
+    # a default store that could not hold one meta-batch (it would be built, then every step OOM)
+    ("task.meta_batch=100000000", "larger than the default store"),
 ]
 
 
@@ -264,6 +270,122 @@ def test_bad_config_values_through_the_cli(override, needle, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists()
+
+
+def _path_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Every user-given path, made unusable in each way a user meets (root ignores permission
+    bits, so permissions are shown by /sys and /proc, which refuse even root)."""
+    afile = tmp / "afile"
+    afile.write_text("x")
+    build = ["tasks", "build", "--family", "seed", "--num-tasks", "10", "--out"]
+    train = ["train", "--no-progress", "--set", "scaling.num_workers=0", "--set", "training.steps=2"]
+    return {
+        "output-dir on /proc": ([*train, "--output-dir", "/proc/dmaml-run"], "/proc/dmaml-run"),
+        "output-dir on read-only /sys": ([*train, "--output-dir", "/sys/dmaml-run"], "/sys/dmaml-run"),
+        "output-dir under a file": ([*train, "--output-dir", str(afile / "run")], "Not a directory"),
+        "output-dir is a file": ([*train, "--output-dir", str(afile)], "is not an empty folder"),
+        "out on /proc": ([*build, "/proc/dmaml.arrow"], "/proc/"),
+        "out on read-only /sys": ([*build, "/sys/dmaml.arrow"], "/sys/"),
+        "out under a file": ([*build, str(afile / "s.arrow")], "a file stands where a folder is needed"),
+        "out is a folder": ([*build, str(tmp), "--overwrite"], "is a folder"),
+        "out beyond the disk": ([*build[:5], "1000000000000", "--out", str(tmp / "big.arrow")], "would take about"),
+        "tasks is a folder": ([*train, "--tasks", str(tmp), "--output-dir", str(tmp / "r")], "is a folder"),
+        "resume a file": (["train", "--resume", str(afile)], "is a file, not a run folder"),
+        "resume /proc": (["train", "--resume", "/proc"], "not a distributed-maml run folder"),
+        "run a file": (["eval", "--run", str(afile)], "is a file, not a run folder"),
+        "plot a file": (["plot", str(afile)], "not a distributed-maml run folder"),
+        "config a folder": (["train", "--config", str(tmp)], "cannot be read"),
+    }
+
+
+def test_unusable_paths_are_one_line_and_write_nothing(tmp_path, capsys):
+    for case, (argv, needle) in _path_cases(tmp_path).items():
+        before = tree_digest(tmp_path)
+        code = cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and needle in err and "Traceback" not in err, (case, err)
+        assert tree_digest(tmp_path) == before, case
+        assert not Path("/proc/dmaml-run").exists() and not Path("/sys/dmaml.arrow").exists()
+
+
+def _file_size_limit(kib: int):
+    """A real write error without filling the machine's disk: RLIMIT_FSIZE makes a write past
+    `kib` KiB fail with EFBIG (Python ignores SIGXFSZ), as ENOSPC fails a write on a full disk."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+
+
+def test_a_write_error_mid_run_is_one_line_and_resume_continues(tmp_path):
+    tasks = tmp_path / "tasks.arrow"
+    store.build(tasks, "seed", 2000, progress=False)
+    out = tmp_path / "r"
+    overrides = [*INPROC, "training.steps=300", "training.log_every=1", "training.checkpoint_every=20"]
+    argv = [sys.executable, "-m", "distributed_maml", "train", "--tasks", str(tasks), "--output-dir", str(out)]
+    proc = subprocess.run(
+        [*argv, "--no-progress", *_sets(overrides)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(64),  # metrics.jsonl passes 64 KiB after ~150 steps
+    )
+    assert_user_error(proc, f"{out / 'metrics.jsonl'}: File too large", "is intact", f"--resume {out}")
+    last = checkpoint.latest(out).name
+    assert f"the last checkpoint ({last}) is intact" in proc.stderr and last != "step_0"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary left
+    resumed = run_cli("train", "--resume", out, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 301))  # the torn line was dropped, nothing doubled
+
+
+def test_a_write_error_while_building_a_store_leaves_nothing(tmp_path):
+    out = tmp_path / "s.arrow"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distributed_maml", "tasks", "build", "--family", "seed", "--num-tasks", "20000"]
+        + ["--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(256),
+    )
+    assert_user_error(proc, f"{out}: ", "File too large")
+    assert list(tmp_path.iterdir()) == []  # neither the store nor its temporary file
+
+
+def test_a_failed_checkpoint_write_keeps_latest_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    real = checkpoint._write_file
+
+    def full_disk(path, data):
+        if path.name == "optimizer.pt" and ".step_4." in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_file", full_disk)
+    out = tmp_path / "r"
+    argv = ["train", "--output-dir", str(out), "--no-progress", *_sets([*INPROC, "training.steps=6"])]
+    code = cli.main([*argv, "--set", "training.checkpoint_every=2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "No space left on device" in err, err
+    assert "the last checkpoint (step_2) is intact" in err and f"--resume {out}" in err, err
+    assert checkpoint.latest(out).name == "step_2"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0", "step_2"]
+    monkeypatch.setattr(checkpoint, "_write_file", real)
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert checkpoint.latest(out).name == "step_6"
+
+
+def test_a_store_replaced_under_a_run_is_refused_at_resume(tmp_path):
+    tasks = tmp_path / "tasks.arrow"
+    store.build(tasks, "seed", 200, seed=1, progress=False)
+    out = tmp_path / "r"
+    assert cli.main(["train", "--tasks", str(tasks), "--output-dir", str(out), "--no-progress",
+                     *_sets([*INPROC, "training.steps=2"])]) == 0  # fmt: skip
+    store.build(tasks, "seed", 200, seed=2, overwrite=True, progress=False)  # same size, other tasks
+    before = tree_digest(out)
+    proc = run_cli("train", "--resume", out, "--set", "training.steps=4")
+    assert_user_error(proc, f"{tasks} was replaced since the run trained on it", "different metadata")
+    store.build(tasks, "seed", 300, seed=1, overwrite=True, progress=False)
+    assert_user_error(run_cli("train", "--resume", out), "300 tasks instead of 200")
+    assert tree_digest(out) == before
 
 
 def test_toml_syntax_error_through_the_cli(tmp_path):

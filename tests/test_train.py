@@ -95,7 +95,7 @@ def test_an_interrupted_save_leaves_latest_on_a_complete_checkpoint(tmp_path, mo
         _train(tmp_path, "r", 4, resume=True)
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step_2"
-    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["latest", "step_2"]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["latest", "step_0", "step_2"]
     assert _load(tmp_path / "r").step == 2
 
 
@@ -178,7 +178,7 @@ def test_one_writer_per_run_folder(tmp_path):
     assert train.train(again, train.make_executor(again), progress=False).step == 4
 
 
-@pytest.mark.parametrize("keep, expected", [(3, [6, 8, 10]), (0, [2, 4, 6, 8, 10])])
+@pytest.mark.parametrize("keep, expected", [(3, [6, 8, 10]), (0, [0, 2, 4, 6, 8, 10])])
 def test_checkpoint_retention(tmp_path, keep, expected):
     overrides = [
         "training.steps=10",
