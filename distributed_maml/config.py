@@ -197,6 +197,10 @@ class ScalingConfig:
     """"pack" keeps workers on as few nodes as possible, "spread" puts them on distinct nodes."""
     max_worker_failures: int = 3
     """Failed calls a worker may have before its shards move to the other workers."""
+    worker_timeout_s: float = 60.0
+    """How long a worker may go without answering a health check (its actor dead, restarting,
+    or waiting for a node that will not come) before it counts as failed for good and its
+    shards move to the live workers. A busy worker still answers: checks run beside its work."""
     task_map: str = "auto"
     """How a worker maps its shard's tasks: "vmap" (one batched computation), "loop" (one task
     at a time) or "auto": loop for conv nets on a CPU (vmap turns their convolutions into slow
@@ -235,6 +239,10 @@ class ScalingConfig:
         _require(
             self.max_worker_failures >= 1,
             f"scaling.max_worker_failures must be >= 1, got {self.max_worker_failures}",
+        )
+        _require(
+            math.isfinite(self.worker_timeout_s) and self.worker_timeout_s > 0,
+            f"scaling.worker_timeout_s must be a number of seconds > 0, got {self.worker_timeout_s}",
         )
 
 

@@ -28,7 +28,7 @@ from .learner import ShardResult
 from .userimport import search_path
 
 PLACEMENT_TIMEOUT_S = 60.0  # a pool that cannot be placed by then never will be, on a fixed cluster
-RESTART_TIMEOUT_S = 60.0  # how long a dead worker may take to come back before its shards move
+POLL_S = 1.0  # how often a step that is still waiting checks its workers' health
 
 
 def connect() -> None:
@@ -70,7 +70,7 @@ class StoreSource:
     size: int
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
+@ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"health": 1})
 class WorkerActor:
     """Owns a CPU or GPU slice; computes shards with the Ray-free ShardComputer."""
 
@@ -115,6 +115,11 @@ class WorkerActor:
 
     def curve(self, weights: np.ndarray, ids: np.ndarray, max_steps: int, lr: float) -> Any:
         return self.computer.curve(weights, ids, max_steps, lr)
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> int:
+        """Answers while `compute` runs (its own thread): silence means dead, restarting or unplaced."""
+        return os.getpid()
 
     def info(self) -> dict[str, Any]:
         import torch
@@ -216,15 +221,26 @@ class RayExecutor:
 
     def _map(self, call: Callable[[Any, np.ndarray], Any], shards: list[np.ndarray]) -> list[Any]:
         """Shard i goes to worker i while it is healthy (the fixed partition; a retired worker's
-        shards go to healthy ones); results come back in shard order. A
-        shard whose worker died is computed again (on the restarted actor, or on another worker
-        once its owner has failed too often), so a step never goes on with a shard missing."""
+        shards go to healthy ones); results come back in shard order. A shard whose worker died,
+        or went silent for `worker_timeout_s` (a lost node whose actor has nowhere to restart
+        waits forever otherwise), is computed again elsewhere: a step never goes on with a
+        shard missing, and never waits without bound."""
         healthy = self.healthy()
         owners = [i if i in healthy else healthy[i % len(healthy)] for i in range(len(shards))]
         pending = {call(self.workers[w], ids): (i, w) for i, (w, ids) in enumerate(zip(owners, shards))}
         results: list[Any] = [None] * len(shards)
+        watch = _Watch(self.workers, self.scaling.worker_timeout_s)
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            if not done:
+                for w in watch.silent({w for _, w in pending.values()}):
+                    self.failures[w] = self.max_failures  # retired: it may come back, but not in this run
+                    for ref, (i, owner) in list(pending.items()):
+                        if owner == w:
+                            del pending[ref]
+                            target = self._next_healthy(w, i, "went silent")
+                            pending[call(self.workers[target], shards[i])] = (i, target)
+                continue
             i, w = pending.pop(done[0])
             try:
                 results[i] = ray.get(done[0])
@@ -236,25 +252,30 @@ class RayExecutor:
     def _reassign(self, w: int, shard: int) -> int:
         """Counts one failure of worker w and picks who computes its shard again: w itself once
         Ray has restarted it, else (after max_worker_failures, or if it does not come back) a
-        healthy worker. No healthy worker left is the end of the run."""
+        healthy worker."""
         self.failures[w] += 1
         if self.failures[w] < self.max_failures and not self._back(w):
             self.failures[w] = self.max_failures
+        return self._next_healthy(w, shard, "failed")
+
+    def _next_healthy(self, w: int, shard: int, what: str) -> int:
+        """w if it is still healthy, else a healthy worker; none left is the end of the run."""
         healthy = self.healthy()
         if not healthy:
             raise TrainingError(
-                f"every worker has failed {self.max_failures} times (last: worker-{w} on shard {shard}); "
+                f"no healthy worker left (last: worker-{w} {what} on shard {shard}; each may fail "
+                f"{self.max_failures} times or be silent {self.scaling.worker_timeout_s:g} s); "
                 "see the Ray logs for why, then continue with --resume"
             )
         return w if w in healthy else healthy[shard % len(healthy)]
 
     def _back(self, w: int) -> bool:
-        """Whether worker w answers again within RESTART_TIMEOUT_S (Ray restarts dead actors;
+        """Whether worker w answers again within worker_timeout_s (Ray restarts dead actors;
         calls sent while it restarts would fail again and count as more failures)."""
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        deadline = time.monotonic() + self.scaling.worker_timeout_s
         while time.monotonic() < deadline:
             try:
-                ray.get(self.workers[w].info.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                ray.get(self.workers[w].ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
                 return True
             except (RayActorError, GetTimeoutError):
                 time.sleep(0.2)
@@ -278,6 +299,30 @@ class RayExecutor:
             ray.kill(w, no_restart=True)
         remove_placement_group(self.pg)
         self.blob = None
+
+
+class _Watch:
+    """Health checks of the workers a step waits on: one ping in flight per worker; a worker
+    whose ping has gone unanswered for `timeout_s` is silent."""
+
+    def __init__(self, workers: list[Any], timeout_s: float) -> None:
+        self.workers, self.timeout_s = workers, timeout_s
+        self.inflight: dict[int, tuple[Any, float]] = {}
+
+    def silent(self, waited_on: set[int]) -> list[int]:
+        now, out = time.monotonic(), []
+        for w in waited_on:
+            if w not in self.inflight:
+                self.inflight[w] = (self.workers[w].ping.remote(), now)
+                continue
+            ref, sent = self.inflight[w]
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:  # it answered: alive (a dead actor's ping raises instead; then its call fails too)
+                del self.inflight[w]
+            elif now - sent > self.timeout_s:
+                del self.inflight[w]
+                out.append(w)
+        return out
 
 
 def _free(resources: dict[str, float]) -> str:

@@ -1,11 +1,11 @@
-"""`ray job submit`: a local head with its dashboard on 127.0.0.1, a job submitted through
-JobSubmissionClient with jobs/runtime_env.yaml, waited on until SUCCEEDED, its run folder checked."""
+"""`ray job submit` as the README says it: the shell commands of its job section, run as written
+(ports, the output folder and the run's length changed) in a clean environment — no variable of
+this test process leaks in — against a head started by the README's own `ray start` line."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from distributed_maml import checkpoint
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_LENGTH = ["--set", "training.steps=100000", "--set", "task.num_tasks=2000", "--set", "training.log_every=1"]
 
 
 def _free_port() -> int:
@@ -26,30 +28,139 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def readme_job_commands() -> list[str]:
+    """The README's `ray job submit` block: one string per command (continuations joined,
+    comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("### `ray job submit`", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        command = line.split("  #", 1)[0].strip()
+        if command:
+            commands.append(" ".join(command.split()))
+    return commands
+
+
+class Shell:
+    """Runs README lines with bash in a clean environment: PATH (this venv first, for `ray` and
+    `python`), a private HOME, and whatever the README's own `export` lines set."""
+
+    def __init__(self, home: Path, dashboard: int, port: int, out: Path) -> None:
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {"PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
+        self.dashboard, self.port, self.out = dashboard, port, out
+
+    def adapt(self, command: str) -> str:
+        """The test's changes: free ports, a small head, a temporary output folder, a run
+        long enough to stop."""
+        command = command.replace("127.0.0.1:8265", f"127.0.0.1:{self.dashboard}")
+        command = command.replace("/shared/runs/sinusoid", str(self.out))
+        if command.startswith("ray start"):
+            command += (
+                f" --port={self.port} --dashboard-port={self.dashboard} --num-cpus=2"
+                " --object-store-memory=150000000 --disable-usage-stats"
+            )
+        if "--config jobs/sinusoid.toml" in command:
+            command += " " + shlex.join(RUN_LENGTH)
+        return command
+
+    def run(self, command: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        if command.startswith("export "):
+            name, value = command.removeprefix("export ").split("=", 1)
+            self.env[name] = value
+            return subprocess.CompletedProcess(command, 0, "", "")
+        return subprocess.run(
+            ["bash", "-c", self.adapt(command)],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    temp = tmp_path_factory.mktemp("ray")
-    start = [
-        ray_bin,
-        "start",
-        "--head",
-        f"--port={port}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        "--include-dashboard=true",
-        "--num-cpus=2",
-        "--object-store-memory=150000000",
-        "--disable-usage-stats",
-    ]
-    proc = subprocess.run(start, capture_output=True, text=True, env=env, cwd=temp, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+def shell(tmp_path_factory):
+    commands = readme_job_commands()
+    home = tmp_path_factory.mktemp("home")
+    sh = Shell(home, _free_port(), _free_port(), tmp_path_factory.mktemp("shared") / "runs" / "sinusoid")
+    sh.commands = commands
+    for command in commands[: commands.index(next(c for c in commands if c.startswith("ray start"))) + 1]:
+        proc = sh.run(command)
+        assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
     try:
-        yield f"http://127.0.0.1:{dash}"
+        yield sh
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop = next(c for c in commands if c == "ray stop")
+        sh.run(stop + " --force")
+
+
+def _the(shell: Shell, prefix: str, nth: int = 0) -> str:
+    return [c for c in shell.commands if c.startswith(prefix)][nth]
+
+
+def _logs(shell: Shell, job: str) -> str:
+    command = _the(shell, "ray job logs").replace(" -f ", " ").replace("raysubmit_XXXXXXXX", job)
+    return shell.run(command).stdout
+
+
+def _status(shell: Shell, job: str) -> str:
+    """succeeded, failed, stopped, or running (anything else `ray job status` says)."""
+    proc = shell.run(f"ray job status --address http://127.0.0.1:{shell.dashboard} {job}")
+    found = re.findall(rf"Job '{job}' (succeeded|failed|stopped)", proc.stdout + proc.stderr)
+    return found[-1] if found else "running"
+
+
+def _wait(shell: Shell, job: str, until, timeout: float = 240) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if until(job):
+            return _logs(shell, job)
+        time.sleep(1)
+    raise AssertionError(_logs(shell, job))
+
+
+def _submit(shell: Shell, command: str) -> str:
+    proc = shell.run(command)
+    assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+    return re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+
+
+def test_readme_job_section_submit_list_logs_stop_resume(shell):
+    """Submit, list, follow, `ray job stop` (SIGTERM: the last step is saved), resubmit with
+    --resume: the run continues from the step it stopped at."""
+    job = _submit(shell, _the(shell, "ray job submit", 0))
+    listed = shell.run(_the(shell, "ray job list"))
+    assert listed.returncode == 0 and job in listed.stdout, listed.stderr
+
+    def past_step_5(j: str) -> bool:
+        return re.search(r"Step ([6-9]|\d\d+),", _logs(shell, j)) is not None
+
+    _wait(shell, job, past_step_5)
+    stop = shell.run(_the(shell, "ray job stop").replace("raysubmit_XXXXXXXX", job))
+    assert stop.returncode == 0, stop.stderr
+    followed = shell.run(_the(shell, "ray job logs").replace("raysubmit_XXXXXXXX", job), timeout=60).stdout
+    line = re.search(r"distributed-maml: stopped at step (\d+); continue with (.*)", followed)
+    assert line, followed
+    assert "Traceback" not in followed and "SIGTERM received" not in followed, followed
+    stopped = int(line.group(1))
+    assert line.group(2) == f"distributed-maml train --resume {shell.out}"
+    assert checkpoint.latest(shell.out).name == f"step_{stopped}"  # saved, not lost since the last periodic one
+
+    resume = _the(shell, "ray job submit", 1) + f" --set training.steps={stopped + 3} --no-progress"
+    job2 = _submit(shell, resume)
+    logs = _wait(shell, job2, lambda j: _status(shell, j) != "running")
+    assert _status(shell, job2) == "succeeded", logs
+    assert f"steps {stopped}..{stopped + 3}" in logs and f"done: {stopped + 3} steps" in logs, logs
+    assert checkpoint.latest(shell.out).name == f"step_{stopped + 3}"
+
+
+def test_a_failing_job_fails_with_the_one_line_error(shell):
+    submit = _the(shell, "ray job submit", 0).split(" -- ")[0].replace(" --no-wait", "")
+    proc = shell.run(f"{submit} -- python -m distributed_maml train --set maml.inner_lr=-1")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "maml.inner_lr must be a finite number > 0, got -1.0" in out and "Traceback" not in out, out
 
 
 def _listeners(port: int) -> list[str]:
@@ -64,48 +175,15 @@ def _listeners(port: int) -> list[str]:
     return found
 
 
-def test_dashboard_binds_to_loopback_only(head):
-    listeners = _listeners(int(head.rsplit(":", 1)[1]))
+def test_dashboard_binds_to_loopback_only(shell):
+    listeners = _listeners(shell.dashboard)
     assert listeners and all(a == "127.0.0.1" for a in listeners), listeners
 
 
-def test_job_submit_runs_training_to_success(head, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(head)
-    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
-    runtime_env["working_dir"] = str(REPO)
-    out = tmp_path / "job-run"  # an absolute path: the job's working dir is a temporary copy
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} -m distributed_maml train --config jobs/seed.toml --output-dir {out} "
-        "--set training.steps=40 --set training.log_every=20 --no-progress",
-        runtime_env=runtime_env,
+def test_the_job_cli_without_the_token_export_is_refused(shell):
+    """Why the README exports RAY_AUTH_MODE: without it Ray 2.60's job CLI sends no token."""
+    env = {k: v for k, v in shell.env.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run(
+        ["bash", "-c", shell.adapt(_the(shell, "ray job list"))], env=env, capture_output=True, text=True, timeout=120
     )
-    deadline = time.monotonic() + 240
-    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, client.get_job_logs(job)
-        time.sleep(1)
-    logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs
-    assert "Ray workers" in logs and "Step 40, Meta Loss:" in logs
-    assert (out / "checkpoints" / "step_40" / "model.pt").is_file()
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 20, 40]
-
-
-def test_a_failing_job_reports_failed_with_the_one_line_error(head, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(head)
-    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
-    runtime_env["working_dir"] = str(REPO)
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} -m distributed_maml train --set maml.inner_lr=-1", runtime_env=runtime_env
-    )
-    deadline = time.monotonic() + 120
-    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline
-        time.sleep(1)
-    assert client.get_job_status(job) == JobStatus.FAILED
-    logs = client.get_job_logs(job)
-    assert "maml.inner_lr must be a finite number > 0, got -1.0" in logs and "Traceback" not in logs
+    assert proc.returncode != 0 and "auth" in (proc.stdout + proc.stderr).lower()

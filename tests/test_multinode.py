@@ -4,6 +4,8 @@ worker node mid-run loses nothing."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import ray
@@ -56,17 +58,9 @@ def test_spread_workers_land_on_distinct_nodes_with_the_in_process_weights(clust
         np.testing.assert_allclose(again.weights, reference.weights, rtol=1e-5, atol=1e-6)
 
 
-def test_losing_the_worker_node_mid_run_loses_nothing(cluster, tmp_path, store_path, monkeypatch):
-    """The worker node goes away at step 3: its actor is restarted on the head node (its
-    placement-group bundle is rescheduled there), the shard it owed is computed again, and the
-    run ends with the undisturbed weights."""
-    from distributed_maml import runtime
-
-    monkeypatch.setattr(runtime, "RESTART_TIMEOUT_S", 30.0)
-    reference, _ = train_on(tmp_path / "ref", store_path, [*BASE, "scaling.num_workers=0"])
-    doomed = cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
-    cluster.wait_for_nodes()
-    seen = {}
+def _remove_at_call(cluster, node, at: int, seen: dict, until_known_dead: bool = False):
+    """Removes `node` before the executor's call number `at` (and, `until_known_dead`, waits
+    until the cluster has marked it dead: the call then goes to an actor Ray holds pending)."""
 
     def hook(ex):
         seen["before"] = ex.worker_info()
@@ -74,14 +68,53 @@ def test_losing_the_worker_node_mid_run_loses_nothing(cluster, tmp_path, store_p
 
         def compute(weights, version, shards):
             calls["n"] += 1
-            if calls["n"] == 3:
-                cluster.remove_node(doomed)
+            if calls["n"] == at:
+                cluster.remove_node(node)
+                end = time.monotonic() + 60
+                while until_known_dead and any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+                    assert time.monotonic() < end
+                    time.sleep(0.2)
             return original(weights, version, shards)
 
         ex.compute = compute
 
+    return hook
+
+
+def test_losing_a_node_with_no_spare_slot_moves_its_shards_and_never_hangs(cluster, tmp_path, store_path):
+    """Every CPU of the cluster holds a worker; the node of one goes away at step 3. Ray keeps
+    that actor pending (its bundle fits nowhere) and a call to it would wait forever: it is
+    silent past scaling.worker_timeout_s, retired, its shards move to the live workers, and the
+    run ends with the undisturbed weights."""
+    reference, _ = train_on(tmp_path / "ref", store_path, [*BASE, "scaling.num_workers=0"])
+    doomed = cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    cluster.wait_for_nodes()
+    seen: dict = {}
+    full = int(ray.cluster_resources()["CPU"])  # one worker per CPU: no spare slot anywhere
+    overrides = [*BASE, f"scaling.num_workers={full}", "scaling.placement=spread", "scaling.worker_timeout_s=5"]
+    t0 = time.monotonic()
+    hook = _remove_at_call(cluster, doomed, 3, seen, until_known_dead=True)
+    result, ex = train_on(tmp_path / "full", store_path, overrides, hook)
+    assert doomed.node_id in {i["node_id"] for i in seen["before"]}
+    assert len(ex.healthy()) == full - 1
+    assert time.monotonic() - t0 < 55  # bounded by worker_timeout_s = 5, not by a fixed minute or forever
+    np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
+
+
+def test_losing_the_worker_node_mid_run_loses_nothing(cluster, tmp_path, store_path):
+    """The worker node goes away at step 3: its actor is restarted on the head node (its
+    placement-group bundle is rescheduled there), the shard it owed is computed again, and the
+    run ends with the undisturbed weights."""
+    reference, _ = train_on(tmp_path / "ref", store_path, [*BASE, "scaling.num_workers=0"])
+    doomed = cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    cluster.wait_for_nodes()
+    seen: dict = {}
+    hook = _remove_at_call(cluster, doomed, 3, seen)
     result, ex = train_on(
-        tmp_path / "lossy", store_path, [*BASE, "scaling.num_workers=3", "scaling.placement=spread"], hook
+        tmp_path / "lossy",
+        store_path,
+        [*BASE, "scaling.num_workers=3", "scaling.placement=spread", "scaling.worker_timeout_s=30"],
+        hook,
     )
     assert doomed.node_id in {i["node_id"] for i in seen["before"]}
     assert sum(ex.failures) >= 1
