@@ -10,6 +10,7 @@ when some node cannot see it, from one copy of the file's bytes in Ray's object 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,16 +32,18 @@ PLACEMENT_TIMEOUT_S = 60.0  # a pool that cannot be placed by then never will be
 POLL_S = 1.0  # how often a step that is still waiting checks its workers' health
 
 
-def connect() -> None:
+def connect() -> bool:
     """Joins the cluster named by RAY_ADDRESS (as under `ray job submit`), or starts a local
     Ray when there is none. Token authentication stays as Ray configures it (on by default);
-    a local instance keeps its dashboard off, so nothing listens beyond what Ray needs."""
+    a local instance keeps its dashboard off, so nothing listens beyond what Ray needs.
+    True when this call connected (the caller owns the connection)."""
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
         ray.init(include_dashboard=False, log_to_driver=True)
+    return True
 
 
 def resolve_num_workers(scaling: ScalingConfig) -> int:
@@ -150,7 +153,8 @@ class RayExecutor:
     ) -> None:
         """`store` is the path of a store file, or the bytes of an in-memory store (which then
         always travels through the object store)."""
-        connect()
+        self.owns_ray = connect()
+        self._closed = threading.Event()
         scaling = auto_gpus(scaling)
         self.scaling = scaling
         self.num_shards = n = resolve_num_workers(scaling)
@@ -281,6 +285,27 @@ class RayExecutor:
                 time.sleep(0.2)
         return False
 
+    def watch(self, on_lost: Callable[[str], None]) -> None:
+        """Calls `on_lost(why)` from a daemon thread if the local Ray this process started stops
+        under it (its raylet exits: killed, out of memory, or fate-shared with a dead agent).
+        Ray's core worker then ends this process from C++ within seconds, printing only Ray's
+        log lines; this is the moment to say, in one line of ours, what is safe and how to go on.
+        A driver that joined an existing cluster has no raylet of its own to watch."""
+        raylet = _own_raylet() if self.owns_ray else None
+        if raylet is None:
+            return
+
+        def loop() -> None:
+            while raylet.poll() is None:
+                if self._closed.wait(0.5):  # closed: Ray's own shutdown follows, not a loss
+                    return
+            if not self._closed.is_set():
+                on_lost(
+                    f"the local Ray instance stopped (its raylet, pid {raylet.pid}, exited with {raylet.returncode})"
+                )
+
+        threading.Thread(target=loop, name="raylet-watch", daemon=True).start()
+
     def worker_info(self) -> list[dict[str, Any]]:
         return ray.get([w.info.remote() for w in self.workers])
 
@@ -295,6 +320,7 @@ class RayExecutor:
         )
 
     def close(self) -> None:
+        self._closed.set()
         for w in self.workers:
             ray.kill(w, no_restart=True)
         remove_placement_group(self.pg)
@@ -323,6 +349,16 @@ class _Watch:
                 del self.inflight[w]
                 out.append(w)
         return out
+
+
+def _own_raylet() -> Any:
+    """The raylet process of the local Ray this process started (a Popen), or None. Ray keeps
+    it on its private Node object; if that ever moves, watching is skipped, nothing breaks."""
+    try:
+        node = ray._private.worker.global_worker.node
+        return node.all_processes["raylet"][0].process
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _free(resources: dict[str, float]) -> str:

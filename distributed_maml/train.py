@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ class Executor(Protocol):
     num_shards: int
 
     def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]: ...
+    def watch(self, on_lost: Callable[[str], None]) -> None: ...
     def describe(self) -> str: ...
     def close(self) -> None: ...
 
@@ -126,6 +129,19 @@ def _has_checkpoint(run: Run) -> bool:
         return False
 
 
+def _lost(run: Run, why: str) -> None:
+    """The cluster went away under the run (called from the executor's watch thread): one line
+    of ours before Ray ends the process. Checkpoints are atomic, so `latest` is whole."""
+    last = (run.dir / "checkpoints" / "latest").read_text().strip() if _has_checkpoint(run) else "none yet"
+    sys.stdout.flush()
+    sys.stderr.write(
+        f"\ndistributed-maml: error: {why}; the last checkpoint ({last}) is intact: start Ray again (or let "
+        f"this command start it) and continue with distributed-maml train --resume {run.dir}\n"
+    )
+    sys.stderr.flush()
+    os._exit(1)  # before Ray's own exit, which prints nothing of ours; the kernel releases the run lock
+
+
 def _stop(run: Run, learner: Learner, step: int, sampler: Sampler, saved: int) -> None:
     """Saves the last applied step (unless it is saved already) and ends the run resumably."""
     if step != saved or not _has_checkpoint(run):
@@ -159,6 +175,7 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     if run.start is None:  # step 0 on disk at once: a run stopped or failed before its first checkpoint resumes
         save_checkpoint(run, learner, 0, sampler)
     stopping.install()  # again: connecting to Ray replaced the SIGTERM handler
+    executor.watch(lambda why: _lost(run, why))
     print(
         f"run {run.dir}: {len(run.store)} {run.store.info.family} tasks, {executor.describe()}, "
         f"steps {start}..{cfg.steps}",

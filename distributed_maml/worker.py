@@ -7,6 +7,7 @@ wraps; keeping it Ray-free keeps it testable and identical at every scale.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -134,6 +135,9 @@ class InProcessExecutor:
         self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
         return [self.computer.curve(weights, ids, max_steps, lr) for ids in shards]
+
+    def watch(self, on_lost: Callable[[str], None]) -> None:
+        """Nothing to watch: in-process work has no cluster to lose."""
 
     def describe(self) -> str:
         return f"in-process ({torch.get_num_threads()} torch threads, tasks by {self.computer.task_map})"

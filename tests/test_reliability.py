@@ -70,10 +70,23 @@ def test_sigkilled_driver_resumes_bit_identical(tmp_path):
         assert torch.equal(a.model[k], b.model[k]), k
 
 
+def _child_named(pid: int, name: str) -> int:
+    """The pid of `pid`'s child process called `name` (read from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if comm.split("(", 1)[1] == name and int(rest.split()[1]) == pid:
+            return int(stat.parent.name)
+    raise AssertionError(f"no child {name} of {pid}")
+
+
 def _signal_and_resume(tmp_path: Path, sig: int, overrides: list[str], steps: int, then_kill: bool = False) -> Path:
     """Trains `overrides`, sends `sig` once the run has logged a random step, checks the one
-    line and the exit code, resumes (`then_kill`: SIGKILLs that resume at its next periodic
-    checkpoint and resumes again), and returns the run folder."""
+    line and the exit code, resumes (`then_kill`: SIGKILLs the raylet of that resume's local Ray
+    at its next periodic checkpoint, checks the driver's one line, and resumes again), and
+    returns the run folder."""
     at = random.Random().randint(3, steps // 2)  # a different step every time; printed on failure
     out = tmp_path / f"stopped-{sig}"
     argv = [sys.executable, "-m", "distributed_maml", "train", "--output-dir", str(out), "--no-progress"]
@@ -94,11 +107,24 @@ def _signal_and_resume(tmp_path: Path, sig: int, overrides: list[str], steps: in
     assert last == f"distributed-maml: stopped at step {stopped}; continue with distributed-maml train --resume {out}"
     assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr
     assert at <= stopped < steps - every and checkpoint.latest(out).name == f"step_{stopped}", (at, stopped)
-    if then_kill:
-        proc = subprocess.Popen([*argv[:4], "--resume", str(out), "--no-progress"], cwd=REPO, stderr=subprocess.PIPE)
+    if then_kill:  # the local Ray under the resumed driver dies (as when its head node goes)
+        proc = subprocess.Popen(
+            [*argv[:4], "--resume", str(out), "--no-progress"], cwd=REPO, stderr=subprocess.PIPE, text=True
+        )
         _wait_for_checkpoint(out, (stopped // every + 1) * every, proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(_child_named(proc.pid, "raylet"), signal.SIGKILL)
+        stderr = proc.communicate(timeout=60)[1]
+        last = checkpoint.latest(out).name
+        assert proc.returncode == 1, stderr
+        assert (
+            stderr.strip()
+            .splitlines()[-1]
+            .endswith(
+                f"the last checkpoint ({last}) is intact: start Ray again (or let this command start it) and "
+                f"continue with distributed-maml train --resume {out}"
+            )
+        ), stderr
+        assert "the local Ray instance stopped (its raylet" in stderr
     resumed = run_cli("train", "--resume", out, "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
@@ -126,10 +152,11 @@ def test_a_signal_saves_the_last_step_and_resume_is_bit_identical(tmp_path, sig,
 
 
 @pytest.mark.ray
-def test_sigterm_then_sigkill_of_a_ray_driver_resume_bit_identical(tmp_path):
-    """Two Ray workers, stopped by SIGTERM, resumed, that resume SIGKILLed (the driver and the
-    local Ray it started die), resumed again: equal to the uninterrupted run bit for bit (the
-    shards and their reduction order do not depend on where the run stopped)."""
+def test_sigterm_then_a_dead_raylet_under_a_ray_driver_resume_bit_identical(tmp_path):
+    """Two Ray workers, stopped by SIGTERM, resumed, the raylet of that resume's local Ray
+    SIGKILLed (the driver ends with one line of ours), resumed again: equal to the
+    uninterrupted run bit for bit (the shards and their reduction order do not depend on where
+    the run stopped)."""
     ray2 = [*INPROC, "scaling.num_workers=2"]
     straight = tmp_path / "straight"
     common = [*ray2, "training.steps=80"]
