@@ -63,7 +63,8 @@ class TaskConfig:
     """Tasks per meta-step."""
     num_tasks: int = 0
     """Size of the store `train` builds when no --tasks is given; 0 means steps x meta_batch,
-    so that a run sees each task about once (the paper draws fresh tasks every step)."""
+    so that a run sees each task about once (the paper draws fresh tasks every step), but at
+    most 10^6 tasks or 1 GiB (store.DEFAULT_MAX_TASKS/BYTES): a long run cycles through it."""
 
     def __post_init__(self) -> None:
         _require(
