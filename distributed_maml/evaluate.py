@@ -10,9 +10,15 @@ the same tasks and inner steps:
   learning over all their examples, Adam), then fine-tuned on each test task's support set;
 - scratch: the run's own random initialisation (its step-0 weights), fine-tuned the same way.
 
-Few shots and many steps can diverge on some tasks (a learned initialisation may be tuned for
-the training inner loop); the result reports the median and the share of diverged tasks beside
-the mean instead of hiding them.
+Few shots and many steps can blow up on some tasks (a learned initialisation may be tuned for
+the training inner loop); the result reports the median, the share of **blow-ups** (a
+non-finite loss, or one above BLOW_UP x the loss of the best constant guess for the family:
+predicting 0 for regression, uniform for classification) and, apart from them, the share of
+tasks that **got worse** than unadapted, beside the mean instead of hiding them.
+
+Regression held-out tasks are scored on as many query points as support points (the paper's
+K-shot protocol: K to adapt, K to score). The pretrained baseline's fine-tuning step size is
+chosen from PRETRAINED_LR_GRID x the run's on separate validation tasks, and named.
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ from .errors import StoreError, UserError
 from .maml import as_input, loss_fn
 from .sampler import Sampler, split_shards
 from .store import COLUMNS, TaskStore, build_in_memory
-from .tasks import FROM_FILES
+from .tasks import FROM_FILES, resolve
+from .worker import ShardComputer
 
-DIVERGED = 10.0  # a task diverged when its loss is non-finite or above 10x its unadapted loss
+BLOW_UP = 10.0  # a blow-up: a non-finite loss, or one above 10x the best constant guess's loss
+PRETRAINED_LR_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)  # x the run's inner_lr, for the pretrained baseline
+VALIDATION_TASKS = 100
 
 
 def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,15 +65,7 @@ def held_out_store(state: RunState, tasks: str | Path | None, num_tasks: int, sh
                 f"a run on tasks built with {FROM_FILES[cfg.task.family]} needs --tasks: a store built with "
                 "--classes-split test"
             )
-        return build_in_memory(
-            cfg.task.family,
-            num_tasks,
-            seed=train.seed,
-            shots=shots or cfg.task.shots,
-            queries=cfg.task.queries,
-            split="test",
-            ways=train.ways or cfg.task.ways,
-        )
+        return generated_held_out(state, num_tasks, shots, seed=train.seed)
     store = TaskStore.open(tasks)
     info = store.info
     if info.family != train.family:
@@ -79,6 +80,45 @@ def held_out_store(state: RunState, tasks: str | Path | None, num_tasks: int, sh
     if info.family in FROM_FILES and info.split == "train":
         raise StoreError(f"{tasks} holds meta-training classes; build the test store with --classes-split test")
     return store
+
+
+def generated_held_out(state: RunState, num_tasks: int, shots: int | None, seed: int) -> TaskStore:
+    """Fresh tasks of the run's family from the held-out stream (`seed` picks the tasks);
+    regression tasks get as many query points as shots."""
+    cfg = state.config
+    k = shots or cfg.task.shots
+    queries = k if resolve(cfg.task.family).kind == "regression" else cfg.task.queries
+    ways = state.store.ways or cfg.task.ways
+    return build_in_memory(cfg.task.family, num_tasks, seed=seed, shots=k, queries=queries, split="test", ways=ways)
+
+
+def tune_lr(
+    state: RunState,
+    cfg: Config,
+    spec: models.ParamSpec,
+    params: dict[str, torch.Tensor],
+    max_steps: int,
+    shots: int | None,
+) -> tuple[float, dict[str, float]]:
+    """The fine-tuning step size for a baseline, as the paper tuned its baselines: each of
+    PRETRAINED_LR_GRID x the run's inner_lr on VALIDATION_TASKS tasks that are not the
+    evaluation's (fresh held-out tasks from another seed; for file-built stores, the run's own
+    meta-training tasks), scored by the mean query loss after `max_steps` steps."""
+    if cfg.task.family in FROM_FILES:
+        val = TaskStore.open(state.store.path)
+    else:
+        val = generated_held_out(state, VALIDATION_TASKS, shots, seed=state.store.seed + 1_000_003)
+    computer = ShardComputer(val, cfg.model, cfg.maml, task_map=cfg.scaling.task_map)
+    weights = spec.flatten(params).detach().to(torch.float32).numpy()
+    ids = np.arange(min(VALIDATION_TASKS, len(val)))
+    scores = {}
+    for factor in PRETRAINED_LR_GRID:
+        lr = cfg.maml.inner_lr * factor
+        with np.errstate(invalid="ignore", over="ignore"):
+            final = float(np.mean(computer.curve(weights, ids, max_steps, lr)[0][:, -1]))
+        scores[f"{lr:g}"] = final if np.isfinite(final) else float("inf")
+    best = min(scores, key=lambda k: scores[k])
+    return float(best), scores
 
 
 def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int) -> dict[str, torch.Tensor]:
@@ -154,16 +194,29 @@ def curves(
     return losses, (None if parts[0][1] is None else np.concatenate([p[1] for p in parts]))
 
 
-def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int]) -> dict[str, Any]:
-    diverged = ~np.isfinite(losses) | (losses > DIVERGED * losses[:, :1])
+def blow_up_bound(store: TaskStore, n: int) -> float:
+    """BLOW_UP x the loss of the best constant guess on these tasks: the mean squared query
+    target (predicting 0) for regression, ln(ways) (uniform) for classification. Tied to the
+    family's scale, not to one task's starting loss (a tiny one may rise tenfold harmlessly)."""
+    info = store.info
+    if info.kind == "classification":
+        return BLOW_UP * float(np.log(info.ways))
+    y = store.rows(np.arange(n), columns=("y_query",))["y_query"]
+    return BLOW_UP * float(np.mean(np.square(y, dtype=np.float64)))
+
+
+def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int], bound: float) -> dict[str, Any]:
     with np.errstate(invalid="ignore", over="ignore"):
+        blow_up = ~np.isfinite(losses) | (losses > bound)
+        worse = ~blow_up & (losses > losses[:, :1])
         mean, ci = mean_ci95(losses[:, steps])
     out = {
         "loss_mean": mean.tolist(),
         "loss_ci95": ci.tolist(),
-        # a NaN loss is a diverged task: it counts as +inf, so the median stays meaningful
+        # a NaN loss is a blow-up: it counts as +inf, so the median stays meaningful
         "loss_median": np.median(np.nan_to_num(losses[:, steps], nan=np.inf), axis=0).tolist(),
-        "diverged_fraction": diverged[:, steps].mean(axis=0).tolist(),
+        "blow_up_fraction": blow_up[:, steps].mean(axis=0).tolist(),
+        "worse_fraction": worse[:, steps].mean(axis=0).tolist(),
     }
     if accs is not None:
         mean, ci = mean_ci95(accs[:, steps])
@@ -201,22 +254,30 @@ def evaluate(
         steps_pre = pretrain_steps if pretrain_steps is not None else min(cfg.training.steps, 10_000)
         inits.update(baseline_weights(run_dir, ckpt.state, info, steps_pre))
     spec = models.ParamSpec.of(models.build(cfg.model, info, seed=0))
+    lrs = {name: cfg.maml.inner_lr for name in inits}
+    tuning: dict[str, Any] = {}
+    if "pretrained" in inits:
+        lrs["pretrained"], tuning = tune_lr(ckpt.state, cfg, spec, inits["pretrained"], max(max(idx), 1), shots)
+    bound = blow_up_bound(store, n)
     executor = eval_executor(cfg, store, workers)
     try:
         evaluated_by = executor.describe()  # while its workers are up (Ray asks them)
         results = {
-            name: summarize(*curves(executor, spec, p, n, max(idx), cfg.maml.inner_lr), idx)
+            name: {"inner_lr": lrs[name], **summarize(*curves(executor, spec, p, n, max(idx), lrs[name]), idx, bound)}
             for name, p in inits.items()
         }
     finally:
         executor.close()
+    if tuning:
+        results["pretrained"]["inner_lr_tuning"] = tuning
     out: dict[str, Any] = {
         "run": str(run_dir),
         "checkpoint_step": ckpt.step,
         "family": info.family,
         "num_tasks": n,
         "shots": info.shots,
-        "inner_lr": cfg.maml.inner_lr,
+        "queries": info.queries,
+        "blow_up_bound": bound,
         "steps": idx,
         "evaluated_by": evaluated_by,
         **results.pop("maml"),
@@ -231,22 +292,26 @@ def evaluate(
 
 def format_table(result: dict[str, Any]) -> str:
     head = (
-        f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, "
-        f"inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']}; {result['evaluated_by']}"
+        f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, {result['queries']} "
+        f"queries, inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']}; "
+        f"{result['evaluated_by']}; blow-up: loss non-finite or > {result['blow_up_bound']:.3g}"
     )
     classification = "accuracy_mean" in result
-    cols = ["init", "inner steps", "query loss (95% CI)", "median", "diverged"] + (
+    cols = ["init", "inner steps", "query loss (95% CI)", "median", "blow-ups", "got worse"] + (
         ["accuracy (95% CI)"] if classification else []
     )
     rows = []
     for name, r in [("maml", result), *result.get("baselines", {}).items()]:
+        if "inner_lr_tuning" in r:
+            name = f"{name} (lr {r['inner_lr']:g}, tuned)"
         for i, k in enumerate(result["steps"]):
             row = [
                 name,
                 str(k),
                 f"{r['loss_mean'][i]:.4f} ± {r['loss_ci95'][i]:.4f}",
                 f"{r['loss_median'][i]:.4f}",
-                f"{100 * r['diverged_fraction'][i]:.1f}%",
+                f"{100 * r['blow_up_fraction'][i]:.1f}%",
+                f"{100 * r['worse_fraction'][i]:.1f}%",
             ]
             if classification:
                 row.append(f"{r['accuracy_mean'][i]:.4f} ± {r['accuracy_ci95'][i]:.4f}")

@@ -23,11 +23,37 @@ def test_ci_of_the_mean_matches_a_hand_computation():
     assert mean[0] == pytest.approx(2.5) and ci[0] == pytest.approx(1.265174, rel=1e-6)
 
 
-def test_divergence_is_reported_not_hidden():
-    losses = np.array([[1.0, 0.5], [1.0, np.inf], [2.0, 30.0], [1.0, 0.4]])
-    s = evaluate.summarize(losses, None, [0, 1])
-    assert s["diverged_fraction"] == [0.0, 0.5]
-    assert s["loss_median"][1] == pytest.approx(15.25) and not np.isfinite(s["loss_mean"][1])
+def test_blow_ups_are_reported_apart_from_tasks_that_got_worse():
+    # bound 20: task 1 is non-finite, task 2 passes the bound (blow-ups); task 4 rose from a tiny
+    # start (0.01 -> 0.3: "got worse", not a blow-up); tasks 0 and 3 improved
+    losses = np.array([[1.0, 0.5], [1.0, np.inf], [2.0, 30.0], [1.0, 0.4], [0.01, 0.3]])
+    s = evaluate.summarize(losses, None, [0, 1], bound=20.0)
+    assert s["blow_up_fraction"] == [0.0, 0.4] and s["worse_fraction"] == [0.0, 0.2]
+    assert s["loss_median"][1] == pytest.approx(0.5) and not np.isfinite(s["loss_mean"][1])
+
+
+def _state(family: str, shots: int, queries: int):
+    from distributed_maml import checkpoint, config
+    from distributed_maml.sampler import Sampler
+
+    cfg = config.load(None, [f"task.family={family}", f"task.shots={shots}", f"task.queries={queries}"])
+    return checkpoint.RunState(cfg, Sampler(0, 10, 2), checkpoint.StoreRef("x", family, 0, 0, 10))
+
+
+def test_regression_held_out_tasks_score_k_points_at_k_shots():
+    """The paper's K-shot regression protocol: K points to adapt, K to score; classification
+    keeps the run's queries per class."""
+    assert evaluate.generated_held_out(_state("sinusoid", 10, 10), 4, shots=5, seed=0).info.queries == 5
+    assert evaluate.generated_held_out(_state("sinusoid", 10, 10), 4, shots=None, seed=0).info.queries == 10
+    assert evaluate.generated_held_out(_state("seed", 5, 15), 4, shots=1, seed=0).info.queries == 15
+
+
+def test_the_blow_up_bound_is_the_best_constant_guess_times_ten(tmp_path):
+    reg = store.build_in_memory("sinusoid", 50, seed=0, shots=5, queries=5)
+    y = reg.rows(np.arange(50), columns=("y_query",))["y_query"]
+    assert evaluate.blow_up_bound(reg, 50) == pytest.approx(10 * np.mean(y.astype(np.float64) ** 2))
+    cls = store.build_in_memory("seed", 10, seed=0, shots=5, queries=15)
+    assert evaluate.blow_up_bound(cls, 10) == pytest.approx(10 * np.log(2))
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +151,13 @@ def test_baselines_see_exactly_the_same_tasks_and_steps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate, "curves", spy)
     res = evaluate.evaluate(out, steps=[0, 3], num_tasks=50, pretrain_steps=20, workers=0)
-    assert len(seen) == 3 and len(set(seen)) == 1
+    assert len(seen) == 3 and len({x[:3] + x[4:] for x in seen}) == 1  # same store, tasks, steps
     assert set(res["baselines"]) == {"pretrained", "scratch"}
+    # the step sizes: the run's for maml and scratch, the tuned one for pretrained
+    pre = res["baselines"]["pretrained"]
+    tuning = pre["inner_lr_tuning"]
+    assert [x[3] for x in seen] == [0.5, pre["inner_lr"], 0.5] and res["baselines"]["scratch"]["inner_lr"] == 0.5
+    assert len(tuning) == len(evaluate.PRETRAINED_LR_GRID) and pre["inner_lr"] == float(min(tuning, key=tuning.get))
     assert json.loads((out / "eval" / "eval-5shots.json").read_text())["steps"] == [0, 3]
 
 
