@@ -16,3 +16,16 @@ python3 benchmarks/scaling.py --meta-batch "$MB" --workers "$WORKERS" "${gpu_arg
 CONV4_MB="${CONV4_MB:-32,1024}"
 timeout "${CONV4_TIMEOUT:-240}" python3 -m distributed_maml bench --conv4 --meta-batches "$CONV4_MB" --channels 64 \
   --queries 15 --seconds 1 2>&1 | tail -25 | tee "$OUT/conv4.txt"
+# The whole CLI path on the GPU: conv4 on glyphs through one Ray GPU worker (store built, images
+# resident on the device, vmap), its throughput from metrics.jsonl, then a held-out evaluation.
+GLYPH_STEPS="${GLYPH_STEPS:-200}"
+timeout "${GLYPH_TIMEOUT:-200}" python3 -m distributed_maml train --config jobs/glyphs-small.toml --no-progress \
+  --output-dir /tmp/dmaml-glyphs --set training.steps="$GLYPH_STEPS" --set training.log_every=50 \
+  --set scaling.num_workers=1 --set scaling.gpus_per_worker=1 2>&1 | grep -v "^20[0-9][0-9]-" | tail -8 | tee "$OUT/glyphs.txt"
+python3 - <<'PY' 2>&1 | tee -a "$OUT/glyphs.txt"
+import json, statistics
+rows = [json.loads(x) for x in open("/tmp/dmaml-glyphs/metrics.jsonl")]
+print("glyph conv4 tasks/s (logged steps after the first):", statistics.median(r["tasks_per_s"] for r in rows[1:]))
+PY
+timeout 120 python3 -m distributed_maml eval --run /tmp/dmaml-glyphs --steps 0,1,3 --num-tasks 600 --no-baselines \
+  2>&1 | grep -v "^20[0-9][0-9]-" | tail -6 | tee -a "$OUT/glyphs.txt"

@@ -35,6 +35,12 @@ class ShardComputer:
         self.store = store
         self.maml_cfg = maml_cfg
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # PyTorch lets cuDNN convolutions run in TF32 by default (Ampere and newer): ~1e-3
+            # relative error per op, and a second-order conv4 meta-gradient off the CPU's by up to
+            # 3% (measured on an H100). Exact float32 keeps a GPU worker's answer the CPU's.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         # The module is only a template for functional_call: its own parameters are never used.
         self.model = build(model_cfg, store.info, seed=0).to(self.device)
         self.spec = ParamSpec.of(self.model)
