@@ -13,37 +13,65 @@ second-order vmap step at 1, 5 and 10 inner steps (each measured in a fresh proc
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
 
-from .config import MamlConfig, ModelConfig
+from . import executor as executor_mod
+from . import maml
+from .config import MamlConfig, ModelConfig, ScalingConfig
+from .learner import Learner
 from .maml import TaskBatch, meta_gradient
 from .models import ParamSpec, build, functional
+from .sampler import Sampler
 from .store import build_in_memory
 
 
 def loop_meta_gradient(
-    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: TaskBatch, cfg: MamlConfig
+    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: TaskBatch, cfg: MamlConfig, kind: str = "regression"
 ) -> dict[str, torch.Tensor]:
-    """The per-task baseline: a Python loop over tasks, autograd with create_graph."""
+    """The per-task baseline (learn2learn-style): a Python loop over tasks, autograd with
+    create_graph (detached inner gradients at first order). Returns the SUM over tasks."""
+    loss_fn = maml.loss_fn(kind)
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     total = 0.0
     for t in range(len(batch)):
         p = dict(leaves)
         for _ in range(cfg.inner_steps):
-            loss = torch.nn.functional.mse_loss(functional_call(model, p, (batch.x_support[t],)), batch.y_support[t])
+            loss = loss_fn(functional_call(model, p, (batch.x_support[t],)), batch.y_support[t])
             grads = torch.autograd.grad(loss, list(p.values()), create_graph=not cfg.first_order)
             p = {k: v - cfg.inner_lr * g for (k, v), g in zip(p.items(), grads, strict=False)}
-        total = total + torch.nn.functional.mse_loss(functional_call(model, p, (batch.x_query[t],)), batch.y_query[t])
+        total = total + loss_fn(functional_call(model, p, (batch.x_query[t],)), batch.y_query[t])
     grads = torch.autograd.grad(total, list(leaves.values()))
     return dict(zip(leaves, grads, strict=False))
+
+
+def bare_vmap_meta_gradient(
+    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: TaskBatch, cfg: MamlConfig, kind: str = "regression"
+) -> dict[str, torch.Tensor]:
+    """What a minimal torch.func script does: vmap over tasks, grad of the summed query loss."""
+    loss_fn = maml.loss_fn(kind)
+
+    def task(p: dict, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+        for _ in range(cfg.inner_steps):
+            g = grad(lambda q: loss_fn(functional_call(model, q, (xs,)), ys))(p)
+            g = {k: v.detach() for k, v in g.items()} if cfg.first_order else g
+            p = {k: p[k] - cfg.inner_lr * g[k] for k in p}
+        return loss_fn(functional_call(model, p, (xq,)), yq)
+
+    def total(p: dict) -> torch.Tensor:
+        return vmap(task, in_dims=(None, 0, 0, 0, 0))(p, *batch.tensors()).sum()
+
+    return grad(total)({k: v.detach() for k, v in params.items()})
 
 
 def _time(fn: Callable[[], Any], min_seconds: float, reps: int = 5) -> float:
@@ -62,51 +90,156 @@ def _time(fn: Callable[[], Any], min_seconds: float, reps: int = 5) -> float:
     return statistics.median(rounds)
 
 
-def run(meta_batches: tuple[int, ...] = (25, 1000), min_seconds: float = 2.0, threads: int = 1) -> dict[str, Any]:
-    torch.set_num_threads(threads)
-    cfg = MamlConfig(inner_steps=1, inner_lr=0.01)
+MODELS = {"sinusoid_mlp": ("sinusoid", 10, 10, 0.01), "seed_mlp": ("seed", 5, 15, 0.5)}  # family, K, Q, alpha
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    model: str
+    meta_batch: int
+    inner_steps: int
+    first_order: bool
+
+
+def cells(quick: bool, workers: int) -> list[Cell]:
+    """The matrix: every method on each model, meta-batch, inner-step count and order; --quick:
+    one model, one inner step, second order."""
+    methods = ["loop", "bare_vmap", "in_process", *(f"ray_{n}" for n in range(1, workers + 1))]
+    models = ("sinusoid_mlp",) if quick else tuple(MODELS)
+    steps_orders = [(1, False)] if quick else [(1, False), (5, False), (1, True), (5, True)]
+    return [
+        Cell(m, model, mb, k, fo)
+        for model in models
+        for mb in (25, 1000)
+        for k, fo in steps_orders
+        for m in methods
+        if not (m == "loop" and mb == 1000 and k == 5)  # minutes per cell, and the ratio is already clear at 1 step
+    ]
+
+
+class _Problem:
+    """One (model, meta-batch, inner steps, order) problem, its tasks, and a step per method."""
+
+    def __init__(self, cell: Cell) -> None:
+        family, shots, queries, lr = MODELS[cell.model]
+        self.cfg = MamlConfig(inner_steps=cell.inner_steps, inner_lr=lr, first_order=cell.first_order)
+        self.store = build_in_memory(family, 8 * cell.meta_batch, seed=0, shots=shots, queries=queries, split="train")
+        self.kind = self.store.info.kind
+        self.model_cfg = ModelConfig(name=cell.model)
+        self.model = build(self.model_cfg, self.store.info, seed=0)
+        self.sampler = Sampler(0, len(self.store), cell.meta_batch)
+        # the baselines' data: the same tasks, gathered once (a bare script's tasks are tensors already)
+        self.batches = [TaskBatch.from_numpy(self.store.rows(self.sampler.ids(i))) for i in range(8)]
+
+    def plain_step(self, meta_gradient_fn: Callable[..., dict]) -> Callable[[int], None]:
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in self.model.named_parameters()}
+        opt = torch.optim.Adam(params.values(), lr=1e-3)
+
+        def step(i: int) -> None:
+            grads = meta_gradient_fn(self.model, params, self.batches[i % 8], self.cfg, self.kind)
+            for k, v in params.items():
+                v.grad = grads[k] / len(self.batches[0])
+            opt.step()
+
+        return step
+
+    def project_step(self, scaling: ScalingConfig) -> tuple[Callable[[int], None], Any]:
+        """The project's own path: sampler ids -> shards -> executor -> reduction -> Adam."""
+        from .train import fan_out_in
+
+        executor = executor_mod.make(self.store, self.model_cfg, self.cfg, scaling)
+        spec = ParamSpec.of(self.model)
+        learner = Learner(spec, spec.flatten(dict(self.model.named_parameters())), 1e-3)
+
+        def step(i: int) -> None:
+            _, reduced = fan_out_in(executor, learner, self.sampler.ids(i), before=False)  # an unlogged step
+            learner.apply(reduced.grad)
+
+        return step, executor
+
+
+def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
+    problem, executor = _Problem(cell), None
+    if cell.method == "loop":
+        step = problem.plain_step(loop_meta_gradient)
+    elif cell.method == "bare_vmap":
+        step = problem.plain_step(bare_vmap_meta_gradient)
+    else:
+        n = 0 if cell.method == "in_process" else int(cell.method.split("_")[1])
+        step, executor = problem.project_step(ScalingConfig(num_workers=n, task_map="vmap"))
+    try:
+        counter = iter(range(10**9))
+        seconds = _time(lambda: step(next(counter)), min_seconds)
+    finally:
+        if executor is not None:
+            executor.close()
+    return {**asdict(cell), "tasks_per_s": cell.meta_batch / seconds, "step_ms": 1e3 * seconds}
+
+
+def gradients_agree(model: str, meta_batch: int = 25) -> float:
+    """Max relative difference of the loop's, the bare script's and the project's meta-gradients
+    (second order, 1 inner step) at the same weights: the methods compute the same thing."""
+    problem = _Problem(Cell("loop", model, meta_batch, 1, False))
+    params = {k: v.detach() for k, v in problem.model.named_parameters()}
+    spec = ParamSpec.of(problem.model)
+    batch = problem.batches[0]
+    ours = maml.meta_gradient(functional(problem.model), problem.kind, params, batch, problem.cfg)[0]
+    ref = spec.flatten(loop_meta_gradient(problem.model, params, batch, problem.cfg, problem.kind))
+    others = [
+        spec.flatten(ours),
+        spec.flatten(bare_vmap_meta_gradient(problem.model, params, batch, problem.cfg, problem.kind)),
+    ]
+    return max(float((g - ref).abs().max() / ref.abs().max()) for g in others)
+
+
+def run(quick: bool = False, min_seconds: float = 1.0, workers: int | None = None) -> dict[str, Any]:
+    """Every cell in one process tree, one torch thread per process (Ray workers: one CPU each)."""
+    torch.set_num_threads(1)
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
+    todo = cells(quick, workers)
     rows = []
-    for mb in meta_batches:
-        store = build_in_memory("sinusoid", mb, seed=0, shots=10, queries=10, split="train")
-        model = build(ModelConfig(name="sinusoid_mlp"), store.info, seed=0)
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        batch = TaskBatch.from_numpy(store.rows(np.arange(mb)))
-        spec = ParamSpec.of(model)
-        forward = functional(model)
-        g_vmap = spec.flatten(meta_gradient(forward, "regression", params, batch, cfg)[0])
-        g_loop = spec.flatten(loop_meta_gradient(model, params, batch, cfg))
-        agree = float((g_vmap - g_loop).abs().max() / g_loop.abs().max())
-        t_vmap = _time(partial(meta_gradient, forward, "regression", params, batch, cfg), min_seconds)
-        t_loop = _time(partial(loop_meta_gradient, model, params, batch, cfg), min_seconds)
-        rows.append(
-            {
-                "meta_batch": mb,
-                "vmap_tasks_per_s": mb / t_vmap,
-                "loop_tasks_per_s": mb / t_loop,
-                "speedup": t_loop / t_vmap,
-                "max_rel_diff": agree,
-            }
-        )
+    for cell in tqdm(todo, desc="bench", unit="cell", disable=None):
+        rows.append(measure(cell, min_seconds))
     return {
-        "benchmark": "meta-gradient throughput, sinusoid MLP 1-40-40-1, 1 inner step, second order",
-        "torch_threads": threads,
-        "torch": torch.__version__,
+        "benchmark": "a full meta-step (meta-gradient + Adam) per method, tasks/s; median of timed rounds after warm-up",
         "rows": rows,
+        "gradients_max_rel_diff": {m: gradients_agree(m) for m in ({r["model"] for r in rows})},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": 1,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
     }
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """One line per problem, one column per method (tasks/s), and in_process / bare_vmap."""
+    rows = result["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    problems = list(dict.fromkeys((r["model"], r["meta_batch"], r["inner_steps"], r["first_order"]) for r in rows))
+    speed = {
+        (r["model"], r["meta_batch"], r["inner_steps"], r["first_order"], r["method"]): r["tasks_per_s"] for r in rows
+    }
+    head = ["model", "meta-batch", "steps", "order", *methods, "in_process/bare_vmap"]
     lines = [
-        f"{result['benchmark']}, {result['torch_threads']} CPU thread(s), torch {result['torch']}",
-        "meta-batch | loop tasks/s | vmap tasks/s | speedup",
-        "---------- | ------------ | ------------ | -------",
+        f"{result['benchmark']}; {result['machine']['cpus']} CPUs, torch {result['machine']['torch']}",
+        " | ".join(head),
+        " | ".join("-" * len(h) for h in head),
     ]
-    for r in result["rows"]:
+    for p in problems:
+        cols = [speed.get((*p, m)) for m in methods]
+        ratio = speed.get((*p, "in_process"), 0) / speed[(*p, "bare_vmap")] if (*p, "bare_vmap") in speed else None
         lines.append(
-            f"{r['meta_batch']:>10} | {r['loop_tasks_per_s']:>12,.0f} | {r['vmap_tasks_per_s']:>12,.0f} | "
-            f"{r['speedup']:>6.1f}x"
+            " | ".join(
+                [p[0], str(p[1]), str(p[2]), "first" if p[3] else "second"]
+                + ["-" if c is None else f"{c:,.0f}" for c in cols]
+                + ["-" if ratio is None else f"{ratio:.2f}x"]
+            )
         )
-    return "\n".join(lines)
+    agree = ", ".join(f"{m} {d:.1e}" for m, d in result["gradients_max_rel_diff"].items())
+    return "\n".join([*lines, f"meta-gradients agree (max rel diff vs the loop): {agree}"])
 
 
 def _conv4_setup(meta_batch: int, channels: int, queries: int, device: str = "cpu") -> tuple:
@@ -243,8 +376,9 @@ def conv4_main(
     return result
 
 
-def main(min_seconds: float = 2.0, meta_batches: tuple[int, ...] = (25, 1000)) -> dict[str, Any]:
-    result = run(meta_batches, min_seconds=min_seconds)
-    print(format_table(result))
-    print(json.dumps(result))
+def main(min_seconds: float = 1.0, quick: bool = False, workers: int | None = None, as_json: bool = False) -> dict:
+    result = run(quick, min_seconds, workers)
+    if not as_json:
+        print(format_table(result))
+    print(json.dumps(result))  # the last line, always: {"rows": [...], "machine": {...}, ...}
     return result

@@ -114,11 +114,14 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="redraw a run's plots (PNG in RUN_DIR/plots/)")
     pl.add_argument("run", type=Path)
 
-    be = sub.add_parser("bench", help="vmap against a per-task loop: tasks/s on one CPU thread")
-    be.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
-    be.add_argument(
-        "--meta-batches", type=_steps_list, default=None, help="meta-batch sizes (25,1000; conv4: 4,32,256)"
+    be = sub.add_parser(
+        "bench", help="meta-training tasks/s: per-task loop, bare vmap, in-process, Ray workers (one run)"
     )
+    be.add_argument("--seconds", type=float, default=1.0, help="timed seconds per measurement (1)")
+    be.add_argument("--quick", action="store_true", help="one model, one inner step, second order (< 1 min)")
+    be.add_argument("--workers", type=int, default=None, help="ray_1..ray_N (default: N = min(CPUs, 4))")
+    be.add_argument("--json", action="store_true", help="only the JSON line")
+    be.add_argument("--meta-batches", type=_steps_list, default=None, help="with --conv4: meta-batch sizes (4,32,256)")
     be.add_argument("--conv4", action="store_true", help="conv4 on 5-way 1-shot glyphs: vmap vs loop, and memory")
     be.add_argument("--channels", type=int, default=32, help="with --conv4: filters per block (32)")
     be.add_argument("--queries", type=int, default=5, help="with --conv4: query images per class (5)")
@@ -259,7 +262,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
             tuple(args.meta_batches or (4, 32, 256)), args.channels, args.queries, args.seconds, args.threads
         )
     else:
-        bench.main(args.seconds, tuple(args.meta_batches or (25, 1000)))
+        if args.seconds <= 0 or (args.workers is not None and args.workers < 0):
+            raise UserError(f"--seconds must be > 0 and --workers >= 0, got {args.seconds} and {args.workers}")
+        bench.main(args.seconds, args.quick, args.workers, args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,9 +35,11 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, models
 from . import config as config_mod
+from . import executor as executor_mod
 from .checkpoint import RunState
 from .config import Config
 from .errors import StoreError, UserError
+from .executor import Executor
 from .maml import as_input, loss_fn
 from .sampler import Sampler, split_shards
 from .store import COLUMNS, TaskStore, build_in_memory
@@ -170,18 +172,11 @@ def baseline_weights(run_dir: Path, state: RunState, info: Any, pretrain_steps: 
     return out
 
 
-def eval_executor(cfg: Config, store: TaskStore, workers: int | None) -> Any:
-    """In-process, or the run's Ray workers (`workers`, default the run's scaling.num_workers):
-    held-out tasks are as parallel as training tasks."""
+def eval_executor(cfg: Config, store: TaskStore, workers: int | None) -> Executor:
+    """The run's executor over the held-out store (`workers`, default the run's
+    scaling.num_workers): held-out tasks are as parallel as training tasks."""
     n = cfg.scaling.num_workers if workers is None else workers
-    if n == 0:
-        from .worker import InProcessExecutor
-
-        return InProcessExecutor(store, cfg.model, cfg.maml, cfg.scaling.task_map)
-    from .runtime import RayExecutor
-
-    source = store.buffer() if store.in_memory else Path(store.name)
-    return RayExecutor(source, cfg.model, cfg.maml, replace(cfg.scaling, num_workers=n))
+    return executor_mod.make(store, cfg.model, cfg.maml, replace(cfg.scaling, num_workers=n))
 
 
 def curves(

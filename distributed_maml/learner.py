@@ -10,18 +10,7 @@ import numpy as np
 import torch
 
 from .models import ParamSpec
-
-
-@dataclass
-class ShardResult:
-    """What a worker returns for one shard: the SUM of its tasks' meta-gradients (flat float32
-    numpy, which Ray hands over without a copy), how many tasks it held, and metric sums."""
-
-    grad_sum: np.ndarray
-    count: int
-    metrics: dict[str, float]
-    compute_s: float = 0.0
-    worker: str = "in-process"
+from .worker import ShardResult
 
 
 @dataclass

@@ -25,8 +25,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import MamlConfig, ModelConfig, ScalingConfig, is_import_path
 from .errors import ConfigError, TrainingError
-from .learner import ShardResult
 from .userimport import search_path
+from .worker import ShardResult
 
 PLACEMENT_TIMEOUT_S = 60.0  # a pool that cannot be placed by then never will be, on a fixed cluster
 POLL_S = 1.0  # how often a step that is still waiting checks its workers' health
@@ -108,13 +108,13 @@ class WorkerActor:
         self.computer = ShardComputer(store, model_cfg, maml_cfg, device=device, name=self.name, task_map=task_map)
         self.version = -1
 
-    def compute(self, weights: np.ndarray, version: int, ids: np.ndarray) -> ShardResult:
+    def compute(self, weights: np.ndarray, version: int, ids: np.ndarray, before: bool = True) -> ShardResult:
         # The weights arrive with the call that uses them, so a worker can never compute on
         # stale weights; a lower version than seen before means a driver bug, not a race.
         if version < self.version:
             raise RuntimeError(f"{self.name} got weights version {version} after {self.version}")
         self.version = version
-        return self.computer.compute(weights, ids)
+        return self.computer.compute(weights, ids, before)
 
     def curve(self, weights: np.ndarray, ids: np.ndarray, max_steps: int, lr: float) -> Any:
         return self.computer.curve(weights, ids, max_steps, lr)
@@ -213,10 +213,12 @@ class RayExecutor:
     def healthy(self) -> list[int]:
         return [i for i, f in enumerate(self.failures) if f < self.max_failures]
 
-    def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]:
+    def compute(
+        self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
+    ) -> list[ShardResult]:
         """Every shard's result, in shard order (see _map: nothing lost, nothing doubled)."""
         ref = ray.put(weights)  # one copy of the weights per step, the same ref for every worker
-        return self._map(lambda worker, ids: worker.compute.remote(ref, version, ids), shards)
+        return self._map(lambda worker, ids: worker.compute.remote(ref, version, ids, before), shards)
 
     def curves(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]:
         """Adaptation curves of each shard's tasks (evaluation), in shard order."""

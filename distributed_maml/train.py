@@ -15,28 +15,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import checkpoint, models, stopping
+from . import executor as executor_mod
 from .errors import TrainingError, os_error_line, with_filename
-from .learner import Learner, Reduced, ShardResult, reduce_shards
+from .executor import Executor
+from .learner import Learner, Reduced, reduce_shards
 from .run import Run
 from .sampler import Sampler, split_shards
 from .store import build_in_memory
 from .tasks import FROM_FILES
-from .worker import ShardComputer
-
-
-class Executor(Protocol):
-    num_shards: int
-
-    def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]: ...
-    def watch(self, on_lost: Callable[[str], None]) -> None: ...
-    def describe(self) -> str: ...
-    def close(self) -> None: ...
+from .worker import ShardComputer, ShardResult
 
 
 @dataclass
@@ -48,14 +41,7 @@ class TrainResult:
 
 
 def make_executor(run: Run) -> Executor:
-    """num_workers = 0 stays in-process; anything else goes through Ray (imported only then)."""
-    if run.cfg.scaling.num_workers == 0:
-        from .worker import InProcessExecutor
-
-        return InProcessExecutor(run.store, run.cfg.model, run.cfg.maml, run.cfg.scaling.task_map)
-    from .runtime import RayExecutor
-
-    return RayExecutor(run.store_path, run.cfg.model, run.cfg.maml, run.cfg.scaling)
+    return executor_mod.make(run.store, run.cfg.model, run.cfg.maml, run.cfg.scaling)
 
 
 def make_learner(run: Run) -> Learner:
@@ -73,6 +59,17 @@ def save_checkpoint(run: Run, learner: Learner, step: int, sampler: Sampler) -> 
     return checkpoint.save(
         run.dir, step, learner.version, learner.state_dict(), learner.optimizer.state_dict(), state, keep
     )
+
+
+def fan_out_in(
+    executor: Executor, learner: Learner, ids: np.ndarray, before: bool = True
+) -> tuple[list[ShardResult], Reduced]:
+    """One step's work: the ids split into the executor's shards, computed at the learner's
+    weights (waiting for the slowest shard), reduced in shard order (`before`: with the unadapted
+    metrics, for a logged step). `bench` times this too."""
+    shards = split_shards(ids, executor.num_shards)
+    results = executor.compute(learner.weights(), learner.version, shards, before)
+    return results, reduce_shards(results)
 
 
 def _is_finite(reduced: Reduced) -> bool:
@@ -188,11 +185,11 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
         for step in range(start + 1, cfg.steps + 1):  # `step` counts completed meta-steps
             if stopping.requested():  # SIGINT/SIGTERM: the last step is applied; keep it, then stop
                 _stop(run, learner, step - 1, sampler, saved)
+            heldout_step = heldout is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
+            logged = step % cfg.log_every == 0 or step in (1, cfg.steps) or heldout_step
             t0 = time.perf_counter()
-            shards = split_shards(sampler.ids(step - 1), executor.num_shards)
             try:
-                results = executor.compute(learner.weights(), learner.version, shards)  # waits for the slowest shard
-                reduced = reduce_shards(results)
+                results, reduced = fan_out_in(executor, learner, sampler.ids(step - 1), before=logged)
                 finite = _is_finite(reduced)
                 if not finite and cfg.on_nonfinite == "stop":
                     raise TrainingError(
@@ -221,9 +218,9 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
                 meta_loss=f"{record['meta_loss']:.4f}", tasks_s=f"{record['tasks_per_s']:.0f}", refresh=False
             )
             bar.update()
-            if heldout and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if heldout is not None and heldout_step:
                 record["heldout_loss"] = heldout(learner.weights())
-            if step % cfg.log_every == 0 or step in (1, cfg.steps) or "heldout_loss" in record:
+            if logged:
                 _append(log, json.dumps(record) + "\n")
                 tqdm.write(
                     f"Step {step}, Meta Loss: {record['meta_loss']:.4f}"

@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from .config import MamlConfig, ModelConfig
-from .learner import ShardResult
 from .maml import TaskBatch, adaptation_curve, as_input, meta_gradient
 from .models import ParamSpec, build, functional
 from .store import TaskStore
 
 CURVE_CHUNK = 1000  # tasks per vmap call when evaluating: bounds memory, not results
+
+
+@dataclass
+class ShardResult:
+    """What a worker returns for one shard: the SUM of its tasks' meta-gradients (flat float32
+    numpy, which Ray hands over without a copy), how many tasks it held, and metric sums."""
+
+    grad_sum: np.ndarray
+    count: int
+    metrics: dict[str, float]
+    compute_s: float = 0.0
+    worker: str = "in-process"
 
 
 class ShardComputer:
@@ -64,14 +76,16 @@ class ShardComputer:
             cols["x_query"] = as_input(self.resident["images"][ids_q])
         return TaskBatch(cols["x_support"], cols["y_support"], cols["x_query"], cols["y_query"])
 
-    def compute(self, weights: np.ndarray, ids: np.ndarray) -> ShardResult:
-        """The summed meta-gradient of tasks `ids` at `weights` (flat float32)."""
+    def compute(self, weights: np.ndarray, ids: np.ndarray, before: bool = True) -> ShardResult:
+        """The summed meta-gradient of tasks `ids` at `weights` (flat float32); `before`: also
+        the unadapted query metrics (maml.meta_gradient)."""
         start = time.perf_counter()
         # A copy: arrays from Ray's object store are read-only, and the copy is tiny.
         flat = torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
         params = self.spec.unflatten(flat)
         batch = self.batch(ids)
-        grads, metrics = meta_gradient(self.forward, self.store.info.kind, params, batch, self.maml_cfg, self.task_map)
+        kind = self.store.info.kind
+        grads, metrics = meta_gradient(self.forward, kind, params, batch, self.maml_cfg, self.task_map, before)
         grad_sum = self.spec.flatten(grads).detach().to("cpu", torch.float32).numpy()
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
 
@@ -134,8 +148,10 @@ class InProcessExecutor:
     def __init__(self, store: TaskStore, model_cfg: ModelConfig, maml_cfg: MamlConfig, task_map: str = "auto") -> None:
         self.computer = ShardComputer(store, model_cfg, maml_cfg, task_map=task_map)
 
-    def compute(self, weights: np.ndarray, version: int, shards: list[np.ndarray]) -> list[ShardResult]:
-        return [self.computer.compute(weights, ids) for ids in shards]
+    def compute(
+        self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
+    ) -> list[ShardResult]:
+        return [self.computer.compute(weights, ids, before) for ids in shards]
 
     def curves(
         self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float

@@ -113,15 +113,20 @@ def test_eval_table_and_bad_flags(tmp_path):
     assert own.returncode == 2 and "training store" in own.stderr
 
 
-def test_bench_prints_a_table_and_json_with_matching_gradients():
-    proc = run_cli("bench", "--seconds", "0.05", "--meta-batches", "25,100")
+def test_bench_measures_every_method_in_one_run_with_matching_gradients():
+    proc = run_cli("bench", "--quick", "--seconds", "0.05", "--workers", "1")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert "meta-batch | loop tasks/s | vmap tasks/s | speedup" in lines
+    assert any(
+        line.startswith("model | meta-batch | steps | order | loop | bare_vmap | in_process | ray_1") for line in lines
+    )
     result = json.loads(lines[-1])
-    assert [r["meta_batch"] for r in result["rows"]] == [25, 100]
+    cells = {(r["method"], r["meta_batch"]) for r in result["rows"]}
+    assert cells == {(m, mb) for m in ("loop", "bare_vmap", "in_process", "ray_1") for mb in (25, 1000)}
     for r in result["rows"]:
-        assert r["max_rel_diff"] < 1e-4 and r["vmap_tasks_per_s"] > 0 and r["loop_tasks_per_s"] > 0
+        assert r["tasks_per_s"] > 0 and (r["model"], r["inner_steps"], r["first_order"]) == ("sinusoid_mlp", 1, False)
+    assert result["gradients_max_rel_diff"]["sinusoid_mlp"] < 1e-5  # the methods compute the same meta-gradient
+    assert result["machine"]["torch_threads"] == 1
 
 
 @pytest.mark.slow

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_maml.learner import Learner, ShardResult, reduce_shards
+from distributed_maml.learner import Learner, reduce_shards
 from distributed_maml.models import ParamSpec
 from distributed_maml.sampler import Sampler, split_shards
+from distributed_maml.worker import ShardResult
 
 
 def test_ids_are_a_pure_function_of_seed_size_batch_and_step():

@@ -1,0 +1,45 @@
+"""The executor seam: what the training loop and evaluation ask of whoever computes shards,
+and the one factory that picks it. Ray-free: Ray is imported only when workers are asked for.
+
+An executor holds `num_shards` workers; `compute` returns every shard's summed meta-gradient
+(a worker.ShardResult) in shard order, `curves` the adaptation curves of held-out tasks.
+Implementations: worker.InProcessExecutor (num_workers = 0) and runtime.RayExecutor (the driver
+calls every worker every step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .config import MamlConfig, ModelConfig, ScalingConfig
+from .store import TaskStore
+from .worker import ShardResult
+
+
+class Executor(Protocol):
+    num_shards: int
+
+    def compute(
+        self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
+    ) -> list[ShardResult]: ...
+    def curves(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]: ...
+    def watch(self, on_lost: Callable[[str], None]) -> None: ...
+    def describe(self) -> str: ...
+    def close(self) -> None: ...
+
+
+def make(store: TaskStore, model: ModelConfig, maml: MamlConfig, scaling: ScalingConfig) -> Executor:
+    """In-process for scaling.num_workers = 0, else Ray workers. A store on disk is read where
+    the work runs (by path, or its file's bytes in the object store); an in-memory one (held-out
+    tasks) travels as its bytes."""
+    if scaling.num_workers == 0:
+        from .worker import InProcessExecutor
+
+        return InProcessExecutor(store, model, maml, scaling.task_map)
+    from .runtime import RayExecutor
+
+    return RayExecutor(store.buffer() if store.in_memory else Path(store.name), model, maml, scaling)
