@@ -144,37 +144,53 @@ class _Problem:
 
         return step
 
-    def project_step(self, scaling: ScalingConfig) -> tuple[Callable[[int], None], Any]:
-        """The project's own path: sampler ids -> shards -> executor -> reduction -> Adam."""
+    def project_step(self, scaling: ScalingConfig) -> tuple[Callable[[int], None], Any, dict[str, float]]:
+        """The project's own path: sampler ids -> shards -> executor -> reduction -> Adam; and
+        where its time goes (`spent`: seconds in the fan-out/in and in the learner)."""
         from .train import fan_out_in
 
         executor = executor_mod.make(self.store, self.model_cfg, self.cfg, scaling)
         spec = ParamSpec.of(self.model)
         learner = Learner(spec, spec.flatten(dict(self.model.named_parameters())), 1e-3)
+        spent = {"workers_s": 0.0, "learner_s": 0.0}
 
         def step(i: int) -> None:
+            t0 = time.perf_counter()
             _, reduced = fan_out_in(executor, learner, self.sampler.ids(i), before=False)  # an unlogged step
+            t1 = time.perf_counter()
             learner.apply(reduced.grad)
+            spent["workers_s"] += t1 - t0
+            spent["learner_s"] += time.perf_counter() - t1
 
-        return step, executor
+        return step, executor, spent
+
+
+def communication(n_params: int, workers: int) -> dict[str, int]:
+    """Bytes a driver-mode step moves: the weights out (one object-store copy, fetched once by
+    each worker) and one summed float32 gradient back from each worker."""
+    return {"weights_out_bytes": 4 * n_params * workers, "gradients_in_bytes": 4 * n_params * workers}
 
 
 def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
-    problem, executor = _Problem(cell), None
+    problem, executor, spent, extra = _Problem(cell), None, None, {}
     if cell.method == "loop":
         step = problem.plain_step(loop_meta_gradient)
     elif cell.method == "bare_vmap":
         step = problem.plain_step(bare_vmap_meta_gradient)
     else:
         n = 0 if cell.method == "in_process" else int(cell.method.split("_")[1])
-        step, executor = problem.project_step(ScalingConfig(num_workers=n, task_map="vmap"))
+        step, executor, spent = problem.project_step(ScalingConfig(num_workers=n, task_map="vmap"))
+        if n:
+            extra = communication(ParamSpec.of(problem.model).numel, n)
     try:
         counter = iter(range(10**9))
         seconds = _time(lambda: step(next(counter)), min_seconds)
     finally:
         if executor is not None:
             executor.close()
-    return {**asdict(cell), "tasks_per_s": cell.meta_batch / seconds, "step_ms": 1e3 * seconds}
+    if spent is not None:  # the learner's share of the time the project's path spent
+        extra["learner_share"] = spent["learner_s"] / (spent["learner_s"] + spent["workers_s"])
+    return {**asdict(cell), "tasks_per_s": cell.meta_batch / seconds, "step_ms": 1e3 * seconds, **extra}
 
 
 def gradients_agree(model: str, meta_batch: int = 25) -> float:
@@ -239,7 +255,23 @@ def format_table(result: dict[str, Any]) -> str:
             )
         )
     agree = ", ".join(f"{m} {d:.1e}" for m, d in result["gradients_max_rel_diff"].items())
-    return "\n".join([*lines, f"meta-gradients agree (max rel diff vs the loop): {agree}"])
+    lines += ["", f"meta-gradients agree (max rel diff vs the loop): {agree}", ""]
+    lines += [
+        "the project's path | model | meta-batch | steps | order | learner share | KiB out / in per step",
+        "------------------ | ----- | ---------- | ----- | ----- | ------------- | ---------------------",
+    ]
+    for r in rows:
+        if "learner_share" in r:
+            kib = (
+                f"{r['weights_out_bytes'] / 1024:.1f} / {r['gradients_in_bytes'] / 1024:.1f}"
+                if "weights_out_bytes" in r
+                else "- (in-process)"
+            )
+            lines.append(
+                f"{r['method']} | {r['model']} | {r['meta_batch']} | {r['inner_steps']} | "
+                f"{'first' if r['first_order'] else 'second'} | {100 * r['learner_share']:.1f}% | {kib}"
+            )
+    return "\n".join(lines)
 
 
 def _conv4_setup(meta_batch: int, channels: int, queries: int, device: str = "cpu") -> tuple:
