@@ -185,6 +185,11 @@ def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
     try:
         counter = iter(range(10**9))
         seconds = _time(lambda: step(next(counter)), min_seconds)
+        if executor is not None and hasattr(executor, "worker_info"):  # Ray workers' peak memory
+            info = executor.worker_info()
+            extra["worker_peak_rss_mib"] = max(i["peak_rss_mib"] or 0.0 for i in info)
+            if info[0]["peak_gpu_mib"] is not None:
+                extra["worker_peak_gpu_mib"] = max(i["peak_gpu_mib"] for i in info)
     finally:
         if executor is not None:
             executor.close()
@@ -217,9 +222,12 @@ def run(quick: bool = False, min_seconds: float = 1.0, workers: int | None = Non
     rows = []
     for cell in tqdm(todo, desc="bench", unit="cell", disable=None):
         rows.append(measure(cell, min_seconds))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory = [] if quick else memory_per_task("sinusoid_mlp", (1, 5, 10), 1000, (False, True), device)
     return {
         "benchmark": "a full meta-step (meta-gradient + Adam) per method, tasks/s; median of timed rounds after warm-up",
         "rows": rows,
+        "memory": memory,
         "gradients_max_rel_diff": {m: gradients_agree(m) for m in ({r["model"] for r in rows})},
         "machine": {
             "cpus": os.cpu_count(),
@@ -257,8 +265,10 @@ def format_table(result: dict[str, Any]) -> str:
     agree = ", ".join(f"{m} {d:.1e}" for m, d in result["gradients_max_rel_diff"].items())
     lines += ["", f"meta-gradients agree (max rel diff vs the loop): {agree}", ""]
     lines += [
-        "the project's path | model | meta-batch | steps | order | learner share | KiB out / in per step",
-        "------------------ | ----- | ---------- | ----- | ----- | ------------- | ---------------------",
+        "the project's path | model | meta-batch | steps | order | learner share | KiB out / in per step "
+        "| worker peak RSS MiB",
+        "------------------ | ----- | ---------- | ----- | ----- | ------------- | --------------------- "
+        "| -------------------",
     ]
     for r in rows:
         if "learner_share" in r:
@@ -267,10 +277,18 @@ def format_table(result: dict[str, Any]) -> str:
                 if "weights_out_bytes" in r
                 else "- (in-process)"
             )
+            rss = f"{r['worker_peak_rss_mib']:.0f}" if "worker_peak_rss_mib" in r else "-"
             lines.append(
                 f"{r['method']} | {r['model']} | {r['meta_batch']} | {r['inner_steps']} | "
-                f"{'first' if r['first_order'] else 'second'} | {100 * r['learner_share']:.1f}% | {kib}"
+                f"{'first' if r['first_order'] else 'second'} | {100 * r['learner_share']:.1f}% | {kib} | {rss}"
             )
+    if result.get("memory"):
+        lines += ["", "peak memory per task (vmap) | model | meta-batch | inner steps | order | MiB per task"]
+        lines += [
+            f"| {r['model']} | {r['meta_batch']} | {r['inner_steps']} | {'first' if r['first_order'] else 'second'} "
+            f"| {r['mib_per_task']:.3f}"
+            for r in result["memory"]
+        ]
     return "\n".join(lines)
 
 
@@ -330,46 +348,81 @@ def _available_bytes(device: str) -> int:
 
 _MEMORY_PROBE = """
 import gc, json, sys, torch
-from distributed_maml.bench import _conv4_setup
-from distributed_maml.config import MamlConfig
+from distributed_maml.bench import _memory_setup
 from distributed_maml.maml import meta_gradient
-mb, channels, queries, steps, device = json.loads(sys.argv[1])
-forward, params, batch = _conv4_setup(mb, channels, queries, device)
-cfg = MamlConfig(inner_steps=steps, inner_lr=0.4)
+model, mb, channels, queries, steps, first_order, device = json.loads(sys.argv[1])
+forward, params, batch, kind, cfg = _memory_setup(model, mb, channels, queries, steps, first_order, device)
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 if device == "cuda":  # a warm-up first: the caching allocator's own reserve is not the step's
-    meta_gradient(forward, "classification", params, batch, cfg, "vmap")
+    meta_gradient(forward, kind, params, batch, cfg, "vmap")
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
 else:  # no warm-up (malloc would reuse its pages unseen); reset the peak RSS the setup left
     gc.collect()
     open("/proc/self/clear_refs", "w").write("5")
     before = status("VmRSS:")
-meta_gradient(forward, "classification", params, batch, cfg, "vmap")
+meta_gradient(forward, kind, params, batch, cfg, "vmap")
 peak = torch.cuda.max_memory_allocated() if device == "cuda" else status("VmHWM:")
 print(json.dumps({"peak_bytes": peak, "before_bytes": before}))
 """
 
 
-def conv4_memory(
-    inner_steps: tuple[int, ...], meta_batch: int, channels: int, queries: int, device: str = "cpu"
+def _memory_setup(
+    model: str, meta_batch: int, channels: int, queries: int, steps: int, first_order: bool, device: str
+) -> tuple:
+    """The probe's problem: conv4 on glyphs, or one of MODELS on its family."""
+    if model == "conv4":
+        forward, params, batch = _conv4_setup(meta_batch, channels, queries, device)
+        return forward, params, batch, "classification", MamlConfig(steps, 0.4, first_order)
+    family, shots, q, lr = MODELS[model]
+    store = build_in_memory(family, meta_batch, seed=0, shots=shots, queries=q, split="train")
+    net = build(ModelConfig(name=model), store.info, seed=0).to(device)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    batch = TaskBatch.from_numpy(store.rows(np.arange(meta_batch)), device)
+    return functional(net), params, batch, store.info.kind, MamlConfig(steps, lr, first_order)
+
+
+def memory_per_task(
+    model: str,
+    inner_steps: tuple[int, ...],
+    meta_batch: int,
+    first_order: tuple[bool, ...] = (False,),
+    device: str = "cpu",
+    channels: int = 32,
+    queries: int = 5,
 ) -> list[dict[str, Any]]:
-    """Peak memory of one second-order vmap meta-gradient above what was held before it, per
-    task: on CUDA, max_memory_allocated; on a CPU, the process's peak RSS (VmHWM, reset after
-    the setup; a fresh process per measurement)."""
+    """Peak memory of one vmap meta-gradient above what was held before it, per task: on CUDA,
+    max_memory_allocated; on a CPU, the process's peak RSS (VmHWM, reset after the setup; a
+    fresh process per measurement)."""
     import subprocess
     import sys
 
     rows = []
-    for steps in inner_steps:
-        args = json.dumps([meta_batch, channels, queries, steps, device])
-        out = subprocess.run(
-            [sys.executable, "-c", _MEMORY_PROBE, args], capture_output=True, text=True, check=True
-        ).stdout
-        m = json.loads(out.strip().splitlines()[-1])
-        per_task = (m["peak_bytes"] - m["before_bytes"]) / meta_batch
-        rows.append({"inner_steps": steps, "meta_batch": meta_batch, "mib_per_task": per_task / 2**20})
+    for fo in first_order:
+        for steps in inner_steps:
+            args = json.dumps([model, meta_batch, channels, queries, steps, fo, device])
+            out = subprocess.run(
+                [sys.executable, "-c", _MEMORY_PROBE, args], capture_output=True, text=True, check=True
+            ).stdout
+            m = json.loads(out.strip().splitlines()[-1])
+            per_task = (m["peak_bytes"] - m["before_bytes"]) / meta_batch
+            rows.append(
+                {
+                    "model": model,
+                    "inner_steps": steps,
+                    "first_order": fo,
+                    "meta_batch": meta_batch,
+                    "mib_per_task": per_task / 2**20,
+                }
+            )
     return rows
+
+
+def conv4_memory(
+    inner_steps: tuple[int, ...], meta_batch: int, channels: int, queries: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
+    """Second-order conv4 memory per task (see memory_per_task)."""
+    return memory_per_task("conv4", inner_steps, meta_batch, (False,), device, channels, queries)
 
 
 def conv4_main(

@@ -136,6 +136,8 @@ class WorkerActor:
             "task_map": self.computer.task_map,
             "torch_threads": torch.get_num_threads(),
             "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
+            "peak_rss_mib": _peak_rss_mib(),
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         }
 
 
@@ -351,6 +353,15 @@ class _Watch:
                 del self.inflight[w]
                 out.append(w)
         return out
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident memory (VmHWM), where /proc has it."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def _own_raylet() -> Any:
