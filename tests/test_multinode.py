@@ -66,7 +66,7 @@ def _remove_at_call(cluster, node, at: int, seen: dict, until_known_dead: bool =
         seen["before"] = ex.worker_info()
         original, calls = ex.compute, {"n": 0}
 
-        def compute(weights, version, shards):
+        def compute(weights, version, shards, *rest):
             calls["n"] += 1
             if calls["n"] == at:
                 cluster.remove_node(node)
@@ -74,7 +74,7 @@ def _remove_at_call(cluster, node, at: int, seen: dict, until_known_dead: bool =
                 while until_known_dead and any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
                     assert time.monotonic() < end
                     time.sleep(0.2)
-            return original(weights, version, shards)
+            return original(weights, version, shards, *rest)
 
         ex.compute = compute
 

@@ -114,13 +114,13 @@ def kill_worker_at_steps(worker: int, calls: set[int], record: list):
         original = ex.compute
         n = {"calls": 0}
 
-        def compute(weights, version, shards):
+        def compute(weights, version, shards, *rest):
             n["calls"] += 1
             if n["calls"] in calls:
                 pid = ex.worker_info()[worker]["pid"]
                 os.kill(pid, signal.SIGKILL)
                 record.append(pid)
-            return original(weights, version, shards)
+            return original(weights, version, shards, *rest)
 
         ex.compute = compute
 

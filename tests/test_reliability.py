@@ -468,9 +468,9 @@ def test_object_references_do_not_leak_over_a_run(tmp_path):
         ex = train.make_executor(r)
         counts, original = [], ex.compute
 
-        def counting(weights, version, shards):
+        def counting(weights, version, shards, *rest):
             counts.append(len(core.get_all_reference_counts()))
-            return original(weights, version, shards)
+            return original(weights, version, shards, *rest)
 
         ex.compute = counting
         train.train(r, ex, progress=False)
