@@ -192,11 +192,11 @@ def _logged_step(line: str) -> int | None:
 
 def _check_same_store(store: TaskStore, path: Path, ref: checkpoint.StoreRef) -> None:
     """The store a resume opens must be the one the run trained on: same metadata, same size."""
-    changed = []
+    changed, size = [], path.stat().st_size
     if len(store) != ref.num_tasks:
         changed.append(f"{len(store)} tasks instead of {ref.num_tasks}")
-    if ref.size_bytes is not None and path.stat().st_size != ref.size_bytes:
-        changed.append(f"{path.stat().st_size} bytes instead of {ref.size_bytes}")
+    if ref.size_bytes is not None and size != ref.size_bytes:
+        changed.append(f"{size} bytes instead of {ref.size_bytes}")
     if ref.fingerprint is not None and store.info.fingerprint != ref.fingerprint:
         changed.append("different metadata (family, seed, shapes or classes)")
     if changed:

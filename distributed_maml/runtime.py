@@ -243,11 +243,10 @@ class RayExecutor:
             if not done:
                 for w in watch.silent({w for _, w in pending.values()}):
                     self.failures[w] = self.max_failures  # retired: it may come back, but not in this run
-                    for ref, (i, owner) in list(pending.items()):
-                        if owner == w:
-                            del pending[ref]
-                            target = self._next_healthy(w, i, "went silent")
-                            pending[call(self.workers[target], shards[i])] = (i, target)
+                    for ref in [ref for ref, (_, owner) in pending.items() if owner == w]:
+                        i = pending.pop(ref)[0]
+                        target = self._next_healthy(w, i, "went silent")
+                        pending[call(self.workers[target], shards[i])] = (i, target)
                 continue
             i, w = pending.pop(done[0])
             try:

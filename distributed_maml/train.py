@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, models, stopping
 from . import executor as executor_mod
-from .errors import TrainingError, os_error_line, with_filename
+from .errors import CheckpointError, TrainingError, os_error_line, with_filename
 from .executor import Executor
 from .learner import Learner, Reduced, reduce_shards
 from .run import Run
@@ -119,29 +119,29 @@ def _append(log: IO[bytes], line: str) -> None:
         raise with_filename(e, log.name) from None
 
 
-def _has_checkpoint(run: Run) -> bool:
+def _last_checkpoint(run: Run) -> str:
+    """The name of the checkpoint `latest` names ("none yet" if there is none to read)."""
     try:
-        return (run.dir / "checkpoints" / "latest").is_file()
-    except OSError:
-        return False
+        return checkpoint.latest(run.dir).name
+    except (CheckpointError, OSError):
+        return "none yet"
 
 
 def _lost(run: Run, why: str) -> None:
     """The cluster went away under the run (called from the executor's watch thread): one line
     of ours before Ray ends the process. Checkpoints are atomic, so `latest` is whole."""
-    last = (run.dir / "checkpoints" / "latest").read_text().strip() if _has_checkpoint(run) else "none yet"
     sys.stdout.flush()
     sys.stderr.write(
-        f"\ndistributed-maml: error: {why}; the last checkpoint ({last}) is intact: start Ray again (or let "
+        f"\ndistributed-maml: error: {why}; the last checkpoint ({_last_checkpoint(run)}) is intact: start Ray again (or let "
         f"this command start it) and continue with distributed-maml train --resume {run.dir}\n"
     )
     sys.stderr.flush()
     os._exit(1)  # before Ray's own exit, which prints nothing of ours; the kernel releases the run lock
 
 
-def _stop(run: Run, learner: Learner, step: int, sampler: Sampler, saved: int) -> None:
-    """Saves the last applied step (unless it is saved already) and ends the run resumably."""
-    if step != saved or not _has_checkpoint(run):
+def _stop(run: Run, learner: Learner, step: int, sampler: Sampler) -> None:
+    """Saves the last applied step (unless `latest` names it already) and ends the run resumably."""
+    if _last_checkpoint(run) != f"step_{step}":
         save_checkpoint(run, learner, step, sampler)
     signum = stopping.requested()
     assert signum is not None
@@ -152,9 +152,8 @@ def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
     try:
         return _train(run, executor, progress)
     except OSError as e:  # a full disk or a vanished folder mid-run: checkpoints are atomic, so `latest` is whole
-        last = (run.dir / "checkpoints" / "latest").read_text().strip() if _has_checkpoint(run) else "none yet"
         raise TrainingError(
-            f"{os_error_line(e)}; the last checkpoint ({last}) is intact: fix this, then continue with "
+            f"{os_error_line(e)}; the last checkpoint ({_last_checkpoint(run)}) is intact: fix this, then continue with "
             f"distributed-maml train --resume {run.dir}"
         ) from None
     finally:  # the run folder's one-writer lock (taken by prepare/resume) ends with the training
@@ -168,7 +167,7 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     heldout = heldout_scorer(run)
     sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
     start = run.start.step if run.start else 0
-    skipped, record, saved = 0, {}, start
+    skipped, record = 0, {}
     if run.start is None:  # step 0 on disk at once: a run stopped or failed before its first checkpoint resumes
         save_checkpoint(run, learner, 0, sampler)
     stopping.install()  # again: connecting to Ray replaced the SIGTERM handler
@@ -184,7 +183,7 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     ):
         for step in range(start + 1, cfg.steps + 1):  # `step` counts completed meta-steps
             if stopping.requested():  # SIGINT/SIGTERM: the last step is applied; keep it, then stop
-                _stop(run, learner, step - 1, sampler, saved)
+                _stop(run, learner, step - 1, sampler)
             heldout_step = heldout is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
             logged = step % cfg.log_every == 0 or step in (1, cfg.steps) or heldout_step
             t0 = time.perf_counter()
@@ -229,5 +228,4 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
                 )
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 save_checkpoint(run, learner, step, sampler)
-                saved = step
     return TrainResult(run.dir, cfg.steps, learner.weights(), record)
