@@ -157,6 +157,9 @@ class RayExecutor:
         always travels through the object store)."""
         self.owns_ray = connect()
         self._closed = threading.Event()
+        self._raylet: Any = None  # set by watch(): the local raylet this process started
+        self._on_lost: Callable[[str], None] = lambda why: None
+        self._lost = threading.Lock()  # one report: the other thread waits here while it is written
         scaling = auto_gpus(scaling)
         self.scaling = scaling
         self.num_shards = n = resolve_num_workers(scaling)
@@ -219,11 +222,13 @@ class RayExecutor:
         self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
     ) -> list[ShardResult]:
         """Every shard's result, in shard order (see _map: nothing lost, nothing doubled)."""
+        self._check_raylet()
         ref = ray.put(weights)  # one copy of the weights per step, the same ref for every worker
         return self._map(lambda worker, ids: worker.compute.remote(ref, version, ids, before), shards)
 
     def curves(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]:
         """Adaptation curves of each shard's tasks (evaluation), in shard order."""
+        self._check_raylet()
         ref = ray.put(weights)
         return self._map(lambda worker, ids: worker.curve.remote(ref, ids, max_steps, lr), shards)
 
@@ -289,25 +294,33 @@ class RayExecutor:
         return False
 
     def watch(self, on_lost: Callable[[str], None]) -> None:
-        """Calls `on_lost(why)` from a daemon thread if the local Ray this process started stops
-        under it (its raylet exits: killed, out of memory, or fate-shared with a dead agent).
-        Ray's core worker then ends this process from C++ within seconds, printing only Ray's
-        log lines; this is the moment to say, in one line of ours, what is safe and how to go on.
-        A driver that joined an existing cluster has no raylet of its own to watch."""
-        raylet = _own_raylet() if self.owns_ray else None
-        if raylet is None:
+        """Calls `on_lost(why)` if the local Ray this process started stops under it (its raylet
+        exits: killed, out of memory, or fate-shared with a dead agent): from a daemon thread
+        while a step waits, and from the step itself before it puts the weights, because a put
+        into a dead raylet's object store ends this process from C++ at once ("connection to the
+        plasma store is failed"), printing only Ray's log lines. `on_lost` is the moment to say,
+        in one line of ours, what is safe and how to go on. A driver that joined an existing
+        cluster has no raylet of its own to watch."""
+        self._raylet = _own_raylet() if self.owns_ray else None
+        self._on_lost = on_lost
+        if self._raylet is None:
             return
 
         def loop() -> None:
-            while raylet.poll() is None:
-                if self._closed.wait(0.5):  # closed: Ray's own shutdown follows, not a loss
-                    return
-            if not self._closed.is_set():
-                on_lost(
-                    f"the local Ray instance stopped (its raylet, pid {raylet.pid}, exited with {raylet.returncode})"
-                )
+            while not self._closed.wait(0.1):  # closed: Ray's own shutdown follows, not a loss
+                self._check_raylet()
 
         threading.Thread(target=loop, name="raylet-watch", daemon=True).start()
+
+    def _check_raylet(self) -> None:
+        raylet = self._raylet
+        if raylet is None:
+            return
+        with self._lost:
+            if raylet.poll() is not None and not self._closed.is_set():
+                self._on_lost(
+                    f"the local Ray instance stopped (its raylet, pid {raylet.pid}, exited with {raylet.returncode})"
+                )
 
     def worker_info(self) -> list[dict[str, Any]]:
         return ray.get([w.info.remote() for w in self.workers])
