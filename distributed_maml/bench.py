@@ -105,7 +105,8 @@ class Cell:
 def cells(quick: bool, workers: int) -> list[Cell]:
     """The matrix: every method on each model, meta-batch, inner-step count and order; --quick:
     one model, one inner step, second order."""
-    methods = ["loop", "bare_vmap", "in_process", *(f"ray_{n}" for n in range(1, workers + 1))]
+    ns = range(1, workers + 1)
+    methods = ["loop", "bare_vmap", "in_process", *(f"ray_{n}" for n in ns), *(f"collective_{n}" for n in ns)]
     models = ("sinusoid_mlp",) if quick else tuple(MODELS)
     steps_orders = [(1, False)] if quick else [(1, False), (5, False), (1, True), (5, True)]
     return [
@@ -144,14 +145,23 @@ class _Problem:
 
         return step
 
-    def project_step(self, scaling: ScalingConfig) -> tuple[Callable[[int], None], Any, dict[str, float]]:
+    def project_step(self, scaling: ScalingConfig) -> tuple[Callable[[int], None], Any, dict[str, float] | None]:
         """The project's own path: sampler ids -> shards -> executor -> reduction -> Adam; and
-        where its time goes (`spent`: seconds in the fan-out/in and in the learner)."""
-        from .train import fan_out_in
+        where its time goes (`spent`: seconds in the fan-out/in and in the learner). Collective
+        mode: one call runs COLLECTIVE_CHUNK unlogged steps in the group (as between two logged
+        steps of a run); its learner works inside rank 0, so `spent` is None."""
+        from .stepping import fan_out_in
 
         executor = executor_mod.make(self.store, self.model_cfg, self.cfg, scaling)
         spec = ParamSpec.of(self.model)
         learner = Learner(spec, spec.flatten(dict(self.model.named_parameters())), 1e-3)
+        if scaling.mode == "collective":
+
+            def chunk(i: int) -> None:
+                first = i * COLLECTIVE_CHUNK + 1
+                executor.run_steps(learner, self.sampler, first, first + COLLECTIVE_CHUNK - 1, False, True, _ignore)
+
+            return chunk, executor, None
         spent = {"workers_s": 0.0, "learner_s": 0.0}
 
         def step(i: int) -> None:
@@ -165,10 +175,19 @@ class _Problem:
         return step, executor, spent
 
 
-def communication(n_params: int, workers: int) -> dict[str, int]:
-    """Bytes a driver-mode step moves: the weights out (one object-store copy, fetched once by
-    each worker) and one summed float32 gradient back from each worker."""
-    return {"weights_out_bytes": 4 * n_params * workers, "gradients_in_bytes": 4 * n_params * workers}
+COLLECTIVE_CHUNK = 25  # steps per collective call in `bench`: training.log_every's default
+
+
+def _ignore(outcome: object) -> None:
+    pass
+
+
+def communication(n_params: int, workers: int, mode: str) -> dict[str, int]:
+    """Bytes a step moves. Driver mode: the weights out (one object-store copy, fetched once by
+    each worker) and one summed float32 gradient back from each worker. Collective: rank 0's
+    broadcast of the weights and gather of the gradients reach the other ranks only."""
+    peers = workers if mode == "driver" else workers - 1
+    return {"weights_out_bytes": 4 * n_params * peers, "gradients_in_bytes": 4 * n_params * peers}
 
 
 def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
@@ -179,12 +198,14 @@ def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
         step = problem.plain_step(bare_vmap_meta_gradient)
     else:
         n = 0 if cell.method == "in_process" else int(cell.method.split("_")[1])
-        step, executor, spent = problem.project_step(ScalingConfig(num_workers=n, task_map="vmap"))
+        mode = "collective" if cell.method.startswith("collective") else "driver"
+        step, executor, spent = problem.project_step(ScalingConfig(num_workers=n, task_map="vmap", mode=mode))
         if n:
-            extra = communication(ParamSpec.of(problem.model).numel, n)
+            extra = communication(ParamSpec.of(problem.model).numel, n, mode)
+    per_call = COLLECTIVE_CHUNK if cell.method.startswith("collective") else 1
     try:
         counter = iter(range(10**9))
-        seconds = _time(lambda: step(next(counter)), min_seconds)
+        seconds = _time(lambda: step(next(counter)), min_seconds) / per_call
         if executor is not None and hasattr(executor, "worker_info"):  # Ray workers' peak memory
             info = executor.worker_info()
             extra["worker_peak_rss_mib"] = max(i["peak_rss_mib"] or 0.0 for i in info)
@@ -271,16 +292,17 @@ def format_table(result: dict[str, Any]) -> str:
         "| -------------------",
     ]
     for r in rows:
-        if "learner_share" in r:
+        if r["method"] not in ("loop", "bare_vmap"):
             kib = (
                 f"{r['weights_out_bytes'] / 1024:.1f} / {r['gradients_in_bytes'] / 1024:.1f}"
                 if "weights_out_bytes" in r
                 else "- (in-process)"
             )
             rss = f"{r['worker_peak_rss_mib']:.0f}" if "worker_peak_rss_mib" in r else "-"
+            share = f"{100 * r['learner_share']:.1f}%" if "learner_share" in r else "- (in rank 0)"
             lines.append(
                 f"{r['method']} | {r['model']} | {r['meta_batch']} | {r['inner_steps']} | "
-                f"{'first' if r['first_order'] else 'second'} | {100 * r['learner_share']:.1f}% | {kib} | {rss}"
+                f"{'first' if r['first_order'] else 'second'} | {share} | {kib} | {rss}"
             )
     if result.get("memory"):
         lines += ["", "peak memory per task (vmap) | model | meta-batch | inner steps | order | MiB per task"]

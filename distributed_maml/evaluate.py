@@ -174,9 +174,10 @@ def baseline_weights(run_dir: Path, state: RunState, info: Any, pretrain_steps: 
 
 def eval_executor(cfg: Config, store: TaskStore, workers: int | None) -> Executor:
     """The run's executor over the held-out store (`workers`, default the run's
-    scaling.num_workers): held-out tasks are as parallel as training tasks."""
+    scaling.num_workers): held-out tasks are as parallel as training tasks. Driver mode: there
+    are no meta-steps to run as a collective group."""
     n = cfg.scaling.num_workers if workers is None else workers
-    return executor_mod.make(store, cfg.model, cfg.maml, replace(cfg.scaling, num_workers=n))
+    return executor_mod.make(store, cfg.model, cfg.maml, replace(cfg.scaling, num_workers=n, mode="driver"))
 
 
 def curves(

@@ -3,8 +3,12 @@ and the one factory that picks it. Ray-free: Ray is imported only when workers a
 
 An executor holds `num_shards` workers; `compute` returns every shard's summed meta-gradient
 (a worker.ShardResult) in shard order, `curves` the adaptation curves of held-out tasks.
-Implementations: worker.InProcessExecutor (num_workers = 0) and runtime.RayExecutor (the driver
-calls every worker every step).
+`run_steps` advances the learner by steps first..last, reporting each step's outcome
+(stepping.StepOutcome) to `on_step`, and returns the last step done.
+
+Implementations: worker.InProcessExecutor (num_workers = 0), runtime.RayExecutor (scaling.mode
+= "driver": the driver calls every worker every step) and runtime.CollectiveExecutor ("collective":
+the workers run the steps as one torch.distributed group, rank 0 the learner).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from .config import MamlConfig, ModelConfig, ScalingConfig
+from .learner import Learner
+from .sampler import Sampler
+from .stepping import OnStep
 from .store import TaskStore
 from .worker import ShardResult
 
@@ -27,19 +34,30 @@ class Executor(Protocol):
         self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
     ) -> list[ShardResult]: ...
     def curves(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]: ...
+    def run_steps(
+        self,
+        learner: Learner,
+        sampler: Sampler,
+        first: int,
+        last: int,
+        before_last: bool,
+        stop_on_nonfinite: bool,
+        on_step: OnStep,
+    ) -> int: ...
     def watch(self, on_lost: Callable[[str], None]) -> None: ...
     def describe(self) -> str: ...
     def close(self) -> None: ...
 
 
 def make(store: TaskStore, model: ModelConfig, maml: MamlConfig, scaling: ScalingConfig) -> Executor:
-    """In-process for scaling.num_workers = 0, else Ray workers. A store on disk is read where
+    """In-process for scaling.num_workers = 0, else Ray workers (driven, or a collective group). A store on disk is read where
     the work runs (by path, or its file's bytes in the object store); an in-memory one (held-out
     tasks) travels as its bytes."""
     if scaling.num_workers == 0:
         from .worker import InProcessExecutor
 
         return InProcessExecutor(store, model, maml, scaling.task_map)
-    from .runtime import RayExecutor
+    from .runtime import CollectiveExecutor, RayExecutor
 
-    return RayExecutor(store.buffer() if store.in_memory else Path(store.name), model, maml, scaling)
+    kind = CollectiveExecutor if scaling.mode == "collective" else RayExecutor
+    return kind(store.buffer() if store.in_memory else Path(store.name), model, maml, scaling)

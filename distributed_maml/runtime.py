@@ -10,6 +10,7 @@ when some node cannot see it, from one copy of the file's bytes in Ray's object 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,12 +20,15 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import MamlConfig, ModelConfig, ScalingConfig, is_import_path
 from .errors import ConfigError, TrainingError
+from .learner import Learner
+from .sampler import Sampler
+from .stepping import OnStep, drive
 from .userimport import search_path
 from .worker import ShardResult
 
@@ -118,6 +122,61 @@ class WorkerActor:
 
     def curve(self, weights: np.ndarray, ids: np.ndarray, max_steps: int, lr: float) -> Any:
         return self.computer.curve(weights, ids, max_steps, lr)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's address for the group: this node's IP and a port free on it now."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def join_group(self, address: str, port: int, rank: int, world: int, timeout_s: float) -> str:
+        """Joins the torch.distributed group (gloo on a CPU, NCCL on a GPU); blocks until all
+        `world` ranks have joined, so the driver calls every rank at once."""
+        import datetime
+
+        import torch.distributed as dist
+
+        backend = "nccl" if self.computer.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{address}:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        self.rank, self.world = rank, world
+        return backend
+
+    def run_steps(
+        self,
+        state: tuple[dict[str, Any], dict[str, Any], int] | None,
+        sampler: Any,
+        first: int,
+        last: int,
+        before_last: bool,
+        stop_on_nonfinite: bool,
+    ) -> tuple[list[Any], tuple[dict[str, Any], dict[str, Any], int] | None]:
+        """The collective loop over steps first..last (stepping.collective_chunk). Rank 0 gets
+        the learner's state (weights, Adam moments, version) and returns it advanced, with the
+        steps' outcomes; the other ranks get and return None."""
+        import torch.distributed as dist
+
+        from .learner import Learner
+        from .stepping import collective_chunk
+
+        if not dist.is_initialized():  # restarted by Ray since the group formed: the group must form again
+            raise RuntimeError(f"{self.name} is not in the collective group (it was restarted)")
+        learner = None
+        if state is not None:
+            flat = self.computer.spec.flatten(state[0])
+            learner = Learner(self.computer.spec, flat, lr=0.0)  # the lr comes with the optimizer state
+            learner.load(*state)
+        outcomes = collective_chunk(
+            self.computer, learner, sampler, first, last, before_last, stop_on_nonfinite, self.rank, self.world
+        )
+        if learner is None:
+            return outcomes, None
+        return outcomes, (learner.state_dict(), learner.optimizer.state_dict(), learner.version)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
@@ -232,6 +291,18 @@ class RayExecutor:
         ref = ray.put(weights)
         return self._map(lambda worker, ids: worker.curve.remote(ref, ids, max_steps, lr), shards)
 
+    def run_steps(
+        self,
+        learner: Learner,
+        sampler: Sampler,
+        first: int,
+        last: int,
+        before_last: bool,
+        stop_on_nonfinite: bool,
+        on_step: OnStep,
+    ) -> int:
+        return drive(self, learner, sampler, first, last, before_last, stop_on_nonfinite, on_step)
+
     def _map(self, call: Callable[[Any, np.ndarray], Any], shards: list[np.ndarray]) -> list[Any]:
         """Shard i goes to worker i while it is healthy (the fixed partition; a retired worker's
         shards go to healthy ones); results come back in shard order. A shard whose worker died,
@@ -341,6 +412,113 @@ class RayExecutor:
             ray.kill(w, no_restart=True)
         remove_placement_group(self.pg)
         self.blob = None
+
+
+class CollectiveExecutor(RayExecutor):
+    """scaling.mode = "collective": the same workers form one torch.distributed group and run
+    the step loop themselves (stepping.collective_chunk), rank 0 the central learner. The driver
+    hands rank 0 the learner's state at a chunk's start and takes it back at its end, so a
+    checkpoint, a held-out score or a stop sees the same state as in driver mode. A rank that
+    dies or goes silent ends the chunk for all: every worker is restarted, the group formed
+    again, and the chunk run again from the state at its start (the last one the driver holds),
+    so the final weights equal an undisturbed run's. Evaluation (`curves`) is driver mode's."""
+
+    def __init__(
+        self, store: Path | np.ndarray, model_cfg: ModelConfig, maml_cfg: MamlConfig, scaling: ScalingConfig
+    ) -> None:
+        super().__init__(store, model_cfg, maml_cfg, scaling)
+        self.restarts = 0
+        self.backend = self._form_group()
+
+    def _form_group(self) -> str:
+        address, port = ray.get(self.workers[0].rendezvous.remote())
+        n, timeout = self.num_shards, self.scaling.worker_timeout_s
+        joins = [w.join_group.remote(address, port, i, n, timeout) for i, w in enumerate(self.workers)]
+        return ray.get(joins, timeout=PLACEMENT_TIMEOUT_S + timeout)[0]
+
+    def run_steps(
+        self,
+        learner: Learner,
+        sampler: Sampler,
+        first: int,
+        last: int,
+        before_last: bool,
+        stop_on_nonfinite: bool,
+        on_step: OnStep,
+    ) -> int:
+        if sampler.meta_batch < self.num_shards:
+            raise ConfigError(
+                f"task.meta_batch ({sampler.meta_batch}) must be >= the {self.num_shards} workers of a collective "
+                "group (every rank computes a shard); raise it, or lower scaling.num_workers"
+            )
+        failures = 0
+        while True:
+            self._check_raylet()
+            state = (learner.state_dict(), learner.optimizer.state_dict(), learner.version)
+            calls = [
+                w.run_steps.remote(state if i == 0 else None, sampler, first, last, before_last, stop_on_nonfinite)
+                for i, w in enumerate(self.workers)
+            ]
+            try:
+                outcomes, end_state = self._all(calls)[0]
+                break
+            except (RayActorError, RayTaskError, _GroupLost) as e:  # a rank died, broke, or was restarted
+                failures += 1
+                if failures >= self.max_failures:
+                    raise TrainingError(
+                        f"the collective group failed {failures} times running steps {first}..{last} (last: "
+                        f"{_first_line(e)}); see the worker logs above; the last checkpoint is intact"
+                    ) from None
+                self._restart()
+        learner.load(*end_state)
+        for outcome in outcomes:
+            on_step(outcome)
+        return outcomes[-1].step if outcomes else first - 1
+
+    def _all(self, calls: list[Any]) -> list[Any]:
+        """Every rank's answer; raises as soon as one rank fails or goes silent (the others then
+        wait in a collective that will never complete: they are restarted, not awaited)."""
+        watch = _Watch(self.workers, self.scaling.worker_timeout_s)
+        pending = dict(zip(calls, range(len(calls)), strict=True))
+        answers: list[Any] = [None] * len(calls)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            if not done:
+                silent = watch.silent(set(pending.values()))
+                if silent:
+                    raise _GroupLost(f"worker-{silent[0]} went silent for {self.scaling.worker_timeout_s:g} s")
+                continue
+            answers[pending.pop(done[0])] = ray.get(done[0])
+        return answers
+
+    def _restart(self) -> None:
+        """Every worker killed and restarted by Ray (max_restarts), then the group formed again."""
+        self.restarts += 1
+        for w in self.workers:
+            ray.kill(w, no_restart=False)
+        for attempt in range(3):  # a worker still dying when called fails the forming: once more
+            for i in range(self.num_shards):
+                if not self._back(i):
+                    raise TrainingError(f"worker-{i} did not come back within {self.scaling.worker_timeout_s:g} s")
+            try:
+                self.backend = self._form_group()
+                return
+            except RayActorError:
+                if attempt == 2:
+                    raise
+
+    def describe(self) -> str:
+        return super().describe()[:-1] + f", collective {self.backend} group)"
+
+
+def _first_line(e: BaseException) -> str:
+    """Ray's errors carry whole tracebacks; a one-line message takes the cause's first line."""
+    text = str(getattr(e, "cause", None) or e).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+
+class _GroupLost(Exception):
+    """A rank of the collective group went silent."""
 
 
 class _Watch:

@@ -8,10 +8,8 @@ Everything else (config, run folder, store, Ray) is set up before the loop and p
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +20,16 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, models, stopping
 from . import executor as executor_mod
+from .config import TrainingConfig
 from .errors import CheckpointError, TrainingError, os_error_line, with_filename
 from .executor import Executor
-from .learner import Learner, Reduced, reduce_shards
+from .learner import Learner
 from .run import Run
-from .sampler import Sampler, split_shards
+from .sampler import Sampler
+from .stepping import StepOutcome
 from .store import build_in_memory
 from .tasks import FROM_FILES
-from .worker import ShardComputer, ShardResult
+from .worker import ShardComputer
 
 
 @dataclass
@@ -59,35 +59,6 @@ def save_checkpoint(run: Run, learner: Learner, step: int, sampler: Sampler) -> 
     return checkpoint.save(
         run.dir, step, learner.version, learner.state_dict(), learner.optimizer.state_dict(), state, keep
     )
-
-
-def fan_out_in(
-    executor: Executor, learner: Learner, ids: np.ndarray, before: bool = True
-) -> tuple[list[ShardResult], Reduced]:
-    """One step's work: the ids split into the executor's shards, computed at the learner's
-    weights (waiting for the slowest shard), reduced in shard order (`before`: with the unadapted
-    metrics, for a logged step). `bench` times this too."""
-    shards = split_shards(ids, executor.num_shards)
-    results = executor.compute(learner.weights(), learner.version, shards, before)
-    return results, reduce_shards(results)
-
-
-def _is_finite(reduced: Reduced) -> bool:
-    return bool(np.isfinite(reduced.grad).all()) and all(math.isfinite(v) for v in reduced.metrics.values())
-
-
-def timing(results: list[ShardResult], wall_s: float, update_s: float) -> dict[str, Any]:
-    """Where a step's time went: mean worker compute, how long the fastest worker idled for the
-    slowest (stragglers), what Ray's calls and transfers added, and the learner's update."""
-    compute = [r.compute_s for r in results]
-    slowest = max(range(len(results)), key=lambda i: compute[i])
-    return {
-        "compute_s": float(np.mean(compute)),
-        "straggler_s": max(compute) - min(compute),
-        "overhead_s": max(0.0, wall_s - max(compute)),
-        "update_s": update_s,
-        "slowest_worker": results[slowest].worker,
-    }
 
 
 def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
@@ -167,7 +138,6 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     heldout = heldout_scorer(run)
     sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
     start = run.start.step if run.start else 0
-    skipped, record = 0, {}
     if run.start is None:  # step 0 on disk at once: a run stopped or failed before its first checkpoint resumes
         save_checkpoint(run, learner, 0, sampler)
     stopping.install()  # again: connecting to Ray replaced the SIGTERM handler
@@ -181,51 +151,95 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
         open(run.dir / "metrics.jsonl", "ab", buffering=0) as log,
         tqdm(total=cfg.steps, initial=start, desc="meta-train", unit="step", disable=not progress or None) as bar,
     ):
-        for step in range(start + 1, cfg.steps + 1):  # `step` counts completed meta-steps
+        recorder = _Recorder(run, learner, sampler, heldout, log, bar)
+        step = start  # `step` counts completed meta-steps
+        while step < cfg.steps:
             if stopping.requested():  # SIGINT/SIGTERM: the last step is applied; keep it, then stop
-                _stop(run, learner, step - 1, sampler)
-            heldout_step = heldout is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
-            logged = step % cfg.log_every == 0 or step in (1, cfg.steps) or heldout_step
-            t0 = time.perf_counter()
+                _stop(run, learner, step, sampler)
+            # Steps run in chunks that end where the driver must act (log, checkpoint, held-out
+            # evaluation): the driver loop still checks for stops between steps, the collective
+            # loop hands back control only at a chunk's end.
+            last = _chunk_end(step + 1, cfg, heldout is not None)
+            stop_on_nonfinite = cfg.on_nonfinite == "stop"
             try:
-                results, reduced = fan_out_in(executor, learner, sampler.ids(step - 1), before=logged)
-                finite = _is_finite(reduced)
-                if not finite and cfg.on_nonfinite == "stop":
-                    raise TrainingError(
-                        f"step {step}: non-finite meta-loss or meta-gradient (loss {reduced.metrics.get('loss_after')});"
-                        f" likely maml.inner_lr ({run.cfg.maml.inner_lr}) or optimizer.lr ({run.cfg.optimizer.lr}) "
-                        "is too large"
-                    )
-            except TrainingError as e:  # stop before Adam sees the step; keep the last good weights
-                path = save_checkpoint(run, learner, step - 1, sampler)
-                raise TrainingError(f"{e}; the last good weights are saved in {path}") from None
-            t1 = time.perf_counter()
-            if finite:
-                learner.apply(reduced.grad)
-            else:  # on_nonfinite = "skip": drop the step, count it
-                skipped += 1
-            t2 = time.perf_counter()
-            record = {
-                "step": step,
-                "meta_loss": reduced.metrics["loss_after"],
-                **reduced.metrics,
-                "tasks_per_s": reduced.count / (t2 - t0),
-                "skipped_steps": skipped,
-                "time": timing(results, t1 - t0, t2 - t1),
-            }
-            bar.set_postfix(
-                meta_loss=f"{record['meta_loss']:.4f}", tasks_s=f"{record['tasks_per_s']:.0f}", refresh=False
-            )
-            bar.update()
-            if heldout is not None and heldout_step:
-                record["heldout_loss"] = heldout(learner.weights())
-            if logged:
-                _append(log, json.dumps(record) + "\n")
-                tqdm.write(
-                    f"Step {step}, Meta Loss: {record['meta_loss']:.4f}"
-                    + (f", Accuracy: {record['acc_after']:.3f}" if "acc_after" in record else "")
-                    + (f", Held-out Loss: {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
+                step = executor.run_steps(
+                    learner, sampler, step + 1, last, recorder.logged(last), stop_on_nonfinite, recorder.on_step
                 )
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            except TrainingError as e:  # stopped before Adam saw a bad step, or the workers are gone
+                path = save_checkpoint(run, learner, recorder.done, sampler)
+                raise TrainingError(f"{e}; the last good weights are saved in {path}") from None
+            if step == last and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
                 save_checkpoint(run, learner, step, sampler)
-    return TrainResult(run.dir, cfg.steps, learner.weights(), record)
+    return TrainResult(run.dir, cfg.steps, learner.weights(), recorder.record)
+
+
+def _chunk_end(first: int, cfg: TrainingConfig, heldout: bool) -> int:
+    """The first step from `first` on that is logged, checkpointed, evaluated, or the last."""
+    periods = [cfg.log_every] + [p for p in (cfg.checkpoint_every, cfg.eval_every if heldout else 0) if p]
+    return min([cfg.steps, *(first + (-first) % p for p in periods)]) if first > 1 else 1
+
+
+class _Recorder:
+    """What the loop does with each step's outcome: the non-finite policy, the metrics line,
+    the progress bar, the held-out score."""
+
+    def __init__(
+        self,
+        run: Run,
+        learner: Learner,
+        sampler: Sampler,
+        heldout: Callable[[np.ndarray], float] | None,
+        log: IO[bytes],
+        bar: Any,
+    ) -> None:
+        self.run, self.learner, self.sampler, self.heldout, self.log, self.bar = (
+            run,
+            learner,
+            sampler,
+            heldout,
+            log,
+            bar,
+        )
+        self.cfg = run.cfg.training
+        self.skipped = 0
+        self.record: dict[str, Any] = {}
+        self.done = run.start.step if run.start else 0  # the last step settled (the learner's state)
+
+    def heldout_step(self, step: int) -> bool:
+        return self.heldout is not None and (step % self.cfg.eval_every == 0 or step == self.cfg.steps)
+
+    def logged(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step in (1, self.cfg.steps) or self.heldout_step(step)
+
+    def on_step(self, o: StepOutcome) -> None:
+        """Called after step `o.step` settled (the learner holds its weights when it is logged)."""
+        if not o.finite and self.cfg.on_nonfinite == "stop":  # Adam never saw it: the learner holds step - 1
+            maml, lr = self.run.cfg.maml, self.run.cfg.optimizer.lr
+            raise TrainingError(
+                f"step {o.step}: non-finite meta-loss or meta-gradient (loss {o.metrics.get('loss_after')}); "
+                f"likely maml.inner_lr ({maml.inner_lr}) or optimizer.lr ({lr}) is too large"
+            )
+        self.skipped += not o.finite  # on_nonfinite = "skip": dropped, counted
+        record = {
+            "step": o.step,
+            "meta_loss": o.metrics["loss_after"],
+            **o.metrics,
+            "tasks_per_s": o.count / o.wall_s,
+            "skipped_steps": self.skipped,
+            "time": o.timing,
+        }
+        self.bar.set_postfix(
+            meta_loss=f"{record['meta_loss']:.4f}", tasks_s=f"{record['tasks_per_s']:.0f}", refresh=False
+        )
+        self.bar.update()
+        if self.heldout is not None and self.heldout_step(o.step):
+            record["heldout_loss"] = self.heldout(self.learner.weights())
+        if self.logged(o.step):
+            _append(self.log, json.dumps(record) + "\n")
+            tqdm.write(
+                f"Step {o.step}, Meta Loss: {record['meta_loss']:.4f}"
+                + (f", Accuracy: {record['acc_after']:.3f}" if "acc_after" in record else "")
+                + (f", Held-out Loss: {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
+            )
+        self.record = record
+        self.done = o.step

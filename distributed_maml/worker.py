@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,11 @@ from .config import MamlConfig, ModelConfig
 from .maml import TaskBatch, adaptation_curve, as_input, meta_gradient
 from .models import ParamSpec, build, functional
 from .store import TaskStore
+
+if TYPE_CHECKING:
+    from .learner import Learner
+    from .sampler import Sampler
+    from .stepping import OnStep
 
 CURVE_CHUNK = 1000  # tasks per vmap call when evaluating: bounds memory, not results
 
@@ -157,6 +163,20 @@ class InProcessExecutor:
         self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
         return [self.computer.curve(weights, ids, max_steps, lr) for ids in shards]
+
+    def run_steps(
+        self,
+        learner: Learner,
+        sampler: Sampler,
+        first: int,
+        last: int,
+        before_last: bool,
+        stop_on_nonfinite: bool,
+        on_step: OnStep,
+    ) -> int:
+        from .stepping import drive  # stepping builds on this module
+
+        return drive(self, learner, sampler, first, last, before_last, stop_on_nonfinite, on_step)
 
     def watch(self, on_lost: Callable[[str], None]) -> None:
         """Nothing to watch: in-process work has no cluster to lose."""

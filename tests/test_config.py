@@ -75,6 +75,8 @@ def test_set_overrides_parse_toml_values_and_bare_strings():
         ("task.ways=1", "task.ways must be >= 2"),
         ("task.family=my.mod", "package.module:Family"),
         ("scaling.task_map=fast", "scaling.task_map must be one of"),
+        ("scaling.mode=ring", "scaling.mode must be one of"),
+        (("scaling.mode=collective", "scaling.num_workers=0"), "needs Ray workers"),
         ("model.hidden=[]", "model.hidden must list at least one"),
         ("model.hidden=[0]", "model.hidden widths must be >= 1"),
         ("maml.inner_steps=0", "maml.inner_steps must be in [1, 100]"),
@@ -108,7 +110,7 @@ def test_set_overrides_parse_toml_values_and_bare_strings():
 )
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
-        config.load(None, [override])
+        config.load(None, [override] if isinstance(override, str) else list(override))
     assert needle in str(e.value)
 
 

@@ -12,7 +12,7 @@ import ray
 
 from distributed_maml import config, run, train
 from distributed_maml.errors import ConfigError
-from distributed_maml.runtime import RayExecutor
+from distributed_maml.runtime import CollectiveExecutor, RayExecutor
 
 from .conftest import train_on
 
@@ -138,6 +138,50 @@ def test_killed_worker_is_restarted_and_its_shard_recomputed(tmp_path, store_pat
     result, ex = train_run(tmp_path, store_path, "r", 2, executor_hook=hook)
     np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
     assert len(killed) == 1 and ex.failures == [0, 1]
+
+
+def _metric_lines(run_dir):
+    """metrics.jsonl without the timings (which differ run to run)."""
+    import json
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "tasks_per_s")} for r in lines]
+
+
+def test_collective_mode_equals_driver_mode_bit_for_bit(tmp_path, store_path, reference):
+    """Two workers in a gloo group run the steps themselves: the same weights, Adam state and
+    metrics as the driver calling them (and as in-process, to float32 rounding)."""
+    driver, _ = train_run(tmp_path, store_path, "driver", 2)
+    result, ex = train_run(tmp_path, store_path, "collective", 2, ["scaling.mode=collective"])
+    assert isinstance(ex, CollectiveExecutor) and ex.backend == "gloo" and ex.restarts == 0
+    np.testing.assert_array_equal(result.weights, driver.weights)
+    np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
+    assert _metric_lines(tmp_path / "collective") == _metric_lines(tmp_path / "driver")
+    assert [r["step"] for r in _metric_lines(tmp_path / "collective")] == [1, 3, 6]
+
+
+def test_collective_group_restarts_from_the_chunk_start_when_a_rank_dies(tmp_path, store_path, reference):
+    """Rank 1's process is killed before the chunk of steps 4..6: the group is restarted and
+    the chunk rerun from the state the driver holds; the weights equal an undisturbed run's."""
+    killed: list[int] = []
+
+    def hook(ex):
+        original = ex.run_steps
+
+        def run_steps(learner, sampler, first, last, *rest):
+            if not (first <= 4 <= last) or killed:
+                return original(learner, sampler, first, last, *rest)
+            killed.append(ex.worker_info()[1]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+            done = original(learner, sampler, first, last, *rest)
+            killed.append(ex.worker_info()[1]["pid"])  # rank 1 after the restart
+            return done
+
+        ex.run_steps = run_steps
+
+    result, ex = train_run(tmp_path, store_path, "r", 2, ["scaling.mode=collective"], executor_hook=hook)
+    assert len(killed) == 2 and killed[1] != killed[0] and ex.restarts == 1
+    np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_a_worker_that_keeps_failing_hands_its_shards_over(tmp_path, store_path, reference):

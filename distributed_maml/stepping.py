@@ -1,0 +1,175 @@
+"""Meta-steps: the one fan-in-and-update every executor applies, in its two loops.
+
+`settle` turns one step's shard results into the learner's update. The driver loop (`drive`:
+in-process and Ray driver mode) computes a step's shards through the executor and settles it
+here; the collective loop (`collective_chunk`, run inside every Ray worker of a
+torch.distributed group) gathers the shards to rank 0, which settles them with the same code
+and broadcasts the new weights. Same shards, same reduction order, same Adam: the two modes give
+bit-identical weights (tested). Ray-free, so the collective loop runs under any launcher.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import stopping
+from .learner import Learner, Reduced, reduce_shards
+from .sampler import Sampler, split_shards
+from .worker import ShardResult
+
+if TYPE_CHECKING:
+    from .executor import Executor
+    from .worker import ShardComputer
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one meta-step reports: its tasks, metric means, and whether Adam applied it (a
+    non-finite step is not applied: it stops the run, or is skipped by on_nonfinite = "skip")."""
+
+    step: int
+    count: int
+    metrics: dict[str, float]
+    finite: bool
+    wall_s: float
+    timing: dict[str, Any]
+
+
+OnStep = Callable[[StepOutcome], None]
+
+
+def is_finite(reduced: Reduced) -> bool:
+    return bool(np.isfinite(reduced.grad).all()) and all(math.isfinite(v) for v in reduced.metrics.values())
+
+
+def timing(results: list[ShardResult], wall_s: float, update_s: float) -> dict[str, Any]:
+    """Where a step's time went: mean worker compute, how long the fastest worker idled for the
+    slowest (stragglers), what Ray's calls and transfers added, and the learner's update."""
+    compute = [r.compute_s for r in results]
+    slowest = max(range(len(results)), key=lambda i: compute[i])
+    return {
+        "compute_s": float(np.mean(compute)),
+        "straggler_s": max(compute) - min(compute),
+        "overhead_s": max(0.0, wall_s - max(compute)),
+        "update_s": update_s,
+        "slowest_worker": results[slowest].worker,
+    }
+
+
+def settle(learner: Learner, step: int, results: list[ShardResult], started: float) -> StepOutcome:
+    """The fan-in and the update: shard sums reduced in shard order, then Adam (unless the step
+    is non-finite: Adam never sees it; the caller's policy decides what follows)."""
+    reduced = reduce_shards(results)
+    finite = is_finite(reduced)
+    t1 = time.perf_counter()
+    if finite:
+        learner.apply(reduced.grad)
+    t2 = time.perf_counter()
+    return StepOutcome(
+        step, reduced.count, reduced.metrics, finite, t2 - started, timing(results, t1 - started, t2 - t1)
+    )
+
+
+def fan_out_in(
+    executor: Executor, learner: Learner, ids: np.ndarray, before: bool = True
+) -> tuple[list[ShardResult], Reduced]:
+    """One step's work: the ids split into the executor's shards, computed at the learner's
+    weights (waiting for the slowest shard), reduced in shard order (`before`: with the unadapted
+    metrics, for a logged step). `bench` times this too."""
+    shards = split_shards(ids, executor.num_shards)
+    results = executor.compute(learner.weights(), learner.version, shards, before)
+    return results, reduce_shards(results)
+
+
+def drive(
+    executor: Executor,
+    learner: Learner,
+    sampler: Sampler,
+    first: int,
+    last: int,
+    before_last: bool,
+    stop_on_nonfinite: bool,
+    on_step: OnStep,
+) -> int:
+    """Steps first..last, the driver calling the executor every step. Returns the last step
+    applied or reported: earlier than `last` when a stop was requested (checked between steps)
+    or a non-finite step stops the run."""
+    for step in range(first, last + 1):
+        if step > first and stopping.requested():
+            return step - 1
+        started = time.perf_counter()
+        shards = split_shards(sampler.ids(step - 1), executor.num_shards)
+        results = executor.compute(learner.weights(), learner.version, shards, before_last and step == last)
+        outcome = settle(learner, step, results, started)
+        on_step(outcome)
+        if not outcome.finite and stop_on_nonfinite:
+            return step
+    return last
+
+
+def collective_chunk(
+    computer: ShardComputer,
+    learner: Learner | None,
+    sampler: Sampler,
+    first: int,
+    last: int,
+    before_last: bool,
+    stop_on_nonfinite: bool,
+    rank: int,
+    world: int,
+) -> list[StepOutcome]:
+    """Steps first..last on every rank of the default torch.distributed group at once; rank 0
+    holds the `learner` (the central learner) and returns the steps' outcomes, the others [].
+
+    Per step: rank 0 broadcasts its weights (and whether to go on); each rank computes shard
+    `rank` of the step's ids; the shard sums are gathered to rank 0, which settles them in shard
+    order exactly as the driver does (a gather, not a reduce: a reduction tree would add the
+    shards in another order, and the weights would drift from driver mode's in the last bit)."""
+    import torch
+    import torch.distributed as dist
+
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    size = computer.spec.numel
+    head = torch.empty(size + 1, dtype=torch.float32, device=comm)  # weights, then 1 = go on / 0 = stop
+    outcomes: list[StepOutcome] = []
+    go = True
+    for step in range(first, last + 1):
+        started = time.perf_counter()
+        if rank == 0:
+            assert learner is not None
+            head[:size] = torch.from_numpy(learner.weights())
+            head[size] = float(go)
+        dist.broadcast(head, src=0)
+        if head[size].item() == 0.0:
+            break
+        weights = head[:size].cpu().numpy()
+        before = before_last and step == last
+        ids = split_shards(sampler.ids(step - 1), world)[rank]
+        result = computer.compute(weights, ids, before)
+        keys = list(result.metrics)  # the same on every rank: they follow the task kind and `before`
+        packed = torch.from_numpy(
+            np.concatenate(
+                [result.grad_sum, [result.count, result.compute_s], [result.metrics[k] for k in keys]]
+            ).astype(np.float32)
+        ).to(comm)
+        gathered = [torch.empty_like(packed) for _ in range(world)] if rank == 0 else None
+        dist.gather(packed, gathered, dst=0)
+        if rank == 0:
+            assert learner is not None and gathered is not None
+            results = [_unpack(g.cpu().numpy(), size, keys, f"worker-{r}") for r, g in enumerate(gathered)]
+            outcome = settle(learner, step, results, started)
+            outcomes.append(outcome)
+            go = outcome.finite or not stop_on_nonfinite
+    return outcomes
+
+
+def _unpack(packed: np.ndarray, size: int, keys: list[str], worker: str) -> ShardResult:
+    count, compute_s = packed[size : size + 2]
+    metrics = {k: float(v) for k, v in zip(keys, packed[size + 2 :], strict=True)}
+    return ShardResult(packed[:size].copy(), int(count), metrics, float(compute_s), worker)
