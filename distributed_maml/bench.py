@@ -34,6 +34,7 @@ from .maml import TaskBatch, meta_gradient
 from .models import ParamSpec, build, functional
 from .sampler import Sampler
 from .store import build_in_memory
+from .worker import InProcessExecutor
 
 
 def loop_meta_gradient(
@@ -107,16 +108,20 @@ def cells(quick: bool, workers: int) -> list[Cell]:
     one model, one inner step, second order."""
     ns = range(1, workers + 1)
     methods = ["loop", "bare_vmap", "in_process", *(f"ray_{n}" for n in ns), *(f"collective_{n}" for n in ns)]
+    gpu = ["gpu_eager", "gpu_graph"] if torch.cuda.is_available() else []
     models = ("sinusoid_mlp",) if quick else tuple(MODELS)
     steps_orders = [(1, False)] if quick else [(1, False), (5, False), (1, True), (5, True)]
     return [
         Cell(m, model, mb, k, fo)
         for model in models
-        for mb in (25, 1000)
+        for mb in (25, 1000, GPU_META_BATCH)
         for k, fo in steps_orders
-        for m in methods
+        for m in (methods + gpu if mb < GPU_META_BATCH else gpu)
         if not (m == "loop" and mb == 1000 and k == 5)  # minutes per cell, and the ratio is already clear at 1 step
     ]
+
+
+GPU_META_BATCH = 16_384  # the GPU rows' large meta-batch (the CPU methods stop at 1000)
 
 
 class _Problem:
@@ -145,14 +150,19 @@ class _Problem:
 
         return step
 
-    def project_step(self, scaling: ScalingConfig) -> tuple[Callable[[int], None], Any, dict[str, float] | None]:
+    def project_step(
+        self, scaling: ScalingConfig, device: str = "cpu"
+    ) -> tuple[Callable[[int], None], Any, dict[str, float] | None]:
         """The project's own path: sampler ids -> shards -> executor -> reduction -> Adam; and
         where its time goes (`spent`: seconds in the fan-out/in and in the learner). Collective
         mode: one call runs COLLECTIVE_CHUNK unlogged steps in the group (as between two logged
         steps of a run); its learner works inside rank 0, so `spent` is None."""
         from .stepping import fan_out_in
 
-        executor = executor_mod.make(self.store, self.model_cfg, self.cfg, scaling)
+        if device == "cpu":
+            executor: Any = executor_mod.make(self.store, self.model_cfg, self.cfg, scaling)
+        else:
+            executor = InProcessExecutor(self.store, self.model_cfg, self.cfg, "vmap", scaling.gpu_step, device)
         spec = ParamSpec.of(self.model)
         learner = Learner(spec, spec.flatten(dict(self.model.named_parameters())), 1e-3)
         if scaling.mode == "collective":
@@ -196,6 +206,9 @@ def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
         step = problem.plain_step(loop_meta_gradient)
     elif cell.method == "bare_vmap":
         step = problem.plain_step(bare_vmap_meta_gradient)
+    elif cell.method.startswith("gpu_"):  # the project's in-process path on cuda:0, eager or graph
+        step, executor, spent = problem.project_step(ScalingConfig(num_workers=0, gpu_step=cell.method[4:]), "cuda")
+        extra = {"gpu_step": executor.computer.step_kind}
     else:
         n = 0 if cell.method == "in_process" else int(cell.method.split("_")[1])
         mode = "collective" if cell.method.startswith("collective") else "driver"

@@ -38,6 +38,7 @@ def is_import_path(name: str) -> bool:
 NONFINITE_POLICIES = ("stop", "skip")
 STORE_SHARING = ("auto", "path", "object_store")
 MODES = ("driver", "collective")
+GPU_STEPS = ("graph", "eager")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -207,6 +208,10 @@ class ScalingConfig:
     """How a worker maps its shard's tasks: "vmap" (one batched computation), "loop" (one task
     at a time) or "auto": loop for conv nets on a CPU (vmap turns their convolutions into slow
     grouped ones there), vmap otherwise. Same gradients either way (tested)."""
+    gpu_step: str = "graph"
+    """How a GPU worker runs an unlogged step: "graph" (captured once per padded shard size as a
+    CUDA graph and replayed: no per-kernel launch cost; checked against eager at capture, eager
+    again if it differs) or "eager". CPU workers always run eagerly."""
     mode: str = "driver"
     """"driver": the driver calls every worker every step (the reference loop). "collective":
     the workers form a torch.distributed group (gloo on CPUs, NCCL on GPUs) and run the steps
@@ -235,6 +240,10 @@ class ScalingConfig:
         _require(
             self.placement in PLACEMENTS,
             f"scaling.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}",
+        )
+        _require(
+            self.gpu_step in GPU_STEPS,
+            f"scaling.gpu_step must be one of {', '.join(GPU_STEPS)}, got {self.gpu_step!r}",
         )
         _require(self.mode in MODES, f"scaling.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _require(

@@ -56,7 +56,7 @@ def make(store: TaskStore, model: ModelConfig, maml: MamlConfig, scaling: Scalin
     if scaling.num_workers == 0:
         from .worker import InProcessExecutor
 
-        return InProcessExecutor(store, model, maml, scaling.task_map)
+        return InProcessExecutor(store, model, maml, scaling.task_map, scaling.gpu_step)
     from .runtime import CollectiveExecutor, RayExecutor
 
     kind = CollectiveExecutor if scaling.mode == "collective" else RayExecutor

@@ -119,6 +119,38 @@ def adapt(
     return params
 
 
+def _objective(forward: Forward, kind: str, cfg: MamlConfig) -> Callable[..., tuple[Tensor, Tensor]]:
+    """One task's meta-objective: its query loss after adaptation, and its query accuracy."""
+    loss = loss_fn(kind)
+    classification = kind == "classification"
+
+    def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        adapted = adapt(forward, kind, p, xs, ys, cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+        out = forward(adapted, xq)
+        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
+        return loss(out, yq), acc.detach()
+
+    return task_objective
+
+
+def vmap_sums(
+    forward: Forward, kind: str, params: Params, batch: TaskBatch, cfg: MamlConfig, weights: Tensor | None = None
+) -> tuple[Params, Tensor, Tensor]:
+    """The vmapped core of `meta_gradient`, tensors only (no host sync, so a CUDA graph can
+    capture it): the summed meta-gradient, loss sum and accuracy sum over the batch's tasks,
+    each task counted `weights[t]` times (a padding task, weight 0, adds exactly nothing)."""
+    objective = _objective(forward, kind, cfg)
+
+    def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        losses, accs = map_tasks(objective, "vmap")(p, *batch.tensors())
+        if weights is not None:
+            losses, accs = losses * weights, accs * weights
+        return losses.sum(), (losses.detach().sum(), accs.sum())
+
+    grads, (loss_sum, acc_sum) = grad(batch_objective, has_aux=True)(params)
+    return grads, loss_sum, acc_sum
+
+
 def meta_gradient(
     forward: Forward,
     kind: str,
@@ -136,54 +168,47 @@ def meta_gradient(
     weights: one more forward pass, which the training loop asks for on logged steps only (at
     meta-batch 25 it was 15% of a sinusoid step).
     """
-    loss = loss_fn(kind)
-    classification = kind == "classification"
-
-    def accuracy(out: Tensor, y: Tensor) -> Tensor:
-        return (out.argmax(-1) == y).to(out.dtype).mean() if classification else out.new_zeros(())
-
-    def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-        adapted = adapt(forward, kind, p, xs, ys, cfg.inner_steps, cfg.inner_lr, cfg.first_order)
-        out = forward(adapted, xq)
-        task_loss = loss(out, yq)
-        return task_loss, accuracy(out, yq).detach()
-
-    def unadapted(p: Params, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-        out = forward(p, xq)  # per task: a BatchNorm model sees this task's examples only
-        return loss(out, yq), accuracy(out, yq)
-
-    tasks = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
     if task_map == "vmap":
-
-        def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            losses, accs = map_tasks(task_objective, "vmap")(p, *tasks)
-            return losses.sum(), (losses.detach().sum(), accs.sum())
-
-        grads, (loss_after, acc_after) = grad(batch_objective, has_aux=True)(params)
+        grads, loss_after, acc_after = vmap_sums(forward, kind, params, batch, cfg)
     else:  # one task at a time: the memory of one task's graph, gradients summed in task order
+        objective = _objective(forward, kind, cfg)
 
         def one_task(p: Params, *task: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            task_loss, acc = task_objective(p, *task)
+            task_loss, acc = objective(p, *task)
             return task_loss, (task_loss.detach(), acc)
 
         per_task = grad(one_task, has_aux=True)
         grads = {k: torch.zeros_like(v) for k, v in params.items()}
         loss_after = acc_after = torch.zeros((), device=batch.x_query.device)
         for i in range(len(batch)):
-            g, (task_loss, acc) = per_task(params, *(t[i] for t in tasks))
+            g, (task_loss, acc) = per_task(params, *(t[i] for t in batch.tensors()))
             grads = {k: grads[k] + g[k] for k in grads}
             loss_after, acc_after = loss_after + task_loss.detach(), acc_after + acc
     metrics = {"loss_after": loss_after.item()}
-    if classification:
+    if kind == "classification":
         metrics["acc_after"] = acc_after.item()
     if before:
-        with torch.no_grad():
-            frozen = {k: v.detach() for k, v in params.items()}
-            losses_before, accs_before = map_tasks(unadapted, task_map)(frozen, batch.x_query, batch.y_query)
-        metrics["loss_before"] = losses_before.sum().item()
-        if classification:
-            metrics["acc_before"] = accs_before.sum().item()
+        metrics.update(metrics_before(forward, kind, params, batch, task_map))
     return grads, metrics
+
+
+def metrics_before(forward: Forward, kind: str, params: Params, batch: TaskBatch, task_map: str) -> dict[str, float]:
+    """loss_before (and acc_before) summed over tasks: the query loss of the unadapted weights."""
+    loss = loss_fn(kind)
+    classification = kind == "classification"
+
+    def unadapted(p: Params, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        out = forward(p, xq)  # per task: a BatchNorm model sees this task's examples only
+        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
+        return loss(out, yq), acc
+
+    with torch.no_grad():
+        frozen = {k: v.detach() for k, v in params.items()}
+        losses, accs = map_tasks(unadapted, task_map)(frozen, batch.x_query, batch.y_query)
+    out = {"loss_before": losses.sum().item()}
+    if classification:
+        out["acc_before"] = accs.sum().item()
+    return out
 
 
 def adaptation_curve(

@@ -92,6 +92,7 @@ class WorkerActor:
         index: int,
         task_map: str = "auto",
         code_paths: tuple[str, ...] = (),
+        gpu_step: str = "graph",
     ) -> None:
         import torch
 
@@ -109,7 +110,9 @@ class WorkerActor:
         else:
             store, self.store_mode = TaskStore.open(source.path), "path"
         self.name = f"worker-{index}"
-        self.computer = ShardComputer(store, model_cfg, maml_cfg, device=device, name=self.name, task_map=task_map)
+        self.computer = ShardComputer(
+            store, model_cfg, maml_cfg, device=device, name=self.name, task_map=task_map, gpu_step=gpu_step
+        )
         self.version = -1
 
     def compute(self, weights: np.ndarray, version: int, ids: np.ndarray, before: bool = True) -> ShardResult:
@@ -193,6 +196,7 @@ class WorkerActor:
             "device": str(self.computer.device),
             "store_mode": self.store_mode,
             "task_map": self.computer.task_map,
+            "step": self.computer.step_kind,
             "torch_threads": torch.get_num_threads(),
             "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
             "peak_rss_mib": _peak_rss_mib(),
@@ -264,10 +268,11 @@ class RayExecutor:
                 i,
                 scaling.task_map,
                 code,
+                scaling.gpu_step,
             )
             for i in range(n)
         ]
-        self._task_map: str | None = None
+        self._how: str | None = None
         self.failures = [0] * n
         self.max_failures = scaling.max_worker_failures
 
@@ -399,11 +404,13 @@ class RayExecutor:
     def describe(self) -> str:
         s = self.scaling
         gpus = f", {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else ""
-        if self._task_map is None:  # the workers decide (their device); ask once
-            self._task_map = "/".join(sorted({i["task_map"] for i in self.worker_info()}))
+        if self._how is None:  # the workers decide (their device); ask once
+            info = self.worker_info()
+            self._how = "/".join(sorted({i["task_map"] for i in info}))
+            self._how += ", " + "/".join(sorted({i["step"] for i in info}))
         return (
             f"{self.num_shards} Ray workers ({s.cpus_per_worker:g} CPU{gpus} each, {s.placement}, "
-            f"store via {self.store_mode}, tasks by {self._task_map})"
+            f"store via {self.store_mode}, tasks by {self._how})"
         )
 
     def close(self) -> None:

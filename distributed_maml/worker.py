@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import MamlConfig, ModelConfig
+from .graphstep import GraphSteps
 from .maml import TaskBatch, adaptation_curve, as_input, meta_gradient
 from .models import ParamSpec, build, functional
 from .store import TaskStore
@@ -49,6 +50,7 @@ class ShardComputer:
         device: str = "cpu",
         name: str = "in-process",
         task_map: str = "auto",
+        gpu_step: str = "graph",
     ) -> None:
         self.store = store
         self.maml_cfg = maml_cfg
@@ -66,6 +68,19 @@ class ShardComputer:
         self.name = name
         self.task_map = choose_task_map(self.model, self.device, task_map)
         self.resident = _resident_columns(store, self.device)
+        self.graphs: GraphSteps | None = None
+        if gpu_step == "graph" and self.device.type == "cuda" and self.task_map == "vmap":
+            self.graphs = GraphSteps(self.forward, store.info.kind, self.spec, maml_cfg, name)
+        self.gpu_step = gpu_step
+
+    @property
+    def step_kind(self) -> str:
+        """How this worker runs a step, for the run's first line."""
+        if self.graphs is not None:
+            return "eager steps (graph failed)" if self.graphs.failed else "CUDA-graph steps"
+        if self.gpu_step == "graph" and self.device.type != "cuda":
+            return "eager steps (graphs need CUDA)"
+        return "eager steps"
 
     def batch(self, ids: np.ndarray) -> TaskBatch:
         """The shard's rows as tensors on the device. On a GPU that holds the whole store, a
@@ -91,8 +106,16 @@ class ShardComputer:
         params = self.spec.unflatten(flat)
         batch = self.batch(ids)
         kind = self.store.info.kind
-        grads, metrics = meta_gradient(self.forward, kind, params, batch, self.maml_cfg, self.task_map, before)
-        grad_sum = self.spec.flatten(grads).detach().to("cpu", torch.float32).numpy()
+        graphed = None if before or self.graphs is None else self.graphs.run(flat, batch)
+        if graphed is not None:  # an unlogged step: replayed from the shard size's graph
+            flat_grad, loss_sum, acc_sum = graphed
+            metrics = {"loss_after": loss_sum.item()}
+            if kind == "classification":
+                metrics["acc_after"] = acc_sum.item()
+        else:
+            grads, metrics = meta_gradient(self.forward, kind, params, batch, self.maml_cfg, self.task_map, before)
+            flat_grad = self.spec.flatten(grads)
+        grad_sum = flat_grad.detach().to("cpu", torch.float32).numpy()
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
 
     def curve(
@@ -151,8 +174,16 @@ class InProcessExecutor:
 
     num_shards = 1
 
-    def __init__(self, store: TaskStore, model_cfg: ModelConfig, maml_cfg: MamlConfig, task_map: str = "auto") -> None:
-        self.computer = ShardComputer(store, model_cfg, maml_cfg, task_map=task_map)
+    def __init__(
+        self,
+        store: TaskStore,
+        model_cfg: ModelConfig,
+        maml_cfg: MamlConfig,
+        task_map: str = "auto",
+        gpu_step: str = "graph",
+        device: str = "cpu",
+    ) -> None:
+        self.computer = ShardComputer(store, model_cfg, maml_cfg, device, task_map=task_map, gpu_step=gpu_step)
 
     def compute(
         self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
@@ -182,7 +213,8 @@ class InProcessExecutor:
         """Nothing to watch: in-process work has no cluster to lose."""
 
     def describe(self) -> str:
-        return f"in-process ({torch.get_num_threads()} torch threads, tasks by {self.computer.task_map})"
+        c = self.computer
+        return f"in-process ({torch.get_num_threads()} torch threads, tasks by {c.task_map}, {c.step_kind})"
 
     def close(self) -> None:
         pass

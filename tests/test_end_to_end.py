@@ -36,6 +36,7 @@ def test_default_train_lowers_the_meta_loss_and_beats_both_baselines(tmp_path, s
     proc = run_cli("train", "--output-dir", out, "--set", f"training.seed={seed}", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "Step 500, Meta Loss:" in proc.stdout and "Step 25, Meta Loss:" in proc.stdout
+    assert "eager steps (graphs need CUDA)" in proc.stdout.splitlines()[0]  # the run's first line says so
     m = _metrics(out)
     first, last = m[0]["meta_loss"], np.mean([x["meta_loss"] for x in m[-5:]])
     assert last < 0.8 * first, (first, last)

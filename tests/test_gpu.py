@@ -75,3 +75,26 @@ def test_gpu_workers_match_the_cpu_in_process_run(ray_gpu, tmp_path, store_path,
     assert [i["device"] for i in seen["info"]] == ["cuda:0"] * workers
     assert len({tuple(i["gpu_ids"]) for i in seen["info"]}) == 1  # the same card, shared
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [100, 64, 1000])
+def test_graph_step_matches_the_eager_step(store_path, n):
+    """An unlogged step replayed from a CUDA graph (padded to a power of two) gives the eager
+    step's sums; a logged step (unadapted metrics too) runs eagerly."""
+    from distributed_maml.graphstep import padded_size
+
+    store = TaskStore.open(store_path)
+    ids = np.random.default_rng(n).integers(0, 256, size=n)
+    weights = np.random.default_rng(1).normal(scale=0.1, size=834).astype(np.float32)
+    maml = MamlConfig(inner_steps=5)
+    eager = ShardComputer(store, ModelConfig(), maml, device="cuda:0", gpu_step="eager")
+    graph = ShardComputer(store, ModelConfig(), maml, device="cuda:0", gpu_step="graph")
+    want = eager.compute(weights, ids, before=False)
+    for _ in range(2):  # the capture, then a replay
+        got = graph.compute(weights, ids, before=False)
+        assert graph.graphs is not None and graph.graphs.failed is None
+        assert list(graph.graphs.graphs) == [padded_size(n)] and graph.step_kind == "CUDA-graph steps"
+        np.testing.assert_allclose(got.grad_sum, want.grad_sum, rtol=1e-6, atol=1e-6 * np.abs(want.grad_sum).max())
+        assert got.metrics["loss_after"] == pytest.approx(want.metrics["loss_after"], rel=1e-6)
+    logged = graph.compute(weights, ids, before=True)
+    assert "loss_before" in logged.metrics

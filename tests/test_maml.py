@@ -158,3 +158,26 @@ def test_adaptation_curve_step_zero_is_the_unadapted_loss_and_steps_follow_sgd()
             p = {n: (v - 0.01 * g).detach().requires_grad_(True) for (n, v), g in zip(p.items(), grads)}
             q = float(task_loss(kind, forward(p, batch.x_query[t]), batch.y_query[t]).detach())
             assert float(losses[t, k]) == pytest.approx(q, rel=1e-4)
+
+
+@pytest.mark.parametrize("family, model_name", CASES)
+def test_zero_weighted_padding_adds_nothing(family, model_name):
+    """The CUDA-graph step pads a shard to a fixed size with copies of its first task weighted 0
+    (graphstep.fill_padded): its sums equal the unpadded shard's. Runs on the CPU."""
+    from distributed_maml.graphstep import fill_padded, padded_size
+
+    kind, model, params, batch = setup(family, model_name, tasks=5, dtype=torch.float32)
+    cfg = MamlConfig(inner_steps=2, inner_lr=0.1)
+    fwd = models.functional(model)
+    size = padded_size(len(batch))
+    assert size == 64 and padded_size(64) == 64 and padded_size(65) == 128
+    buffers = maml.TaskBatch(*(torch.full((size, *t.shape[1:]), 7, dtype=t.dtype) for t in batch.tensors()))
+    weights = torch.full((size,), 3.0)
+    fill_padded(buffers, weights, batch)
+    assert weights.sum() == len(batch) and torch.equal(buffers.x_query[-1], batch.x_query[0])
+    g_pad, loss_pad, acc_pad = maml.vmap_sums(fwd, kind, params, buffers, cfg, weights)
+    g, loss, acc = maml.vmap_sums(fwd, kind, params, batch, cfg)
+    for k in g:
+        torch.testing.assert_close(g_pad[k], g[k], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss_pad, loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(acc_pad, acc, rtol=1e-6, atol=0)
