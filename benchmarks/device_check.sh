@@ -29,3 +29,11 @@ print("glyph conv4 tasks/s (logged steps after the first):", statistics.median(r
 PY
 timeout 120 python3 -m distributed_maml eval --run /tmp/dmaml-glyphs --steps 0,1,3 --num-tasks 600 --no-baselines \
   2>&1 | grep -v "^20[0-9][0-9]-" | tail -6 | tee -a "$OUT/glyphs.txt"
+# Issue 10: the bench's GPU rows (the project's in-process path on cuda:0, eager vs CUDA-graph
+# step; both MLPs, meta-batch 25 / 1,000 / 16,384, 1 and 5 inner steps, both orders), then one
+# GPU worker in a collective NCCL group through the CLI.
+timeout "${BENCH_TIMEOUT:-240}" python3 -m distributed_maml bench --methods gpu_eager,gpu_graph --seconds 0.5 \
+  2>&1 | grep -v "^20[0-9][0-9]-" | tee "$OUT/bench-gpu.txt" | tail -40
+timeout 120 python3 -m distributed_maml train --no-progress --output-dir /tmp/dmaml-collective \
+  --set training.steps=100 --set task.meta_batch=1024 --set scaling.num_workers=1 --set scaling.gpus_per_worker=1 \
+  --set scaling.mode=collective 2>&1 | grep -v "^20[0-9][0-9]-" | tail -5 | tee "$OUT/collective-gpu.txt"

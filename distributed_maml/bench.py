@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import executor as executor_mod
 from . import maml
 from .config import MamlConfig, ModelConfig, ScalingConfig
+from .errors import UserError
 from .learner import Learner
 from .maml import TaskBatch, meta_gradient
 from .models import ParamSpec, build, functional
@@ -248,11 +249,16 @@ def gradients_agree(model: str, meta_batch: int = 25) -> float:
     return max(float((g - ref).abs().max() / ref.abs().max()) for g in others)
 
 
-def run(quick: bool = False, min_seconds: float = 1.0, workers: int | None = None) -> dict[str, Any]:
-    """Every cell in one process tree, one torch thread per process (Ray workers: one CPU each)."""
+def run(
+    quick: bool = False, min_seconds: float = 1.0, workers: int | None = None, methods: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Every cell in one process tree, one torch thread per process (Ray workers: one CPU each);
+    `methods`: only those."""
     torch.set_num_threads(1)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
-    todo = cells(quick, workers)
+    todo = [c for c in cells(quick, workers) if methods is None or c.method in methods]
+    if not todo:
+        raise UserError(f"--methods {','.join(methods or ())} names no method this machine runs (see `bench --help`)")
     rows = []
     for cell in tqdm(todo, desc="bench", unit="cell", disable=None):
         rows.append(measure(cell, min_seconds))
@@ -496,8 +502,14 @@ def conv4_main(
     return result
 
 
-def main(min_seconds: float = 1.0, quick: bool = False, workers: int | None = None, as_json: bool = False) -> dict:
-    result = run(quick, min_seconds, workers)
+def main(
+    min_seconds: float = 1.0,
+    quick: bool = False,
+    workers: int | None = None,
+    as_json: bool = False,
+    methods: tuple[str, ...] | None = None,
+) -> dict:
+    result = run(quick, min_seconds, workers, methods)
     if not as_json:
         print(format_table(result))
     print(json.dumps(result))  # the last line, always: {"rows": [...], "machine": {...}, ...}

@@ -121,6 +121,12 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--quick", action="store_true", help="one model, one inner step, second order (< 1 min)")
     be.add_argument("--workers", type=int, default=None, help="ray_1..ray_N (default: N = min(CPUs, 4))")
     be.add_argument("--json", action="store_true", help="only the JSON line")
+    be.add_argument(
+        "--methods",
+        type=lambda v: tuple(v.split(",")),
+        default=None,
+        help="only these methods (e.g. gpu_eager,gpu_graph)",
+    )
     be.add_argument("--meta-batches", type=_steps_list, default=None, help="with --conv4: meta-batch sizes (4,32,256)")
     be.add_argument("--conv4", action="store_true", help="conv4 on 5-way 1-shot glyphs: vmap vs loop, and memory")
     be.add_argument("--channels", type=int, default=32, help="with --conv4: filters per block (32)")
@@ -264,7 +270,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         if args.seconds <= 0 or (args.workers is not None and args.workers < 0):
             raise UserError(f"--seconds must be > 0 and --workers >= 0, got {args.seconds} and {args.workers}")
-        bench.main(args.seconds, args.quick, args.workers, args.json)
+        bench.main(args.seconds, args.quick, args.workers, args.json, args.methods)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
