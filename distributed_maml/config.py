@@ -38,6 +38,7 @@ def is_import_path(name: str) -> bool:
 NONFINITE_POLICIES = ("stop", "skip")
 STORE_SHARING = ("auto", "path", "object_store")
 MODES = ("driver", "collective")
+ALGORITHMS = ("maml", "fomaml", "anil", "reptile")
 GPU_STEPS = ("graph", "eager")
 
 
@@ -113,14 +114,34 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MamlConfig:
-    """[maml]: the inner loop and the order of the meta-gradient."""
+    """[maml]: the algorithm, its inner loop and the order of the meta-gradient."""
 
     inner_steps: int = 5
     """SGD steps on the support set per task."""
     inner_lr: float = 0.5
     """Step size of the inner SGD (alpha in the paper)."""
     first_order: bool = False
-    """Drop the second-order terms (FOMAML): cheaper, usually a little worse."""
+    """Drop the second-order terms (FOMAML): cheaper, usually a little worse. With algorithm =
+    "maml" this is "fomaml"; with "anil", first-order ANIL."""
+    algorithm: str = "maml"
+    """"maml" (Finn et al. 2017), "fomaml" (its first-order form), "anil" (Raghu et al. 2020:
+    the inner loop adapts only the head, `anil_head`), or "reptile" (Nichol et al. 2018: the
+    meta-update moves the weights toward the mean of the adapted weights, by `reptile_step`)."""
+    multi_step_loss: bool = False
+    """MAML++ (Antoniou et al. 2019), with maml/fomaml: the meta-objective is the query loss
+    after every inner step, weighted; the weights anneal toward the last step over
+    `msl_anneal_steps` meta-updates (MAML++'s schedule, with meta-updates for its epochs)."""
+    msl_anneal_steps: int = 1000
+    """Meta-updates over which the multi-step loss's weights move to the last step."""
+    first_order_until: int = 0
+    """MAML++'s derivative-order annealing, with maml: first-order meta-gradients for the first
+    this many meta-updates, second order after (0 = off)."""
+    anil_head: str = ""
+    """With "anil": the parameter-name prefix of the head the inner loop adapts (e.g. "2." or
+    "head."); empty = the model's last layer."""
+    reptile_step: float = 0.1
+    """With "reptile": the outer step size epsilon, theta += epsilon * mean(phi - theta), applied
+    by plain SGD (Adam's optimizer.lr is unused)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.inner_steps <= 100, f"maml.inner_steps must be in [1, 100], got {self.inner_steps}")
@@ -128,6 +149,46 @@ class MamlConfig:
             math.isfinite(self.inner_lr) and self.inner_lr > 0,
             f"maml.inner_lr must be a finite number > 0, got {self.inner_lr}",
         )
+        if self.algorithm == "meta-sgd":
+            raise ConfigError(
+                "maml.algorithm = 'meta-sgd' is not available yet (learned inner step sizes are planned); "
+                f"use one of {', '.join(ALGORITHMS)}"
+            )
+        _require(
+            self.algorithm in ALGORITHMS,
+            f"maml.algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}",
+        )
+        plus = [
+            n
+            for n, on in [("multi_step_loss", self.multi_step_loss), ("first_order_until", self.first_order_until)]
+            if on
+        ]
+        _require(
+            not plus or self.algorithm in ("maml", "fomaml"),
+            f"maml.{plus[0] if plus else ''} (MAML++) combines with algorithm maml or fomaml, not {self.algorithm!r}",
+        )
+        _require(
+            not (self.first_order and self.algorithm == "reptile"),
+            "maml.first_order has no meaning for reptile (it takes no meta-gradient); drop it",
+        )
+        _require(
+            self.first_order_until == 0 or not self.always_first_order(),
+            "maml.first_order_until anneals second-order MAML; with first_order or fomaml every step is first order",
+        )
+        _require(self.first_order_until >= 0, f"maml.first_order_until must be >= 0, got {self.first_order_until}")
+        _require(self.msl_anneal_steps >= 1, f"maml.msl_anneal_steps must be >= 1, got {self.msl_anneal_steps}")
+        _require(
+            not self.anil_head or self.algorithm == "anil",
+            f"maml.anil_head is for algorithm anil, not {self.algorithm!r}",
+        )
+        _require(
+            math.isfinite(self.reptile_step) and 0 < self.reptile_step <= 1,
+            f"maml.reptile_step must be in (0, 1], got {self.reptile_step}",
+        )
+
+    def always_first_order(self) -> bool:
+        """Whether every meta-gradient is first order (fomaml, or first_order)."""
+        return self.first_order or self.algorithm == "fomaml"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .config import MamlConfig
-from .maml import TaskBatch, vmap_sums
+from .maml import TaskBatch, batch_sums, step_plan
 from .models import Forward, ParamSpec
 
 MIN_SIZE = 64
@@ -46,7 +46,7 @@ def fill_padded(dst: TaskBatch, weights: Tensor, src: TaskBatch) -> None:
 
 
 class GraphedStep:
-    """vmap_sums for shards of up to `size` tasks shaped like `example`, as one CUDA graph."""
+    """batch_sums for shards of up to `size` tasks shaped like `example`, as one CUDA graph."""
 
     def __init__(
         self, forward: Forward, kind: str, spec: ParamSpec, cfg: MamlConfig, example: TaskBatch, size: int
@@ -59,10 +59,11 @@ class GraphedStep:
         )
         self.weights = torch.zeros(size, device=device)
 
+        plan = step_plan(cfg, 0)  # graphs only for plans that never change (maml.varies)
+
         def step() -> tuple[Tensor, Tensor, Tensor]:
-            grads, loss_sum, acc_sum = vmap_sums(
-                forward, kind, spec.unflatten(self.flat), self.inputs, cfg, self.weights
-            )
+            params = spec.unflatten(self.flat)
+            grads, loss_sum, acc_sum = batch_sums(forward, kind, params, self.inputs, cfg, plan, self.weights)
             return spec.flatten(grads), loss_sum, acc_sum
 
         fill_padded(self.inputs, self.weights, example)
@@ -103,7 +104,8 @@ class GraphSteps:
             try:
                 graph = GraphedStep(self.forward, self.kind, self.spec, self.cfg, batch, size)
                 got = graph.run(flat, batch)
-                want = vmap_sums(self.forward, self.kind, self.spec.unflatten(flat), batch, self.cfg)
+                params = self.spec.unflatten(flat)
+                want = batch_sums(self.forward, self.kind, params, batch, self.cfg, step_plan(self.cfg, 0))
                 eager = self.spec.flatten(want[0])
                 diff = float((got[0] - eager).abs().max() / eager.abs().max().clamp_min(1e-30))
                 if not diff <= MAX_REL_DIFF:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import MamlConfig
 from .models import ParamSpec
 from .worker import ShardResult
 
@@ -34,13 +35,23 @@ def reduce_shards(results: Sequence[ShardResult]) -> Reduced:
 
 
 class Learner:
-    """Holds the meta-parameters as one flat float32 tensor and applies Adam to it."""
+    """Holds the meta-parameters as one flat float32 tensor and applies the meta-update to it:
+    Adam, or for Reptile plain SGD (its outer step, theta -= epsilon * mean(theta - phi))."""
 
-    def __init__(self, spec: ParamSpec, initial: torch.Tensor, lr: float) -> None:
+    def __init__(self, spec: ParamSpec, initial: torch.Tensor, lr: float, optimizer: str = "adam") -> None:
         self.spec = spec
         self.flat = initial.detach().to(torch.float32).clone().requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.flat], lr=lr)
+        kind = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
+        self.optimizer: torch.optim.Optimizer = kind([self.flat], lr=lr)
         self.version = 0
+
+    @classmethod
+    def of(cls, spec: ParamSpec, initial: torch.Tensor, maml: MamlConfig, lr: float) -> Learner:
+        """The learner `maml.algorithm` meta-trains with: Adam at `lr`; Reptile: SGD at
+        maml.reptile_step."""
+        if maml.algorithm == "reptile":
+            return cls(spec, initial, maml.reptile_step, "sgd")
+        return cls(spec, initial, lr)
 
     def weights(self) -> np.ndarray:
         """A copy of the current weights (workers must never see a later in-place update)."""

@@ -21,7 +21,7 @@ normalises each task with that task's own statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from .config import MamlConfig
+from .errors import ConfigError
 from .models import Forward
 
 Params = dict[str, Tensor]
@@ -104,51 +105,146 @@ def adapt(
     steps: int,
     lr: float,
     first_order: bool = False,
+    head: frozenset[str] | None = None,
 ) -> Params:
-    """`steps` SGD steps on one task's support set, differentiable (unless first_order)."""
+    """`steps` SGD steps on one task's support set, differentiable (unless first_order). With
+    `head` (ANIL) only those parameters move; the rest still carry the meta-gradient."""
     loss = loss_fn(kind)
-
-    def support_loss(p: Params) -> Tensor:
-        return loss(forward(p, xs), ys)
-
     for _ in range(steps):
-        g = grad(support_loss)(params)
+        moving = params if head is None else {k: params[k] for k in head}
+
+        def support_loss(q: Params, params: Params = params) -> Tensor:
+            return loss(forward({**params, **q}, xs), ys)
+
+        g = grad(support_loss)(moving)
         if first_order:
             g = {k: v.detach() for k, v in g.items()}
-        params = {k: params[k] - lr * g[k] for k in params}
+        params = {k: params[k] - lr * g[k] if k in g else params[k] for k in params}
     return params
 
 
-def _objective(forward: Forward, kind: str, cfg: MamlConfig) -> Callable[..., tuple[Tensor, Tensor]]:
-    """One task's meta-objective: its query loss after adaptation, and its query accuracy."""
+@dataclass(frozen=True)
+class StepPlan:
+    """How one meta-step's inner loop counts: its derivative order, and the multi-step loss's
+    weight per inner step (None: the last step's query loss only)."""
+
+    first_order: bool
+    weights: tuple[float, ...] | None = None
+
+
+def step_plan(cfg: MamlConfig, version: int) -> StepPlan:
+    """The plan at meta-update `version`. MAML++'s multi-step loss weights, with meta-updates
+    for its epochs: all 1/K at first; the non-final ones decay by 1/(K * msl_anneal_steps) per
+    update to a floor of 0.03/K, the last one takes what they give up."""
+    first_order = cfg.always_first_order() or version < cfg.first_order_until
+    if not cfg.multi_step_loss:
+        return StepPlan(first_order)
+    k = cfg.inner_steps
+    decay, floor = 1.0 / k / cfg.msl_anneal_steps, 0.03 / k
+    weights = [max(1.0 / k - version * decay, floor) for _ in range(k - 1)]
+    weights.append(min(1.0 / k + version * (k - 1) * decay, 1.0 - (k - 1) * floor))
+    return StepPlan(first_order, tuple(weights))
+
+
+def varies(cfg: MamlConfig) -> bool:
+    """Whether the plan changes from one meta-update to the next (MAML++'s annealing)."""
+    return cfg.multi_step_loss or cfg.first_order_until > 0
+
+
+def head_of(cfg: MamlConfig, names: Sequence[str]) -> frozenset[str] | None:
+    """The parameters ANIL's inner loop adapts (None: all, for every other algorithm): those
+    named with the prefix `anil_head`, by default the last layer's."""
+    if cfg.algorithm != "anil":
+        return None
+    prefix = cfg.anil_head or (names[-1].rsplit(".", 1)[0] + "." if "." in names[-1] else names[-1])
+    head = frozenset(n for n in names if n.startswith(prefix) or n == prefix)
+    if not head or len(head) == len(names):
+        raise ConfigError(
+            f"maml.anil_head {prefix!r} names {'no' if not head else 'every'} parameter of this model "
+            f"({', '.join(names)}); name the head's prefix, e.g. {names[-1].rsplit('.', 1)[0] + '.'!r}"
+        )
+    return head
+
+
+def _objective(
+    forward: Forward, kind: str, cfg: MamlConfig, plan: StepPlan, head: frozenset[str] | None
+) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """One task's meta-objective (the query loss after adaptation, or MAML++'s weighted sum of
+    the query losses after every inner step), its final query loss and accuracy (metrics)."""
     loss = loss_fn(kind)
     classification = kind == "classification"
 
-    def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-        adapted = adapt(forward, kind, p, xs, ys, cfg.inner_steps, cfg.inner_lr, cfg.first_order)
+    def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        objective: Tensor | float = 0.0
+        adapted = p
+        for i in range(cfg.inner_steps):
+            adapted = adapt(forward, kind, adapted, xs, ys, 1, cfg.inner_lr, plan.first_order, head)
+            if plan.weights is not None and i < cfg.inner_steps - 1:
+                objective = objective + plan.weights[i] * loss(forward(adapted, xq), yq)
         out = forward(adapted, xq)
+        final = loss(out, yq)
+        total = final if plan.weights is None else objective + plan.weights[-1] * final
         acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
-        return loss(out, yq), acc.detach()
+        return total, final.detach(), acc.detach()
 
     return task_objective
 
 
-def vmap_sums(
-    forward: Forward, kind: str, params: Params, batch: TaskBatch, cfg: MamlConfig, weights: Tensor | None = None
+def batch_sums(
+    forward: Forward,
+    kind: str,
+    params: Params,
+    batch: TaskBatch,
+    cfg: MamlConfig,
+    plan: StepPlan,
+    weights: Tensor | None = None,
+    task_map: str = "vmap",
 ) -> tuple[Params, Tensor, Tensor]:
-    """The vmapped core of `meta_gradient`, tensors only (no host sync, so a CUDA graph can
-    capture it): the summed meta-gradient, loss sum and accuracy sum over the batch's tasks,
-    each task counted `weights[t]` times (a padding task, weight 0, adds exactly nothing)."""
-    objective = _objective(forward, kind, cfg)
+    """The batched core of `meta_gradient`, tensors only (no host sync, so a CUDA graph can
+    capture it): the summed meta-gradient (Reptile: the summed theta - phi), the final query
+    loss sum and accuracy sum over the batch's tasks, each task counted `weights[t]` times (a
+    padding task, weight 0, adds exactly nothing)."""
+    if cfg.algorithm == "reptile":
+        return _reptile_sums(forward, kind, params, batch, cfg, weights, task_map)
+    objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(params)))
 
     def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        losses, accs = map_tasks(objective, "vmap")(p, *batch.tensors())
+        totals, losses, accs = map_tasks(objective, task_map)(p, *batch.tensors())
         if weights is not None:
-            losses, accs = losses * weights, accs * weights
-        return losses.sum(), (losses.detach().sum(), accs.sum())
+            totals, losses, accs = totals * weights, losses * weights, accs * weights
+        return totals.sum(), (losses.sum(), accs.sum())
 
     grads, (loss_sum, acc_sum) = grad(batch_objective, has_aux=True)(params)
     return grads, loss_sum, acc_sum
+
+
+def _reptile_sums(
+    forward: Forward,
+    kind: str,
+    params: Params,
+    batch: TaskBatch,
+    cfg: MamlConfig,
+    weights: Tensor | None,
+    task_map: str,
+) -> tuple[Params, Tensor, Tensor]:
+    """Reptile's direction, summed over tasks: theta - phi, phi the weights after the inner SGD
+    on the task's support set (no meta-gradient: the learner's SGD step of size epsilon on the
+    mean moves theta toward the mean phi). Metrics: the query loss at phi."""
+    loss = loss_fn(kind)
+    classification = kind == "classification"
+    names = list(params)
+
+    def task(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
+        phi = adapt(forward, kind, p, xs, ys, cfg.inner_steps, cfg.inner_lr, first_order=True)
+        out = forward(phi, xq)
+        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
+        return (*(p[k] - phi[k].detach() for k in names), loss(out, yq).detach(), acc.detach())
+
+    *diffs, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
+    if weights is not None:
+        diffs = [d * weights.view(-1, *[1] * (d.dim() - 1)) for d in diffs]
+        losses, accs = losses * weights, accs * weights
+    return {k: d.sum(0) for k, d in zip(names, diffs, strict=True)}, losses.sum(), accs.sum()
 
 
 def meta_gradient(
@@ -159,6 +255,7 @@ def meta_gradient(
     cfg: MamlConfig,
     task_map: str = "vmap",
     before: bool = True,
+    version: int = 0,
 ) -> tuple[Params, dict[str, float]]:
     """The SUM over the batch's tasks of the per-task meta-gradients, and metric sums.
 
@@ -166,16 +263,18 @@ def meta_gradient(
     by the total task count once. Metrics, summed over tasks: loss_after (and acc_after for
     classification), and with `before` loss_before / acc_before, the query loss of the initial
     weights: one more forward pass, which the training loop asks for on logged steps only (at
-    meta-batch 25 it was 15% of a sinusoid step).
+    meta-batch 25 it was 15% of a sinusoid step). `version` (the meta-updates applied so far)
+    places the step on MAML++'s schedules (step_plan).
     """
-    if task_map == "vmap":
-        grads, loss_after, acc_after = vmap_sums(forward, kind, params, batch, cfg)
+    plan = step_plan(cfg, version)
+    if task_map == "vmap" or cfg.algorithm == "reptile":  # Reptile keeps no graph: its loop is light
+        grads, loss_after, acc_after = batch_sums(forward, kind, params, batch, cfg, plan, task_map=task_map)
     else:  # one task at a time: the memory of one task's graph, gradients summed in task order
-        objective = _objective(forward, kind, cfg)
+        objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(params)))
 
         def one_task(p: Params, *task: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            task_loss, acc = objective(p, *task)
-            return task_loss, (task_loss.detach(), acc)
+            total, final, acc = objective(p, *task)
+            return total, (final, acc)
 
         per_task = grad(one_task, has_aux=True)
         grads = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -183,7 +282,7 @@ def meta_gradient(
         for i in range(len(batch)):
             g, (task_loss, acc) = per_task(params, *(t[i] for t in batch.tensors()))
             grads = {k: grads[k] + g[k] for k in grads}
-            loss_after, acc_after = loss_after + task_loss.detach(), acc_after + acc
+            loss_after, acc_after = loss_after + task_loss, acc_after + acc
     metrics = {"loss_after": loss_after.item()}
     if kind == "classification":
         metrics["acc_after"] = acc_after.item()
@@ -212,9 +311,17 @@ def metrics_before(forward: Forward, kind: str, params: Params, batch: TaskBatch
 
 
 def adaptation_curve(
-    forward: Forward, kind: str, params: Params, batch: TaskBatch, max_steps: int, lr: float, task_map: str = "vmap"
+    forward: Forward,
+    kind: str,
+    params: Params,
+    batch: TaskBatch,
+    max_steps: int,
+    lr: float,
+    task_map: str = "vmap",
+    head: frozenset[str] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-task query loss (and accuracy) after 0..max_steps inner steps: [T, max_steps + 1]."""
+    """Per-task query loss (and accuracy) after 0..max_steps inner steps: [T, max_steps + 1]
+    (`head`: ANIL's, the only parameters that adapt)."""
     loss = loss_fn(kind)
     classification = kind == "classification"
 
@@ -222,7 +329,7 @@ def adaptation_curve(
         losses, accs = [], []
         for step in range(max_steps + 1):
             if step:
-                p = adapt(forward, kind, p, xs, ys, 1, lr, first_order=True)
+                p = adapt(forward, kind, p, xs, ys, 1, lr, first_order=True, head=head)
             out = forward(p, xq)
             losses.append(loss(out, yq))
             accs.append((out.argmax(-1) == yq).to(out.dtype).mean() if classification else losses[-1])

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from . import checkpoint, models  # noqa: E402
 from . import config as config_mod  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
-from .maml import adapt  # noqa: E402
+from .maml import adapt, head_of  # noqa: E402
 from .store import TaskStore, build_in_memory  # noqa: E402
 from .tasks.sinusoid import X_RANGE, function  # noqa: E402
 
@@ -90,7 +90,9 @@ def sinusoid_tasks(run_dir: Path, out: Path, shots: int = 10, tasks: int = 3) ->
         ax.plot(grid, function(grid, amp, phase), color="red", label="ground truth")
         ax.plot(xs, ys, "^", color="purple", label=f"{shots} support points")
         for k, style in ((0, ":"), (1, "--"), (10, "-")):
-            p = adapt(forward, "regression", params, xs, ys, k, cfg.maml.inner_lr, first_order=True)
+            p = adapt(
+                forward, "regression", params, xs, ys, k, cfg.maml.inner_lr, True, head_of(cfg.maml, list(params))
+            )
             with torch.no_grad():
                 ax.plot(
                     grid,

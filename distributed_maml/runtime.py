@@ -121,7 +121,7 @@ class WorkerActor:
         if version < self.version:
             raise RuntimeError(f"{self.name} got weights version {version} after {self.version}")
         self.version = version
-        return self.computer.compute(weights, ids, before)
+        return self.computer.compute(weights, ids, before, version)
 
     def curve(self, weights: np.ndarray, ids: np.ndarray, max_steps: int, lr: float) -> Any:
         return self.computer.curve(weights, ids, max_steps, lr)
@@ -172,7 +172,7 @@ class WorkerActor:
         learner = None
         if state is not None:
             flat = self.computer.spec.flatten(state[0])
-            learner = Learner(self.computer.spec, flat, lr=0.0)  # the lr comes with the optimizer state
+            learner = Learner.of(self.computer.spec, flat, self.computer.maml_cfg, lr=0.0)  # lr: in the state
             learner.load(*state)
         outcomes = collective_chunk(
             self.computer, learner, sampler, first, last, before_last, stop_on_nonfinite, self.rank, self.world

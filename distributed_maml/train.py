@@ -18,7 +18,7 @@ from typing import IO, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, models, stopping
+from . import checkpoint, maml, models, stopping
 from . import executor as executor_mod
 from .config import TrainingConfig
 from .errors import CheckpointError, TrainingError, os_error_line, with_filename
@@ -47,7 +47,8 @@ def make_executor(run: Run) -> Executor:
 def make_learner(run: Run) -> Learner:
     model = models.build(run.cfg.model, run.store.info, seed=run.cfg.training.seed)
     spec = models.ParamSpec.of(model)
-    learner = Learner(spec, spec.flatten(dict(model.named_parameters())), run.cfg.optimizer.lr)
+    maml.head_of(run.cfg.maml, spec.names)  # a wrong ANIL head: one line now, not in every worker
+    learner = Learner.of(spec, spec.flatten(dict(model.named_parameters())), run.cfg.maml, run.cfg.optimizer.lr)
     if run.start is not None:
         learner.load(run.start.model, run.start.optimizer, run.start.version)
     return learner

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import MamlConfig, ModelConfig
 from .graphstep import GraphSteps
-from .maml import TaskBatch, adaptation_curve, as_input, meta_gradient
+from .maml import TaskBatch, adaptation_curve, as_input, head_of, meta_gradient, varies
 from .models import ParamSpec, build, functional
 from .store import TaskStore
 
@@ -69,7 +69,8 @@ class ShardComputer:
         self.task_map = choose_task_map(self.model, self.device, task_map)
         self.resident = _resident_columns(store, self.device)
         self.graphs: GraphSteps | None = None
-        if gpu_step == "graph" and self.device.type == "cuda" and self.task_map == "vmap":
+        self.head = head_of(maml_cfg, self.spec.names)  # ANIL's adapted parameters (None: all)
+        if gpu_step == "graph" and self.device.type == "cuda" and self.task_map == "vmap" and not varies(maml_cfg):
             self.graphs = GraphSteps(self.forward, store.info.kind, self.spec, maml_cfg, name)
         self.gpu_step = gpu_step
 
@@ -80,6 +81,8 @@ class ShardComputer:
             return "eager steps (graph failed)" if self.graphs.failed else "CUDA-graph steps"
         if self.gpu_step == "graph" and self.device.type != "cuda":
             return "eager steps (graphs need CUDA)"
+        if self.gpu_step == "graph" and varies(self.maml_cfg):
+            return "eager steps (MAML++ schedules change the step)"
         return "eager steps"
 
     def batch(self, ids: np.ndarray) -> TaskBatch:
@@ -97,9 +100,9 @@ class ShardComputer:
             cols["x_query"] = as_input(self.resident["images"][ids_q])
         return TaskBatch(cols["x_support"], cols["y_support"], cols["x_query"], cols["y_query"])
 
-    def compute(self, weights: np.ndarray, ids: np.ndarray, before: bool = True) -> ShardResult:
-        """The summed meta-gradient of tasks `ids` at `weights` (flat float32); `before`: also
-        the unadapted query metrics (maml.meta_gradient)."""
+    def compute(self, weights: np.ndarray, ids: np.ndarray, before: bool = True, version: int = 0) -> ShardResult:
+        """The summed meta-gradient of tasks `ids` at `weights` (flat float32) after `version`
+        meta-updates; `before`: also the unadapted query metrics (maml.meta_gradient)."""
         start = time.perf_counter()
         # A copy: arrays from Ray's object store are read-only, and the copy is tiny.
         flat = torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
@@ -113,7 +116,9 @@ class ShardComputer:
             if kind == "classification":
                 metrics["acc_after"] = acc_sum.item()
         else:
-            grads, metrics = meta_gradient(self.forward, kind, params, batch, self.maml_cfg, self.task_map, before)
+            grads, metrics = meta_gradient(
+                self.forward, kind, params, batch, self.maml_cfg, self.task_map, before, version
+            )
             flat_grad = self.spec.flatten(grads)
         grad_sum = flat_grad.detach().to("cpu", torch.float32).numpy()
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
@@ -128,7 +133,7 @@ class ShardComputer:
         for lo in range(0, len(ids), CURVE_CHUNK):
             batch = self.batch(ids[lo : lo + CURVE_CHUNK])
             loss, acc = adaptation_curve(
-                self.forward, self.store.info.kind, params, batch, max_steps, lr, self.task_map
+                self.forward, self.store.info.kind, params, batch, max_steps, lr, self.task_map, self.head
             )
             losses.append(loss.cpu().numpy())
             accs.append(None if acc is None else acc.cpu().numpy())
@@ -188,7 +193,7 @@ class InProcessExecutor:
     def compute(
         self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
     ) -> list[ShardResult]:
-        return [self.computer.compute(weights, ids, before) for ids in shards]
+        return [self.computer.compute(weights, ids, before, version) for ids in shards]
 
     def curves(
         self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float

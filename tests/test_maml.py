@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from distributed_maml import maml, models
 from distributed_maml.config import MamlConfig, ModelConfig
+from distributed_maml.errors import ConfigError
 from distributed_maml.store import build_in_memory
 
 CASES = [("seed", "seed_mlp"), ("sinusoid", "sinusoid_mlp")]
@@ -175,9 +176,139 @@ def test_zero_weighted_padding_adds_nothing(family, model_name):
     weights = torch.full((size,), 3.0)
     fill_padded(buffers, weights, batch)
     assert weights.sum() == len(batch) and torch.equal(buffers.x_query[-1], batch.x_query[0])
-    g_pad, loss_pad, acc_pad = maml.vmap_sums(fwd, kind, params, buffers, cfg, weights)
-    g, loss, acc = maml.vmap_sums(fwd, kind, params, batch, cfg)
+    plan = maml.step_plan(cfg, 0)
+    g_pad, loss_pad, acc_pad = maml.batch_sums(fwd, kind, params, buffers, cfg, plan, weights)
+    g, loss, acc = maml.batch_sums(fwd, kind, params, batch, cfg, plan)
     for k in g:
         torch.testing.assert_close(g_pad[k], g[k], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(loss_pad, loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(acc_pad, acc, rtol=1e-6, atol=0)
+
+
+# ---- algorithms beyond plain MAML: each against a hand-written oracle ----------------------
+
+
+def variant_objective(kind, params, batch, cfg, weights=None, head=None, first_order=False):
+    """The meta-objective written out: per task, SGD on the support set (only `head` moves, if
+    given), the query loss after every step weighted by `weights` (else the last step only)."""
+    total = 0.0
+    for t in range(len(batch)):
+        p = dict(params)
+        for i in range(cfg.inner_steps):
+            moving = [k for k in p if head is None or k in head]
+            loss = task_loss(kind, forward(p, batch.x_support[t]), batch.y_support[t])
+            grads = torch.autograd.grad(loss, [p[k] for k in moving], create_graph=not first_order)
+            p = {**p, **{k: p[k] - cfg.inner_lr * g for k, g in zip(moving, grads)}}
+            if weights is not None:
+                total = total + weights[i] * task_loss(kind, forward(p, batch.x_query[t]), batch.y_query[t])
+        if weights is None:
+            total = total + task_loss(kind, forward(p, batch.x_query[t]), batch.y_query[t])
+    return total
+
+
+def _check_fd(kind, params, g, value, seed=0):
+    """g . d against central differences of value() along random directions and coordinates."""
+    spec = models.ParamSpec(tuple(params), tuple(tuple(v.shape) for v in params.values()))
+    theta, g, eps = flat(params), flat(g), 1e-6
+    rng = np.random.default_rng(seed)
+    directions = [torch.from_numpy(rng.normal(size=theta.numel())) for _ in range(2)]
+    directions += [
+        torch.nn.functional.one_hot(torch.tensor(int(i)), theta.numel()).double() for i in (0, theta.numel() - 1)
+    ]
+    for d in directions:
+
+        def at(vec):
+            return float(value({k: v.clone().requires_grad_(True) for k, v in spec.unflatten(vec).items()}).detach())
+
+        fd = (at(theta + eps * d) - at(theta - eps * d)) / (2 * eps)
+        assert float(g @ d) == pytest.approx(fd, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("family, model_name", CASES)
+def test_multi_step_loss_matches_finite_differences(family, model_name):
+    """MAML++'s multi-step loss: the gradient of sum_i w_i L_query(theta_i), w from the
+    annealing schedule at meta-update 300 of 1000."""
+    kind, model, params, batch = setup(family, model_name)
+    cfg = MamlConfig(inner_steps=3, inner_lr=0.1, multi_step_loss=True, msl_anneal_steps=1000)
+    plan = maml.step_plan(cfg, 300)
+    w = plan.weights
+    assert w is not None and sum(w) == pytest.approx(1.0) and w[0] == pytest.approx(1 / 3 - 300 / 3000)
+    g, metrics = maml.meta_gradient(models.functional(model), kind, params, batch, cfg, version=300)
+    _check_fd(kind, params, g, lambda p: variant_objective(kind, p, batch, cfg, weights=w))
+    # loss_after stays the final query loss (comparable with plain MAML), not the weighted sum
+    plain = maml.meta_gradient(models.functional(model), kind, params, batch, MamlConfig(3, 0.1))[1]
+    assert metrics["loss_after"] == pytest.approx(plain["loss_after"], rel=1e-9)
+    late = maml.step_plan(cfg, 10**6).weights
+    assert late == pytest.approx((0.01, 0.01, 0.98))  # annealed: MAML++'s floor 0.03/K per early step
+
+
+def test_derivative_order_annealing_switches_at_first_order_until():
+    kind, model, params, batch = setup("seed", "seed_mlp")
+    fwd = models.functional(model)
+    cfg = MamlConfig(inner_steps=2, inner_lr=0.1, first_order_until=5)
+    first = maml.meta_gradient(fwd, kind, params, batch, MamlConfig(2, 0.1, first_order=True))[0]
+    second = maml.meta_gradient(fwd, kind, params, batch, MamlConfig(2, 0.1))[0]
+    early = maml.meta_gradient(fwd, kind, params, batch, cfg, version=4)[0]
+    late = maml.meta_gradient(fwd, kind, params, batch, cfg, version=5)[0]
+    assert torch.equal(flat(early), flat(first)) and torch.equal(flat(late), flat(second))
+    assert not torch.allclose(flat(first), flat(second))
+
+
+@pytest.mark.parametrize("family, model_name", CASES)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_adapts_the_head_only(family, model_name, first_order):
+    """ANIL: the inner loop moves the last layer only; the meta-gradient still reaches every
+    layer. Second order against finite differences; first order against the hand-written loop."""
+    kind, model, params, batch = setup(family, model_name)
+    cfg = MamlConfig(inner_steps=2, inner_lr=0.1, algorithm="anil", first_order=first_order)
+    head = maml.head_of(cfg, list(params))
+    assert head == {n for n in params if n.startswith(list(params)[-1].rsplit(".", 1)[0] + ".")} and len(head) == 2
+    g, _ = maml.meta_gradient(models.functional(model), kind, params, batch, cfg)
+    if first_order:
+        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        total = variant_objective(kind, leaves, batch, cfg, head=head, first_order=True)
+        want = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()))))
+        torch.testing.assert_close(flat(g), flat(want), rtol=1e-9, atol=1e-12)
+    else:
+        _check_fd(kind, params, g, lambda p: variant_objective(kind, p, batch, cfg, head=head))
+    whole = maml.meta_gradient(
+        models.functional(model), kind, params, batch, MamlConfig(2, 0.1, first_order=first_order)
+    )[0]
+    assert not torch.allclose(flat(g), flat(whole))  # it is not MAML
+    with pytest.raises(ConfigError, match="names no parameter"):
+        maml.head_of(MamlConfig(algorithm="anil", anil_head="head."), list(params))
+
+
+@pytest.mark.parametrize("family, model_name", CASES)
+def test_reptile_direction_is_theta_minus_the_adapted_weights(family, model_name):
+    """Reptile: the summed direction is sum_t (theta - phi_t), phi_t after plain SGD on task t's
+    support set; the learner's SGD step of epsilon moves theta to theta + eps * mean(phi - theta)."""
+    from distributed_maml.learner import Learner
+
+    kind, model, params, batch = setup(family, model_name)
+    cfg = MamlConfig(inner_steps=3, inner_lr=0.1, algorithm="reptile", reptile_step=0.25)
+    for task_map in ("vmap", "loop"):
+        g, metrics = maml.meta_gradient(models.functional(model), kind, params, batch, cfg, task_map)
+        phis = []
+        for t in range(len(batch)):
+            p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+            for _ in range(cfg.inner_steps):
+                loss = task_loss(kind, forward(p, batch.x_support[t]), batch.y_support[t])
+                grads = torch.autograd.grad(loss, list(p.values()))
+                p = {k: (v - cfg.inner_lr * gr).detach().requires_grad_(True) for (k, v), gr in zip(p.items(), grads)}
+            phis.append(flat(p).detach())
+        want = sum(flat(params) - phi for phi in phis)
+        torch.testing.assert_close(flat(g), want, rtol=1e-9, atol=1e-12)
+        after = [
+            float(
+                task_loss(kind, forward(models.ParamSpec.of(model).unflatten(phi), batch.x_query[t]), batch.y_query[t])
+            )
+            for t, phi in enumerate(phis)
+        ]
+        assert metrics["loss_after"] == pytest.approx(sum(after), rel=1e-9)
+    spec = models.ParamSpec.of(model)
+    learner = Learner.of(spec, flat(params).float(), cfg, lr=1e-3)
+    learner.apply((flat(g) / len(batch)).float().numpy())
+    mean_phi = sum(phis) / len(phis)
+    expected = flat(params) + 0.25 * (mean_phi - flat(params))
+    np.testing.assert_allclose(learner.weights(), expected.float().numpy(), rtol=1e-5, atol=1e-6)

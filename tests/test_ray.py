@@ -140,6 +140,22 @@ def test_killed_worker_is_restarted_and_its_shard_recomputed(tmp_path, store_pat
     assert len(killed) == 1 and ex.failures == [0, 1]
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["maml.algorithm=anil"],
+        ["maml.algorithm=reptile"],
+        ["maml.multi_step_loss=true", "maml.msl_anneal_steps=4", "maml.first_order_until=2"],
+    ],
+    ids=["anil", "reptile", "maml++"],
+)
+def test_variants_give_the_same_weights_in_process_and_with_2_workers(tmp_path, store_path, reference, variant):
+    inproc, _ = train_run(tmp_path, store_path, "0", 0, variant)
+    ray2, _ = train_run(tmp_path, store_path, "2", 2, variant)
+    np.testing.assert_allclose(ray2.weights, inproc.weights, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(inproc.weights, reference, rtol=1e-4, atol=1e-6)  # not plain MAML's
+
+
 def _metric_lines(run_dir):
     """metrics.jsonl without the timings (which differ run to run)."""
     import json

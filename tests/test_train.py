@@ -33,9 +33,19 @@ def _load(run_dir):
     return checkpoint.load(checkpoint.latest(run_dir))
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    _train(tmp_path, "straight", 9)
-    _train(tmp_path, "stopped", 4)
+VARIANTS = {
+    "maml": [],
+    "reptile": ["maml.algorithm=reptile"],  # SGD's state, not Adam's
+    "anil": ["maml.algorithm=anil"],
+    "maml++": ["maml.multi_step_loss=true", "maml.msl_anneal_steps=6", "maml.first_order_until=3"],  # schedules
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, variant):
+    extra = VARIANTS[variant]
+    _train(tmp_path, "straight", 9, extra)
+    _train(tmp_path, "stopped", 4, extra)
     _train(tmp_path, "stopped", 9, resume=True)
     a, b = _load(tmp_path / "straight"), _load(tmp_path / "stopped")
     assert a.step == b.step == 9 and a.version == b.version == 9
