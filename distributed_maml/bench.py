@@ -102,6 +102,27 @@ class Cell:
     meta_batch: int
     inner_steps: int
     first_order: bool
+    algorithm: str = "maml"
+
+
+# `bench --algorithms`: each algorithm's [maml] settings (beyond inner steps and step size)
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "maml": {},
+    "fomaml": {"algorithm": "fomaml"},
+    "maml++ (msl)": {"multi_step_loss": True},
+    "anil": {"algorithm": "anil"},
+    "reptile": {"algorithm": "reptile"},
+}
+
+
+def algorithm_cells() -> list[Cell]:
+    """`bench --algorithms`: the project's in-process step of every algorithm, sinusoid MLP."""
+    return [
+        Cell("in_process", "sinusoid_mlp", mb, k, False, name)
+        for mb in (25, 1000)
+        for k in (1, 5)
+        for name in ALGORITHMS
+    ]
 
 
 def cells(quick: bool, workers: int) -> list[Cell]:
@@ -130,7 +151,9 @@ class _Problem:
 
     def __init__(self, cell: Cell) -> None:
         family, shots, queries, lr = MODELS[cell.model]
-        self.cfg = MamlConfig(inner_steps=cell.inner_steps, inner_lr=lr, first_order=cell.first_order)
+        self.cfg = MamlConfig(
+            inner_steps=cell.inner_steps, inner_lr=lr, first_order=cell.first_order, **ALGORITHMS[cell.algorithm]
+        )
         self.store = build_in_memory(family, 8 * cell.meta_batch, seed=0, shots=shots, queries=queries, split="train")
         self.kind = self.store.info.kind
         self.model_cfg = ModelConfig(name=cell.model)
@@ -513,4 +536,25 @@ def main(
     if not as_json:
         print(format_table(result))
     print(json.dumps(result))  # the last line, always: {"rows": [...], "machine": {...}, ...}
+    return result
+
+
+def algorithms_main(min_seconds: float = 1.0, as_json: bool = False) -> dict[str, Any]:
+    """`bench --algorithms`: each algorithm's full in-process meta-step on the sinusoid MLP (one
+    torch thread), as tasks/s and relative to MAML's cost per step."""
+    torch.set_num_threads(1)
+    rows = [measure(cell, min_seconds) for cell in tqdm(algorithm_cells(), desc="bench", unit="cell", disable=None)]
+    maml_speed = {(r["meta_batch"], r["inner_steps"]): r["tasks_per_s"] for r in rows if r["algorithm"] == "maml"}
+    for r in rows:
+        r["cost_vs_maml"] = maml_speed[(r["meta_batch"], r["inner_steps"])] / r["tasks_per_s"]
+    result = {"benchmark": "in-process meta-step per algorithm, sinusoid MLP, tasks/s", "rows": rows}
+    if not as_json:
+        print("algorithm | meta-batch | inner steps | tasks/s | cost per step vs maml")
+        print("--------- | ---------- | ----------- | ------- | ---------------------")
+        for r in rows:
+            print(
+                f"{r['algorithm']} | {r['meta_batch']} | {r['inner_steps']} | {r['tasks_per_s']:,.0f} | "
+                f"{r['cost_vs_maml']:.2f}x"
+            )
+    print(json.dumps(result))
     return result

@@ -128,6 +128,7 @@ def parser() -> argparse.ArgumentParser:
         help="only these methods (e.g. gpu_eager,gpu_graph)",
     )
     be.add_argument("--meta-batches", type=_steps_list, default=None, help="with --conv4: meta-batch sizes (4,32,256)")
+    be.add_argument("--algorithms", action="store_true", help="each algorithm's step (maml, fomaml, maml++, ...)")
     be.add_argument("--conv4", action="store_true", help="conv4 on 5-way 1-shot glyphs: vmap vs loop, and memory")
     be.add_argument("--channels", type=int, default=32, help="with --conv4: filters per block (32)")
     be.add_argument("--queries", type=int, default=5, help="with --conv4: query images per class (5)")
@@ -261,7 +262,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
-    if args.conv4:
+    if args.algorithms:
+        bench.algorithms_main(args.seconds, args.json)
+    elif args.conv4:
         if args.channels < 1 or args.queries < 1:
             raise UserError(f"--channels and --queries must be >= 1, got {args.channels} and {args.queries}")
         bench.conv4_main(

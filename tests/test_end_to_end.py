@@ -132,6 +132,15 @@ def test_bench_measures_every_method_in_one_run_with_matching_gradients():
     assert result["machine"]["torch_threads"] == 1
 
 
+def test_bench_algorithms_times_every_algorithm_through_the_projects_step():
+    from distributed_maml import bench
+
+    cells = bench.algorithm_cells()
+    assert {c.algorithm for c in cells} == set(bench.ALGORITHMS) and {c.method for c in cells} == {"in_process"}
+    row = bench.measure(bench.Cell("in_process", "sinusoid_mlp", 25, 2, False, "maml++ (msl)"), 0.05)
+    assert row["algorithm"] == "maml++ (msl)" and row["tasks_per_s"] > 0
+
+
 @pytest.mark.slow
 def test_full_sinusoid_reproduction_matches_the_paper(tmp_path):
     """jobs/sinusoid.toml end to end (70,000 steps, ~8 minutes in-process on 2 cores): at 5 shots
