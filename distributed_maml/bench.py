@@ -110,6 +110,8 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "maml": {},
     "fomaml": {"algorithm": "fomaml"},
     "maml++ (msl)": {"multi_step_loss": True},
+    "maml++ (msl+lslr)": {"multi_step_loss": True, "learn_inner_lr": "per-layer-per-step"},
+    "meta-sgd": {"algorithm": "meta-sgd"},
     "anil": {"algorithm": "anil"},
     "reptile": {"algorithm": "reptile"},
 }
@@ -187,8 +189,9 @@ class _Problem:
             executor: Any = executor_mod.make(self.store, self.model_cfg, self.cfg, scaling)
         else:
             executor = InProcessExecutor(self.store, self.model_cfg, self.cfg, "vmap", scaling.gpu_step, device)
-        spec = ParamSpec.of(self.model)
-        learner = Learner(spec, spec.flatten(dict(self.model.named_parameters())), 1e-3)
+        spec = maml.meta_spec(self.cfg, ParamSpec.of(self.model))  # learned step sizes too, if any
+        initial = maml.with_learned_lrs(self.cfg, dict(self.model.named_parameters()), self.cfg.inner_lr)
+        learner = Learner(spec, spec.flatten(initial), 1e-3)
         if scaling.mode == "collective":
 
             def chunk(i: int) -> None:

@@ -4,7 +4,8 @@ Layout of a run folder:
 
     DIR/config.toml                 the run's config
     DIR/metrics.jsonl               one JSON line per logged step
-    DIR/checkpoints/step_<n>/       model.pt (state_dict), optimizer.pt (Adam), state.json
+    DIR/checkpoints/step_<n>/       model.pt (state_dict), optimizer.pt (Adam), state.json,
+                                    inner_lr.pt (learned inner step sizes, when the algorithm has them)
     DIR/checkpoints/latest          the name of the newest complete checkpoint folder
 
 A checkpoint is written into a temporary folder, flushed, renamed into place, and only then is
@@ -23,7 +24,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ class Checkpoint:
     optimizer: dict[str, Any]
     state: RunState
     path: Path
+    inner_lr: dict[str, torch.Tensor] = field(default_factory=dict)  # learned inner step sizes, if any
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,9 +122,11 @@ def save(
     optimizer: dict[str, Any],
     state: RunState,
     keep: int = 0,
+    inner_lr: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes checkpoints/step_<step>/ atomically, points `latest` at it, then (keep > 0)
-    deletes all but the `keep` newest complete checkpoints."""
+    deletes all but the `keep` newest complete checkpoints. Learned inner step sizes (Meta-SGD,
+    MAML++'s LSLR) go to inner_lr.pt beside model.pt, which stays the network's state_dict."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -130,6 +134,8 @@ def save(
     try:
         _write_file(tmp / "model.pt", _torch_bytes(model))
         _write_file(tmp / "optimizer.pt", _torch_bytes(optimizer))
+        if inner_lr:
+            _write_file(tmp / "inner_lr.pt", _torch_bytes(inner_lr))
         meta = {**state.to_json(), "step": step, "version": version, "format_version": FORMAT_VERSION}
         _write_file(tmp / "state.json", json.dumps(meta, indent=1).encode())
         if final.exists():  # a re-save of the same step (resumed run): replace it whole
@@ -185,6 +191,8 @@ def load(path: Path) -> Checkpoint:
             warnings.simplefilter("ignore", UserWarning)
             model = torch.load(path / "model.pt", weights_only=True, map_location="cpu")
             optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            lrs = path / "inner_lr.pt"
+            inner_lr = torch.load(lrs, weights_only=True, map_location="cpu") if lrs.exists() else {}
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing") from None
     except pickle.UnpicklingError as e:
@@ -198,4 +206,5 @@ def load(path: Path) -> Checkpoint:
         raise CheckpointError(
             f"checkpoint {path} has format version {state.get('format_version')}, expected {FORMAT_VERSION}"
         )
-    return Checkpoint(state["step"], state["version"], model, optimizer, RunState.from_json(state, path), path)
+    run_state = RunState.from_json(state, path)
+    return Checkpoint(state["step"], state["version"], model, optimizer, run_state, path, inner_lr)

@@ -38,7 +38,8 @@ def is_import_path(name: str) -> bool:
 NONFINITE_POLICIES = ("stop", "skip")
 STORE_SHARING = ("auto", "path", "object_store")
 MODES = ("driver", "collective")
-ALGORITHMS = ("maml", "fomaml", "anil", "reptile")
+ALGORITHMS = ("maml", "fomaml", "meta-sgd", "anil", "reptile")
+LEARN_INNER_LR = ("none", "per-layer-per-step")
 GPU_STEPS = ("graph", "eager")
 
 
@@ -124,7 +125,8 @@ class MamlConfig:
     """Drop the second-order terms (FOMAML): cheaper, usually a little worse. With algorithm =
     "maml" this is "fomaml"; with "anil", first-order ANIL."""
     algorithm: str = "maml"
-    """"maml" (Finn et al. 2017), "fomaml" (its first-order form), "anil" (Raghu et al. 2020:
+    """"maml" (Finn et al. 2017), "fomaml" (its first-order form), "meta-sgd" (Li et al. 2017:
+    a learned step size per weight element, initialised to inner_lr), "anil" (Raghu et al. 2020:
     the inner loop adapts only the head, `anil_head`), or "reptile" (Nichol et al. 2018: the
     meta-update moves the weights toward the mean of the adapted weights, by `reptile_step`)."""
     multi_step_loss: bool = False
@@ -136,6 +138,9 @@ class MamlConfig:
     first_order_until: int = 0
     """MAML++'s derivative-order annealing, with maml: first-order meta-gradients for the first
     this many meta-updates, second order after (0 = off)."""
+    learn_inner_lr: str = "none"
+    """MAML++'s LSLR, with maml/fomaml: "per-layer-per-step" learns one inner step size per
+    parameter tensor and inner step (initialised to inner_lr), meta-trained with the weights."""
     anil_head: str = ""
     """With "anil": the parameter-name prefix of the head the inner loop adapts (e.g. "2." or
     "head."); empty = the model's last layer."""
@@ -150,18 +155,21 @@ class MamlConfig:
             math.isfinite(self.inner_lr) and self.inner_lr > 0,
             f"maml.inner_lr must be a finite number > 0, got {self.inner_lr}",
         )
-        if self.algorithm == "meta-sgd":
-            raise ConfigError(
-                "maml.algorithm = 'meta-sgd' is not available yet (learned inner step sizes are planned); "
-                f"use one of {', '.join(ALGORITHMS)}"
-            )
         _require(
             self.algorithm in ALGORITHMS,
             f"maml.algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}",
         )
+        _require(
+            self.learn_inner_lr in LEARN_INNER_LR,
+            f"maml.learn_inner_lr must be one of {', '.join(LEARN_INNER_LR)}, got {self.learn_inner_lr!r}",
+        )
         plus = [
             n
-            for n, on in [("multi_step_loss", self.multi_step_loss), ("first_order_until", self.first_order_until)]
+            for n, on in [
+                ("multi_step_loss", self.multi_step_loss),
+                ("first_order_until", self.first_order_until),
+                ("learn_inner_lr", self.learn_inner_lr != "none"),
+            ]
             if on
         ]
         _require(

@@ -34,8 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, models
-from . import config as config_mod
 from . import executor as executor_mod
+from . import maml as maml_mod
 from .checkpoint import RunState
 from .config import Config
 from .errors import StoreError, UserError
@@ -111,11 +111,11 @@ def tune_lr(
     else:
         val = generated_held_out(state, VALIDATION_TASKS, shots, seed=state.store.seed + 1_000_003)
     computer = ShardComputer(val, cfg.model, cfg.maml, task_map=cfg.scaling.task_map)
-    weights = spec.flatten(params).detach().to(torch.float32).numpy()
     ids = np.arange(min(VALIDATION_TASKS, len(val)))
     scores = {}
     for factor in PRETRAINED_LR_GRID:
         lr = cfg.maml.inner_lr * factor
+        weights = spec.flatten(maml_mod.with_learned_lrs(cfg.maml, params, lr)).detach().to(torch.float32).numpy()
         with np.errstate(invalid="ignore", over="ignore"):
             final = float(np.mean(computer.curve(weights, ids, max_steps, lr)[0][:, -1]))
         scores[f"{lr:g}"] = final if np.isfinite(final) else float("inf")
@@ -242,15 +242,16 @@ def evaluate(
     ckpt = checkpoint.load(checkpoint.latest(run_dir))
     cfg = ckpt.state.config
     if inner_lr is not None:  # test-time step size (the run's by default)
-        cfg = cfg.replace(maml=config_mod.MamlConfig(cfg.maml.inner_steps, inner_lr, cfg.maml.first_order))
+        cfg = cfg.replace(maml=replace(cfg.maml, inner_lr=inner_lr))
     store = held_out_store(ckpt.state, tasks, num_tasks, shots)
     info, n, idx = store.info, min(num_tasks, len(store)), list(steps)
-    inits = {"maml": {k: v.to(torch.float32) for k, v in ckpt.model.items()}}
+    # the meta-learned init with its learned inner step sizes (Meta-SGD, LSLR), if it has them
+    inits = {"maml": {k: v.to(torch.float32) for k, v in {**ckpt.model, **ckpt.inner_lr}.items()}}
     if baselines:
         steps_pre = pretrain_steps if pretrain_steps is not None else min(cfg.training.steps, 10_000)
         inits.update(baseline_weights(run_dir, ckpt.state, info, steps_pre))
-    spec = models.ParamSpec.of(models.build(cfg.model, info, seed=0))
-    lrs = {name: cfg.maml.inner_lr for name in inits}
+    spec = maml_mod.meta_spec(cfg.maml, models.ParamSpec.of(models.build(cfg.model, info, seed=0)))
+    lrs: dict[str, Any] = {name: cfg.maml.inner_lr for name in inits}
     tuning: dict[str, Any] = {}
     if "pretrained" in inits:
         lrs["pretrained"], tuning = tune_lr(ckpt.state, cfg, spec, inits["pretrained"], max(max(idx), 1), shots)
@@ -258,10 +259,14 @@ def evaluate(
     executor = eval_executor(cfg, store, workers)
     try:
         evaluated_by = executor.describe()  # while its workers are up (Ray asks them)
-        results = {
-            name: {"inner_lr": lrs[name], **summarize(*curves(executor, spec, p, n, max(idx), lrs[name]), idx, bound)}
-            for name, p in inits.items()
-        }
+        results = {}
+        for name, p in inits.items():  # an init without learned step sizes adapts at its lr everywhere
+            params = maml_mod.with_learned_lrs(cfg.maml, p, lrs[name])
+            shown = "learned" if name == "maml" and ckpt.inner_lr else lrs[name]
+            results[name] = {
+                "inner_lr": shown,
+                **summarize(*curves(executor, spec, params, n, max(idx), lrs[name]), idx, bound),
+            }
     finally:
         executor.close()
     if tuning:

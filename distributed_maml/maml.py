@@ -31,7 +31,7 @@ from torch.func import grad, vmap
 
 from .config import MamlConfig
 from .errors import ConfigError
-from .models import Forward
+from .models import Forward, ParamSpec
 
 Params = dict[str, Tensor]
 
@@ -106,11 +106,15 @@ def adapt(
     lr: float,
     first_order: bool = False,
     head: frozenset[str] | None = None,
+    first_step: int = 0,
 ) -> Params:
     """`steps` SGD steps on one task's support set, differentiable (unless first_order). With
-    `head` (ANIL) only those parameters move; the rest still carry the meta-gradient."""
+    `head` (ANIL) only those parameters move; the rest still carry the meta-gradient. Learned
+    step sizes in `params` (LR_PREFIX entries: Meta-SGD's per element, MAML++'s per parameter
+    and step, indexed from `first_step`) replace `lr`; they stay in the returned dict."""
     loss = loss_fn(kind)
-    for _ in range(steps):
+    params, lrs = split_lrs(params)
+    for i in range(first_step, first_step + steps):
         moving = params if head is None else {k: params[k] for k in head}
 
         def support_loss(q: Params, params: Params = params) -> Tensor:
@@ -119,8 +123,60 @@ def adapt(
         g = grad(support_loss)(moving)
         if first_order:
             g = {k: v.detach() for k, v in g.items()}
-        params = {k: params[k] - lr * g[k] if k in g else params[k] for k in params}
-    return params
+        params = {k: params[k] - _step_size(lrs, k, i, lr) * g[k] if k in g else params[k] for k in params}
+    return {**params, **lrs}
+
+
+LR_PREFIX = "inner_lr"  # learned inner step sizes ride in the meta-parameters under these names:
+PER_ELEMENT = "inner_lr:"  # + a parameter's name: Meta-SGD, one step size per element
+PER_STEP = "inner_lr_step:"  # + a parameter's name: MAML++'s LSLR, one per tensor and inner step
+
+
+def split_lrs(params: Params) -> tuple[Params, Params]:
+    """(the model's parameters, the learned step sizes) of a meta-parameter dict."""
+    model = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
+    return model, {k: v for k, v in params.items() if k.startswith(LR_PREFIX)}
+
+
+def _step_size(lrs: Params, name: str, step: int, default: float) -> Tensor | float:
+    """Parameter `name`'s step size at inner step `step`: Meta-SGD's tensor (its shape), or
+    MAML++'s per-step scalar (steps past the trained ones take the last), or `default`."""
+    if PER_ELEMENT + name in lrs:
+        return lrs[PER_ELEMENT + name]
+    if PER_STEP + name in lrs:
+        per_step = lrs[PER_STEP + name]
+        return per_step[min(step, per_step.shape[0] - 1)]
+    return default
+
+
+def learned_lr_shapes(cfg: MamlConfig, spec: ParamSpec) -> dict[str, tuple[int, ...]]:
+    """The learned step sizes `cfg` asks for, by name: Meta-SGD one per weight element (the
+    parameter's shape), MAML++'s LSLR one per parameter tensor and inner step ([inner_steps])."""
+    if cfg.algorithm == "meta-sgd":
+        return {PER_ELEMENT + n: s for n, s in zip(spec.names, spec.shapes, strict=True)}
+    if cfg.learn_inner_lr == "per-layer-per-step":
+        return {PER_STEP + n: (cfg.inner_steps,) for n in spec.names}
+    return {}
+
+
+def meta_spec(cfg: MamlConfig, spec: ParamSpec) -> ParamSpec:
+    """The meta-parameters' layout: the model's, then the learned step sizes (if any)."""
+    extra = learned_lr_shapes(cfg, spec)
+    return ParamSpec(spec.names + tuple(extra), spec.shapes + tuple(extra.values()))
+
+
+def with_learned_lrs(cfg: MamlConfig, params: Params, value: float) -> Params:
+    """`params` with every learned step size `cfg` asks for that it lacks, set to `value` (a
+    run's start, or a baseline evaluated at a fixed step size)."""
+    model, _ = split_lrs(params)
+    spec = ParamSpec(tuple(model), tuple(tuple(v.shape) for v in model.values()))
+    like = next(iter(model.values()))
+    extra = {
+        k: torch.full(shape, value, dtype=like.dtype, device=like.device)
+        for k, shape in learned_lr_shapes(cfg, spec).items()
+        if k not in params
+    }
+    return {**params, **extra}
 
 
 @dataclass(frozen=True)
@@ -178,10 +234,10 @@ def _objective(
         objective: Tensor | float = 0.0
         adapted = p
         for i in range(cfg.inner_steps):
-            adapted = adapt(forward, kind, adapted, xs, ys, 1, cfg.inner_lr, plan.first_order, head)
+            adapted = adapt(forward, kind, adapted, xs, ys, 1, cfg.inner_lr, plan.first_order, head, first_step=i)
             if plan.weights is not None and i < cfg.inner_steps - 1:
-                objective = objective + plan.weights[i] * loss(forward(adapted, xq), yq)
-        out = forward(adapted, xq)
+                objective = objective + plan.weights[i] * loss(forward(split_lrs(adapted)[0], xq), yq)
+        out = forward(split_lrs(adapted)[0], xq)
         final = loss(out, yq)
         total = final if plan.weights is None else objective + plan.weights[-1] * final
         acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
@@ -206,7 +262,7 @@ def batch_sums(
     padding task, weight 0, adds exactly nothing)."""
     if cfg.algorithm == "reptile":
         return _reptile_sums(forward, kind, params, batch, cfg, weights, task_map)
-    objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(params)))
+    objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])))
 
     def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         totals, losses, accs = map_tasks(objective, task_map)(p, *batch.tensors())
@@ -270,7 +326,7 @@ def meta_gradient(
     if task_map == "vmap" or cfg.algorithm == "reptile":  # Reptile keeps no graph: its loop is light
         grads, loss_after, acc_after = batch_sums(forward, kind, params, batch, cfg, plan, task_map=task_map)
     else:  # one task at a time: the memory of one task's graph, gradients summed in task order
-        objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(params)))
+        objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])))
 
         def one_task(p: Params, *task: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
             total, final, acc = objective(p, *task)
@@ -297,7 +353,7 @@ def metrics_before(forward: Forward, kind: str, params: Params, batch: TaskBatch
     classification = kind == "classification"
 
     def unadapted(p: Params, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-        out = forward(p, xq)  # per task: a BatchNorm model sees this task's examples only
+        out = forward(split_lrs(p)[0], xq)  # per task: a BatchNorm model sees this task's examples only
         acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
         return loss(out, yq), acc
 
@@ -321,7 +377,8 @@ def adaptation_curve(
     head: frozenset[str] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-task query loss (and accuracy) after 0..max_steps inner steps: [T, max_steps + 1]
-    (`head`: ANIL's, the only parameters that adapt)."""
+    (`head`: ANIL's, the only parameters that adapt; learned step sizes in `params` replace
+    `lr`)."""
     loss = loss_fn(kind)
     classification = kind == "classification"
 
@@ -329,8 +386,8 @@ def adaptation_curve(
         losses, accs = [], []
         for step in range(max_steps + 1):
             if step:
-                p = adapt(forward, kind, p, xs, ys, 1, lr, first_order=True, head=head)
-            out = forward(p, xq)
+                p = adapt(forward, kind, p, xs, ys, 1, lr, first_order=True, head=head, first_step=step - 1)
+            out = forward(split_lrs(p)[0], xq)
             losses.append(loss(out, yq))
             accs.append((out.argmax(-1) == yq).to(out.dtype).mean() if classification else losses[-1])
         return torch.stack(losses), torch.stack(accs)

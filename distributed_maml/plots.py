@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from . import checkpoint, models  # noqa: E402
 from . import config as config_mod  # noqa: E402
 from .errors import CheckpointError  # noqa: E402
-from .maml import adapt, head_of  # noqa: E402
+from .maml import adapt, head_of, split_lrs  # noqa: E402
 from .store import TaskStore, build_in_memory  # noqa: E402
 from .tasks.sinusoid import X_RANGE, function  # noqa: E402
 
@@ -80,7 +80,7 @@ def sinusoid_tasks(run_dir: Path, out: Path, shots: int = 10, tasks: int = 3) ->
     store = build_in_memory("sinusoid", tasks, seed=ckpt.state.store.seed + 7, shots=shots, queries=1)
     model = models.build(cfg.model, store.info, seed=0)
     forward = models.functional(model)
-    params = {k: v.float() for k, v in ckpt.model.items()}
+    params = {k: v.float() for k, v in {**ckpt.model, **ckpt.inner_lr}.items()}  # learned step sizes too
     grid = np.linspace(*X_RANGE, 200, dtype=np.float32)[:, None]
     fig, axes = plt.subplots(1, tasks, figsize=(4.5 * tasks, 3.6), squeeze=False)
     for t, ax in enumerate(axes[0]):
@@ -90,9 +90,8 @@ def sinusoid_tasks(run_dir: Path, out: Path, shots: int = 10, tasks: int = 3) ->
         ax.plot(grid, function(grid, amp, phase), color="red", label="ground truth")
         ax.plot(xs, ys, "^", color="purple", label=f"{shots} support points")
         for k, style in ((0, ":"), (1, "--"), (10, "-")):
-            p = adapt(
-                forward, "regression", params, xs, ys, k, cfg.maml.inner_lr, True, head_of(cfg.maml, list(params))
-            )
+            head = head_of(cfg.maml, list(split_lrs(params)[0]))
+            p = split_lrs(adapt(forward, "regression", params, xs, ys, k, cfg.maml.inner_lr, True, head))[0]
             with torch.no_grad():
                 ax.plot(
                     grid,

@@ -45,21 +45,24 @@ def make_executor(run: Run) -> Executor:
 
 
 def make_learner(run: Run) -> Learner:
+    """The learner over the meta-parameters: the model's weights, then any learned inner step
+    sizes (Meta-SGD, MAML++'s LSLR), which start at maml.inner_lr."""
+    cfg = run.cfg.maml
     model = models.build(run.cfg.model, run.store.info, seed=run.cfg.training.seed)
-    spec = models.ParamSpec.of(model)
-    maml.head_of(run.cfg.maml, spec.names)  # a wrong ANIL head: one line now, not in every worker
-    learner = Learner.of(spec, spec.flatten(dict(model.named_parameters())), run.cfg.maml, run.cfg.optimizer.lr)
+    maml.head_of(cfg, models.ParamSpec.of(model).names)  # a wrong ANIL head: one line now, not in every worker
+    spec = maml.meta_spec(cfg, models.ParamSpec.of(model))
+    initial = maml.with_learned_lrs(cfg, dict(model.named_parameters()), cfg.inner_lr)
+    learner = Learner.of(spec, spec.flatten(initial), cfg, run.cfg.optimizer.lr)
     if run.start is not None:
-        learner.load(run.start.model, run.start.optimizer, run.start.version)
+        learner.load({**run.start.model, **run.start.inner_lr}, run.start.optimizer, run.start.version)
     return learner
 
 
 def save_checkpoint(run: Run, learner: Learner, step: int, sampler: Sampler) -> Path:
     state = checkpoint.RunState(run.cfg, sampler, run.store_ref)
     keep = run.cfg.training.keep_checkpoints
-    return checkpoint.save(
-        run.dir, step, learner.version, learner.state_dict(), learner.optimizer.state_dict(), state, keep
-    )
+    model, lrs = maml.split_lrs(learner.state_dict())  # model.pt stays a plain state_dict of the network
+    return checkpoint.save(run.dir, step, learner.version, model, learner.optimizer.state_dict(), state, keep, lrs)
 
 
 def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:

@@ -161,6 +161,28 @@ def test_baselines_see_exactly_the_same_tasks_and_steps(tmp_path, monkeypatch):
     assert json.loads((out / "eval" / "eval-5shots.json").read_text())["steps"] == [0, 3]
 
 
+def test_meta_sgd_runs_are_evaluated_with_their_learned_step_sizes(tmp_path):
+    """The maml init adapts with the checkpoint's learned step sizes (zeroed, it cannot move:
+    the loss after one step is the loss before); the baselines with a fixed one."""
+    import torch
+
+    from distributed_maml import checkpoint
+
+    out = tmp_path / "r"
+    sets = ["scaling.num_workers=0", "training.steps=6", "maml.algorithm=meta-sgd", "task.meta_batch=8"]
+    assert (
+        run_cli("train", "--output-dir", out, "--no-progress", *[a for x in sets for a in ("--set", x)]).returncode == 0
+    )
+    res = evaluate.evaluate(out, steps=[0, 1], num_tasks=20, pretrain_steps=5, workers=0)
+    assert res["inner_lr"] == "learned" and res["baselines"]["scratch"]["inner_lr"] == 0.5
+    assert res["loss_mean"][1] != pytest.approx(res["loss_mean"][0], rel=1e-6)
+    path = checkpoint.latest(out) / "inner_lr.pt"
+    torch.save({k: torch.zeros_like(v) for k, v in torch.load(path).items()}, path)
+    frozen = evaluate.evaluate(out, steps=[0, 1], num_tasks=20, baselines=False, workers=0)
+    assert frozen["loss_mean"][1] == pytest.approx(frozen["loss_mean"][0], rel=1e-6)
+    assert frozen["loss_mean"][0] == pytest.approx(res["loss_mean"][0], rel=1e-6)
+
+
 def test_digits_demonstration_beats_scratch(digits, tmp_path):
     """jobs/digits.toml at 5 shots: after the trained number of inner steps (5), MAML's
     initialisation classifies unseen digit classes better than the run's random one."""

@@ -312,3 +312,39 @@ def test_reptile_direction_is_theta_minus_the_adapted_weights(family, model_name
     mean_phi = sum(phis) / len(phis)
     expected = flat(params) + 0.25 * (mean_phi - flat(params))
     np.testing.assert_allclose(learner.weights(), expected.float().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind_of_lr", ["meta-sgd", "per-layer-per-step"])
+@pytest.mark.parametrize("family, model_name", CASES)
+def test_learned_inner_step_sizes_match_finite_differences(family, model_name, kind_of_lr):
+    """Meta-SGD (a step size per weight element) and MAML++'s LSLR (one per parameter tensor
+    and inner step): the meta-gradient reaches the weights and the step sizes alike."""
+    kind, model, params, batch = setup(family, model_name)
+    extra = {"algorithm": "meta-sgd"} if kind_of_lr == "meta-sgd" else {"learn_inner_lr": kind_of_lr}
+    cfg = MamlConfig(inner_steps=2, inner_lr=0.1, **extra)
+    rng = np.random.default_rng(3)
+    meta = {  # step sizes spread around inner_lr, so a wrong index or shape shows
+        k: (v if k in params else v * torch.from_numpy(rng.uniform(0.5, 1.5, size=v.shape)))
+        for k, v in maml.with_learned_lrs(cfg, params, cfg.inner_lr).items()
+    }
+    lr_names = [k for k in meta if k not in params]
+    assert len(lr_names) == len(params)
+    assert all(
+        meta[k].shape == ((2,) if kind_of_lr != "meta-sgd" else params[k.split(":", 1)[1]].shape) for k in lr_names
+    )
+
+    def objective(p):
+        total = 0.0
+        for t in range(len(batch)):
+            q = {k: p[k] for k in params}
+            for i in range(cfg.inner_steps):
+                loss = task_loss(kind, forward(q, batch.x_support[t]), batch.y_support[t])
+                grads = torch.autograd.grad(loss, list(q.values()), create_graph=True)
+                step = {k: p[f"inner_lr:{k}"] if kind_of_lr == "meta-sgd" else p[f"inner_lr_step:{k}"][i] for k in q}
+                q = {k: v - step[k] * g for (k, v), g in zip(q.items(), grads)}
+            total = total + task_loss(kind, forward(q, batch.x_query[t]), batch.y_query[t])
+        return total
+
+    g, _ = maml.meta_gradient(models.functional(model), kind, meta, batch, cfg)
+    assert set(g) == set(meta) and all(float(g[k].abs().sum()) > 0 for k in lr_names)
+    _check_fd(kind, meta, g, objective)

@@ -37,7 +37,13 @@ VARIANTS = {
     "maml": [],
     "reptile": ["maml.algorithm=reptile"],  # SGD's state, not Adam's
     "anil": ["maml.algorithm=anil"],
-    "maml++": ["maml.multi_step_loss=true", "maml.msl_anneal_steps=6", "maml.first_order_until=3"],  # schedules
+    "maml++": [  # schedules, and learned per-layer per-step inner step sizes
+        "maml.multi_step_loss=true",
+        "maml.msl_anneal_steps=6",
+        "maml.first_order_until=3",
+        "maml.learn_inner_lr=per-layer-per-step",
+    ],
+    "meta-sgd": ["maml.algorithm=meta-sgd"],  # a step size per weight element, in inner_lr.pt
 }
 
 
@@ -56,6 +62,13 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, variant):
             assert torch.equal(sa[k], sb[k]), k
     lines = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 4, 6, 8, 9]
+    assert set(a.inner_lr) == set(b.inner_lr) and all(torch.equal(a.inner_lr[k], b.inner_lr[k]) for k in a.inner_lr)
+    learned = "learn_inner_lr" in str(extra) or "meta-sgd" in str(extra)
+    assert bool(a.inner_lr) == learned  # learned step sizes live beside model.pt, which stays the network's
+    if learned:  # and they moved: they are meta-trained, not constants
+        assert any(not torch.all(v == 0.5) for v in a.inner_lr.values())
+    model = models.build(config.load(None, SMALL).model, run.resume(tmp_path / "straight").store.info, seed=0)
+    model.load_state_dict(a.model)  # strict: exactly the network's parameters
 
 
 def test_resume_from_a_middle_checkpoint_after_a_crash(tmp_path):
