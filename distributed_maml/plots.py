@@ -63,8 +63,9 @@ def adaptation(result: dict, out: Path) -> Path:
     ax.set(
         xlabel="inner gradient steps at test",
         ylabel="query loss",
-        title=f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, "
-        f"inner lr {result['inner_lr']:g}",
+        title=f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, inner lr {lr:g}"
+        if isinstance(lr := result["inner_lr"], float)
+        else f"inner lr {lr}",  # or "learned"
     )
     ax.set_yscale("log")
     ax.legend(fontsize=8)

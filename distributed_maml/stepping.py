@@ -136,23 +136,23 @@ def collective_chunk(
 
     comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     size = computer.spec.numel
-    head = torch.empty(size + 2, dtype=torch.float32, device=comm)  # weights, go on (1) or stop (0), version
+    header = torch.empty(size + 2, dtype=torch.float32, device=comm)  # weights, go on (1) or stop (0), version
     outcomes: list[StepOutcome] = []
     go = True
     for step in range(first, last + 1):
         started = time.perf_counter()
         if rank == 0:
             assert learner is not None
-            head[:size] = torch.from_numpy(learner.weights())
-            head[size] = float(go)
-            head[size + 1] = float(learner.version)  # exact in float32 up to 2**24 updates
-        dist.broadcast(head, src=0)
-        if head[size].item() == 0.0:
+            header[:size] = torch.from_numpy(learner.weights())
+            header[size] = float(go)
+            header[size + 1] = float(learner.version)  # exact in float32 up to 2**24 updates
+        dist.broadcast(header, src=0)
+        if header[size].item() == 0.0:
             break
-        weights = head[:size].cpu().numpy()
+        weights = header[:size].cpu().numpy()
         before = before_last and step == last
         ids = split_shards(sampler.ids(step - 1), world)[rank]
-        result = computer.compute(weights, ids, before, int(head[size + 1].item()))
+        result = computer.compute(weights, ids, before, int(header[size + 1].item()))
         keys = list(result.metrics)  # the same on every rank: they follow the task kind and `before`
         packed = torch.from_numpy(
             np.concatenate(

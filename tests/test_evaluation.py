@@ -173,7 +173,12 @@ def test_meta_sgd_runs_are_evaluated_with_their_learned_step_sizes(tmp_path):
     assert (
         run_cli("train", "--output-dir", out, "--no-progress", *[a for x in sets for a in ("--set", x)]).returncode == 0
     )
-    res = evaluate.evaluate(out, steps=[0, 1], num_tasks=20, pretrain_steps=5, workers=0)
+    cli = run_cli(
+        "eval", "--run", out, "--steps", "0,1", "--num-tasks", "20", "--pretrain-steps", "5", "--workers", "0"
+    )
+    assert cli.returncode == 0 and "inner lr learned" in cli.stdout, cli.stderr  # the table, then the plots
+    assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
+    res = json.loads((out / "eval" / "eval-5shots.json").read_text())
     assert res["inner_lr"] == "learned" and res["baselines"]["scratch"]["inner_lr"] == 0.5
     assert res["loss_mean"][1] != pytest.approx(res["loss_mean"][0], rel=1e-6)
     path = checkpoint.latest(out) / "inner_lr.pt"
