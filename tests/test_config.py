@@ -12,6 +12,17 @@ def test_defaults_are_jobs_seed_toml():
     assert config.load(JOBS / "seed.toml") == config.Config()
 
 
+@pytest.mark.parametrize("path", sorted(JOBS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_job_config_loads(path):
+    assert config.load(path).training.steps >= 1
+
+
+def test_mamlpp_job_is_the_sinusoid_job_plus_mamlpp():
+    a, b = config.load(JOBS / "sinusoid.toml"), config.load(JOBS / "sinusoid-mamlpp.toml")
+    assert (b.maml.multi_step_loss, b.maml.first_order_until, b.maml.inner_steps) == (True, 10000, 5)
+    assert (a.task, a.model, a.optimizer, a.training) == (b.task, b.model, b.optimizer, b.training)
+
+
 def test_sinusoid_job_has_the_papers_settings():
     c = config.load(JOBS / "sinusoid.toml")
     assert (c.task.family, c.task.shots, c.task.queries, c.task.meta_batch) == ("sinusoid", 10, 10, 25)
