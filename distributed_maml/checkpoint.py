@@ -207,4 +207,9 @@ def load(path: Path) -> Checkpoint:
             f"checkpoint {path} has format version {state.get('format_version')}, expected {FORMAT_VERSION}"
         )
     run_state = RunState.from_json(state, path)
+    if run_state.config.maml.learns_inner_lr() and not inner_lr:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: inner_lr.pt is missing (this run learns its inner step sizes); "
+            "resume or evaluate from an older checkpoint folder of the run"
+        )
     return Checkpoint(state["step"], state["version"], model, optimizer, run_state, path, inner_lr)

@@ -195,6 +195,10 @@ class MamlConfig:
             f"maml.reptile_step must be in (0, 1], got {self.reptile_step}",
         )
 
+    def learns_inner_lr(self) -> bool:
+        """Whether the inner step sizes are meta-parameters (Meta-SGD, MAML++'s LSLR)."""
+        return self.algorithm == "meta-sgd" or self.learn_inner_lr != "none"
+
     def always_first_order(self) -> bool:
         """Whether every meta-gradient is first order (fomaml, or first_order)."""
         return self.first_order or self.algorithm == "fomaml"

@@ -186,6 +186,10 @@ def test_meta_sgd_runs_are_evaluated_with_their_learned_step_sizes(tmp_path):
     frozen = evaluate.evaluate(out, steps=[0, 1], num_tasks=20, baselines=False, workers=0)
     assert frozen["loss_mean"][1] == pytest.approx(frozen["loss_mean"][0], rel=1e-6)
     assert frozen["loss_mean"][0] == pytest.approx(res["loss_mean"][0], rel=1e-6)
+    path.unlink()  # a checkpoint without its learned step sizes is refused, not evaluated at a fixed one
+    gone = run_cli("eval", "--run", out, "--num-tasks", "20", "--no-baselines", "--workers", "0")
+    assert gone.returncode == 2 and gone.stderr.strip().endswith("from an older checkpoint folder of the run")
+    assert "inner_lr.pt is missing" in gone.stderr and "Traceback" not in gone.stderr
 
 
 def test_digits_demonstration_beats_scratch(digits, tmp_path):
