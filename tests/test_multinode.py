@@ -56,6 +56,15 @@ def test_spread_workers_land_on_distinct_nodes_with_the_in_process_weights(clust
         )
         assert ex.store_mode == "object_store"
         np.testing.assert_allclose(again.weights, reference.weights, rtol=1e-5, atol=1e-6)
+    # the same two nodes as one gloo group (rank 0's node address through Ray): driver mode's weights
+    group, ex = train_on(
+        tmp_path / "spread-collective",
+        store_path,
+        [*BASE, "scaling.num_workers=2", "scaling.placement=spread", "scaling.mode=collective"],
+        hook=lambda ex: seen.update(group=ex.worker_info()),
+    )
+    assert ex.backend == "gloo" and len({i["node_id"] for i in seen["group"]}) == 2
+    np.testing.assert_array_equal(group.weights, result.weights)
 
 
 def _remove_at_call(cluster, node, at: int, seen: dict, until_known_dead: bool = False):
