@@ -1,7 +1,8 @@
 """The only module that talks to Ray: connecting, placing worker actors, sharing the task
 store, running a step's shards, and recomputing the shards of workers that died.
 
-Per step only task ids and one weights reference travel to the workers; each returns its
+Per step only task ids and the weights (inside each call when under 64 KiB, else one
+object-store reference for all) travel to the workers; each returns its
 shard's summed meta-gradient as one flat float32 numpy array (which Ray hands back without a
 copy). The store is read where the work runs: memory-mapped from a path every node sees, or,
 when some node cannot see it, from one copy of the file's bytes in Ray's object store.
@@ -33,6 +34,7 @@ from .userimport import search_path
 from .worker import ShardResult
 
 PLACEMENT_TIMEOUT_S = 60.0  # a pool that cannot be placed by then never will be, on a fixed cluster
+INLINE_BYTES = 64 * 1024  # weights up to this size ride in each call (below Ray's 100 KB inlining limit)
 POLL_S = 1.0  # how often a step that is still waiting checks its workers' health
 
 
@@ -286,15 +288,21 @@ class RayExecutor:
         self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
     ) -> list[ShardResult]:
         """Every shard's result, in shard order (see _map: nothing lost, nothing doubled)."""
-        self._check_raylet()
-        ref = ray.put(weights)  # one copy of the weights per step, the same ref for every worker
+        ref = self._share(weights)
         return self._map(lambda worker, ids: worker.compute.remote(ref, version, ids, before), shards)
 
     def curves(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]:
         """Adaptation curves of each shard's tasks (evaluation), in shard order."""
-        self._check_raylet()
-        ref = ray.put(weights)
+        ref = self._share(weights)
         return self._map(lambda worker, ids: worker.curve.remote(ref, ids, max_steps, lr), shards)
+
+    def _share(self, weights: np.ndarray) -> Any:
+        """The weights as a call argument. Small ones travel inside each call (Ray inlines
+        arguments under 100 KB): no object-store put per step, and none to free at the next,
+        each an IPC to the raylet that ends this process from C++ if the raylet is gone. Large
+        ones go into the object store once per step, the same ref for every worker."""
+        self._check_raylet()
+        return weights if weights.nbytes <= INLINE_BYTES else ray.put(weights)
 
     def run_steps(
         self,
