@@ -183,7 +183,7 @@ class _Problem:
         where its time goes (`spent`: seconds in the fan-out/in and in the learner). Collective
         mode: one call runs COLLECTIVE_CHUNK unlogged steps in the group (as between two logged
         steps of a run); its learner works inside rank 0, so `spent` is None."""
-        from .stepping import fan_out_in
+        from .stepping import Steps, fan_out_in
 
         if device == "cpu":
             executor: Any = executor_mod.make(self.store, self.model_cfg, self.cfg, scaling)
@@ -196,7 +196,8 @@ class _Problem:
 
             def chunk(i: int) -> None:
                 first = i * COLLECTIVE_CHUNK + 1
-                executor.run_steps(learner, self.sampler, first, first + COLLECTIVE_CHUNK - 1, False, True, _ignore)
+                steps = Steps(first, first + COLLECTIVE_CHUNK - 1, log_last=False, stop_on_nonfinite=True)
+                executor.run_steps(learner, self.sampler, steps, _ignore)
 
             return chunk, executor, None
         spent = {"workers_s": 0.0, "learner_s": 0.0}

@@ -3,7 +3,7 @@ and the one factory that picks it. Ray-free: Ray is imported only when workers a
 
 An executor holds `num_shards` workers; `compute` returns every shard's summed meta-gradient
 (a worker.ShardResult) in shard order, `curves` the adaptation curves of held-out tasks.
-`run_steps` advances the learner by steps first..last, reporting each step's outcome
+`run_steps` advances the learner by a run of steps (stepping.Steps), reporting each step's outcome
 (stepping.StepOutcome) to `on_step`, and returns the last step done.
 
 Implementations: worker.InProcessExecutor (num_workers = 0), runtime.RayExecutor (scaling.mode
@@ -22,7 +22,7 @@ import numpy as np
 from .config import MamlConfig, ModelConfig, ScalingConfig
 from .learner import Learner
 from .sampler import Sampler
-from .stepping import OnStep
+from .stepping import OnStep, Steps
 from .store import TaskStore
 from .worker import ShardResult
 
@@ -38,10 +38,7 @@ class Executor(Protocol):
         self,
         learner: Learner,
         sampler: Sampler,
-        first: int,
-        last: int,
-        before_last: bool,
-        stop_on_nonfinite: bool,
+        steps: Steps,
         on_step: OnStep,
     ) -> int: ...
     def watch(self, on_lost: Callable[[str], None]) -> None: ...

@@ -29,7 +29,7 @@ from .config import MamlConfig, ModelConfig, ScalingConfig, is_import_path
 from .errors import ConfigError, TrainingError
 from .learner import Learner
 from .sampler import Sampler
-from .stepping import OnStep, drive
+from .stepping import OnStep, Steps, drive
 from .userimport import search_path
 from .worker import ShardResult
 
@@ -156,10 +156,7 @@ class WorkerActor:
         self,
         state: tuple[dict[str, Any], dict[str, Any], int] | None,
         sampler: Any,
-        first: int,
-        last: int,
-        before_last: bool,
-        stop_on_nonfinite: bool,
+        steps: Any,
     ) -> tuple[list[Any], tuple[dict[str, Any], dict[str, Any], int] | None]:
         """The collective loop over steps first..last (stepping.collective_chunk). Rank 0 gets
         the learner's state (weights, Adam moments, version) and returns it advanced, with the
@@ -176,9 +173,7 @@ class WorkerActor:
             flat = self.computer.spec.flatten(state[0])
             learner = Learner.of(self.computer.spec, flat, self.computer.maml_cfg, lr=0.0)  # lr: in the state
             learner.load(*state)
-        outcomes = collective_chunk(
-            self.computer, learner, sampler, first, last, before_last, stop_on_nonfinite, self.rank, self.world
-        )
+        outcomes = collective_chunk(self.computer, learner, sampler, steps, self.rank, self.world)
         if learner is None:
             return outcomes, None
         return outcomes, (learner.state_dict(), learner.optimizer.state_dict(), learner.version)
@@ -308,13 +303,10 @@ class RayExecutor:
         self,
         learner: Learner,
         sampler: Sampler,
-        first: int,
-        last: int,
-        before_last: bool,
-        stop_on_nonfinite: bool,
+        steps: Steps,
         on_step: OnStep,
     ) -> int:
-        return drive(self, learner, sampler, first, last, before_last, stop_on_nonfinite, on_step)
+        return drive(self, learner, sampler, steps, on_step)
 
     def _map(self, call: Callable[[Any, np.ndarray], Any], shards: list[np.ndarray]) -> list[Any]:
         """Shard i goes to worker i while it is healthy (the fixed partition; a retired worker's
@@ -455,10 +447,7 @@ class CollectiveExecutor(RayExecutor):
         self,
         learner: Learner,
         sampler: Sampler,
-        first: int,
-        last: int,
-        before_last: bool,
-        stop_on_nonfinite: bool,
+        steps: Steps,
         on_step: OnStep,
     ) -> int:
         if sampler.meta_batch < self.num_shards:
@@ -470,10 +459,7 @@ class CollectiveExecutor(RayExecutor):
         while True:
             self._check_raylet()
             state = (learner.state_dict(), learner.optimizer.state_dict(), learner.version)
-            calls = [
-                w.run_steps.remote(state if i == 0 else None, sampler, first, last, before_last, stop_on_nonfinite)
-                for i, w in enumerate(self.workers)
-            ]
+            calls = [w.run_steps.remote(state if i == 0 else None, sampler, steps) for i, w in enumerate(self.workers)]
             try:
                 outcomes, end_state = self._all(calls)[0]
                 break
@@ -481,14 +467,14 @@ class CollectiveExecutor(RayExecutor):
                 failures += 1
                 if failures >= self.max_failures:
                     raise TrainingError(
-                        f"the collective group failed {failures} times running steps {first}..{last} (last: "
+                        f"the collective group failed {failures} times running steps {steps.first}..{steps.last} (last: "
                         f"{_first_line(e)}); see the worker logs above; the last checkpoint is intact"
                     ) from None
                 self._restart()
         learner.load(*end_state)
         for outcome in outcomes:
             on_step(outcome)
-        return outcomes[-1].step if outcomes else first - 1
+        return outcomes[-1].step if outcomes else steps.first - 1
 
     def _all(self, calls: list[Any]) -> list[Any]:
         """Every rank's answer; raises as soon as one rank fails or goes silent (the others then

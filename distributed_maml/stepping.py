@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,25 @@ class StepOutcome:
 
 
 OnStep = Callable[[StepOutcome], None]
+
+
+@dataclass(frozen=True)
+class Steps:
+    """A run of meta-steps first..last (1-based, inclusive) for an executor: whether the last
+    one is logged (it then also reports the unadapted metrics), and whether a non-finite step
+    ends the run (on_nonfinite = "stop") or is skipped."""
+
+    first: int
+    last: int
+    log_last: bool
+    stop_on_nonfinite: bool
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.first, self.last + 1))
+
+    def before(self, step: int) -> bool:
+        """Whether `step` computes the unadapted metrics too (only a logged last step does)."""
+        return self.log_last and step == self.last
 
 
 def is_finite(reduced: Reduced) -> bool:
@@ -91,40 +110,34 @@ def drive(
     executor: Executor,
     learner: Learner,
     sampler: Sampler,
-    first: int,
-    last: int,
-    before_last: bool,
-    stop_on_nonfinite: bool,
+    steps: Steps,
     on_step: OnStep,
 ) -> int:
-    """Steps first..last, the driver calling the executor every step. Returns the last step
-    applied or reported: earlier than `last` when a stop was requested (checked between steps)
-    or a non-finite step stops the run."""
-    for step in range(first, last + 1):
-        if step > first and stopping.requested():
+    """`steps`, the driver calling the executor every step. Returns the last step applied or
+    reported: earlier than `steps.last` when a stop was requested (checked between steps) or a
+    non-finite step stops the run."""
+    for step in steps:
+        if step > steps.first and stopping.requested():
             return step - 1
         started = time.perf_counter()
         shards = split_shards(sampler.ids(step - 1), executor.num_shards)
-        results = executor.compute(learner.weights(), learner.version, shards, before_last and step == last)
+        results = executor.compute(learner.weights(), learner.version, shards, steps.before(step))
         outcome = settle(learner, step, results, started)
         on_step(outcome)
-        if not outcome.finite and stop_on_nonfinite:
+        if not outcome.finite and steps.stop_on_nonfinite:
             return step
-    return last
+    return steps.last
 
 
 def collective_chunk(
     computer: ShardComputer,
     learner: Learner | None,
     sampler: Sampler,
-    first: int,
-    last: int,
-    before_last: bool,
-    stop_on_nonfinite: bool,
+    steps: Steps,
     rank: int,
     world: int,
 ) -> list[StepOutcome]:
-    """Steps first..last on every rank of the default torch.distributed group at once; rank 0
+    """`steps` on every rank of the default torch.distributed group at once; rank 0
     holds the `learner` (the central learner) and returns the steps' outcomes, the others [].
 
     Per step: rank 0 broadcasts its weights (and whether to go on); each rank computes shard
@@ -139,7 +152,7 @@ def collective_chunk(
     header = torch.empty(size + 2, dtype=torch.float32, device=comm)  # weights, go on (1) or stop (0), version
     outcomes: list[StepOutcome] = []
     go = True
-    for step in range(first, last + 1):
+    for step in steps:
         started = time.perf_counter()
         if rank == 0:
             assert learner is not None
@@ -150,9 +163,8 @@ def collective_chunk(
         if header[size].item() == 0.0:
             break
         weights = header[:size].cpu().numpy()
-        before = before_last and step == last
         ids = split_shards(sampler.ids(step - 1), world)[rank]
-        result = computer.compute(weights, ids, before, int(header[size + 1].item()))
+        result = computer.compute(weights, ids, steps.before(step), int(header[size + 1].item()))
         keys = list(result.metrics)  # the same on every rank: they follow the task kind and `before`
         packed = torch.from_numpy(
             np.concatenate(
@@ -166,7 +178,7 @@ def collective_chunk(
             results = [_unpack(g.cpu().numpy(), size, keys, f"worker-{r}") for r, g in enumerate(gathered)]
             outcome = settle(learner, step, results, started)
             outcomes.append(outcome)
-            go = outcome.finite or not stop_on_nonfinite
+            go = outcome.finite or not steps.stop_on_nonfinite
     return outcomes
 
 

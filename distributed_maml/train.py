@@ -26,7 +26,7 @@ from .executor import Executor
 from .learner import Learner
 from .run import Run
 from .sampler import Sampler
-from .stepping import StepOutcome
+from .stepping import StepOutcome, Steps
 from .store import build_in_memory
 from .tasks import FROM_FILES
 from .worker import ShardComputer
@@ -164,11 +164,9 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
             # evaluation): the driver loop still checks for stops between steps, the collective
             # loop hands back control only at a chunk's end.
             last = _chunk_end(step + 1, cfg, heldout is not None)
-            stop_on_nonfinite = cfg.on_nonfinite == "stop"
+            steps = Steps(step + 1, last, recorder.logged(last), cfg.on_nonfinite == "stop")
             try:
-                step = executor.run_steps(
-                    learner, sampler, step + 1, last, recorder.logged(last), stop_on_nonfinite, recorder.on_step
-                )
+                step = executor.run_steps(learner, sampler, steps, recorder.on_step)
             except TrainingError as e:  # stopped before Adam saw a bad step, or the workers are gone
                 path = save_checkpoint(run, learner, recorder.done, sampler)
                 raise TrainingError(f"{e}; the last good weights are saved in {path}") from None

@@ -24,7 +24,7 @@ from .store import TaskStore
 if TYPE_CHECKING:
     from .learner import Learner
     from .sampler import Sampler
-    from .stepping import OnStep
+    from .stepping import OnStep, Steps
 
 CURVE_CHUNK = 1000  # tasks per vmap call when evaluating: bounds memory, not results
 
@@ -204,15 +204,12 @@ class InProcessExecutor:
         self,
         learner: Learner,
         sampler: Sampler,
-        first: int,
-        last: int,
-        before_last: bool,
-        stop_on_nonfinite: bool,
+        steps: Steps,
         on_step: OnStep,
     ) -> int:
         from .stepping import drive  # stepping builds on this module
 
-        return drive(self, learner, sampler, first, last, before_last, stop_on_nonfinite, on_step)
+        return drive(self, learner, sampler, steps, on_step)
 
     def watch(self, on_lost: Callable[[str], None]) -> None:
         """Nothing to watch: in-process work has no cluster to lose."""

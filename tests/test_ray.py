@@ -186,12 +186,12 @@ def test_collective_group_restarts_from_the_chunk_start_when_a_rank_dies(tmp_pat
     def hook(ex):
         original = ex.run_steps
 
-        def run_steps(learner, sampler, first, last, *rest):
-            if not (first <= 4 <= last) or killed:
-                return original(learner, sampler, first, last, *rest)
+        def run_steps(learner, sampler, steps, on_step):
+            if 4 not in steps or killed:
+                return original(learner, sampler, steps, on_step)
             killed.append(ex.worker_info()[1]["pid"])
             os.kill(killed[0], signal.SIGKILL)
-            done = original(learner, sampler, first, last, *rest)
+            done = original(learner, sampler, steps, on_step)
             killed.append(ex.worker_info()[1]["pid"])  # rank 1 after the restart
             return done
 
