@@ -63,13 +63,14 @@ class ShardComputer:
             torch.backends.cuda.matmul.allow_tf32 = False
         # The module is only a template for functional_call: its own parameters are never used.
         self.model = build(model_cfg, store.info, seed=0).to(self.device)
-        self.spec = meta_spec(maml_cfg, ParamSpec.of(self.model))  # the model's, then learned step sizes
+        network = ParamSpec.of(self.model)
+        self.spec = meta_spec(maml_cfg, network)  # the network's parameters, then learned step sizes
         self.forward = functional(self.model)
         self.name = name
         self.task_map = choose_task_map(self.model, self.device, task_map)
         self.resident = _resident_columns(store, self.device)
+        self.head = head_of(maml_cfg, network.names)  # ANIL's adapted parameters (None: all)
         self.graphs: GraphSteps | None = None
-        self.head = head_of(maml_cfg, ParamSpec.of(self.model).names)  # ANIL's adapted parameters (None: all)
         if gpu_step == "graph" and self.device.type == "cuda" and self.task_map == "vmap" and not varies(maml_cfg):
             self.graphs = GraphSteps(self.forward, store.info.kind, self.spec, maml_cfg, name)
         self.gpu_step = gpu_step
