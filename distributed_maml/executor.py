@@ -7,7 +7,7 @@ An executor holds `num_shards` workers; `compute` returns every shard's summed m
 (stepping.StepOutcome) to `on_step`, and returns the last step done.
 
 Implementations: worker.InProcessExecutor (num_workers = 0), runtime.RayExecutor (scaling.mode
-= "driver": the driver calls every worker every step) and runtime.CollectiveExecutor ("collective":
+= "driver": the driver calls every worker every step) and collective.CollectiveExecutor ("collective":
 the workers run the steps as one torch.distributed group, rank 0 the learner).
 """
 
@@ -54,7 +54,8 @@ def make(store: TaskStore, model: ModelConfig, maml: MamlConfig, scaling: Scalin
         from .worker import InProcessExecutor
 
         return InProcessExecutor(store, model, maml, scaling.task_map, scaling.gpu_step)
-    from .runtime import CollectiveExecutor, RayExecutor
+    from .collective import CollectiveExecutor
+    from .runtime import RayExecutor
 
     kind = CollectiveExecutor if scaling.mode == "collective" else RayExecutor
     return kind(store.buffer() if store.in_memory else Path(store.name), model, maml, scaling)

@@ -12,28 +12,30 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import RayActorError
 
+from . import raywait
 from .config import MamlConfig, ModelConfig, ScalingConfig, is_import_path
-from .errors import ConfigError, TrainingError
+from .errors import TrainingError
+from .failover import Action, Failover
 from .learner import Learner
+from .placement import Slots
 from .sampler import Sampler
 from .stepping import OnStep, Steps, drive
 from .userimport import search_path
 from .worker import ShardResult
 
-PLACEMENT_TIMEOUT_S = 60.0  # a pool that cannot be placed by then never will be, on a fixed cluster
+START_GRACE_S = 30.0  # beyond worker_timeout_s: a worker's start (torch import, store open) on a loaded node
 INLINE_BYTES = 64 * 1024  # weights up to this size ride in each call (below Ray's 100 KB inlining limit)
 POLL_S = 1.0  # how often a step that is still waiting checks its workers' health
 
@@ -134,13 +136,21 @@ class WorkerActor:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def join_group(self, address: str, port: int, rank: int, world: int, timeout_s: float) -> str:
+    def join_group(self, address: str, port: int, rank: int, world: int, timeout_s: float) -> tuple[str, str]:
         """Joins the torch.distributed group (gloo on a CPU, NCCL on a GPU); blocks until all
-        `world` ranks have joined, so the driver calls every rank at once."""
+        `world` ranks have joined, so the driver calls every rank at once. Gloo and NCCL pick the
+        address they advertise from the host name unless told an interface, and a host name
+        often resolves to 127.0.0.1: the other hosts would then dial their own loopback. So
+        each rank uses the interface that holds the address Ray knows its node by (unless the
+        user set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME). Returns (backend, interface)."""
         import datetime
 
         import torch.distributed as dist
 
+        ifname = _interface_of(ray.util.get_node_ip_address())
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if ifname and not os.environ.get(var):
+                os.environ[var] = ifname
         backend = "nccl" if self.computer.device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend,
@@ -150,17 +160,27 @@ class WorkerActor:
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         self.rank, self.world = rank, world
-        return backend
+        return backend, os.environ.get("GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME", "")
+
+    def leave_group(self) -> None:
+        """Leaves the group (a worker came back or left: the group forms again around the living)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def run_steps(
         self,
         state: tuple[dict[str, Any], dict[str, Any], int] | None,
         sampler: Any,
         steps: Any,
+        assignment: list[list[int]],
+        num_shards: int,
     ) -> tuple[list[Any], tuple[dict[str, Any], dict[str, Any], int] | None]:
-        """The collective loop over steps first..last (stepping.collective_chunk). Rank 0 gets
-        the learner's state (weights, Adam moments, version) and returns it advanced, with the
-        steps' outcomes; the other ranks get and return None."""
+        """The collective loop over steps first..last (stepping.collective_chunk): this rank
+        computes shards assignment[rank] of each step's num_shards. Rank 0 gets the learner's
+        state (weights, Adam moments, version) and returns it advanced, with the steps'
+        outcomes; the other ranks get and return None."""
         import torch.distributed as dist
 
         from .learner import Learner
@@ -173,7 +193,7 @@ class WorkerActor:
             flat = self.computer.spec.flatten(state[0])
             learner = Learner.of(self.computer.spec, flat, self.computer.maml_cfg, lr=0.0)  # lr: in the state
             learner.load(*state)
-        outcomes = collective_chunk(self.computer, learner, sampler, steps, self.rank, self.world)
+        outcomes = collective_chunk(self.computer, learner, sampler, steps, self.rank, assignment, num_shards)
         if learner is None:
             return outcomes, None
         return outcomes, (learner.state_dict(), learner.optimizer.state_dict(), learner.version)
@@ -189,6 +209,7 @@ class WorkerActor:
         return {
             "name": self.name,
             "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
             "pid": os.getpid(),
             "device": str(self.computer.device),
             "store_mode": self.store_mode,
@@ -207,8 +228,30 @@ def _sees_store(path: str, size: int) -> bool:
     return p.is_file() and p.stat().st_size == size
 
 
+def _interface_of(ip: str) -> str | None:
+    """The network interface that holds `ip` on this host (psutil comes with Ray)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addresses):
+            return name
+    return None
+
+
+@dataclass
+class _Comeback:
+    """A retired slot asking for its place again: its group's ready() ref, then the new
+    actor's first answer; both polled without blocking at step boundaries."""
+
+    placed: Any
+    since: float = field(default_factory=time.monotonic)
+    probe: Any = None
+
+
 class RayExecutor:
-    """A pool of worker actors in one placement group; `compute` runs one step's shards."""
+    """A pool of worker actors, one placement group per slot (placement.Slots); `compute` runs
+    one step's shards. Which worker computes which shard, and what a failure means, is the
+    failover policy's (failover.Failover); every wait is bounded (raywait)."""
 
     def __init__(
         self, store: Path | np.ndarray, model_cfg: ModelConfig, maml_cfg: MamlConfig, scaling: ScalingConfig
@@ -227,57 +270,129 @@ class RayExecutor:
             "CPU": scaling.cpus_per_worker,
             **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {}),
         }
-        self.pg = placement_group([bundle] * n, strategy=scaling.placement.upper())
+        self.slots = Slots(n, bundle, scaling.placement)
+        self.policy = Failover(n, scaling.max_worker_failures, scaling.worker_timeout_s)
         try:
-            ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except GetTimeoutError:
-            remove_placement_group(self.pg)
-            raise ConfigError(
-                f"cannot place {n} workers of {bundle} on this cluster (it has {_free(ray.cluster_resources())}); "
-                "lower scaling.num_workers, cpus_per_worker or gpus_per_worker, or add nodes"
-            ) from None
-        in_memory = isinstance(store, np.ndarray)
-        path = "<in-memory store>" if in_memory else str(Path(store).resolve())
-        source = StoreSource(path, store.nbytes if in_memory else Path(path).stat().st_size)
-        mode = "object_store" if in_memory else scaling.store_sharing
-        if mode == "auto":
-            seen = ray.get(
-                [_sees_store.options(scheduling_strategy=self._bundle(i)).remote(path, source.size) for i in range(n)]
-            )
-            mode = "path" if all(seen) else "object_store"
-        # One copy of the store's bytes in the object store, shared by every worker of a node.
-        if mode == "object_store":
-            self.blob = ray.put(store if in_memory else np.fromfile(path, dtype=np.uint8))
-        else:
-            self.blob = None
-        self.store_mode = mode
+            self._share_store(store)
+        except BaseException:
+            self.slots.close()
+            raise
         code = tuple(p for p in [search_path(model_cfg.name)] if p) if is_import_path(model_cfg.name) else ()
-        self.workers = [
-            WorkerActor.options(
-                num_cpus=scaling.cpus_per_worker, num_gpus=scaling.gpus_per_worker, scheduling_strategy=self._bundle(i)
-            ).remote(
-                source,
-                self.blob,
-                model_cfg,
-                maml_cfg,
-                scaling.cpus_per_worker,
-                scaling.gpus_per_worker,
-                i,
-                scaling.task_map,
-                code,
-                scaling.gpu_step,
-            )
-            for i in range(n)
-        ]
-        self._how: str | None = None
-        self.failures = [0] * n
-        self.max_failures = scaling.max_worker_failures
+        self._args = (model_cfg, maml_cfg, scaling.cpus_per_worker, scaling.gpus_per_worker)
+        self._opts = (scaling.task_map, code, scaling.gpu_step)
+        self.workers = [self._spawn(i) for i in range(n)]
+        self._info: list[dict[str, Any] | None] = [None] * n
+        self._started = False
+        self._comebacks: dict[int, _Comeback] = {}
+        self._returns = [0] * n
 
-    def _bundle(self, i: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
+    @property
+    def failures(self) -> list[int]:
+        return self.policy.failures
 
     def healthy(self) -> list[int]:
-        return [i for i, f in enumerate(self.failures) if f < self.max_failures]
+        return self.policy.healthy()
+
+    def _share_store(self, store: Path | np.ndarray) -> None:
+        """How workers read the store: by path where every slot's node sees the file, else one
+        copy of its bytes in the object store. A slot that does not answer within the bound
+        (its node lost while the run starts) counts as not seeing it: the object store works
+        on any node."""
+        n, in_memory = self.num_shards, isinstance(store, np.ndarray)
+        path = "<in-memory store>" if in_memory else str(Path(store).resolve())
+        self.source = StoreSource(path, store.nbytes if in_memory else Path(path).stat().st_size)
+        mode = "object_store" if in_memory else self.scaling.store_sharing
+        if mode == "auto":
+            refs = [
+                _sees_store.options(scheduling_strategy=self.slots.strategy(i)).remote(path, self.source.size)
+                for i in range(n)
+            ]
+            deadline, answered = time.monotonic() + self.scaling.worker_timeout_s, set()
+            while len(answered) < n and time.monotonic() < deadline:
+                answered.update(raywait.done([r for r in refs if r not in answered], _poll(deadline)))
+            mode = "path" if len(answered) == n and all(raywait.result(r) for r in refs) else "object_store"
+        # One copy of the store's bytes in the object store, shared by every worker of a node.
+        self.blob = (
+            ray.put(store if in_memory else np.fromfile(path, dtype=np.uint8)) if mode == "object_store" else None
+        )
+        self.store_mode = mode
+
+    def _spawn(self, i: int) -> Any:
+        s = self.scaling
+        return WorkerActor.options(
+            num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker, scheduling_strategy=self.slots.strategy(i)
+        ).remote(self.source, self.blob, *self._args, i, *self._opts)
+
+    def start(self) -> None:
+        """Waits, bounded, until every worker has started (its store open, its model built). A
+        slot whose worker does not start within worker_timeout_s + START_GRACE_S (its node lost
+        or cut off while the run starts) is retired and its shards go to the others; a worker
+        whose constructor raised is a one-line error (the same would fail on every node)."""
+        if self._started:
+            return
+        self._started = True
+        pending = {self.workers[i].info.remote(): i for i in range(self.num_shards)}
+        deadline = time.monotonic() + self.scaling.worker_timeout_s + START_GRACE_S
+        while pending and time.monotonic() < deadline:
+            for ref in raywait.done(list(pending), _poll(deadline)):
+                i = pending.pop(ref)
+                try:
+                    self._info[i] = raywait.result(ref)
+                except RayActorError as e:
+                    if e.actor_init_failed:
+                        raise TrainingError(f"worker-{i} could not start: {_first_line(e)}") from None
+                    self._retire(i, f"was lost while starting ({_first_line(e)})")
+        for i in pending.values():
+            self._retire(i, f"did not start within {self.scaling.worker_timeout_s + START_GRACE_S:g} s")
+        if not self.healthy():
+            raise TrainingError(
+                "no worker started (see the lines above); check that the cluster's nodes are reachable, "
+                "then continue with --resume"
+            )
+
+    def _retire(self, w: int, why: str) -> None:
+        """Worker w leaves the pool: its actor killed, its slot's placement group removed (a
+        group left to Ray after its node died is rescheduled in a tight loop: see placement.py)."""
+        self.policy.retire(w)
+        if self.slots.groups[w] is None:
+            return  # already out of the pool
+        ray.kill(self.workers[w], no_restart=True)
+        self.slots.release(w)
+        self._comebacks.pop(w, None)
+        left = len(self.healthy())
+        print(f"distributed-maml: worker-{w} {why}; retired, its shards move to the other {left}", file=sys.stderr)
+
+    def take_back(self) -> list[int]:
+        """Elastic workers, at a step boundary: a retired slot asks for a new place (a fresh
+        placement group: its node returned, or another has room), a new actor starts there,
+        and once it answers it takes its shards back. Never blocks; each slot comes back at
+        most max_worker_failures times. Returns the slots that came back now."""
+        back = []
+        for w in sorted(self.policy.retired):
+            c = self._comebacks.get(w)
+            if c is None:
+                if self._returns[w] < self.scaling.max_worker_failures:
+                    self._comebacks[w] = _Comeback(self.slots.request(w))
+                    self._returns[w] += 1
+                continue
+            if c.probe is None and raywait.done([c.placed], 0):
+                self.workers[w] = self._spawn(w)
+                c.probe = self.workers[w].info.remote()
+            elif c.probe is not None and raywait.done([c.probe], 0):
+                del self._comebacks[w]
+                try:
+                    self._info[w] = raywait.result(c.probe)
+                except RayActorError:
+                    self.slots.release(w)
+                    continue
+                self.policy.back(w)
+                back.append(w)
+                print(f"distributed-maml: worker-{w} is back (node {self._info[w]['ip']})", file=sys.stderr)
+            elif c.probe is not None and time.monotonic() - c.since > self.scaling.worker_timeout_s + START_GRACE_S:
+                del self._comebacks[w]  # placed on a node that went away again: ask again later
+                ray.kill(self.workers[w], no_restart=True)
+                self.slots.release(w)
+        return back
 
     def compute(
         self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
@@ -309,63 +424,56 @@ class RayExecutor:
         return drive(self, learner, sampler, steps, on_step)
 
     def _map(self, call: Callable[[Any, np.ndarray], Any], shards: list[np.ndarray]) -> list[Any]:
-        """Shard i goes to worker i while it is healthy (the fixed partition; a retired worker's
-        shards go to healthy ones); results come back in shard order. A shard whose worker died,
-        or went silent for `worker_timeout_s` (a lost node whose actor has nowhere to restart
-        waits forever otherwise), is computed again elsewhere: a step never goes on with a
-        shard missing, and never waits without bound."""
-        healthy = self.healthy()
-        owners = [i if i in healthy else healthy[i % len(healthy)] for i in range(len(shards))]
-        pending = {call(self.workers[w], ids): (i, w) for i, (w, ids) in enumerate(zip(owners, shards))}
+        """Shard i goes to its owner (failover.Failover.owner); results come back in shard
+        order. A shard whose worker died, or went silent for `worker_timeout_s` (a lost node
+        whose actor has nowhere to restart waits forever otherwise), is computed again where
+        the policy says: a step never goes on with a shard missing, and never waits without bound."""
+        self.start()
+        self.take_back()
+        pending = {}
+        for i, ids in enumerate(shards):
+            w = self.policy.owner(i)
+            pending[call(self.workers[w], ids)] = (i, w)
         results: list[Any] = [None] * len(shards)
         watch = _Watch(self.workers, self.scaling.worker_timeout_s)
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-            if not done:
+            ready = raywait.done(list(pending), POLL_S)
+            if not ready:
                 for w in watch.silent({w for _, w in pending.values()}):
-                    self.failures[w] = self.max_failures  # retired: it may come back, but not in this run
+                    self._retire(w, f"went silent for {self.scaling.worker_timeout_s:g} s")
                     for ref in [ref for ref, (_, owner) in pending.items() if owner == w]:
                         i = pending.pop(ref)[0]
-                        target = self._next_healthy(w, i, "went silent")
+                        target = self.policy.silent(w, i).worker
                         pending[call(self.workers[target], shards[i])] = (i, target)
                 continue
-            i, w = pending.pop(done[0])
-            try:
-                results[i] = ray.get(done[0])
-            except RayActorError:
-                target = self._reassign(w, i)
-                pending[call(self.workers[target], shards[i])] = (i, target)
+            for ref in ready:
+                i, w = pending.pop(ref)
+                try:
+                    results[i] = raywait.result(ref)
+                except RayActorError as e:
+                    decision = self.policy.failed(w, i, restarted=self._back(w))
+                    if decision.action is Action.MOVE:
+                        self._retire(w, f"failed {self.policy.failures[w]} time(s) ({_first_line(e)})")
+                    pending[call(self.workers[decision.worker], shards[i])] = (i, decision.worker)
         return results
 
-    def _reassign(self, w: int, shard: int) -> int:
-        """Counts one failure of worker w and picks who computes its shard again: w itself once
-        Ray has restarted it, else (after max_worker_failures, or if it does not come back) a
-        healthy worker."""
-        self.failures[w] += 1
-        if self.failures[w] < self.max_failures and not self._back(w):
-            self.failures[w] = self.max_failures
-        return self._next_healthy(w, shard, "failed")
-
-    def _next_healthy(self, w: int, shard: int, what: str) -> int:
-        """w if it is still healthy, else a healthy worker; none left is the end of the run."""
-        healthy = self.healthy()
-        if not healthy:
-            raise TrainingError(
-                f"no healthy worker left (last: worker-{w} {what} on shard {shard}; each may fail "
-                f"{self.max_failures} times or be silent {self.scaling.worker_timeout_s:g} s); "
-                "see the Ray logs for why, then continue with --resume"
-            )
-        return w if w in healthy else healthy[shard % len(healthy)]
-
     def _back(self, w: int) -> bool:
-        """Whether worker w answers again within worker_timeout_s (Ray restarts dead actors;
-        calls sent while it restarts would fail again and count as more failures)."""
-        deadline = time.monotonic() + self.scaling.worker_timeout_s
+        """Whether worker w, whose call just failed, answers again within worker_timeout_s (Ray
+        restarts dead actors; calls sent while it restarts would fail again and count as more
+        failures). Not asked on its last allowed failure: it retires whatever the answer."""
+        if self.policy.failures[w] + 1 >= self.policy.max_failures:
+            return False
+        return self._answers(w, self.scaling.worker_timeout_s)
+
+    def _answers(self, w: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            ping = self.workers[w].ping.remote()
             try:
-                ray.get(self.workers[w].ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
-                return True
-            except (RayActorError, GetTimeoutError):
+                if raywait.done([ping], max(0.1, deadline - time.monotonic())):
+                    raywait.result(ping)
+                    return True
+            except RayActorError:
                 time.sleep(0.2)
         return False
 
@@ -399,127 +507,43 @@ class RayExecutor:
                 )
 
     def worker_info(self) -> list[dict[str, Any]]:
-        return ray.get([w.info.remote() for w in self.workers])
+        """Every worker's description, asked now (a retired one: its last, with "retired")."""
+        self.start()
+        live = {i: self.workers[i].info.remote() for i in self.healthy()}
+        answers = raywait.get(list(live.values()), self.scaling.worker_timeout_s, "the workers' descriptions")
+        for i, info in zip(live, answers, strict=True):
+            self._info[i] = info
+        return [{**(self._info[i] or {}), "retired": i in self.policy.retired} for i in range(self.num_shards)]
 
     def describe(self) -> str:
         s = self.scaling
+        self.start()
+        info = [self._info[i] for i in self.healthy() if self._info[i] is not None]
+        how = "/".join(sorted({i["task_map"] for i in info})) + ", " + "/".join(sorted({i["step"] for i in info}))
         gpus = f", {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else ""
-        if self._how is None:  # the workers decide (their device); ask once
-            info = self.worker_info()
-            self._how = "/".join(sorted({i["task_map"] for i in info}))
-            self._how += ", " + "/".join(sorted({i["step"] for i in info}))
+        width = f"{len(info)} of {self.num_shards}" if len(info) < self.num_shards else f"{self.num_shards}"
         return (
-            f"{self.num_shards} Ray workers ({s.cpus_per_worker:g} CPU{gpus} each, {s.placement}, "
-            f"store via {self.store_mode}, tasks by {self._how})"
+            f"{width} Ray workers ({s.cpus_per_worker:g} CPU{gpus} each, {s.placement}, "
+            f"store via {self.store_mode}, tasks by {how})"
         )
 
     def close(self) -> None:
         self._closed.set()
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        remove_placement_group(self.pg)
+        self.slots.close()
         self.blob = None
 
 
-class CollectiveExecutor(RayExecutor):
-    """scaling.mode = "collective": the same workers form one torch.distributed group and run
-    the step loop themselves (stepping.collective_chunk), rank 0 the central learner. The driver
-    hands rank 0 the learner's state at a chunk's start and takes it back at its end, so a
-    checkpoint, a held-out score or a stop sees the same state as in driver mode. A rank that
-    dies or goes silent ends the chunk for all: every worker is restarted, the group formed
-    again, and the chunk run again from the state at its start (the last one the driver holds),
-    so the final weights equal an undisturbed run's. Evaluation (`curves`) is driver mode's."""
-
-    def __init__(
-        self, store: Path | np.ndarray, model_cfg: ModelConfig, maml_cfg: MamlConfig, scaling: ScalingConfig
-    ) -> None:
-        super().__init__(store, model_cfg, maml_cfg, scaling)
-        self.restarts = 0
-        self.backend = self._form_group()
-
-    def _form_group(self) -> str:
-        address, port = ray.get(self.workers[0].rendezvous.remote())
-        n, timeout = self.num_shards, self.scaling.worker_timeout_s
-        joins = [w.join_group.remote(address, port, i, n, timeout) for i, w in enumerate(self.workers)]
-        return ray.get(joins, timeout=PLACEMENT_TIMEOUT_S + timeout)[0]
-
-    def run_steps(
-        self,
-        learner: Learner,
-        sampler: Sampler,
-        steps: Steps,
-        on_step: OnStep,
-    ) -> int:
-        if sampler.meta_batch < self.num_shards:
-            raise ConfigError(
-                f"task.meta_batch ({sampler.meta_batch}) must be >= the {self.num_shards} workers of a collective "
-                "group (every rank computes a shard); raise it, or lower scaling.num_workers"
-            )
-        failures = 0
-        while True:
-            self._check_raylet()
-            state = (learner.state_dict(), learner.optimizer.state_dict(), learner.version)
-            calls = [w.run_steps.remote(state if i == 0 else None, sampler, steps) for i, w in enumerate(self.workers)]
-            try:
-                outcomes, end_state = self._all(calls)[0]
-                break
-            except (RayActorError, RayTaskError, _GroupLost) as e:  # a rank died, broke, or was restarted
-                failures += 1
-                if failures >= self.max_failures:
-                    raise TrainingError(
-                        f"the collective group failed {failures} times running steps {steps.first}..{steps.last} (last: "
-                        f"{_first_line(e)}); see the worker logs above; the last checkpoint is intact"
-                    ) from None
-                self._restart()
-        learner.load(*end_state)
-        for outcome in outcomes:
-            on_step(outcome)
-        return outcomes[-1].step if outcomes else steps.first - 1
-
-    def _all(self, calls: list[Any]) -> list[Any]:
-        """Every rank's answer; raises as soon as one rank fails or goes silent (the others then
-        wait in a collective that will never complete: they are restarted, not awaited)."""
-        watch = _Watch(self.workers, self.scaling.worker_timeout_s)
-        pending = dict(zip(calls, range(len(calls)), strict=True))
-        answers: list[Any] = [None] * len(calls)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-            if not done:
-                silent = watch.silent(set(pending.values()))
-                if silent:
-                    raise _GroupLost(f"worker-{silent[0]} went silent for {self.scaling.worker_timeout_s:g} s")
-                continue
-            answers[pending.pop(done[0])] = ray.get(done[0])
-        return answers
-
-    def _restart(self) -> None:
-        """Every worker killed and restarted by Ray (max_restarts), then the group formed again."""
-        self.restarts += 1
-        for w in self.workers:
-            ray.kill(w, no_restart=False)
-        for attempt in range(3):  # a worker still dying when called fails the forming: once more
-            for i in range(self.num_shards):
-                if not self._back(i):
-                    raise TrainingError(f"worker-{i} did not come back within {self.scaling.worker_timeout_s:g} s")
-            try:
-                self.backend = self._form_group()
-                return
-            except RayActorError:
-                if attempt == 2:
-                    raise
-
-    def describe(self) -> str:
-        return super().describe()[:-1] + f", collective {self.backend} group)"
+def _poll(deadline: float) -> float:
+    """How long one wait may take before a deadline: at most POLL_S, never negative."""
+    return max(0.0, min(POLL_S, deadline - time.monotonic()))
 
 
 def _first_line(e: BaseException) -> str:
     """Ray's errors carry whole tracebacks; a one-line message takes the cause's first line."""
     text = str(getattr(e, "cause", None) or e).strip()
     return (text.splitlines() or [type(e).__name__])[0][:200]
-
-
-class _GroupLost(Exception):
-    """A rank of the collective group went silent."""
 
 
 class _Watch:
@@ -537,8 +561,9 @@ class _Watch:
                 self.inflight[w] = (self.workers[w].ping.remote(), now)
                 continue
             ref, sent = self.inflight[w]
-            ready, _ = ray.wait([ref], timeout=0)
-            if ready:  # it answered: alive (a dead actor's ping raises instead; then its call fails too)
+            if raywait.done(
+                [ref], 0
+            ):  # it answered: alive (a dead actor's ping raises instead; then its call fails too)
                 del self.inflight[w]
             elif now - sent > self.timeout_s:
                 del self.inflight[w]
@@ -563,7 +588,3 @@ def _own_raylet() -> Any:
         return node.all_processes["raylet"][0].process
     except (AttributeError, KeyError, IndexError, TypeError):
         return None
-
-
-def _free(resources: dict[str, float]) -> str:
-    return ", ".join(f"{k} {resources[k]:g}" for k in ("CPU", "GPU") if k in resources)

@@ -135,20 +135,23 @@ def collective_chunk(
     sampler: Sampler,
     steps: Steps,
     rank: int,
-    world: int,
+    assignment: list[list[int]],
+    num_shards: int,
 ) -> list[StepOutcome]:
     """`steps` on every rank of the default torch.distributed group at once; rank 0
     holds the `learner` (the central learner) and returns the steps' outcomes, the others [].
 
-    Per step: rank 0 broadcasts its weights (and whether to go on); each rank computes shard
-    `rank` of the step's ids; the shard sums are gathered to rank 0, which settles them in shard
-    order exactly as the driver does (a gather, not a reduce: a reduction tree would add the
-    shards in another order, and the weights would drift from driver mode's in the last bit)."""
+    Per step: rank 0 broadcasts its weights (and whether to go on); each rank computes the
+    shards assignment[rank] of the step's `num_shards` (one each, unless the group lost a
+    member); every rank's shard sums are gathered to rank 0, which settles them in shard order
+    exactly as the driver does (a gather, not a reduce: a reduction tree would add the shards
+    in another order, and the weights would drift from driver mode's in the last bit)."""
     import torch
     import torch.distributed as dist
 
     comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     size = computer.spec.numel
+    width = max(len(a) for a in assignment)  # every rank sends as many rows (gather needs equal sizes)
     header = torch.empty(size + 2, dtype=torch.float32, device=comm)  # weights, go on (1) or stop (0), version
     outcomes: list[StepOutcome] = []
     go = True
@@ -163,20 +166,25 @@ def collective_chunk(
         if header[size].item() == 0.0:
             break
         weights = header[:size].cpu().numpy()
-        ids = split_shards(sampler.ids(step - 1), world)[rank]
-        result = computer.compute(weights, ids, steps.before(step), int(header[size + 1].item()))
-        keys = list(result.metrics)  # the same on every rank: they follow the task kind and `before`
-        packed = torch.from_numpy(
-            np.concatenate(
-                [result.grad_sum, [result.count, result.compute_s], [result.metrics[k] for k in keys]]
-            ).astype(np.float32)
-        ).to(comm)
-        gathered = [torch.empty_like(packed) for _ in range(world)] if rank == 0 else None
+        shards = split_shards(sampler.ids(step - 1), num_shards)
+        version = int(header[size + 1].item())
+        mine = [computer.compute(weights, shards[i], steps.before(step), version) for i in assignment[rank]]
+        keys = list(mine[0].metrics)  # the same on every rank: they follow the task kind and `before`
+        rows = np.zeros((width, size + 2 + len(keys)), dtype=np.float32)
+        for j, r in enumerate(mine):
+            rows[j] = np.concatenate([r.grad_sum, [r.count, r.compute_s], [r.metrics[k] for k in keys]])
+        packed = torch.from_numpy(rows).to(comm)
+        gathered = [torch.empty_like(packed) for _ in assignment] if rank == 0 else None
         dist.gather(packed, gathered, dst=0)
         if rank == 0:
             assert learner is not None and gathered is not None
-            results = [_unpack(g.cpu().numpy(), size, keys, f"worker-{r}") for r, g in enumerate(gathered)]
-            outcome = settle(learner, step, results, started)
+            results: list[ShardResult | None] = [None] * num_shards
+            for r, g in enumerate(gathered):
+                got = g.cpu().numpy()
+                for j, i in enumerate(assignment[r]):
+                    results[i] = _unpack(got[j], size, keys, f"worker-{r}")
+            assert all(r is not None for r in results), (assignment, num_shards)  # every shard, once
+            outcome = settle(learner, step, results, started)  # type: ignore[arg-type]
             outcomes.append(outcome)
             go = outcome.finite or not steps.stop_on_nonfinite
     return outcomes

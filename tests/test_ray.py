@@ -11,8 +11,9 @@ import pytest
 import ray
 
 from distributed_maml import config, run, train
+from distributed_maml.collective import CollectiveExecutor
 from distributed_maml.errors import ConfigError
-from distributed_maml.runtime import CollectiveExecutor, RayExecutor
+from distributed_maml.runtime import RayExecutor
 
 from .conftest import train_on
 
@@ -87,9 +88,9 @@ def test_cpu_slices_set_torch_threads(store_path, tmp_path):
 
 
 def test_unplaceable_pool_is_a_clear_error(store_path, tmp_path, monkeypatch):
-    from distributed_maml import runtime
+    from distributed_maml import placement
 
-    monkeypatch.setattr(runtime, "PLACEMENT_TIMEOUT_S", 3)
+    monkeypatch.setattr(placement, "PLACEMENT_TIMEOUT_S", 3)
     cfg = config.load(None, [*BASE, "scaling.num_workers=9"])
     r = run.prepare(cfg, tmp_path / "r", tasks=store_path, progress=False)
     with pytest.raises(ConfigError, match="cannot place 9 workers"):
