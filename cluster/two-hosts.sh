@@ -9,6 +9,7 @@
 #   cluster/two-hosts.sh ray [ray start opts]   # Ray head on A, a Ray node on B (the opts go to both)
 #   cluster/two-hosts.sh exec a|b CMD...        # run CMD on host A or B (e.g. the driver, on A)
 #   cluster/two-hosts.sh cut | heal             # host B's link down / up again
+#   cluster/two-hosts.sh rejoin [ray start opts] # host B back as a new Ray node (link up, its old Ray gone)
 #   cluster/two-hosts.sh down                   # every process in both namespaces killed, namespaces gone
 #
 # Environment: DM_HOSTS_PREFIX (default dmh: namespaces dmha, dmhb), DM_HOSTS_NET (default
@@ -21,7 +22,7 @@ NET=${DM_HOSTS_NET:-10.213.7}
 PORT=${DM_HOSTS_PORT:-6390}
 A=${PREFIX}a B=${PREFIX}b
 
-usage() { sed -n '8,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '8,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 ns() { case "$1" in a | A) echo "$A" ;; b | B) echo "$B" ;; *) usage ;; esac; }
 
 cmd=${1:-}
@@ -51,6 +52,12 @@ exec)
     ;;
 cut) ip -n "$B" link set "${B}0" down ;;
 heal) ip -n "$B" link set "${B}0" up ;;
+rejoin)
+    ip -n "$B" link set "${B}0" up
+    ip netns pids "$B" | xargs -r kill -9 2>/dev/null || true
+    sleep 0.5
+    ip netns exec "$B" ray start --address="$NET.1:$PORT" --node-ip-address="$NET.2" --disable-usage-stats "$@" >/dev/null
+    ;;
 down)
     for n in "$A" "$B"; do
         [ -e "/var/run/netns/$n" ] || continue

@@ -36,6 +36,7 @@ class Slots:
     def __init__(self, size: int, bundle: dict[str, float], strategy: str, timeout_s: float = 0.0) -> None:
         self.bundle = bundle
         self.groups: list[PlacementGroup | None] = [None] * size
+        self.nodes: list[str | None] = [None] * size  # where each slot was placed (None: not known)
         timeout_s = timeout_s or PLACEMENT_TIMEOUT_S
         pool = placement_group([bundle] * size, strategy=strategy.upper())
         try:
@@ -50,6 +51,7 @@ class Slots:
         finally:
             remove_placement_group(pool)
         self.groups = [self._group(nodes.get(i)) for i in range(size)]
+        self.nodes = [nodes.get(i) for i in range(size)]
         deadline = time.monotonic() + timeout_s
         for i, g in enumerate(self.groups):
             assert g is not None
@@ -71,7 +73,7 @@ class Slots:
 
     def release(self, i: int) -> None:
         """Slot i's group removed (its actor goes with it): nothing for Ray to reschedule."""
-        g, self.groups[i] = self.groups[i], None
+        g, self.groups[i], self.nodes[i] = self.groups[i], None, None
         if g is not None:
             remove_placement_group(g)
 
@@ -81,6 +83,11 @@ class Slots:
         self.release(i)
         self.groups[i] = self._group(None)
         return self.groups[i].ready()
+
+    def lost(self) -> set[int]:
+        """The slots whose node Ray has declared dead."""
+        dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+        return {i for i, node in enumerate(self.nodes) if node in dead}
 
     def close(self) -> None:
         for i in range(len(self.groups)):

@@ -334,6 +334,9 @@ class RayExecutor:
         pending = {self.workers[i].info.remote(): i for i in range(self.num_shards)}
         deadline = time.monotonic() + self.scaling.worker_timeout_s + START_GRACE_S
         while pending and time.monotonic() < deadline:
+            for i in self.slots.lost() & set(pending.values()):
+                pending = {r: j for r, j in pending.items() if j != i}
+                self._retire(i, "was lost while starting (Ray declared its node dead)")
             for ref in raywait.done(list(pending), _poll(deadline)):
                 i = pending.pop(ref)
                 try:
