@@ -58,8 +58,10 @@ class CollectiveExecutor(RayExecutor):
         address, port = raywait.get(
             self.workers[members[0]].rendezvous.remote(), timeout + START_GRACE_S, "the collective group's address"
         )
+        iface = self.scaling.interface
         joins = [
-            self.workers[w].join_group.remote(address, port, r, len(members), timeout) for r, w in enumerate(members)
+            self.workers[w].join_group.remote(address, port, r, len(members), timeout, iface)
+            for r, w in enumerate(members)
         ]
         try:
             answers = raywait.get(joins, timeout + START_GRACE_S, f"forming the collective group at {address}:{port}")
@@ -68,8 +70,8 @@ class CollectiveExecutor(RayExecutor):
             raise TrainingError(
                 f"the collective group could not form at {address}:{port} ({ips}): {_first_line(e)}; every node must "
                 f"reach {address} on that port and each rank's own address; set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME "
-                "on GPUs) in the workers' environment to the interface of the cluster network, or use scaling.mode = "
-                "'driver'"
+                "on GPUs) in the workers' environment, or scaling.interface, to the interface of the cluster network, "
+                "or use scaling.mode = 'driver'"
             ) from None
         self.backend = answers[0][0]
         self.members = members

@@ -296,6 +296,11 @@ class ScalingConfig:
     """How workers read the task store: "path" (memory-map the file; every node must see it),
     "object_store" (the file's bytes put into Ray's object store once) or "auto" (path when
     every worker's node sees the file, else object_store)."""
+    interface: str = ""
+    """The network interface a collective group's ranks talk over (gloo, NCCL). Empty: on each
+    node, the interface that holds the address Ray knows the node by (a host name that resolves
+    to 127.0.0.1 would otherwise send the other hosts to their own loopback). GLOO_SOCKET_IFNAME
+    / NCCL_SOCKET_IFNAME in the workers' environment win over both."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= -1, f"scaling.num_workers must be >= 0, or -1 for auto, got {self.num_workers}")

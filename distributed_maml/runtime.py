@@ -136,18 +136,21 @@ class WorkerActor:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def join_group(self, address: str, port: int, rank: int, world: int, timeout_s: float) -> tuple[str, str]:
+    def join_group(
+        self, address: str, port: int, rank: int, world: int, timeout_s: float, interface: str = ""
+    ) -> tuple[str, str]:
         """Joins the torch.distributed group (gloo on a CPU, NCCL on a GPU); blocks until all
         `world` ranks have joined, so the driver calls every rank at once. Gloo and NCCL pick the
         address they advertise from the host name unless told an interface, and a host name
         often resolves to 127.0.0.1: the other hosts would then dial their own loopback. So
-        each rank uses the interface that holds the address Ray knows its node by (unless the
-        user set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME). Returns (backend, interface)."""
+        each rank uses `interface`, or else the one that holds the address Ray knows its node
+        by (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME set in the workers' environment win).
+        Returns (backend, interface)."""
         import datetime
 
         import torch.distributed as dist
 
-        ifname = _interface_of(ray.util.get_node_ip_address())
+        ifname = interface or _interface_of(ray.util.get_node_ip_address())
         for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             if ifname and not os.environ.get(var):
                 os.environ[var] = ifname

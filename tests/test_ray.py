@@ -203,6 +203,19 @@ def test_collective_group_restarts_from_the_chunk_start_when_a_rank_dies(tmp_pat
     np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_a_collective_group_that_cannot_form_is_one_line_naming_where(tmp_path, store_path):
+    """A rank that cannot reach the others (here: told an interface that does not exist) ends
+    the run before its first step in one line naming rank 0's address and port, each worker's
+    node and what to set."""
+    from distributed_maml.errors import TrainingError
+
+    with pytest.raises(
+        TrainingError, match=r"could not form at [\d.]+:\d+ \(worker-0 on [\d.]+.*scaling.interface"
+    ) as e:
+        train_run(tmp_path, store_path, "r", 2, ["scaling.mode=collective", "scaling.interface=nosuch0"])
+    assert "\n" not in str(e.value)
+
+
 def test_a_worker_that_keeps_failing_hands_its_shards_over(tmp_path, store_path, reference):
     killed: list[int] = []
     result, ex = train_run(
