@@ -265,7 +265,12 @@ class ScalingConfig:
 
     num_workers: int = -1
     """Ray worker actors; 0 runs in-process without Ray, -1 sizes the pool to the cluster
-    (one worker per GPU when there are GPUs, else one per cpus_per_worker CPUs)."""
+    (one worker per GPU when there are GPUs, else one per cpus_per_worker CPUs). A range
+    `[min, max]` sets min_workers = min and num_workers = max."""
+    min_workers: int = 0
+    """Elastic start: the run begins once this many workers are placed and grows to num_workers
+    as room appears (0: all num_workers must be placed). A step's shards are always
+    num_workers, so the weights do not depend on how many workers computed them."""
     cpus_per_worker: float = 1.0
     """CPUs each worker reserves; its torch thread count is set to match."""
     gpus_per_worker: float = 0.0
@@ -304,6 +309,11 @@ class ScalingConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= -1, f"scaling.num_workers must be >= 0, or -1 for auto, got {self.num_workers}")
+        _require(
+            self.min_workers == 0 or 1 <= self.min_workers <= self.num_workers,
+            f"scaling.min_workers must be 0 (all) or between 1 and num_workers ({self.num_workers}), "
+            f"got {self.min_workers}",
+        )
         _require(
             math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0,
             f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}",
@@ -405,6 +415,11 @@ def _section(name: str, values: Any) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"[{name}] must be a table of key = value lines, got {values!r}")
     hints = typing.get_type_hints(cls)
+    if name == "scaling" and isinstance(values.get("num_workers"), list):  # the range form [min, max]
+        span = values["num_workers"]
+        if len(span) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in span):
+            raise ConfigError(f"scaling.num_workers as a range must be [min, max] (two integers), got {span!r}")
+        values = {**values, "min_workers": span[0], "num_workers": span[1]}
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -33,11 +33,16 @@ PLACEMENT_TIMEOUT_S = 60.0  # a pool that cannot be placed by then never will be
 class Slots:
     """One placement group per worker slot; `strategy(i)` schedules an actor into slot i."""
 
-    def __init__(self, size: int, bundle: dict[str, float], strategy: str, timeout_s: float = 0.0) -> None:
+    def __init__(
+        self, size: int, bundle: dict[str, float], strategy: str, placed: int = 0, timeout_s: float = 0.0
+    ) -> None:
+        """Places slots 0..placed-1 now (all `size` when placed = 0), all or nothing; the others
+        start empty and ask for room later (`request`)."""
         self.bundle = bundle
         self.groups: list[PlacementGroup | None] = [None] * size
         self.nodes: list[str | None] = [None] * size  # where each slot was placed (None: not known)
         timeout_s = timeout_s or PLACEMENT_TIMEOUT_S
+        size = placed or size
         pool = placement_group([bundle] * size, strategy=strategy.upper())
         try:
             raywait.get(pool.ready(), timeout_s, "placing the workers")
@@ -50,10 +55,10 @@ class Slots:
             ) from None
         finally:
             remove_placement_group(pool)
-        self.groups = [self._group(nodes.get(i)) for i in range(size)]
-        self.nodes = [nodes.get(i) for i in range(size)]
+        for i in range(size):
+            self.groups[i], self.nodes[i] = self._group(nodes[i]), nodes[i]
         deadline = time.monotonic() + timeout_s
-        for i, g in enumerate(self.groups):
+        for i, g in enumerate(self.groups[:size]):
             assert g is not None
             try:
                 raywait.get(g.ready(), max(0.1, deadline - time.monotonic()), f"placing worker slot {i}")

@@ -119,16 +119,20 @@ class WorkerActor:
         )
         self.version = -1
 
-    def compute(self, weights: np.ndarray, version: int, ids: np.ndarray, before: bool = True) -> ShardResult:
+    def compute(
+        self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
+    ) -> list[ShardResult]:
+        """Each of `shards`' summed meta-gradient, computed one shard at a time (so a worker
+        holding two shards after a loss returns exactly what two workers would), in one call."""
         # The weights arrive with the call that uses them, so a worker can never compute on
         # stale weights; a lower version than seen before means a driver bug, not a race.
         if version < self.version:
             raise RuntimeError(f"{self.name} got weights version {version} after {self.version}")
         self.version = version
-        return self.computer.compute(weights, ids, before, version)
+        return [self.computer.compute(weights, ids, before, version) for ids in shards]
 
-    def curve(self, weights: np.ndarray, ids: np.ndarray, max_steps: int, lr: float) -> Any:
-        return self.computer.curve(weights, ids, max_steps, lr)
+    def curve(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]:
+        return [self.computer.curve(weights, ids, max_steps, lr) for ids in shards]
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address for the group: this node's IP and a port free on it now."""
@@ -273,8 +277,11 @@ class RayExecutor:
             "CPU": scaling.cpus_per_worker,
             **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {}),
         }
-        self.slots = Slots(n, bundle, scaling.placement)
+        first = scaling.min_workers or n  # elastic: the rest join as room appears (take_back)
+        self.slots = Slots(n, bundle, scaling.placement, placed=first)
         self.policy = Failover(n, scaling.max_worker_failures, scaling.worker_timeout_s)
+        for w in range(first, n):
+            self.policy.retire(w)
         try:
             self._share_store(store)
         except BaseException:
@@ -283,7 +290,7 @@ class RayExecutor:
         code = tuple(p for p in [search_path(model_cfg.name)] if p) if is_import_path(model_cfg.name) else ()
         self._args = (model_cfg, maml_cfg, scaling.cpus_per_worker, scaling.gpus_per_worker)
         self._opts = (scaling.task_map, code, scaling.gpu_step)
-        self.workers = [self._spawn(i) for i in range(n)]
+        self.workers: list[Any] = [self._spawn(i) if i < first else None for i in range(n)]
         self._info: list[dict[str, Any] | None] = [None] * n
         self._started = False
         self._comebacks: dict[int, _Comeback] = {}
@@ -301,19 +308,23 @@ class RayExecutor:
         copy of its bytes in the object store. A slot that does not answer within the bound
         (its node lost while the run starts) counts as not seeing it: the object store works
         on any node."""
-        n, in_memory = self.num_shards, isinstance(store, np.ndarray)
+        in_memory = isinstance(store, np.ndarray)
         path = "<in-memory store>" if in_memory else str(Path(store).resolve())
         self.source = StoreSource(path, store.nbytes if in_memory else Path(path).stat().st_size)
         mode = "object_store" if in_memory else self.scaling.store_sharing
+        if mode == "auto" and self.scaling.min_workers:  # a node that joins later may not see the path
+            mode = "object_store"
         if mode == "auto":
+            placed = self.healthy()
             refs = [
                 _sees_store.options(scheduling_strategy=self.slots.strategy(i)).remote(path, self.source.size)
-                for i in range(n)
+                for i in placed
             ]
             deadline, answered = time.monotonic() + self.scaling.worker_timeout_s, set()
-            while len(answered) < n and time.monotonic() < deadline:
+            while len(answered) < len(refs) and time.monotonic() < deadline:
                 answered.update(raywait.done([r for r in refs if r not in answered], _poll(deadline)))
-            mode = "path" if len(answered) == n and all(raywait.result(r) for r in refs) else "object_store"
+            seen = len(answered) == len(refs) and all(raywait.result(r) for r in refs)
+            mode = "path" if seen else "object_store"
         # One copy of the store's bytes in the object store, shared by every worker of a node.
         self.blob = (
             ray.put(store if in_memory else np.fromfile(path, dtype=np.uint8)) if mode == "object_store" else None
@@ -334,7 +345,7 @@ class RayExecutor:
         if self._started:
             return
         self._started = True
-        pending = {self.workers[i].info.remote(): i for i in range(self.num_shards)}
+        pending = {self.workers[i].info.remote(): i for i in self.healthy()}
         deadline = time.monotonic() + self.scaling.worker_timeout_s + START_GRACE_S
         while pending and time.monotonic() < deadline:
             for i in self.slots.lost() & set(pending.values()):
@@ -386,14 +397,17 @@ class RayExecutor:
                 c.probe = self.workers[w].info.remote()
             elif c.probe is not None and raywait.done([c.probe], 0):
                 del self._comebacks[w]
+                first = self._info[w] is None  # an elastic run's slot joining for the first time
                 try:
                     self._info[w] = raywait.result(c.probe)
-                except RayActorError:
+                except RayActorError as e:
                     self.slots.release(w)
+                    print(f"distributed-maml: worker-{w} could not come back: {_first_line(e)}", file=sys.stderr)
                     continue
                 self.policy.back(w)
                 back.append(w)
-                print(f"distributed-maml: worker-{w} is back (node {self._info[w]['ip']})", file=sys.stderr)
+                what = "joined" if first else "is back"
+                print(f"distributed-maml: worker-{w} {what} (node {self._info[w]['ip']})", file=sys.stderr)
             elif c.probe is not None and time.monotonic() - c.since > self.scaling.worker_timeout_s + START_GRACE_S:
                 del self._comebacks[w]  # placed on a node that went away again: ask again later
                 ray.kill(self.workers[w], no_restart=True)
@@ -405,12 +419,12 @@ class RayExecutor:
     ) -> list[ShardResult]:
         """Every shard's result, in shard order (see _map: nothing lost, nothing doubled)."""
         ref = self._share(weights)
-        return self._map(lambda worker, ids: worker.compute.remote(ref, version, ids, before), shards)
+        return self._map(lambda worker, mine: worker.compute.remote(ref, version, mine, before), shards)
 
     def curves(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]:
         """Adaptation curves of each shard's tasks (evaluation), in shard order."""
         ref = self._share(weights)
-        return self._map(lambda worker, ids: worker.curve.remote(ref, ids, max_steps, lr), shards)
+        return self._map(lambda worker, mine: worker.curve.remote(ref, mine, max_steps, lr), shards)
 
     def _share(self, weights: np.ndarray) -> Any:
         """The weights as a call argument. Small ones travel inside each call (Ray inlines
@@ -429,38 +443,45 @@ class RayExecutor:
     ) -> int:
         return drive(self, learner, sampler, steps, on_step)
 
-    def _map(self, call: Callable[[Any, np.ndarray], Any], shards: list[np.ndarray]) -> list[Any]:
-        """Shard i goes to its owner (failover.Failover.owner); results come back in shard
-        order. A shard whose worker died, or went silent for `worker_timeout_s` (a lost node
-        whose actor has nowhere to restart waits forever otherwise), is computed again where
-        the policy says: a step never goes on with a shard missing, and never waits without bound."""
+    def _map(self, call: Callable[[Any, list[np.ndarray]], Any], shards: list[np.ndarray]) -> list[Any]:
+        """Each worker gets its shards (failover.Failover.owner) in one call; results come back
+        in shard order. The shards of a worker that died, or went silent for `worker_timeout_s`
+        (a lost node whose actor has nowhere to restart waits forever otherwise), are computed
+        again where the policy says: a step never goes on with a shard missing, and never waits
+        without bound."""
         self.start()
         self.take_back()
-        pending = {}
-        for i, ids in enumerate(shards):
-            w = self.policy.owner(i)
-            pending[call(self.workers[w], ids)] = (i, w)
         results: list[Any] = [None] * len(shards)
+        pending: dict[Any, tuple[list[int], int]] = {}
+
+        def send(idx: list[int]) -> None:
+            by_owner: dict[int, list[int]] = {}
+            for i in idx:
+                by_owner.setdefault(self.policy.owner(i), []).append(i)
+            for w, mine in by_owner.items():
+                pending[call(self.workers[w], [shards[i] for i in mine])] = (mine, w)
+
+        send(list(range(len(shards))))
         watch = _Watch(self.workers, self.scaling.worker_timeout_s)
         while pending:
             ready = raywait.done(list(pending), POLL_S)
             if not ready:
                 for w in watch.silent({w for _, w in pending.values()}):
                     self._retire(w, f"went silent for {self.scaling.worker_timeout_s:g} s")
-                    for ref in [ref for ref, (_, owner) in pending.items() if owner == w]:
-                        i = pending.pop(ref)[0]
-                        target = self.policy.silent(w, i).worker
-                        pending[call(self.workers[target], shards[i])] = (i, target)
+                    lost = [i for ref, (idx, owner) in list(pending.items()) if owner == w for i in pending.pop(ref)[0]]
+                    self.policy.silent(w, lost[0])
+                    send(lost)
                 continue
             for ref in ready:
-                i, w = pending.pop(ref)
+                idx, w = pending.pop(ref)
                 try:
-                    results[i] = raywait.result(ref)
+                    for i, r in zip(idx, raywait.result(ref), strict=True):
+                        results[i] = r
                 except RayActorError as e:
-                    decision = self.policy.failed(w, i, restarted=self._back(w))
+                    decision = self.policy.failed(w, idx[0], restarted=self._back(w))
                     if decision.action is Action.MOVE:
                         self._retire(w, f"failed {self.policy.failures[w]} time(s) ({_first_line(e)})")
-                    pending[call(self.workers[decision.worker], shards[i])] = (i, decision.worker)
+                    send(idx)
         return results
 
     def _back(self, w: int) -> bool:
@@ -536,7 +557,8 @@ class RayExecutor:
     def close(self) -> None:
         self._closed.set()
         for w in self.workers:
-            ray.kill(w, no_restart=True)
+            if w is not None:
+                ray.kill(w, no_restart=True)
         self.slots.close()
         self.blob = None
 

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,13 @@ def test_section_must_be_a_table(tmp_path):
 
 def test_ints_are_accepted_for_floats():
     assert config.load(None, ["maml.inner_lr=1"]).maml.inner_lr == 1.0
+
+
+def test_num_workers_as_a_range_sets_min_and_max():
+    from distributed_maml import config
+
+    s = config.load(None, ["scaling.num_workers=[2, 4]"]).scaling
+    assert (s.min_workers, s.num_workers) == (2, 4)
+    for bad, needle in (("[3]", "[min, max]"), ("[5, 4]", "min_workers must be"), ("[true, 4]", "[min, max]")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            config.load(None, [f"scaling.num_workers={bad}"])

@@ -128,3 +128,43 @@ def test_losing_the_worker_node_mid_run_loses_nothing(cluster, tmp_path, store_p
     assert doomed.node_id in {i["node_id"] for i in seen["before"]}
     assert sum(ex.failures) >= 1
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
+
+
+@ray.remote(num_cpus=1)
+class _Hog:
+    """Holds a CPU, so that a pool cannot be placed whole until it is killed."""
+
+    def ping(self) -> int:
+        return 1
+
+
+def test_an_elastic_run_starts_at_min_and_grows_to_max_with_the_full_runs_weights(cluster, tmp_path, store_path):
+    """scaling.num_workers = [2, 3] on a cluster with room for 2: the run starts with 2; the CPU
+    frees up at step 3 and the third worker joins. A step's shards are always 3, summed in shard
+    order: the weights equal a 3-worker run's that never lacked one, bit for bit."""
+    full, _ = train_on(tmp_path / "full", store_path, [*BASE, "scaling.num_workers=3"])
+    free = int(ray.available_resources().get("CPU", 0))
+    hogs = [_Hog.remote() for _ in range(free - 2)]  # leave room for exactly 2 workers
+    ray.get([h.ping.remote() for h in hogs], timeout=60)
+    seen: dict = {}
+
+    def hook(ex):
+        seen["start"] = list(ex.healthy())
+        original, calls = ex.compute, {"n": 0}
+
+        def compute(weights, version, shards, *rest):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                for h in hogs:
+                    ray.kill(h)
+                end = time.monotonic() + 60
+                while 2 not in ex.take_back():
+                    assert time.monotonic() < end, "the third worker never joined"
+                    time.sleep(0.1)
+            return original(weights, version, shards, *rest)
+
+        ex.compute = compute
+
+    grown, ex = train_on(tmp_path / "elastic", store_path, [*BASE, "scaling.num_workers=[2, 3]"], hook)
+    assert seen["start"] == [0, 1] and ex.healthy() == [0, 1, 2] and ex.num_shards == 3
+    np.testing.assert_array_equal(grown.weights, full.weights)
