@@ -35,6 +35,7 @@ class Failover:
     timeout_s: float
     failures: list[int] = field(default_factory=list)
     retired: set[int] = field(default_factory=set)
+    broken: set[int] = field(default_factory=set)  # retired for failing, not for being lost: they stay out
 
     def __post_init__(self) -> None:
         self.failures = self.failures or [0] * self.size
@@ -58,6 +59,7 @@ class Failover:
         self.failures[w] += 1
         if self.failures[w] < self.max_failures and restarted:
             return Decision(Action.RETRY, w)
+        self.broken.add(w)
         return self._move(w, shard, "failed")
 
     def silent(self, w: int, shard: int) -> Decision:
@@ -68,6 +70,11 @@ class Failover:
     def retire(self, w: int) -> None:
         self.failures[w] = max(self.failures[w], self.max_failures)
         self.retired.add(w)
+
+    def may_return(self) -> list[int]:
+        """Retired workers that were lost (silent, their node gone), not broken: their slots may
+        be placed again (elastic). A worker that failed max_failures times would fail again."""
+        return sorted(self.retired - self.broken)
 
     def back(self, w: int) -> None:
         """A retired worker's slot answers again (its node returned, or room appeared)."""

@@ -383,9 +383,10 @@ class RayExecutor:
         """Elastic workers, at a step boundary: a retired slot asks for a new place (a fresh
         placement group: its node returned, or another has room), a new actor starts there,
         and once it answers it takes its shards back. Never blocks; each slot comes back at
-        most max_worker_failures times. Returns the slots that came back now."""
+        most max_worker_failures times; a worker retired for failing stays out. Returns the
+        slots that came back now."""
         back = []
-        for w in sorted(self.policy.retired):
+        for w in self.policy.may_return():
             c = self._comebacks.get(w)
             if c is None:
                 if self._returns[w] < self.scaling.max_worker_failures:

@@ -39,6 +39,7 @@ def test_shards_stay_home_until_their_worker_retires_then_come_back():
     assert p.owners(3) == [0, 1, 2]
     d = p.silent(1, shard=1)
     assert d.action is Action.MOVE and 1 in p.retired and p.owners(3) == [0, 2, 2]  # round robin over [0, 2]
+    assert p.may_return() == [1]  # lost, not broken: its slot may be placed again
     p.back(1)
     assert p.owners(3) == [0, 1, 2] and p.failures == [0, 0, 0]
 
@@ -49,6 +50,7 @@ def test_a_failed_worker_is_retried_while_it_restarts_and_has_failures_left():
     assert first.action is Action.RETRY and first.worker == 1 and p.failures == [0, 1]
     no_restart = p.failed(1, shard=1, restarted=False)
     assert no_restart.action is Action.MOVE and no_restart.worker == 0 and p.retired == {1}
+    assert p.may_return() == []  # retired for failing: it stays out
 
 
 def test_the_last_allowed_failure_retires_even_a_restarted_worker():
