@@ -179,8 +179,8 @@ def test_zero_weighted_padding_adds_nothing(family, model_name):
     plan = maml.step_plan(cfg, 0)
     g_pad, loss_pad, acc_pad = maml.batch_sums(fwd, kind, params, buffers, cfg, plan, weights)
     g, loss, acc = maml.batch_sums(fwd, kind, params, batch, cfg, plan)
-    for k in g:
-        torch.testing.assert_close(g_pad[k], g[k], rtol=1e-6, atol=1e-7)
+    for k in g:  # float32 sums over 64 rows and over 5 block differently: a few e-7 apart, not a task's weight
+        torch.testing.assert_close(g_pad[k], g[k], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_pad, loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(acc_pad, acc, rtol=1e-6, atol=0)
 

@@ -297,5 +297,8 @@ def test_algorithms_on_conv4_agree_between_task_maps(glyph_store, variant):
     weights = a.spec.flatten(params).detach().numpy()
     ga, gb = a.compute(weights, np.arange(4), version=3), b.compute(weights, np.arange(4), version=3)
     assert ga.grad_sum.size == a.spec.numel and np.abs(ga.grad_sum).sum() > 0
-    np.testing.assert_allclose(ga.grad_sum, gb.grad_sum, rtol=1e-4, atol=1e-5)
+    # float32, second order through grouped (vmap) vs plain (loop) convolutions: the two reduce
+    # in different orders, ~3e-5 apart on entries up to ~4 on some CPUs; a mapping bug is O(1)
+    scale = float(np.abs(gb.grad_sum).max())
+    np.testing.assert_allclose(ga.grad_sum, gb.grad_sum, rtol=1e-4, atol=2e-5 * scale)
     assert ga.metrics["loss_after"] == pytest.approx(gb.metrics["loss_after"], rel=1e-5)
