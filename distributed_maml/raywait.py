@@ -36,7 +36,7 @@ def done(refs: Sequence[Any], timeout_s: float) -> list[Any]:
     ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
     if ready:  # whatever else is ready too, without waiting again
         more, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
-        return list({id(r): r for r in [*ready, *more]}.values())
+        return list(dict.fromkeys([*ready, *more]))
     return []
 
 

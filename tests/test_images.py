@@ -228,3 +228,47 @@ def test_glyph_store_through_the_cli(tmp_path):
         ),
         "fewer than shots + queries = 25",
     )
+
+
+def test_uint8_scaling_is_exact_and_a_from_images_store_feeds_the_network_the_hand_scaled_pngs(tmp_path):
+    """Every path turns stored uint8 images into inputs through one function, so a wrong constant
+    would only be compared with itself: here 0 -> 0.0 and 255 -> 1.0 exactly, and the network's
+    outputs on a `--from-images` store's task equal its outputs on the same PNGs read by hand."""
+    import torch
+
+    from distributed_maml import config, models
+    from distributed_maml.maml import as_input
+    from distributed_maml.worker import ShardComputer
+
+    scaled = as_input(torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8))
+    assert scaled.dtype == torch.float32 and scaled[0].item() == 0.0 and scaled[-1].item() == 1.0
+    assert torch.equal(scaled, torch.tensor([0, 1, 128, 254, 255], dtype=torch.float32) / 255)
+    image_folder = tmp_path / "pngs"
+    for c in range(3):
+        (image_folder / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            _png(image_folder / f"class{c}" / f"{i}.png", 10 * c + i, size=16)
+    out = tmp_path / "t.arrow"
+    common = ["--ways", "2", "--shots", "1", "--queries", "2", "--num-tasks", "4", "--image-size", "16"]
+    p = run_cli(
+        "tasks", "build", "--from-images", image_folder, "--classes-split", "all", *common, "--grayscale",
+        "--out", out,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    s = store.TaskStore.open(out)
+    # the PNGs are 16x16 grayscale: stored unresized, so each stored image is one PNG's bytes
+    by_hand = {}
+    for png in sorted(image_folder.rglob("*.png")):
+        pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
+        by_hand[pixels.tobytes()] = torch.from_numpy(pixels.astype(np.float32) / np.float32(255))[None]
+    model_cfg = config.ModelConfig(name="conv4", channels=4)
+    computer = ShardComputer(s, model_cfg, config.MamlConfig(inner_steps=1))
+    batch = computer.batch(np.arange(2))
+    net = models.functional(computer.model)
+    params = dict(computer.model.named_parameters())
+    raw = s.rows(np.arange(2))  # the stored uint8 images of the same tasks, to find each one's PNG
+    for t in range(2):
+        for images, stored in ((batch.x_support[t], raw["x_support"][t]), (batch.x_query[t], raw["x_query"][t])):
+            hand = torch.stack([by_hand[np.asarray(img, dtype=np.uint8).tobytes()] for img in stored])
+            assert torch.equal(images, hand)
+            assert torch.equal(net(params, images), net(params, hand))
