@@ -161,14 +161,28 @@ def test_adaptation_curve_step_zero_is_the_unadapted_loss_and_steps_follow_sgd()
             assert float(losses[t, k]) == pytest.approx(q, rel=1e-4)
 
 
+PADDING_VARIANTS = {
+    "maml": {},
+    "fomaml": {"algorithm": "fomaml"},
+    "anil": {"algorithm": "anil"},
+    "reptile": {"algorithm": "reptile"},
+    "meta-sgd": {"algorithm": "meta-sgd"},
+    "maml++": {"multi_step_loss": True, "msl_anneal_steps": 4, "first_order_until": 2},
+}
+
+
+@pytest.mark.parametrize("variant", list(PADDING_VARIANTS))
 @pytest.mark.parametrize("family, model_name", CASES)
-def test_zero_weighted_padding_adds_nothing(family, model_name):
+def test_zero_weighted_padding_adds_nothing(family, model_name, variant):
     """The CUDA-graph step pads a shard to a fixed size with copies of its first task weighted 0
-    (graphstep.fill_padded): its sums equal the unpadded shard's. Runs on the CPU."""
+    (graphstep.fill_padded): its sums equal the unpadded shard's, for every algorithm (Reptile
+    weights its own sums; MAML++ at a meta-update where its schedules are still moving). Runs on
+    the CPU."""
     from distributed_maml.graphstep import fill_padded, padded_size
 
     kind, model, params, batch = setup(family, model_name, tasks=5, dtype=torch.float32)
-    cfg = MamlConfig(inner_steps=2, inner_lr=0.1)
+    cfg = MamlConfig(inner_steps=2, inner_lr=0.1, **PADDING_VARIANTS[variant])
+    params = maml.with_learned_lrs(cfg, params, cfg.inner_lr)  # Meta-SGD's step sizes (others: unchanged)
     fwd = models.functional(model)
     size = padded_size(len(batch))
     assert size == 64 and padded_size(64) == 64 and padded_size(65) == 128
@@ -176,7 +190,7 @@ def test_zero_weighted_padding_adds_nothing(family, model_name):
     weights = torch.full((size,), 3.0)
     fill_padded(buffers, weights, batch)
     assert weights.sum() == len(batch) and torch.equal(buffers.x_query[-1], batch.x_query[0])
-    plan = maml.step_plan(cfg, 0)
+    plan = maml.step_plan(cfg, 1)  # MAML++: still first order (until update 2), loss weights annealing
     g_pad, loss_pad, acc_pad = maml.batch_sums(fwd, kind, params, buffers, cfg, plan, weights)
     g, loss, acc = maml.batch_sums(fwd, kind, params, batch, cfg, plan)
     for k in g:  # float32 sums over 64 rows and over 5 block differently: a few e-7 apart, not a task's weight
