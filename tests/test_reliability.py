@@ -82,23 +82,37 @@ def _child_named(pid: int, name: str) -> int:
     raise AssertionError(f"no child {name} of {pid}")
 
 
-def _signal_and_resume(tmp_path: Path, sig: int, overrides: list[str], steps: int, then_kill: bool = False) -> Path:
+def _signal_and_resume(
+    tmp_path: Path, sig: int, overrides: list[str], steps: int, then_kill: bool = False, log_every: int = 1
+) -> tuple[Path, int]:
     """Trains `overrides`, sends `sig` once the run has logged a random step, checks the one
     line and the exit code, resumes (`then_kill`: SIGKILLs the raylet of that resume's local Ray
     at its next periodic checkpoint, checks the driver's one line, and resumes again), and
-    returns the run folder."""
+    returns the run folder and the step it stopped at. With `log_every` > 1 the signal lands
+    between logged steps (the step after a logged one is running): the chunk of steps the
+    executor was given is cut short (in-process, Ray driver) or finished (collective)."""
     at = random.Random().randint(3, steps // 2)  # a different step every time; printed on failure
     out = tmp_path / f"stopped-{sig}"
     argv = [sys.executable, "-m", "distributed_maml", "train", "--output-dir", str(out), "--no-progress"]
     every = steps // 4 if then_kill else 0
-    common = [*overrides, f"training.steps={steps}", "training.log_every=1", f"training.checkpoint_every={every}"]
+    common = [
+        *overrides,
+        f"training.steps={steps}",
+        f"training.log_every={log_every}",
+        f"training.checkpoint_every={every}",
+    ]
     proc = subprocess.Popen(
         [*argv, *_sets(common)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     metrics, end = out / "metrics.jsonl", time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= at):
+
+    def last_logged() -> int:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return json.loads(lines[-1])["step"] if lines and lines[-1].endswith("}") else 0
+
+    while last_logged() < at:
         assert proc.poll() is None and time.monotonic() < end, (at, proc.communicate())
-        time.sleep(0.02)
+        time.sleep(0.005)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     last = stderr.strip().splitlines()[-1]
@@ -128,8 +142,9 @@ def _signal_and_resume(tmp_path: Path, sig: int, overrides: list[str], steps: in
     resumed = run_cli("train", "--resume", out, "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert logged == list(range(1, steps + 1))  # every step once: none lost, none doubled
-    return out
+    expected = [s for s in range(1, steps + 1) if s % log_every == 0 or s in (1, steps)]
+    assert logged == expected, (at, stopped)  # every logged step once: none lost, none doubled
+    return out, stopped
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +157,52 @@ def straight_run(tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_the_last_step_and_resume_is_bit_identical(tmp_path, sig, straight_run):
-    out = _signal_and_resume(tmp_path, sig, INPROC, 150)
+    out, _ = _signal_and_resume(tmp_path, sig, INPROC, 150)
     a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight_run, out))
     assert a.step == b.step == 150 and a.version == b.version
     for k in a.model:
         assert torch.equal(a.model[k], b.model[k]), k
     for x, y in zip(a.optimizer["state"].values(), b.optimizer["state"].values(), strict=True):
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _same_run(a_dir: Path, b_dir: Path) -> None:
+    """Weights, Adam state, version and metrics lines (less their timings) equal bit for bit."""
+    a, b = (checkpoint.load(checkpoint.latest(d)) for d in (a_dir, b_dir))
+    assert a.step == b.step and a.version == b.version
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    for x, y in zip(a.optimizer["state"].values(), b.optimizer["state"].values(), strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+    def lines(d: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "tasks_per_s")} for r in rows]
+
+    assert lines(a_dir) == lines(b_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_between_logged_steps_resumes_bit_identical(tmp_path, sig, straight_run):
+    """log_every = 10, no periodic checkpoints: the stop lands inside a chunk of steps, where a
+    wrong count (saving step N with N - 1 updates) would go unseen with log_every = 1."""
+    out, stopped = _signal_and_resume(tmp_path, sig, INPROC, 150, log_every=10)
+    assert stopped % 10 != 0, stopped  # between logged steps, as meant
+    _same_run(straight_run, out)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("mode, sig", [("driver", signal.SIGINT), ("collective", signal.SIGTERM)])
+def test_a_stop_between_logged_steps_with_ray_workers_resumes_bit_identical(tmp_path, mode, sig):
+    """The same with 2 Ray workers. Driver mode stops after the step in flight; a collective
+    group hands back control only at its chunk's end (the next logged step), and stops there."""
+    ray2 = [*INPROC, "scaling.num_workers=2"]
+    straight = tmp_path / "straight"
+    done = run_cli("train", "--output-dir", straight, "--no-progress", *_sets([*ray2, "training.steps=200"]))
+    assert done.returncode == 0, done.stderr
+    out, stopped = _signal_and_resume(tmp_path, sig, [*ray2, f"scaling.mode={mode}"], 200, log_every=10)
+    assert (stopped % 10 == 0) == (mode == "collective"), stopped
+    _same_run(straight, out)
 
 
 @pytest.mark.ray
@@ -161,7 +215,7 @@ def test_sigterm_then_a_dead_raylet_under_a_ray_driver_resume_bit_identical(tmp_
     straight = tmp_path / "straight"
     common = [*ray2, "training.steps=80"]
     assert run_cli("train", "--output-dir", straight, "--no-progress", *_sets(common)).returncode == 0
-    out = _signal_and_resume(tmp_path, signal.SIGTERM, ray2, 80, then_kill=True)
+    out, _ = _signal_and_resume(tmp_path, signal.SIGTERM, ray2, 80, then_kill=True)
     a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight, out))
     for k in a.model:
         assert torch.equal(a.model[k], b.model[k]), k
