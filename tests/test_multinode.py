@@ -38,6 +38,16 @@ def store_path(tmp_path_factory):
     return path
 
 
+def _idle(timeout: float = 30) -> None:
+    """Until the previous pool's CPUs are back: Ray returns a killed actor's and a removed
+    placement group's resources asynchronously, and SPREAD is soft (a node still busy is
+    skipped), so a pool placed at once after another may land on fewer nodes."""
+    end = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < end, (ray.available_resources(), ray.cluster_resources())
+        time.sleep(0.1)
+
+
 def test_spread_workers_land_on_distinct_nodes_with_the_in_process_weights(cluster, tmp_path, store_path):
     reference, _ = train_on(tmp_path / "ref", store_path, [*BASE, "scaling.num_workers=0"])
     seen = {}
@@ -51,12 +61,14 @@ def test_spread_workers_land_on_distinct_nodes_with_the_in_process_weights(clust
     assert len(nodes) == 2, seen
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
     for extra in (["scaling.store_sharing=object_store"],):
+        _idle()
         again, ex = train_on(
             tmp_path / "spread-os", store_path, [*BASE, "scaling.num_workers=2", "scaling.placement=spread", *extra]
         )
         assert ex.store_mode == "object_store"
         np.testing.assert_allclose(again.weights, reference.weights, rtol=1e-5, atol=1e-6)
     # the same two nodes as one gloo group (rank 0's node address through Ray): driver mode's weights
+    _idle()
     group, ex = train_on(
         tmp_path / "spread-collective",
         store_path,
