@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed_maml import config, run, train  # noqa: E402
+from distributed_maml import config  # noqa: E402
+from distributed_maml.app import run, train  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -57,7 +58,7 @@ def main() -> None:
     )
     r = run.prepare(cfg, tmp / "run", progress=False)
     ex = train.make_executor(r)
-    pids = [i["pid"] for i in ex.worker_info()]
+    pids = [i.pid for i in ex.worker_info()]
     every = max(1, args.steps // args.samples)
     samples, original, calls, start = [], ex.compute, {"n": 0}, time.perf_counter()
 

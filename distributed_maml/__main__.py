@@ -1,5 +1,7 @@
+"""`python -m distributed_maml`: the same as the `distributed-maml` command."""
+
 import sys
 
-from .cli import main
+from distributed_maml.app.cli import main
 
 sys.exit(main())

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from distributed_maml.errors import ConfigError
 
 
 def load(path: str, what: str) -> Any:

@@ -51,10 +51,22 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, request):
+    """A seed-family task store on disk, one per test module: STORE_TASKS tasks (a module
+    attribute, default 60), seed 0."""
+    from distributed_maml.data.writing import build
+
+    path = tmp_path_factory.mktemp("store") / "seed.arrow"
+    build(path, "seed", getattr(request.module, "STORE_TASKS", 60), seed=0, progress=False)
+    return path
+
+
 def train_on(run_dir: Path, store_path: Path, overrides, hook=None):
     """Trains a run on an existing store through the library (the CLI's path minus argv); `hook`
     sees the executor before the first step. Returns (TrainResult, executor)."""
-    from distributed_maml import config, run, train
+    from distributed_maml import config
+    from distributed_maml.app import run, train
 
     r = run.prepare(config.load(None, list(overrides)), run_dir, tasks=store_path, progress=False)
     ex = train.make_executor(r)

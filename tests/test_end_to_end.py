@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from distributed_maml import maml, models
 from distributed_maml.config import ModelConfig
-from distributed_maml.store import build_in_memory
+from distributed_maml.core import maml, models
+from distributed_maml.data.writing import build_in_memory
 
 from .conftest import run_cli
 
@@ -133,7 +133,7 @@ def test_bench_measures_every_method_in_one_run_with_matching_gradients():
 
 
 def test_bench_algorithms_times_every_algorithm_through_the_projects_step():
-    from distributed_maml import bench
+    from distributed_maml.app import bench
 
     cells = bench.algorithm_cells()
     assert {c.algorithm for c in cells} == set(bench.ALGORITHMS) and {c.method for c in cells} == {"in_process"}

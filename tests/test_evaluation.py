@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_maml import evaluate, store
+from distributed_maml import data
+from distributed_maml.app import evaluate
 from distributed_maml.errors import StoreError
 
 from .conftest import assert_user_error, run_cli
@@ -33,8 +34,9 @@ def test_blow_ups_are_reported_apart_from_tasks_that_got_worse():
 
 
 def _state(family: str, shots: int, queries: int):
-    from distributed_maml import checkpoint, config
-    from distributed_maml.sampler import Sampler
+    from distributed_maml import config
+    from distributed_maml.app import checkpoint
+    from distributed_maml.data.sampler import Sampler
 
     cfg = config.load(None, [f"task.family={family}", f"task.shots={shots}", f"task.queries={queries}"])
     return checkpoint.RunState(cfg, Sampler(0, 10, 2), checkpoint.StoreRef("x", family, 0, 0, 10))
@@ -49,10 +51,10 @@ def test_regression_held_out_tasks_score_k_points_at_k_shots():
 
 
 def test_the_blow_up_bound_is_the_best_constant_guess_times_ten(tmp_path):
-    reg = store.build_in_memory("sinusoid", 50, seed=0, shots=5, queries=5)
+    reg = data.build_in_memory("sinusoid", 50, seed=0, shots=5, queries=5)
     y = reg.rows(np.arange(50), columns=("y_query",))["y_query"]
     assert evaluate.blow_up_bound(reg, 50) == pytest.approx(10 * np.mean(y.astype(np.float64) ** 2))
-    cls = store.build_in_memory("seed", 10, seed=0, shots=5, queries=15)
+    cls = data.build_in_memory("seed", 10, seed=0, shots=5, queries=15)
     assert evaluate.blow_up_bound(cls, 10) == pytest.approx(10 * np.log(2))
 
 
@@ -67,7 +69,7 @@ def digits(tmp_path_factory):
 
 
 def _build(table, out, split, shots=5, num=2000, seed=0, frac=0.3):
-    return store.build_from_table(table, out, "digit", 5, shots, 10, num, split, seed, frac)
+    return data.build_from_table(table, out, "digit", 5, shots, 10, num, split, seed, frac)
 
 
 @pytest.mark.parametrize("seed, frac", [(0, 0.3), (1, 0.5), (5, 0.3)])
@@ -77,11 +79,11 @@ def test_table_stores_never_share_a_class_between_splits(digits, tmp_path, seed,
     assert tr.classes and te.classes and not set(tr.classes) & set(te.classes)
     assert sorted(tr.classes + te.classes) == [str(i) for i in range(10)]
     ids = [
-        set(np.unique(store.TaskStore.open(tmp_path / f"{n}.arrow").rows(np.arange(300), ("params",))["params"]))
+        set(np.unique(data.TaskStore.open(tmp_path / f"{n}.arrow").rows(np.arange(300), ("params",))["params"]))
         for n in ("tr", "te")
     ]
     assert not ids[0] & ids[1]
-    s = store.TaskStore.open(tmp_path / "tr.arrow")
+    s = data.TaskStore.open(tmp_path / "tr.arrow")
     t = s.task(0)
     assert (
         s.info.input_dim == 64 and t["x_support"].shape == (25, 64) and np.bincount(t["y_query"]).tolist() == [10] * 5
@@ -90,7 +92,7 @@ def test_table_stores_never_share_a_class_between_splits(digits, tmp_path, seed,
 
 def test_table_tasks_hold_real_rows_of_their_classes(digits, tmp_path):
     _build(digits, tmp_path / "tr.arrow", "train", num=20)
-    s = store.TaskStore.open(tmp_path / "tr.arrow")
+    s = data.TaskStore.open(tmp_path / "tr.arrow")
     table = pq.read_table(digits)
     x = np.column_stack([table[f"px{i}"].to_numpy() for i in range(64)]).astype(np.float64)
     x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1)
@@ -123,7 +125,7 @@ def test_table_build_bad_input(digits, tmp_path):
         assert not out.exists()
     (tmp_path / "t.xlsx").write_text("x")
     with pytest.raises(StoreError, match="must be one of"):
-        store.build_from_table(tmp_path / "t.xlsx", tmp_path / "o.arrow", "x", 5, 1, 1, 10)
+        data.build_from_table(tmp_path / "t.xlsx", tmp_path / "o.arrow", "x", 5, 1, 1, 10)
 
 
 def test_baselines_see_exactly_the_same_tasks_and_steps(tmp_path, monkeypatch):
@@ -166,7 +168,7 @@ def test_meta_sgd_runs_are_evaluated_with_their_learned_step_sizes(tmp_path):
     the loss after one step is the loss before); the baselines with a fixed one."""
     import torch
 
-    from distributed_maml import checkpoint
+    from distributed_maml.app import checkpoint
 
     out = tmp_path / "r"
     sets = ["scaling.num_workers=0", "training.steps=6", "maml.algorithm=meta-sgd", "task.meta_batch=8"]
@@ -221,7 +223,7 @@ def test_digits_demonstration_beats_scratch(digits, tmp_path):
 def test_cli_eval_passes_every_flag(monkeypatch, tmp_path):
     """The CLI hands --workers (and the rest) to evaluate(): a flag the parser takes and drops
     would silently evaluate somewhere else."""
-    from distributed_maml import cli, evaluate, plots
+    from distributed_maml.app import cli, evaluate, plots
 
     seen = {}
 

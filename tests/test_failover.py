@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distributed_maml.errors import TrainingError
-from distributed_maml.failover import Action, Failover
+from distributed_maml.execution.failover import Action, Failover
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distributed_maml"
 

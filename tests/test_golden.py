@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed_maml import config, run, train
+from distributed_maml import config
+from distributed_maml.app import run, train
 
 GOLDEN = Path(__file__).parent / "assets" / "losses" / "seed_inprocess_20steps.txt"
 

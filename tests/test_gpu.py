@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from distributed_maml.config import MamlConfig, ModelConfig
-from distributed_maml.store import TaskStore, build
-from distributed_maml.worker import ShardComputer
+from distributed_maml.data.store import TaskStore
+from distributed_maml.data.writing import build
+from distributed_maml.execution.computer import ShardComputer
 
 from .conftest import train_on
 
@@ -18,11 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 BASE = ["task.meta_batch=64", "task.num_tasks=256", "training.steps=6", "training.log_every=3", "maml.inner_steps=3"]
 
 
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "seed.arrow"
-    build(path, "seed", 256, seed=0, progress=False)
-    return path
+STORE_TASKS = 256  # the shared store_path fixture (conftest.py) builds this many
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +69,8 @@ def test_gpu_workers_match_the_cpu_in_process_run(ray_gpu, tmp_path, store_path,
         [*BASE, f"scaling.num_workers={workers}", f"scaling.gpus_per_worker={gpus}"],
         hook=lambda ex: seen.update(info=ex.worker_info()),
     )
-    assert [i["device"] for i in seen["info"]] == ["cuda:0"] * workers
-    assert len({tuple(i["gpu_ids"]) for i in seen["info"]}) == 1  # the same card, shared
+    assert [i.device for i in seen["info"]] == ["cuda:0"] * workers
+    assert len({tuple(i.gpu_ids) for i in seen["info"]}) == 1  # the same card, shared
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-4, atol=1e-5)
 
 
@@ -81,7 +78,7 @@ def test_gpu_workers_match_the_cpu_in_process_run(ray_gpu, tmp_path, store_path,
 def test_graph_step_matches_the_eager_step(store_path, n):
     """An unlogged step replayed from a CUDA graph (padded to a power of two) gives the eager
     step's sums; a logged step (unadapted metrics too) runs eagerly."""
-    from distributed_maml.graphstep import padded_size
+    from distributed_maml.execution.graphstep import padded_size
 
     store = TaskStore.open(store_path)
     ids = np.random.default_rng(n).integers(0, 256, size=n)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_maml import checkpoint
+from distributed_maml.app import checkpoint
 
 from .conftest import REPO
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distributed_maml import store
+from distributed_maml import data
+from distributed_maml.data.families import folders, glyphs
+from distributed_maml.data.families.images import ImageTable
 from distributed_maml.errors import StoreError
-from distributed_maml.tasks import folders, glyphs
-from distributed_maml.tasks.images import ImageTable
 
 from .conftest import assert_user_error, run_cli
 
@@ -141,9 +141,9 @@ def _table(n_classes=6, per_class=5, shape=(3, 6, 6), seed=0):
 
 
 def _write(path, table, num_tasks, ways=3, shots=1, queries=2, split="train"):
-    info = store.image_info("images", table, num_tasks, 0, ways, shots, queries, split)
-    store.write_batches(path, info, store.generate_batches(info, table=table), overwrite=True)
-    return store.TaskStore.open(path)
+    info = data.image_info("images", table, num_tasks, 0, ways, shots, queries, split)
+    data.write_batches(path, info, data.generate_batches(info, table=table), overwrite=True)
+    return data.TaskStore.open(path)
 
 
 def test_uint8_images_round_trip_and_rows_gather_by_index(tmp_path):
@@ -153,7 +153,7 @@ def test_uint8_images_round_trip_and_rows_gather_by_index(tmp_path):
     np.testing.assert_array_equal(s.images, table.images)
     np.testing.assert_array_equal(s.image_labels, table.labels)
     ids = np.array([3, 0, 49])
-    rows = s.rows(ids, columns=(*store.COLUMNS[:4], "params"))
+    rows = s.rows(ids, columns=(*data.COLUMNS[:4], "params"))
     assert rows["x_support"].shape == (3, 3, 3, 6, 6) and rows["x_query"].shape == (3, 6, 3, 6, 6)
     for t, tid in enumerate(ids):
         image_ids = s._batches[0]["image_ids"][tid]
@@ -165,7 +165,7 @@ def test_uint8_images_round_trip_and_rows_gather_by_index(tmp_path):
         assert (table.labels[image_ids[3:]] == classes[rows["y_query"][t]]).all()
         assert len(set(image_ids)) == 9  # no image twice in a task
     # the store opens from its bytes too (the object-store path)
-    same = store.TaskStore.from_buffer((tmp_path / "s.arrow").read_bytes(), "buf")
+    same = data.TaskStore.from_buffer((tmp_path / "s.arrow").read_bytes(), "buf")
     np.testing.assert_array_equal(same.rows(ids)["x_query"], rows["x_query"])
 
 
@@ -208,7 +208,7 @@ def test_glyph_store_through_the_cli(tmp_path):
         "tasks", "build", "--family", "glyphs", "--ways", "3", "--num-tasks", "20", "--split", "test", "--out", out
     )
     assert p.returncode == 0, p.stderr
-    s = store.TaskStore.open(out)
+    s = data.TaskStore.open(out)
     assert (s.info.ways, s.info.shots, s.info.queries, s.info.split) == (3, 1, 15, "test")
     assert s.info.num_images == 20 * glyphs.TEST_CLASSES
     assert_user_error(
@@ -236,9 +236,10 @@ def test_uint8_scaling_is_exact_and_a_from_images_store_feeds_the_network_the_ha
     outputs on a `--from-images` store's task equal its outputs on the same PNGs read by hand."""
     import torch
 
-    from distributed_maml import config, models
-    from distributed_maml.maml import as_input
-    from distributed_maml.worker import ShardComputer
+    from distributed_maml import config
+    from distributed_maml.core import models
+    from distributed_maml.core.maml import as_input
+    from distributed_maml.execution.computer import ShardComputer
 
     scaled = as_input(torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8))
     assert scaled.dtype == torch.float32 and scaled[0].item() == 0.0 and scaled[-1].item() == 1.0
@@ -255,7 +256,7 @@ def test_uint8_scaling_is_exact_and_a_from_images_store_feeds_the_network_the_ha
         "--out", out,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
-    s = store.TaskStore.open(out)
+    s = data.TaskStore.open(out)
     # the PNGs are 16x16 grayscale: stored unresized, so each stored image is one PNG's bytes
     by_hand = {}
     for png in sorted(image_folder.rglob("*.png")):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed_maml import checkpoint
+from distributed_maml.app import checkpoint
 
 pytestmark = pytest.mark.ray
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed_maml import maml, models
 from distributed_maml.config import MamlConfig, ModelConfig
+from distributed_maml.core import maml, models
+from distributed_maml.data.writing import build_in_memory
 from distributed_maml.errors import ConfigError
-from distributed_maml.store import build_in_memory
 
 CASES = [("seed", "seed_mlp"), ("sinusoid", "sinusoid_mlp")]
 
@@ -178,7 +178,7 @@ def test_zero_weighted_padding_adds_nothing(family, model_name, variant):
     (graphstep.fill_padded): its sums equal the unpadded shard's, for every algorithm (Reptile
     weights its own sums; MAML++ at a meta-update where its schedules are still moving). Runs on
     the CPU."""
-    from distributed_maml.graphstep import fill_padded, padded_size
+    from distributed_maml.execution.graphstep import fill_padded, padded_size
 
     kind, model, params, batch = setup(family, model_name, tasks=5, dtype=torch.float32)
     cfg = MamlConfig(inner_steps=2, inner_lr=0.1, **PADDING_VARIANTS[variant])
@@ -297,7 +297,7 @@ def test_anil_adapts_the_head_only(family, model_name, first_order):
 def test_reptile_direction_is_theta_minus_the_adapted_weights(family, model_name):
     """Reptile: the summed direction is sum_t (theta - phi_t), phi_t after plain SGD on task t's
     support set; the learner's SGD step of epsilon moves theta to theta + eps * mean(phi - theta)."""
-    from distributed_maml.learner import Learner
+    from distributed_maml.core.learner import Learner
 
     kind, model, params, batch = setup(family, model_name)
     cfg = MamlConfig(inner_steps=3, inner_lr=0.1, algorithm="reptile", reptile_step=0.25)

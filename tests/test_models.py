@@ -8,10 +8,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from distributed_maml import config, models, store
+from distributed_maml import config, data
+from distributed_maml.core import models
+from distributed_maml.core.maml import TaskBatch, map_tasks, meta_gradient
 from distributed_maml.errors import ConfigError
-from distributed_maml.maml import TaskBatch, map_tasks, meta_gradient
-from distributed_maml.worker import ShardComputer, choose_task_map
+from distributed_maml.execution.computer import ShardComputer, choose_task_map
 
 from .conftest import assert_user_error, run_cli
 
@@ -20,7 +21,7 @@ NETS = "tests.usercode.nets"
 
 @pytest.fixture(scope="module")
 def glyph_store():
-    return store.build_in_memory("glyphs", 6, seed=0, shots=1, queries=2, split="test", ways=3)
+    return data.build_in_memory("glyphs", 6, seed=0, shots=1, queries=2, split="test", ways=3)
 
 
 def _model(glyph_store, *overrides, dtype=torch.float32):
@@ -232,7 +233,7 @@ def test_user_model_and_family_through_the_cli(tmp_path):
 def test_glyph_run_evaluates_against_baselines(tmp_path):
     """A tiny conv4 run on glyphs, then eval: held-out glyph classes, the pretrained baseline
     fit as a classifier over all training classes (its head re-initialised for the ways)."""
-    from distributed_maml import evaluate, run, train
+    from distributed_maml.app import evaluate, run, train
 
     cfg = config.load(
         None,
@@ -287,7 +288,7 @@ def test_user_code_next_to_where_you_run_imports_from_the_console_script(tmp_pat
 def test_algorithms_on_conv4_agree_between_task_maps(glyph_store, variant):
     """Every algorithm runs on conv4 (BatchNorm, image tasks): vmap and the per-task loop, two
     independent mappings, give the same meta-gradient (weights and learned step sizes alike)."""
-    from distributed_maml import maml
+    from distributed_maml.core import maml
 
     model_cfg = config.ModelConfig(name="conv4", channels=4)
     maml_cfg = config.MamlConfig(inner_steps=2, inner_lr=0.4, **variant)

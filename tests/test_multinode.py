@@ -11,8 +11,6 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from distributed_maml.store import build
-
 from .conftest import train_on
 
 pytestmark = pytest.mark.ray
@@ -29,13 +27,6 @@ def cluster():
     yield c
     ray.shutdown()
     c.shutdown()
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "seed.arrow"
-    build(path, "seed", 60, seed=0, progress=False)
-    return path
 
 
 def _idle(timeout: float = 30) -> None:
@@ -57,7 +48,7 @@ def test_spread_workers_land_on_distinct_nodes_with_the_in_process_weights(clust
         [*BASE, "scaling.num_workers=2", "scaling.placement=spread"],
         hook=lambda ex: seen.update(info=ex.worker_info()),
     )
-    nodes = {i["node_id"] for i in seen["info"]}
+    nodes = {i.node_id for i in seen["info"]}
     assert len(nodes) == 2, seen
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
     for extra in (["scaling.store_sharing=object_store"],):
@@ -75,7 +66,7 @@ def test_spread_workers_land_on_distinct_nodes_with_the_in_process_weights(clust
         [*BASE, "scaling.num_workers=2", "scaling.placement=spread", "scaling.mode=collective"],
         hook=lambda ex: seen.update(group=ex.worker_info()),
     )
-    assert ex.backend == "gloo" and len({i["node_id"] for i in seen["group"]}) == 2
+    assert ex.backend == "gloo" and len({i.node_id for i in seen["group"]}) == 2
     np.testing.assert_array_equal(group.weights, result.weights)
 
 
@@ -116,7 +107,7 @@ def test_losing_a_node_with_no_spare_slot_moves_its_shards_and_never_hangs(clust
     t0 = time.monotonic()
     hook = _remove_at_call(cluster, doomed, 3, seen, until_known_dead=True)
     result, ex = train_on(tmp_path / "full", store_path, overrides, hook)
-    assert doomed.node_id in {i["node_id"] for i in seen["before"]}
+    assert doomed.node_id in {i.node_id for i in seen["before"]}
     assert len(ex.healthy()) == full - 1
     assert time.monotonic() - t0 < 55  # bounded by worker_timeout_s = 5, not by a fixed minute or forever
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
@@ -137,7 +128,7 @@ def test_losing_the_worker_node_mid_run_loses_nothing(cluster, tmp_path, store_p
         [*BASE, "scaling.num_workers=3", "scaling.placement=spread", "scaling.worker_timeout_s=30"],
         hook,
     )
-    assert doomed.node_id in {i["node_id"] for i in seen["before"]}
+    assert doomed.node_id in {i.node_id for i in seen["before"]}
     assert sum(ex.failures) >= 1
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-5, atol=1e-6)
 

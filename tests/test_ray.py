@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import ray
 
-from distributed_maml import config, run, train
-from distributed_maml.collective import CollectiveExecutor
+from distributed_maml import config
+from distributed_maml.app import run, train
 from distributed_maml.errors import ConfigError
-from distributed_maml.runtime import RayExecutor
+from distributed_maml.execution.collective import CollectiveExecutor
+from distributed_maml.execution.driver import RayExecutor
 
 from .conftest import train_on
 
@@ -27,15 +28,6 @@ def ray_instance():
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=150 * 2**20)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    from distributed_maml.store import build
-
-    path = tmp_path_factory.mktemp("store") / "seed.arrow"
-    build(path, "seed", 60, seed=0, progress=False)
-    return path
 
 
 def train_run(tmp_path, store_path, name, workers, extra=(), executor_hook=None):
@@ -56,8 +48,8 @@ def test_same_weights_at_any_scale(tmp_path, store_path, reference, workers):
         tmp_path, store_path, "r", workers, executor_hook=lambda ex: infos.update(w=ex.worker_info())
     )
     assert ex.num_shards == workers
-    assert len({i["pid"] for i in infos["w"]}) == workers  # distinct actor processes
-    assert all(i["store_mode"] == "path" and i["torch_threads"] == 1 for i in infos["w"])
+    assert len({i.pid for i in infos["w"]}) == workers  # distinct actor processes
+    assert all(i.store_mode == "path" and i.torch_threads == 1 for i in infos["w"])
     np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
     assert not np.array_equal(result.weights, np.zeros_like(reference))
 
@@ -73,7 +65,7 @@ def test_store_through_the_object_store(tmp_path, store_path, reference):
         executor_hook=lambda ex: infos.update(w=ex.worker_info()),
     )
     assert ex.store_mode == "object_store"
-    assert all(i["store_mode"] == "object_store" for i in infos["w"])
+    assert all(i.store_mode == "object_store" for i in infos["w"])
     np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
 
 
@@ -82,13 +74,13 @@ def test_cpu_slices_set_torch_threads(store_path, tmp_path):
     r = run.prepare(cfg, tmp_path / "r", tasks=store_path, progress=False)
     ex = train.make_executor(r)
     try:
-        assert ex.worker_info()[0]["torch_threads"] == 2
+        assert ex.worker_info()[0].torch_threads == 2
     finally:
         ex.close()
 
 
 def test_unplaceable_pool_is_a_clear_error(store_path, tmp_path, monkeypatch):
-    from distributed_maml import placement
+    from distributed_maml.execution import placement
 
     monkeypatch.setattr(placement, "PLACEMENT_TIMEOUT_S", 3)
     cfg = config.load(None, [*BASE, "scaling.num_workers=9"])
@@ -118,7 +110,7 @@ def kill_worker_at_steps(worker: int, calls: set[int], record: list):
         def compute(weights, version, shards, *rest):
             n["calls"] += 1
             if n["calls"] in calls:
-                pid = ex.worker_info()[worker]["pid"]
+                pid = ex.worker_info()[worker].pid
                 os.kill(pid, signal.SIGKILL)
                 record.append(pid)
             return original(weights, version, shards, *rest)
@@ -192,10 +184,10 @@ def test_collective_group_restarts_from_the_chunk_start_when_a_rank_dies(tmp_pat
         def run_steps(learner, sampler, steps, on_step):
             if 4 not in steps or killed:
                 return original(learner, sampler, steps, on_step)
-            killed.append(ex.worker_info()[1]["pid"])
+            killed.append(ex.worker_info()[1].pid)
             os.kill(killed[0], signal.SIGKILL)
             done = original(learner, sampler, steps, on_step)
-            killed.append(ex.worker_info()[1]["pid"])  # rank 1 after the restart
+            killed.append(ex.worker_info()[1].pid)  # rank 1 after the restart
             return done
 
         ex.run_steps = run_steps
@@ -233,7 +225,7 @@ def test_a_worker_that_keeps_failing_hands_its_shards_over(tmp_path, store_path,
 
 
 def test_no_healthy_worker_left_stops_with_a_valid_checkpoint(tmp_path, store_path):
-    from distributed_maml import checkpoint
+    from distributed_maml.app import checkpoint
     from distributed_maml.errors import TrainingError
 
     killed: list[int] = []
@@ -254,7 +246,7 @@ def test_no_healthy_worker_left_stops_with_a_valid_checkpoint(tmp_path, store_pa
 def test_evaluation_through_ray_workers_matches_in_process(tmp_path, store_path):
     """Held-out tasks (generated in memory, so they travel through the object store) split over
     2 workers give the in-process evaluation's numbers."""
-    from distributed_maml import evaluate
+    from distributed_maml.app import evaluate
 
     train_run(tmp_path, store_path, "r", 0)
     local = evaluate.evaluate(tmp_path / "r", steps=[0, 2], num_tasks=60, baselines=False, workers=0)
@@ -266,7 +258,7 @@ def test_evaluation_through_ray_workers_matches_in_process(tmp_path, store_path)
 
 @pytest.fixture(scope="module")
 def glyph_store_path(tmp_path_factory):
-    from distributed_maml.store import build
+    from distributed_maml.data.writing import build
 
     path = tmp_path_factory.mktemp("glyphs") / "glyphs.arrow"
     build(path, "glyphs", 24, seed=0, shots=1, queries=2, ways=3, progress=False)
@@ -299,7 +291,7 @@ def test_image_models_same_weights_at_0_and_2_workers(tmp_path, glyph_store_path
         [*extra, "scaling.num_workers=2"],
         lambda ex: infos.update(w=ex.worker_info(), d=ex.describe()),
     )
-    assert {i["task_map"] for i in infos["w"]} == {"loop"} and "tasks by loop" in infos["d"]
+    assert {i.task_map for i in infos["w"]} == {"loop"} and "tasks by loop" in infos["d"]
     np.testing.assert_allclose(two.weights, ref.weights, rtol=1e-5, atol=1e-6)
     assert not np.allclose(
         ref.weights,

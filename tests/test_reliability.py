@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_maml import checkpoint, cli, config, run, store, train
+from distributed_maml import config, data
+from distributed_maml.app import checkpoint, cli, run, train
 from distributed_maml.errors import CheckpointError
 
 from .conftest import REPO, assert_user_error, run_cli, tree_digest
@@ -297,13 +299,13 @@ def test_product_code_never_turns_ray_auth_off():
 def test_local_ray_starts_without_a_dashboard(monkeypatch):
     import ray
 
-    from distributed_maml import runtime
+    from distributed_maml.execution import driver
 
     seen = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    runtime.connect()
+    driver.connect()
     assert seen.get("include_dashboard") is False
 
 
@@ -397,7 +399,7 @@ def _file_size_limit(kib: int):
 
 def test_a_write_error_mid_run_is_one_line_and_resume_continues(tmp_path):
     tasks = tmp_path / "tasks.arrow"
-    store.build(tasks, "seed", 2000, progress=False)
+    data.build(tasks, "seed", 2000, progress=False)
     out = tmp_path / "r"
     overrides = [*INPROC, "training.steps=300", "training.log_every=1", "training.checkpoint_every=20"]
     argv = [sys.executable, "-m", "distributed_maml", "train", "--tasks", str(tasks), "--output-dir", str(out)]
@@ -456,15 +458,15 @@ def test_a_failed_checkpoint_write_keeps_latest_and_leaves_no_temporary(tmp_path
 
 def test_a_store_replaced_under_a_run_is_refused_at_resume(tmp_path):
     tasks = tmp_path / "tasks.arrow"
-    store.build(tasks, "seed", 200, seed=1, progress=False)
+    data.build(tasks, "seed", 200, seed=1, progress=False)
     out = tmp_path / "r"
     assert cli.main(["train", "--tasks", str(tasks), "--output-dir", str(out), "--no-progress",
                      *_sets([*INPROC, "training.steps=2"])]) == 0  # fmt: skip
-    store.build(tasks, "seed", 200, seed=2, overwrite=True, progress=False)  # same size, other tasks
+    data.build(tasks, "seed", 200, seed=2, overwrite=True, progress=False)  # same size, other tasks
     before = tree_digest(out)
     proc = run_cli("train", "--resume", out, "--set", "training.steps=4")
     assert_user_error(proc, f"{tasks} was replaced since the run trained on it", "different metadata")
-    store.build(tasks, "seed", 300, seed=1, overwrite=True, progress=False)
+    data.build(tasks, "seed", 300, seed=1, overwrite=True, progress=False)
     assert_user_error(run_cli("train", "--resume", out), "300 tasks instead of 200")
     assert tree_digest(out) == before
 
@@ -539,3 +541,30 @@ def test_object_references_do_not_leak_over_a_run(tmp_path):
             time.sleep(0.5)
     finally:
         ray.shutdown()
+
+
+OLD_RUN = REPO / "tests" / "assets" / "run-flat-layout"  # 6 steps, written by the flat layout (commit d2b143d)
+
+
+def test_a_run_folder_written_before_the_layers_resumes_bit_identical(tmp_path):
+    """A run folder of the previous layout (its checkpoint format unchanged) resumes under this
+    one and ends equal to a straight run of this code on the same tasks."""
+    old = tmp_path / "old"
+    shutil.copytree(OLD_RUN, old)  # moved: the store is found in the folder, not at its recorded path
+    resumed = run_cli("train", "--resume", old, "--no-progress", "--set", "training.steps=10")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "steps 6..10" in resumed.stdout
+    straight = run_cli(
+        "train",
+        "--config",
+        OLD_RUN / "config.toml",
+        "--tasks",
+        OLD_RUN / "tasks.arrow",
+        "--output-dir",
+        tmp_path / "straight",
+        "--no-progress",
+        "--set",
+        "training.steps=10",
+    )
+    assert straight.returncode == 0, straight.stderr
+    _same_run(old, tmp_path / "straight")

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_maml.learner import Learner, reduce_shards
-from distributed_maml.models import ParamSpec
-from distributed_maml.sampler import Sampler, split_shards
-from distributed_maml.worker import ShardResult
+from distributed_maml.core.learner import Learner
+from distributed_maml.core.models import ParamSpec
+from distributed_maml.core.shards import ShardResult, reduce_shards
+from distributed_maml.data.sampler import Sampler, split_shards
 
 
 def test_ids_are_a_pure_function_of_seed_size_batch_and_step():

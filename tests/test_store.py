@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_maml import store
+from distributed_maml import data
+from distributed_maml.data import writing
+from distributed_maml.data.families import FAMILIES, seed, sinusoid
 from distributed_maml.errors import StoreError
-from distributed_maml.tasks import FAMILIES, seed, sinusoid
 
 from .conftest import assert_user_error, run_cli, tree_digest
 
@@ -18,34 +19,34 @@ from .conftest import assert_user_error, run_cli, tree_digest
 @pytest.fixture(scope="module")
 def seed_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "seed.arrow"
-    store.build(path, "seed", 300, seed=4, shots=5, queries=7, progress=False)
+    data.build(path, "seed", 300, seed=4, shots=5, queries=7, progress=False)
     return path
 
 
 def test_round_trip_reproduces_the_generator(seed_store):
-    s = store.TaskStore.open(seed_store)
+    s = data.TaskStore.open(seed_store)
     assert (len(s), s.info.family, s.info.shots, s.info.queries, s.info.seed) == (300, "seed", 5, 7, 4)
     # the store's batch 0 is the generator's output for the stream (seed, train, batch 0)
     expected = FAMILIES["seed"].generate(np.random.default_rng([4, 0, 0]), 300, 5, 7)
     ids = np.array([0, 17, 299, 3])
-    rows = s.rows(ids, columns=store.COLUMNS)
-    for c in store.COLUMNS:
+    rows = s.rows(ids, columns=data.COLUMNS)
+    for c in data.COLUMNS:
         np.testing.assert_array_equal(rows[c], expected[c][ids])
         np.testing.assert_array_equal(s.task(17)[c], expected[c][17])
 
 
 def test_stores_are_deterministic_and_splits_disjoint(tmp_path):
     a, b, c = (tmp_path / n for n in ("a.arrow", "b.arrow", "c.arrow"))
-    store.build(a, "sinusoid", 50, seed=1, progress=False)
-    store.build(b, "sinusoid", 50, seed=1, progress=False)
-    store.build(c, "sinusoid", 50, seed=1, split="test", progress=False)
+    data.build(a, "sinusoid", 50, seed=1, progress=False)
+    data.build(b, "sinusoid", 50, seed=1, progress=False)
+    data.build(c, "sinusoid", 50, seed=1, split="test", progress=False)
     assert a.read_bytes() == b.read_bytes()
-    pa_, pc = (store.TaskStore.open(p).rows(np.arange(50), ("params",))["params"] for p in (a, c))
+    pa_, pc = (data.TaskStore.open(p).rows(np.arange(50), ("params",))["params"] for p in (a, c))
     assert not np.isin(pa_[:, 0], pc[:, 0]).any()
 
 
 def test_seed_family_labels_follow_each_tasks_boundary(seed_store):
-    s = store.TaskStore.open(seed_store)
+    s = data.TaskStore.open(seed_store)
     for i in range(0, 300, 37):
         t = s.task(i)
         w, b = t["params"][:10], t["params"][10]
@@ -78,7 +79,7 @@ def _mapped_ranges(path):
 
 
 def test_task_reads_are_views_into_the_mapping(seed_store):
-    s = store.TaskStore.open(seed_store)
+    s = data.TaskStore.open(seed_store)
     ranges = list(_mapped_ranges(os.path.realpath(seed_store)))
     assert ranges, "the store is not memory-mapped"
     for c, a in s.task(5).items():
@@ -94,11 +95,11 @@ def _rss_kib() -> int:
 
 def test_opening_a_1gb_store_costs_a_few_mb_of_rss(tmp_path):
     path = tmp_path / "big.arrow"
-    info = store.build(path, "seed", 22000, shots=100, queries=400, progress=False)  # ~48 KB a task
+    info = data.build(path, "seed", 22000, shots=100, queries=400, progress=False)  # ~48 KB a task
     assert path.stat().st_size > 1e9
     os.posix_fadvise(os.open(path, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
     before = _rss_kib()
-    s = store.TaskStore.open(path)
+    s = data.TaskStore.open(path)
     rows = s.rows(np.array([0, 10_000, 21_999]))
     grown = (_rss_kib() - before) / 1024
     assert rows["x_query"].shape == (3, 800, 10) and len(s) == info.num_tasks
@@ -151,7 +152,7 @@ def _bad_stores(seed_store, tmp):
 def test_bad_stores_raise_store_errors_naming_the_file(seed_store, tmp_path):
     for case, (path, needle) in _bad_stores(seed_store, tmp_path).items():
         with pytest.raises(StoreError) as e:
-            store.TaskStore.open(path)
+            data.TaskStore.open(path)
         assert needle in str(e.value) and str(path.name) in str(e.value), case
 
 
@@ -211,13 +212,13 @@ def test_build_is_atomic(tmp_path, monkeypatch):
         yield from []
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(store, "generate_batches", broken)
+    monkeypatch.setattr(writing, "generate_batches", broken)
     with pytest.raises(RuntimeError):
-        store.build(path, "seed", 10, progress=False)
+        data.build(path, "seed", 10, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_copy_of_store_opens_from_buffer(seed_store):
-    s = store.TaskStore.from_buffer(np.frombuffer(seed_store.read_bytes(), dtype=np.uint8), name="buf")
-    t = store.TaskStore.open(seed_store)
+    s = data.TaskStore.from_buffer(np.frombuffer(seed_store.read_bytes(), dtype=np.uint8), name="buf")
+    t = data.TaskStore.open(seed_store)
     np.testing.assert_array_equal(s.rows(np.arange(10))["x_query"], t.rows(np.arange(10))["x_query"])

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_maml import checkpoint, config, models, run, train
+from distributed_maml import config
+from distributed_maml.app import checkpoint, run, train
+from distributed_maml.core import models
 from distributed_maml.errors import CheckpointError, ConfigError
 
 from .conftest import assert_user_error, run_cli, tree_digest
@@ -92,7 +94,7 @@ def test_checkpoint_is_a_plain_state_dict(tmp_path):
     path = checkpoint.latest(tmp_path / "r") / "model.pt"
     state = torch.load(path, weights_only=True)
     cfg = config.load(None, SMALL)
-    from distributed_maml.store import TaskStore
+    from distributed_maml.data.store import TaskStore
 
     model = models.build(cfg.model, TaskStore.open(tmp_path / "r" / "tasks.arrow").info, seed=0)
     model.load_state_dict(state)  # strict: names and shapes are the nn.Module's own
@@ -185,7 +187,7 @@ def test_one_writer_per_run_folder(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from distributed_maml.runlock import RunLock; "
+            "import sys, time; from distributed_maml.app.runlock import RunLock; "
             "lock = RunLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
             str(tmp_path / "r"),
         ],

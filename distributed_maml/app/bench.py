@@ -1,0 +1,375 @@
+"""`distributed-maml bench`: meta-gradient throughput, vmap against a per-task loop.
+
+Both paths compute the same second-order meta-gradient of a meta-batch of sinusoid tasks on
+one CPU thread; the loop is the textbook (learn2learn-style) implementation: one task at a time,
+torch.autograd.grad(create_graph=True) for the inner step. Prints a table and one JSON line.
+`bench --conv4` and the memory table: app/bench_conv4.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from distributed_maml.app.bench_conv4 import memory_per_task
+from distributed_maml.app.timing import MODELS, time_call
+from distributed_maml.config import MamlConfig, ModelConfig, ScalingConfig
+from distributed_maml.core import maml
+from distributed_maml.core.learner import Learner
+from distributed_maml.core.maml import TaskBatch
+from distributed_maml.core.network import assemble
+from distributed_maml.data.sampler import Sampler
+from distributed_maml.data.writing import build_in_memory
+from distributed_maml.errors import UserError
+from distributed_maml.execution import factory
+from distributed_maml.execution.computer import ShardComputer
+from distributed_maml.execution.inprocess import InProcessExecutor
+from distributed_maml.execution.stepping import fan_out_in
+from distributed_maml.execution.steps import Steps
+
+
+def loop_meta_gradient(
+    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: TaskBatch, cfg: MamlConfig, kind: str = "regression"
+) -> dict[str, torch.Tensor]:
+    """The per-task baseline (learn2learn-style): a Python loop over tasks, autograd with
+    create_graph (detached inner gradients at first order). Returns the SUM over tasks."""
+    loss_fn = maml.loss_fn(kind)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    total = 0.0
+    for t in range(len(batch)):
+        p = dict(leaves)
+        for _ in range(cfg.inner_steps):
+            loss = loss_fn(functional_call(model, p, (batch.x_support[t],)), batch.y_support[t])
+            grads = torch.autograd.grad(loss, list(p.values()), create_graph=not cfg.first_order)
+            p = {k: v - cfg.inner_lr * g for (k, v), g in zip(p.items(), grads, strict=False)}
+        total = total + loss_fn(functional_call(model, p, (batch.x_query[t],)), batch.y_query[t])
+    grads = torch.autograd.grad(total, list(leaves.values()))
+    return dict(zip(leaves, grads, strict=False))
+
+
+def bare_vmap_meta_gradient(
+    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: TaskBatch, cfg: MamlConfig, kind: str = "regression"
+) -> dict[str, torch.Tensor]:
+    """What a minimal torch.func script does: vmap over tasks, grad of the summed query loss."""
+    loss_fn = maml.loss_fn(kind)
+
+    def task(p: dict, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+        for _ in range(cfg.inner_steps):
+            g = grad(lambda q: loss_fn(functional_call(model, q, (xs,)), ys))(p)
+            g = {k: v.detach() for k, v in g.items()} if cfg.first_order else g
+            p = {k: p[k] - cfg.inner_lr * g[k] for k in p}
+        return loss_fn(functional_call(model, p, (xq,)), yq)
+
+    def total(p: dict) -> torch.Tensor:
+        return vmap(task, in_dims=(None, 0, 0, 0, 0))(p, *batch.tensors()).sum()
+
+    return grad(total)({k: v.detach() for k, v in params.items()})
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    model: str
+    meta_batch: int
+    inner_steps: int
+    first_order: bool
+    algorithm: str = "maml"
+
+
+# `bench --algorithms`: each algorithm's [maml] settings (beyond inner steps and step size)
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "maml": {},
+    "fomaml": {"algorithm": "fomaml"},
+    "maml++ (msl)": {"multi_step_loss": True},
+    "maml++ (msl+lslr)": {"multi_step_loss": True, "learn_inner_lr": "per-layer-per-step"},
+    "meta-sgd": {"algorithm": "meta-sgd"},
+    "anil": {"algorithm": "anil"},
+    "reptile": {"algorithm": "reptile"},
+}
+
+
+def algorithm_cells() -> list[Cell]:
+    """`bench --algorithms`: the project's in-process step of every algorithm, sinusoid MLP."""
+    return [
+        Cell("in_process", "sinusoid_mlp", mb, k, False, name)
+        for mb in (25, 1000)
+        for k in (1, 5)
+        for name in ALGORITHMS
+    ]
+
+
+def cells(quick: bool, workers: int) -> list[Cell]:
+    """The matrix: every method on each model, meta-batch, inner-step count and order; --quick:
+    one model, one inner step, second order."""
+    ns = range(1, workers + 1)
+    methods = ["loop", "bare_vmap", "in_process", *(f"ray_{n}" for n in ns), *(f"collective_{n}" for n in ns)]
+    gpu = ["gpu_eager", "gpu_graph"] if torch.cuda.is_available() else []
+    models = ("sinusoid_mlp",) if quick else tuple(MODELS)
+    steps_orders = [(1, False)] if quick else [(1, False), (5, False), (1, True), (5, True)]
+    return [
+        Cell(m, model, mb, k, fo)
+        for model in models
+        for mb in (25, 1000, GPU_META_BATCH)
+        for k, fo in steps_orders
+        for m in (methods + gpu if mb < GPU_META_BATCH else gpu)
+        if not (m == "loop" and mb == 1000 and k == 5)  # minutes per cell, and the ratio is already clear at 1 step
+    ]
+
+
+GPU_META_BATCH = 16_384  # the GPU rows' large meta-batch (the CPU methods stop at 1000)
+
+
+class _Problem:
+    """One (model, meta-batch, inner steps, order) problem, its tasks, and a step per method."""
+
+    def __init__(self, cell: Cell) -> None:
+        family, shots, queries, lr = MODELS[cell.model]
+        self.cfg = MamlConfig(
+            inner_steps=cell.inner_steps, inner_lr=lr, first_order=cell.first_order, **ALGORITHMS[cell.algorithm]
+        )
+        self.store = build_in_memory(family, 8 * cell.meta_batch, seed=0, shots=shots, queries=queries, split="train")
+        self.kind = self.store.info.kind
+        self.model_cfg = ModelConfig(name=cell.model)
+        self.net = assemble(self.model_cfg, self.cfg, self.store.info, seed=0)
+        self.model = self.net.model
+        self.sampler = Sampler(0, len(self.store), cell.meta_batch)
+        # the baselines' data: the same tasks, gathered once (a bare script's tasks are tensors already)
+        self.batches = [TaskBatch.from_numpy(self.store.rows(self.sampler.ids(i))) for i in range(8)]
+
+    def plain_step(self, meta_gradient_fn: Callable[..., dict]) -> Callable[[int], None]:
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in self.model.named_parameters()}
+        opt = torch.optim.Adam(params.values(), lr=1e-3)
+
+        def step(i: int) -> None:
+            grads = meta_gradient_fn(self.model, params, self.batches[i % 8], self.cfg, self.kind)
+            for k, v in params.items():
+                v.grad = grads[k] / len(self.batches[0])
+            opt.step()
+
+        return step
+
+    def project_step(
+        self, scaling: ScalingConfig, device: str = "cpu"
+    ) -> tuple[Callable[[int], None], Any, dict[str, float] | None]:
+        """The project's own path: sampler ids -> shards -> executor -> reduction -> Adam; and
+        where its time goes (`spent`: seconds in the fan-out/in and in the learner). Collective
+        mode: one call runs COLLECTIVE_CHUNK unlogged steps in the group (as between two logged
+        steps of a run); its learner works inside rank 0, so `spent` is None."""
+        if device == "cpu":
+            executor: Any = factory.make(self.store, self.model_cfg, self.cfg, scaling)
+        else:
+            computer = ShardComputer(
+                self.store, self.model_cfg, self.cfg, device, task_map="vmap", gpu_step=scaling.gpu_step
+            )
+            executor = InProcessExecutor(computer)
+        learner = Learner(self.net.spec, self.net.initial(), 1e-3)  # learned step sizes too, if any
+        if scaling.mode == "collective":
+
+            def chunk(i: int) -> None:
+                first = i * COLLECTIVE_CHUNK + 1
+                steps = Steps(first, first + COLLECTIVE_CHUNK - 1, log_last=False, stop_on_nonfinite=True)
+                executor.run_steps(learner, self.sampler, steps, _ignore)
+
+            return chunk, executor, None
+        spent = {"workers_s": 0.0, "learner_s": 0.0}
+
+        def step(i: int) -> None:
+            t0 = time.perf_counter()
+            _, reduced = fan_out_in(executor, learner, self.sampler.ids(i), before=False)  # an unlogged step
+            t1 = time.perf_counter()
+            learner.apply(reduced.grad)
+            spent["workers_s"] += t1 - t0
+            spent["learner_s"] += time.perf_counter() - t1
+
+        return step, executor, spent
+
+
+COLLECTIVE_CHUNK = 25  # steps per collective call in `bench`: training.log_every's default
+
+
+def _ignore(outcome: object) -> None:
+    pass
+
+
+def communication(n_params: int, workers: int, mode: str) -> dict[str, int]:
+    """Bytes a step moves. Driver mode: the weights out (one object-store copy, fetched once by
+    each worker) and one summed float32 gradient back from each worker. Collective: rank 0's
+    broadcast of the weights and gather of the gradients reach the other ranks only."""
+    peers = workers if mode == "driver" else workers - 1
+    return {"weights_out_bytes": 4 * n_params * peers, "gradients_in_bytes": 4 * n_params * peers}
+
+
+def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
+    problem, executor, spent, extra = _Problem(cell), None, None, {}
+    if cell.method == "loop":
+        step = problem.plain_step(loop_meta_gradient)
+    elif cell.method == "bare_vmap":
+        step = problem.plain_step(bare_vmap_meta_gradient)
+    elif cell.method.startswith("gpu_"):  # the project's in-process path on cuda:0, eager or graph
+        step, executor, spent = problem.project_step(ScalingConfig(num_workers=0, gpu_step=cell.method[4:]), "cuda")
+        extra = {"gpu_step": executor.computer.step_kind}
+    else:
+        n = 0 if cell.method == "in_process" else int(cell.method.split("_")[1])
+        mode = "collective" if cell.method.startswith("collective") else "driver"
+        step, executor, spent = problem.project_step(ScalingConfig(num_workers=n, task_map="vmap", mode=mode))
+        if n:
+            extra = communication(problem.net.network_spec.numel, n, mode)
+    per_call = COLLECTIVE_CHUNK if cell.method.startswith("collective") else 1
+    try:
+        counter = iter(range(10**9))
+        seconds = time_call(lambda: step(next(counter)), min_seconds) / per_call
+        if executor is not None and hasattr(executor, "worker_info"):  # Ray workers' peak memory
+            info = executor.worker_info()
+            extra["worker_peak_rss_mib"] = max(i.peak_rss_mib or 0.0 for i in info if i is not None)
+            gpu = [i.peak_gpu_mib for i in info if i is not None and i.peak_gpu_mib is not None]
+            if gpu:
+                extra["worker_peak_gpu_mib"] = max(gpu)
+    finally:
+        if executor is not None:
+            executor.close()
+    if spent is not None:  # the learner's share of the time the project's path spent
+        extra["learner_share"] = spent["learner_s"] / (spent["learner_s"] + spent["workers_s"])
+    return {**asdict(cell), "tasks_per_s": cell.meta_batch / seconds, "step_ms": 1e3 * seconds, **extra}
+
+
+def gradients_agree(model: str, meta_batch: int = 25) -> float:
+    """Max relative difference of the loop's, the bare script's and the project's meta-gradients
+    (second order, 1 inner step) at the same weights: the methods compute the same thing."""
+    problem = _Problem(Cell("loop", model, meta_batch, 1, False))
+    params = {k: v.detach() for k, v in problem.model.named_parameters()}
+    spec = problem.net.network_spec
+    batch = problem.batches[0]
+    ours = maml.meta_gradient(problem.net.forward, problem.kind, params, batch, problem.cfg)[0]
+    ref = spec.flatten(loop_meta_gradient(problem.model, params, batch, problem.cfg, problem.kind))
+    others = [
+        spec.flatten(ours),
+        spec.flatten(bare_vmap_meta_gradient(problem.model, params, batch, problem.cfg, problem.kind)),
+    ]
+    return max(float((g - ref).abs().max() / ref.abs().max()) for g in others)
+
+
+def run(
+    quick: bool = False, min_seconds: float = 1.0, workers: int | None = None, methods: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Every cell in one process tree, one torch thread per process (Ray workers: one CPU each);
+    `methods`: only those."""
+    torch.set_num_threads(1)
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
+    todo = [c for c in cells(quick, workers) if methods is None or c.method in methods]
+    if not todo:
+        raise UserError(f"--methods {','.join(methods or ())} names no method this machine runs (see `bench --help`)")
+    rows = []
+    for cell in tqdm(todo, desc="bench", unit="cell", disable=None):
+        rows.append(measure(cell, min_seconds))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory = [] if quick else memory_per_task("sinusoid_mlp", (1, 5, 10), 1000, (False, True), device)
+    return {
+        "benchmark": "a full meta-step (meta-gradient + Adam) per method, tasks/s; median of timed rounds after warm-up",
+        "rows": rows,
+        "memory": memory,
+        "gradients_max_rel_diff": {m: gradients_agree(m) for m in ({r["model"] for r in rows})},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": 1,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """One line per problem, one column per method (tasks/s), and in_process / bare_vmap."""
+    rows = result["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    problems = list(dict.fromkeys((r["model"], r["meta_batch"], r["inner_steps"], r["first_order"]) for r in rows))
+    speed = {
+        (r["model"], r["meta_batch"], r["inner_steps"], r["first_order"], r["method"]): r["tasks_per_s"] for r in rows
+    }
+    head = ["model", "meta-batch", "steps", "order", *methods, "in_process/bare_vmap"]
+    lines = [
+        f"{result['benchmark']}; {result['machine']['cpus']} CPUs, torch {result['machine']['torch']}",
+        " | ".join(head),
+        " | ".join("-" * len(h) for h in head),
+    ]
+    for p in problems:
+        cols = [speed.get((*p, m)) for m in methods]
+        ratio = speed.get((*p, "in_process"), 0) / speed[(*p, "bare_vmap")] if (*p, "bare_vmap") in speed else None
+        lines.append(
+            " | ".join(
+                [p[0], str(p[1]), str(p[2]), "first" if p[3] else "second"]
+                + ["-" if c is None else f"{c:,.0f}" for c in cols]
+                + ["-" if ratio is None else f"{ratio:.2f}x"]
+            )
+        )
+    agree = ", ".join(f"{m} {d:.1e}" for m, d in result["gradients_max_rel_diff"].items())
+    lines += ["", f"meta-gradients agree (max rel diff vs the loop): {agree}", ""]
+    lines += [
+        "the project's path | model | meta-batch | steps | order | learner share | KiB out / in per step "
+        "| worker peak RSS MiB",
+        "------------------ | ----- | ---------- | ----- | ----- | ------------- | --------------------- "
+        "| -------------------",
+    ]
+    for r in rows:
+        if r["method"] not in ("loop", "bare_vmap"):
+            kib = (
+                f"{r['weights_out_bytes'] / 1024:.1f} / {r['gradients_in_bytes'] / 1024:.1f}"
+                if "weights_out_bytes" in r
+                else "- (in-process)"
+            )
+            rss = f"{r['worker_peak_rss_mib']:.0f}" if "worker_peak_rss_mib" in r else "-"
+            share = f"{100 * r['learner_share']:.1f}%" if "learner_share" in r else "- (in rank 0)"
+            lines.append(
+                f"{r['method']} | {r['model']} | {r['meta_batch']} | {r['inner_steps']} | "
+                f"{'first' if r['first_order'] else 'second'} | {share} | {kib} | {rss}"
+            )
+    if result.get("memory"):
+        lines += ["", "peak memory per task (vmap) | model | meta-batch | inner steps | order | MiB per task"]
+        lines += [
+            f"| {r['model']} | {r['meta_batch']} | {r['inner_steps']} | {'first' if r['first_order'] else 'second'} "
+            f"| {r['mib_per_task']:.3f}"
+            for r in result["memory"]
+        ]
+    return "\n".join(lines)
+
+
+def main(
+    min_seconds: float = 1.0,
+    quick: bool = False,
+    workers: int | None = None,
+    as_json: bool = False,
+    methods: tuple[str, ...] | None = None,
+) -> dict:
+    result = run(quick, min_seconds, workers, methods)
+    if not as_json:
+        print(format_table(result))
+    print(json.dumps(result))  # the last line, always: {"rows": [...], "machine": {...}, ...}
+    return result
+
+
+def algorithms_main(min_seconds: float = 1.0, as_json: bool = False) -> dict[str, Any]:
+    """`bench --algorithms`: each algorithm's full in-process meta-step on the sinusoid MLP (one
+    torch thread), as tasks/s and relative to MAML's cost per step."""
+    torch.set_num_threads(1)
+    rows = [measure(cell, min_seconds) for cell in tqdm(algorithm_cells(), desc="bench", unit="cell", disable=None)]
+    maml_speed = {(r["meta_batch"], r["inner_steps"]): r["tasks_per_s"] for r in rows if r["algorithm"] == "maml"}
+    for r in rows:
+        r["cost_vs_maml"] = maml_speed[(r["meta_batch"], r["inner_steps"])] / r["tasks_per_s"]
+    result = {"benchmark": "in-process meta-step per algorithm, sinusoid MLP, tasks/s", "rows": rows}
+    if not as_json:
+        print("algorithm | meta-batch | inner steps | tasks/s | cost per step vs maml")
+        print("--------- | ---------- | ----------- | ------- | ---------------------")
+        for r in rows:
+            print(
+                f"{r['algorithm']} | {r['meta_batch']} | {r['inner_steps']} | {r['tasks_per_s']:,.0f} | "
+                f"{r['cost_vs_maml']:.2f}x"
+            )
+    print(json.dumps(result))
+    return result

@@ -1,0 +1,308 @@
+"""`distributed-maml` subcommands. A user error prints one line and exits with code 2.
+
+Each command imports what it runs inside its function: `--help` and a wrong argument answer at
+once, without loading torch or Ray (a start-up cost, not a circle: tests/test_layers.py counts
+these imports too)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from distributed_maml import stopping
+from distributed_maml.errors import UserError, os_error_line
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps takes comma-separated whole numbers, got {text!r}") from None
+    if not steps or min(steps) < 0:
+        raise argparse.ArgumentTypeError(f"--steps takes comma-separated numbers >= 0, got {text!r}")
+    return steps
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distributed-maml", description="Distributed MAML meta-training on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="meta-train (default: the seed problem, in-process or on local Ray)")
+    t.add_argument("--config", type=Path, help="TOML config (default: the built-in one, = jobs/seed.toml)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable",
+    )
+    t.add_argument("--output-dir", type=Path, help="run folder (default: a new folder under runs/)")
+    t.add_argument("--tasks", type=Path, help="task store to train on (default: build one in the run folder)")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="adapt on held-out tasks; query loss/accuracy with 95%% CIs")
+    e.add_argument("--run", type=Path, required=True, help="run folder")
+    e.add_argument("--tasks", type=Path, help="held-out store (default: fresh tasks from the run's family)")
+    e.add_argument("--steps", type=_steps_list, default=[0, 1, 5, 10], help="inner steps to report (0,1,5,10)")
+    e.add_argument("--num-tasks", type=int, default=600, help="held-out tasks (600)")
+    e.add_argument("--shots", type=int, help="support shots of generated held-out tasks (default: the run's)")
+    e.add_argument("--inner-lr", type=float, help="test-time inner step size (default: the run's maml.inner_lr)")
+    e.add_argument("--workers", type=int, help="Ray workers for evaluation (default: the run's; 0 = in-process)")
+    e.add_argument("--no-baselines", action="store_true", help="skip the pretrained and scratch baselines")
+    e.add_argument("--pretrain-steps", type=int, help="steps of the pretrained baseline (default: min(steps, 10000))")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    tasks = sub.add_parser("tasks", help="build or inspect Arrow task stores").add_subparsers(
+        dest="tasks_cmd", required=True
+    )
+    b = tasks.add_parser("build", help="generate a task store")
+    b.add_argument("--family", help="seed, sinusoid, glyphs or package.module:Family (or --from-table/--from-images)")
+    b.add_argument(
+        "--from-table", type=Path, metavar="FILE", help="N-way K-shot tasks from a .parquet/.arrow/.csv table"
+    )
+    b.add_argument("--label-column", help="with --from-table: the class label column (the rest are features)")
+    b.add_argument(
+        "--from-images",
+        type=Path,
+        metavar="DIR",
+        help="N-way K-shot image tasks from DIR/<class>/*.png|jpg (see --class-depth)",
+    )
+    b.add_argument("--image-size", type=int, default=28, help="with --from-images: resize to S x S pixels (28)")
+    b.add_argument("--grayscale", action="store_true", help="with --from-images: one channel instead of RGB")
+    b.add_argument(
+        "--rotations",
+        type=_steps_list,
+        default=[0],
+        help="with --from-images: comma-separated degrees; each rotation is a new class (Omniglot: 0,90,180,270)",
+    )
+    b.add_argument(
+        "--class-depth",
+        type=int,
+        default=1,
+        help="with --from-images: folder levels per class (2 for Omniglot's alphabet/character/)",
+    )
+    b.add_argument(
+        "--strict", action="store_true", help="with --from-images: an unreadable image is an error, not skipped"
+    )
+    b.add_argument("--ways", type=int, default=None, help="classes per task (--from-table/--from-images: 5; glyphs: 5)")
+    b.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.3,
+        help="with --from-table/--from-images: share of classes held out for meta-test (at least --ways)",
+    )
+    b.add_argument("--num-tasks", type=int, required=True)
+    b.add_argument("--out", type=Path, required=True, help="the .arrow file to write")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--shots", type=int, default=None, help="support examples per class/points (seed 5, sinusoid 10)")
+    b.add_argument("--queries", type=int, default=None, help="query examples per class/points (seed 15, sinusoid 10)")
+    b.add_argument(
+        "--split",
+        "--classes-split",
+        dest="split",
+        default="train",
+        help="train or test: held-out tasks come from a disjoint stream (tables, images, glyphs: disjoint "
+        "classes); all: every class of an image folder that ships its own split",
+    )
+    b.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    i = tasks.add_parser("info", help="describe a task store")
+    i.add_argument("path", type=Path)
+    i.add_argument("--json", action="store_true")
+
+    pl = sub.add_parser("plot", help="redraw a run's plots (PNG in RUN_DIR/plots/)")
+    pl.add_argument("run", type=Path)
+
+    be = sub.add_parser(
+        "bench", help="meta-training tasks/s: per-task loop, bare vmap, in-process, Ray workers (one run)"
+    )
+    be.add_argument("--seconds", type=float, default=1.0, help="timed seconds per measurement (1)")
+    be.add_argument("--quick", action="store_true", help="one model, one inner step, second order (< 1 min)")
+    be.add_argument("--workers", type=int, default=None, help="ray_1..ray_N (default: N = min(CPUs, 4))")
+    be.add_argument("--json", action="store_true", help="only the JSON line")
+    be.add_argument(
+        "--methods",
+        type=lambda v: tuple(v.split(",")),
+        default=None,
+        help="only these methods (e.g. gpu_eager,gpu_graph)",
+    )
+    be.add_argument("--meta-batches", type=_steps_list, default=None, help="with --conv4: meta-batch sizes (4,32,256)")
+    be.add_argument("--algorithms", action="store_true", help="each algorithm's step (maml, fomaml, maml++, ...)")
+    be.add_argument("--conv4", action="store_true", help="conv4 on 5-way 1-shot glyphs: vmap vs loop, and memory")
+    be.add_argument("--channels", type=int, default=32, help="with --conv4: filters per block (32)")
+    be.add_argument("--queries", type=int, default=5, help="with --conv4: query images per class (5)")
+    be.add_argument("--threads", type=int, default=None, help="with --conv4: torch threads (default: all)")
+    return p
+
+
+DEFAULT_SHOTS = {"seed": (5, 15), "sinusoid": (10, 10), "glyphs": (1, 15)}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from distributed_maml import config
+    from distributed_maml.app import run, train
+
+    if args.resume:
+        if args.output_dir or args.tasks:
+            raise UserError("--resume continues a run in place; drop --output-dir and --tasks")
+        r = run.resume(args.resume, args.config, args.overrides)
+    else:
+        cfg = config.load(args.config, args.overrides)
+        r = run.prepare(cfg, args.output_dir, args.tasks, progress=not args.no_progress)
+    executor = train.make_executor(r)
+    try:
+        result = train.train(r, executor, progress=not args.no_progress)
+    finally:
+        executor.close()
+    print(f"done: {result.step} steps; checkpoint {r.dir / 'checkpoints' / ('step_' + str(result.step))}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from distributed_maml.app import evaluate
+
+    result = evaluate.evaluate(
+        args.run,
+        args.tasks,
+        args.steps,
+        args.num_tasks,
+        args.shots,
+        baselines=not args.no_baselines,
+        pretrain_steps=args.pretrain_steps,
+        inner_lr=args.inner_lr,
+        workers=args.workers,
+    )
+    print(json.dumps(result) if args.json else evaluate.format_table(result))
+    from distributed_maml.app import plots
+
+    plots.plot_run(args.run)  # the adaptation plot of this evaluation, with the others
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from distributed_maml import data
+
+    if args.tasks_cmd == "build" and args.from_table and args.from_images:
+        raise UserError("give one of --from-table and --from-images")
+    if args.tasks_cmd == "build" and args.from_images:
+        info, summary = data.build_from_images(
+            args.from_images,
+            args.out,
+            args.ways or 5,
+            args.shots or 1,
+            args.queries or 15,
+            args.num_tasks,
+            args.image_size,
+            args.split,
+            args.seed,
+            args.test_fraction,
+            grayscale=args.grayscale,
+            rotations=tuple(args.rotations),
+            class_depth=args.class_depth,
+            strict=args.strict,
+            overwrite=args.overwrite,
+        )
+        c, h, w = info.image_shape
+        print(
+            f"wrote {args.out}: {info.num_tasks} {info.ways}-way {info.shots}-shot tasks over {info.num_images} "
+            f"images ({c}x{h}x{w}) of {len(info.classes)} {info.split} classes from {args.from_images}; skipped "
+            f"{summary.unreadable} unreadable file(s), dropped {summary.classes_dropped} class(es) with fewer than "
+            f"{info.shots + info.queries} images; {Path(args.out).stat().st_size / 2**20:.1f} MiB"
+        )
+    elif args.tasks_cmd == "build" and args.from_table:
+        if not args.label_column:
+            raise UserError("--from-table needs --label-column NAME")
+        info = data.build_from_table(
+            args.from_table,
+            args.out,
+            args.label_column,
+            args.ways or 5,
+            args.shots or 5,
+            args.queries or 15,
+            args.num_tasks,
+            args.split,
+            args.seed,
+            args.test_fraction,
+            overwrite=args.overwrite,
+        )
+        print(
+            f"wrote {args.out}: {info.num_tasks} {info.ways}-way {info.shots}-shot tasks from {args.from_table} "
+            f"({info.split} classes: {', '.join(info.classes)})"
+        )
+    elif args.tasks_cmd == "build":
+        if not args.family:
+            raise UserError("tasks build needs --family seed|sinusoid|glyphs, --from-table FILE or --from-images DIR")
+        shots, queries = DEFAULT_SHOTS.get(args.family, (5, 15))
+        info = data.build(
+            args.out,
+            args.family,
+            args.num_tasks,
+            args.seed,
+            args.shots or shots,
+            args.queries or queries,
+            args.split,
+            overwrite=args.overwrite,
+            ways=args.ways or 0,
+        )
+        images = f" over {info.num_images} images of {len(info.classes)} classes" if info.layout == "images" else ""
+        print(
+            f"wrote {args.out}: {info.num_tasks} {info.family} tasks{images} ({info.split}, seed {info.seed}), "
+            f"{Path(args.out).stat().st_size / 2**20:.1f} MiB"
+        )
+    else:
+        d = data.describe(data.TaskStore.open(args.path), args.path)
+        print(json.dumps(d) if args.json else "\n".join(f"{k}: {v}" for k, v in d.items()))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from distributed_maml.app import plots
+
+    for path in plots.plot_run(args.run):
+        print(f"wrote {path}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from distributed_maml.app import bench, bench_conv4
+
+    if args.algorithms:
+        bench.algorithms_main(args.seconds, args.json)
+    elif args.conv4:
+        if args.channels < 1 or args.queries < 1:
+            raise UserError(f"--channels and --queries must be >= 1, got {args.channels} and {args.queries}")
+        bench_conv4.conv4_main(
+            tuple(args.meta_batches or (4, 32, 256)), args.channels, args.queries, args.seconds, args.threads
+        )
+    else:
+        if args.seconds <= 0 or (args.workers is not None and args.workers < 0):
+            raise UserError(f"--seconds must be > 0 and --workers >= 0, got {args.seconds} and {args.workers}")
+        bench.main(args.seconds, args.quick, args.workers, args.json, args.methods)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    writes = args.command == "train" or (args.command == "tasks" and args.tasks_cmd == "build")
+    command = {"train": cmd_train, "eval": cmd_eval, "tasks": cmd_tasks, "plot": cmd_plot, "bench": cmd_bench}
+    try:
+        with stopping.handling() if writes else contextlib.nullcontext():  # a signal stops these at a safe point
+            command[args.command](args)
+    except UserError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"distributed-maml: error: {message}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # a full disk, an unwritable or missing path: the user's to fix, in one line
+        print(f"distributed-maml: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except stopping.Stopped as e:  # a graceful stop (see stopping.py): its line says how to go on
+        print(f"distributed-maml: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ndistributed-maml: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

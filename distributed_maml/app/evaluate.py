@@ -1,0 +1,337 @@
+"""Meta-test: adapt on held-out tasks and score the query sets, against two baselines.
+
+The protocol (Finn et al. 2017): held-out tasks (a fixed test store, or fresh tasks from a
+stream disjoint from training), the adaptation curve for inner steps 0..n with the run's inner
+step size, mean and 95% confidence interval over >= 600 tasks. Every initialisation sees exactly
+the same tasks and inner steps:
+
+- maml: the run's meta-learned weights;
+- pretrained: the same network trained jointly on the training tasks' data (plain supervised
+  learning over all their examples, Adam), then fine-tuned on each test task's support set;
+- scratch: the run's own random initialisation (its step-0 weights), fine-tuned the same way.
+
+Few shots and many steps can blow up on some tasks (a learned initialisation may be tuned for
+the training inner loop); the result reports the median, the share of **blow-ups** (a
+non-finite loss, or one above BLOW_UP x the loss of the best constant guess for the family:
+predicting 0 for regression, uniform for classification) and, apart from them, the share of
+tasks that **got worse** than unadapted, beside the mean instead of hiding them.
+
+Regression held-out tasks are scored on as many query points as support points (the paper's
+K-shot protocol: K to adapt, K to score). The pretrained baseline's fine-tuning step size is
+chosen from PRETRAINED_LR_GRID x the run's on separate validation tasks, and named.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distributed_maml.app import checkpoint
+from distributed_maml.app.checkpoint import RunState
+from distributed_maml.config import Config
+from distributed_maml.core import maml as maml_mod
+from distributed_maml.core import models
+from distributed_maml.core.learner import Learner
+from distributed_maml.core.maml import as_input, loss_fn
+from distributed_maml.core.models import ParamSpec
+from distributed_maml.core.network import Network, assemble
+from distributed_maml.data.families import FROM_FILES, resolve
+from distributed_maml.data.format import COLUMNS
+from distributed_maml.data.sampler import Sampler, split_shards
+from distributed_maml.data.store import TaskStore
+from distributed_maml.data.writing import build_in_memory
+from distributed_maml.errors import StoreError, UserError
+from distributed_maml.execution import factory
+from distributed_maml.execution.computer import ShardComputer
+from distributed_maml.execution.protocol import Executor
+
+BLOW_UP = 10.0  # a blow-up: a non-finite loss, or one above 10x the best constant guess's loss
+PRETRAINED_LR_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)  # x the run's inner_lr, for the pretrained baseline
+VALIDATION_TASKS = 100
+
+
+def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over axis 0 and the half-width of its normal-approximation 95% interval,
+    1.96 * sample std / sqrt(n) (the paper's protocol)."""
+    n = values.shape[0]
+    sd = values.std(axis=0, ddof=1) if n > 1 else np.zeros(values.shape[1:])
+    return values.mean(axis=0), 1.96 * sd / np.sqrt(n)
+
+
+def held_out_store(state: RunState, tasks: str | Path | None, num_tasks: int, shots: int | None) -> TaskStore:
+    cfg, train = state.config, state.store
+    if tasks is None:
+        if cfg.task.family in FROM_FILES:
+            raise UserError(
+                f"a run on tasks built with {FROM_FILES[cfg.task.family]} needs --tasks: a store built with "
+                "--classes-split test"
+            )
+        return generated_held_out(state, num_tasks, shots, seed=train.seed)
+    store = TaskStore.open(tasks)
+    info = store.info
+    if info.family != train.family:
+        raise StoreError(f"{tasks} holds {info.family!r} tasks but the run was trained on {train.family!r} tasks")
+    same_file = Path(tasks).resolve() == Path(train.path).resolve()
+    same_stream = info.family not in FROM_FILES and (info.split, info.seed) == ("train", train.seed)
+    if same_file or same_stream:
+        raise StoreError(
+            f"{tasks} is the run's training store; evaluate on held-out tasks "
+            "(build them with `distributed-maml tasks build --split test`)"
+        )
+    if info.family in FROM_FILES and info.split == "train":
+        raise StoreError(f"{tasks} holds meta-training classes; build the test store with --classes-split test")
+    return store
+
+
+def generated_held_out(state: RunState, num_tasks: int, shots: int | None, seed: int) -> TaskStore:
+    """Fresh tasks of the run's family from the held-out stream (`seed` picks the tasks);
+    regression tasks get as many query points as shots."""
+    cfg = state.config
+    k = shots or cfg.task.shots
+    queries = k if resolve(cfg.task.family).kind == "regression" else cfg.task.queries
+    ways = state.store.ways or cfg.task.ways
+    return build_in_memory(cfg.task.family, num_tasks, seed=seed, shots=k, queries=queries, split="test", ways=ways)
+
+
+def tune_lr(
+    state: RunState,
+    cfg: Config,
+    spec: ParamSpec,
+    params: dict[str, torch.Tensor],
+    max_steps: int,
+    shots: int | None,
+    train_store: Callable[[], TaskStore],
+) -> tuple[float, dict[str, float]]:
+    """The fine-tuning step size for a baseline, as the paper tuned its baselines: each of
+    PRETRAINED_LR_GRID x the run's inner_lr on VALIDATION_TASKS tasks that are not the
+    evaluation's (fresh held-out tasks from another seed; for file-built stores, the run's own
+    meta-training tasks), scored by the mean query loss after `max_steps` steps."""
+    if cfg.task.family in FROM_FILES:
+        val = train_store()
+    else:
+        val = generated_held_out(state, VALIDATION_TASKS, shots, seed=state.store.seed + 1_000_003)
+    computer = ShardComputer(val, cfg.model, cfg.maml, task_map=cfg.scaling.task_map)
+    ids = np.arange(min(VALIDATION_TASKS, len(val)))
+    scores = {}
+    for factor in PRETRAINED_LR_GRID:
+        lr = cfg.maml.inner_lr * factor
+        weights = spec.flatten(maml_mod.with_learned_lrs(cfg.maml, params, lr)).detach().to(torch.float32).numpy()
+        with np.errstate(invalid="ignore", over="ignore"):
+            final = float(np.mean(computer.curve(weights, ids, max_steps, lr)[0][:, -1]))
+        scores[f"{lr:g}"] = final if np.isfinite(final) else float("inf")
+    best = min(scores, key=lambda k: scores[k])
+    return float(best), scores
+
+
+def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int, net: Network) -> dict[str, torch.Tensor]:
+    """The 'pretrained' baseline: one network fit to all examples of the training tasks, by
+    the training loop's own step (the sampler's tasks, a gradient, the learner's Adam update).
+
+    A store with named classes (tables, image folders, glyphs) is pretrained as a classifier over
+    all its classes (task labels mapped back to classes through `params`), the standard transfer
+    baseline of the few-shot literature; the parameters whose shape depends on the number of
+    outputs (the head) then start from the run's own initialisation (`net`'s). Other stores fit
+    the task labels or targets as given, from `net`'s initialisation."""
+    info = store.info
+    global_labels = info.kind == "classification" and len(info.classes) > info.ways
+    if global_labels:
+        wide = replace(info, output_dim=len(info.classes), ways=len(info.classes))
+        model = models.build(cfg.model, wide, seed=seed)
+        spec, forward, initial = models.ParamSpec.of(model), models.functional(model), dict(model.named_parameters())
+    else:
+        spec, forward, initial = net.network_spec, net.forward, net.weights()
+    learner = Learner(spec, spec.flatten(initial), cfg.optimizer.lr)
+    loss = loss_fn(info.kind)
+    sampler = Sampler(seed, len(store), cfg.task.meta_batch)
+    for step in tqdm(range(steps), desc="pretrained baseline", unit="step", disable=None, leave=False):
+        rows = store.rows(sampler.ids(step), columns=(*COLUMNS[:4], "params"))
+        x = np.concatenate([rows["x_support"], rows["x_query"]], 1).reshape(-1, *info.example_shape)
+        y = np.concatenate([rows["y_support"], rows["y_query"]], 1)
+        if global_labels:
+            y = np.take_along_axis(rows["params"].astype(np.int64), y, axis=1)
+        y = y.reshape(-1) if info.kind == "classification" else y.reshape(-1, info.output_dim)
+        value = loss(forward(spec.unflatten(learner.flat), as_input(torch.from_numpy(x))), torch.from_numpy(y))
+        (g,) = torch.autograd.grad(value, learner.flat)
+        learner.apply(g.numpy())
+    own = net.weights()
+    return {k: (v if v.shape == own[k].shape else own[k]).detach().clone() for k, v in learner.state_dict().items()}
+
+
+def baseline_weights(
+    run_dir: Path, cfg: Config, net: Network, pretrain_steps: int, train_store: Callable[[], TaskStore]
+) -> dict[str, dict]:
+    """The two baselines' initial weights: the run's own step-0 weights (`net`'s), and the
+    pretrained one, cached in the run folder."""
+    out = {"scratch": net.weights()}
+    cache = run_dir / "baselines" / f"pretrained_{pretrain_steps}.pt"
+    if cache.exists():
+        out["pretrained"] = torch.load(cache, weights_only=True)
+    else:
+        out["pretrained"] = pretrain(cfg, train_store(), pretrain_steps, cfg.training.seed, net)
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(out["pretrained"], tmp)
+        tmp.replace(cache)
+    return out
+
+
+def eval_executor(cfg: Config, store: TaskStore, workers: int | None) -> Executor:
+    """The run's executor over the held-out store (`workers`, default the run's
+    scaling.num_workers): held-out tasks are as parallel as training tasks. Driver mode: there
+    are no meta-steps to run as a collective group."""
+    n = cfg.scaling.num_workers if workers is None else workers
+    return factory.make(store, cfg.model, cfg.maml, replace(cfg.scaling, num_workers=n, mode="driver"))
+
+
+def curves(
+    executor: Any, spec: ParamSpec, params: dict[str, torch.Tensor], n: int, max_steps: int, lr: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-task loss (and accuracy) after 0..max_steps inner steps: [n, max_steps + 1]."""
+    weights = spec.flatten(params).detach().to(torch.float32).numpy()
+    parts = executor.curves(weights, split_shards(np.arange(n), executor.num_shards), max_steps, lr)
+    losses = np.concatenate([p[0] for p in parts])
+    return losses, (None if parts[0][1] is None else np.concatenate([p[1] for p in parts]))
+
+
+def blow_up_bound(store: TaskStore, n: int) -> float:
+    """BLOW_UP x the loss of the best constant guess on these tasks: the mean squared query
+    target (predicting 0) for regression, ln(ways) (uniform) for classification. Tied to the
+    family's scale, not to one task's starting loss (a tiny one may rise tenfold harmlessly)."""
+    info = store.info
+    if info.kind == "classification":
+        return BLOW_UP * float(np.log(info.ways))
+    y = store.rows(np.arange(n), columns=("y_query",))["y_query"]
+    return BLOW_UP * float(np.mean(np.square(y, dtype=np.float64)))
+
+
+def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int], bound: float) -> dict[str, Any]:
+    with np.errstate(invalid="ignore", over="ignore"):
+        blow_up = ~np.isfinite(losses) | (losses > bound)
+        worse = ~blow_up & (losses > losses[:, :1])
+        mean, ci = mean_ci95(losses[:, steps])
+    out = {
+        "loss_mean": mean.tolist(),
+        "loss_ci95": ci.tolist(),
+        # a NaN loss is a blow-up: it counts as +inf, so the median stays meaningful
+        "loss_median": np.median(np.nan_to_num(losses[:, steps], nan=np.inf), axis=0).tolist(),
+        "blow_up_fraction": blow_up[:, steps].mean(axis=0).tolist(),
+        "worse_fraction": worse[:, steps].mean(axis=0).tolist(),
+    }
+    if accs is not None:
+        mean, ci = mean_ci95(accs[:, steps])
+        out.update(accuracy_mean=mean.tolist(), accuracy_ci95=ci.tolist())
+    return out
+
+
+def evaluate(
+    run_dir: str | Path,
+    tasks: str | Path | None = None,
+    steps: Sequence[int] = (0, 1, 5, 10),
+    num_tasks: int = 600,
+    shots: int | None = None,
+    baselines: bool = True,
+    pretrain_steps: int | None = None,
+    inner_lr: float | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """The adaptation curve of the run's weights (and of the baselines) on held-out tasks."""
+    if not steps or min(steps) < 0:
+        raise UserError(f"--steps must be a list of numbers >= 0, got {list(steps)}")
+    if num_tasks < 2:
+        raise UserError(f"--num-tasks must be >= 2 for a confidence interval, got {num_tasks}")
+    if shots is not None and shots < 1:
+        raise UserError(f"--shots must be >= 1, got {shots}")
+    run_dir = Path(run_dir)
+    ckpt = checkpoint.load(checkpoint.latest(run_dir))
+    cfg = ckpt.state.config
+    if inner_lr is not None:  # test-time step size (the run's by default)
+        cfg = cfg.replace(maml=replace(cfg.maml, inner_lr=inner_lr))
+    store = held_out_store(ckpt.state, tasks, num_tasks, shots)
+    info, n, idx = store.info, min(num_tasks, len(store)), list(steps)
+    # the meta-learned init with its learned inner step sizes (Meta-SGD, LSLR), if it has them
+    inits = {"maml": {k: v.to(torch.float32) for k, v in {**ckpt.model, **ckpt.inner_lr}.items()}}
+    net = assemble(cfg.model, cfg.maml, info, seed=cfg.training.seed)  # the run's own step-0 network
+    spec = net.spec
+    train_store = functools.cache(lambda: TaskStore.open(ckpt.state.store.path))  # opened once, if needed
+    if baselines:
+        steps_pre = pretrain_steps if pretrain_steps is not None else min(cfg.training.steps, 10_000)
+        inits.update(baseline_weights(run_dir, cfg, net, steps_pre, train_store))
+    lrs: dict[str, Any] = {name: cfg.maml.inner_lr for name in inits}
+    tuning: dict[str, Any] = {}
+    if "pretrained" in inits:
+        lrs["pretrained"], tuning = tune_lr(
+            ckpt.state, cfg, spec, inits["pretrained"], max(max(idx), 1), shots, train_store
+        )
+    bound = blow_up_bound(store, n)
+    executor = eval_executor(cfg, store, workers)
+    try:
+        evaluated_by = executor.describe()  # while its workers are up (Ray asks them)
+        results = {}
+        for name, p in inits.items():  # an init without learned step sizes adapts at its lr everywhere
+            params = maml_mod.with_learned_lrs(cfg.maml, p, lrs[name])
+            shown = "learned" if name == "maml" and ckpt.inner_lr else lrs[name]
+            results[name] = {
+                "inner_lr": shown,
+                **summarize(*curves(executor, spec, params, n, max(idx), lrs[name]), idx, bound),
+            }
+    finally:
+        executor.close()
+    if tuning:
+        results["pretrained"]["inner_lr_tuning"] = tuning
+    out: dict[str, Any] = {
+        "run": str(run_dir),
+        "checkpoint_step": ckpt.step,
+        "family": info.family,
+        "num_tasks": n,
+        "shots": info.shots,
+        "queries": info.queries,
+        "blow_up_bound": bound,
+        "steps": idx,
+        "evaluated_by": evaluated_by,
+        **results.pop("maml"),
+        "baselines": results,
+    }
+    lr_tag = "" if inner_lr is None else f"-lr{inner_lr:g}"  # a test-time step size of its own keeps its own file
+    save = run_dir / "eval" / f"eval-{info.shots}shots{lr_tag}.json"
+    save.parent.mkdir(exist_ok=True)
+    save.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    head = (
+        f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, {result['queries']} "
+        f"queries, inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']}; "
+        f"{result['evaluated_by']}; blow-up: loss non-finite or > {result['blow_up_bound']:.3g}"
+    )
+    classification = "accuracy_mean" in result
+    cols = ["init", "inner steps", "query loss (95% CI)", "median", "blow-ups", "got worse"] + (
+        ["accuracy (95% CI)"] if classification else []
+    )
+    rows = []
+    for name, r in [("maml", result), *result.get("baselines", {}).items()]:
+        if "inner_lr_tuning" in r:
+            name = f"{name} (lr {r['inner_lr']:g}, tuned)"
+        for i, k in enumerate(result["steps"]):
+            row = [
+                name,
+                str(k),
+                f"{r['loss_mean'][i]:.4f} ± {r['loss_ci95'][i]:.4f}",
+                f"{r['loss_median'][i]:.4f}",
+                f"{100 * r['blow_up_fraction'][i]:.1f}%",
+                f"{100 * r['worse_fraction'][i]:.1f}%",
+            ]
+            if classification:
+                row.append(f"{r['accuracy_mean'][i]:.4f} ± {r['accuracy_ci95'][i]:.4f}")
+            rows.append(row)
+    widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows)])

@@ -1,0 +1,195 @@
+"""The meta-training loop. The whole algorithm is on this page:
+
+    ids of step s (sampler) -> shards -> workers: summed meta-gradients -> learner: mean, Adam
+
+Everything else (config, run folder, store, Ray) is set up before the loop and passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from distributed_maml import stopping
+from distributed_maml.app.run import Run, append_line
+from distributed_maml.config import TrainingConfig
+from distributed_maml.core.learner import Learner
+from distributed_maml.core.network import assemble
+from distributed_maml.data.families import FROM_FILES
+from distributed_maml.data.sampler import Sampler
+from distributed_maml.data.writing import build_in_memory
+from distributed_maml.errors import TrainingError, os_error_line
+from distributed_maml.execution import factory
+from distributed_maml.execution.computer import ShardComputer
+from distributed_maml.execution.protocol import Executor
+from distributed_maml.execution.steps import StepOutcome, Steps
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    weights: np.ndarray
+    last_metrics: dict[str, Any]
+
+
+def make_executor(run: Run) -> Executor:
+    return factory.make(run.store, run.cfg.model, run.cfg.maml, run.cfg.scaling)
+
+
+def make_learner(run: Run) -> Learner:
+    """The learner over the meta-parameters: the model's weights, then any learned inner step
+    sizes (Meta-SGD, MAML++'s LSLR), which start at maml.inner_lr."""
+    net = assemble(run.cfg.model, run.cfg.maml, run.store.info, seed=run.cfg.training.seed)
+    learner = Learner.of(net.spec, net.initial(), run.cfg.maml, run.cfg.optimizer.lr)
+    if run.start is not None:
+        learner.load({**run.start.model, **run.start.inner_lr}, run.start.optimizer, run.start.version)
+    return learner
+
+
+def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
+    """The mean post-adaptation query loss on a fixed set of held-out tasks (None if off)."""
+    cfg, task = run.cfg.training, run.cfg.task
+    if not cfg.eval_every or task.family in FROM_FILES:
+        return None
+    info = run.store.info
+    store = build_in_memory(task.family, cfg.eval_tasks, cfg.seed, task.shots, task.queries, "test", info.ways)
+    computer = ShardComputer(store, run.cfg.model, run.cfg.maml, task_map=run.cfg.scaling.task_map)
+    ids = np.arange(len(store))
+    steps, lr = run.cfg.maml.inner_steps, run.cfg.maml.inner_lr
+
+    def score(weights: np.ndarray) -> float:
+        losses, _ = computer.curve(weights, ids, steps, lr)
+        return float(losses[:, -1].mean())
+
+    return score
+
+
+def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
+    try:
+        return _train(run, executor, progress)
+    except OSError as e:  # a full disk or a vanished folder mid-run: checkpoints are atomic, so `latest` is whole
+        raise TrainingError(
+            f"{os_error_line(e)}; the last checkpoint ({run.last_checkpoint()}) is intact: fix this, then continue with "
+            f"distributed-maml train --resume {run.dir}"
+        ) from None
+    finally:  # the run folder's one-writer lock (taken by prepare/resume) ends with the training
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
+    cfg = run.cfg.training
+    learner = make_learner(run)
+    heldout = heldout_scorer(run)
+    sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
+    start = run.start.step if run.start else 0
+    if run.start is None:  # step 0 on disk at once: a run stopped or failed before its first checkpoint resumes
+        run.save(learner, 0, sampler)
+    stopping.install()  # again: connecting to Ray replaced the SIGTERM handler
+    executor.watch(run.lost)
+    print(
+        f"run {run.dir}: {len(run.store)} {run.store.info.family} tasks, {executor.describe()}, "
+        f"steps {start}..{cfg.steps}",
+        flush=True,
+    )
+    with (
+        open(run.dir / "metrics.jsonl", "ab", buffering=0) as log,
+        tqdm(total=cfg.steps, initial=start, desc="meta-train", unit="step", disable=not progress or None) as bar,
+    ):
+        recorder = _Recorder(run, learner, sampler, heldout, log, bar)
+        step = start  # `step` counts completed meta-steps
+        while step < cfg.steps:
+            if stopping.requested():  # SIGINT/SIGTERM: the last step is applied; keep it, then stop
+                run.stop(learner, step, sampler)
+            # Steps run in chunks that end where the driver must act (log, checkpoint, held-out
+            # evaluation): the driver loop still checks for stops between steps, the collective
+            # loop hands back control only at a chunk's end.
+            last = _chunk_end(step + 1, cfg, heldout is not None)
+            steps = Steps(step + 1, last, recorder.logged(last), cfg.on_nonfinite == "stop")
+            try:
+                step = executor.run_steps(learner, sampler, steps, recorder.on_step)
+            except TrainingError as e:  # stopped before Adam saw a bad step, or the workers are gone
+                path = run.save(learner, recorder.done, sampler)
+                raise TrainingError(f"{e}; the last good weights are saved in {path}") from None
+            if step == last and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
+                run.save(learner, step, sampler)
+    return TrainResult(run.dir, cfg.steps, learner.weights(), recorder.record)
+
+
+def _chunk_end(first: int, cfg: TrainingConfig, heldout: bool) -> int:
+    """The first step from `first` on that is logged, checkpointed, evaluated, or the last."""
+    periods = [cfg.log_every] + [p for p in (cfg.checkpoint_every, cfg.eval_every if heldout else 0) if p]
+    return min([cfg.steps, *(first + (-first) % p for p in periods)]) if first > 1 else 1
+
+
+class _Recorder:
+    """What the loop does with each step's outcome: the non-finite policy, the metrics line,
+    the progress bar, the held-out score."""
+
+    def __init__(
+        self,
+        run: Run,
+        learner: Learner,
+        sampler: Sampler,
+        heldout: Callable[[np.ndarray], float] | None,
+        log: IO[bytes],
+        bar: Any,
+    ) -> None:
+        self.run, self.learner, self.sampler, self.heldout, self.log, self.bar = (
+            run,
+            learner,
+            sampler,
+            heldout,
+            log,
+            bar,
+        )
+        self.cfg = run.cfg.training
+        self.skipped = 0
+        self.record: dict[str, Any] = {}
+        self.done = run.start.step if run.start else 0  # the last step settled (the learner's state)
+
+    def heldout_step(self, step: int) -> bool:
+        return self.heldout is not None and (step % self.cfg.eval_every == 0 or step == self.cfg.steps)
+
+    def logged(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step in (1, self.cfg.steps) or self.heldout_step(step)
+
+    def on_step(self, o: StepOutcome) -> None:
+        """Called after step `o.step` settled (the learner holds its weights when it is logged)."""
+        if not o.finite and self.cfg.on_nonfinite == "stop":  # Adam never saw it: the learner holds step - 1
+            maml, lr = self.run.cfg.maml, self.run.cfg.optimizer.lr
+            raise TrainingError(
+                f"step {o.step}: non-finite meta-loss or meta-gradient (loss {o.metrics.get('loss_after')}); "
+                f"likely maml.inner_lr ({maml.inner_lr}) or optimizer.lr ({lr}) is too large"
+            )
+        self.skipped += not o.finite  # on_nonfinite = "skip": dropped, counted
+        record = {
+            "step": o.step,
+            "meta_loss": o.metrics["loss_after"],
+            **o.metrics,
+            "tasks_per_s": o.count / o.wall_s,
+            "skipped_steps": self.skipped,
+            "time": o.timing,
+        }
+        self.bar.set_postfix(
+            meta_loss=f"{record['meta_loss']:.4f}", tasks_s=f"{record['tasks_per_s']:.0f}", refresh=False
+        )
+        self.bar.update()
+        if self.heldout is not None and self.heldout_step(o.step):
+            record["heldout_loss"] = self.heldout(self.learner.weights())
+        if self.logged(o.step):
+            append_line(self.log, json.dumps(record) + "\n")
+            tqdm.write(
+                f"Step {o.step}, Meta Loss: {record['meta_loss']:.4f}"
+                + (f", Accuracy: {record['acc_after']:.3f}" if "acc_after" in record else "")
+                + (f", Held-out Loss: {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
+            )
+        self.record = record
+        self.done = o.step

@@ -1,0 +1,51 @@
+"""The run's configuration: typed sections (`sections`), parsed from TOML and --set overrides
+with one-line errors (`loading`). The base layer: imports nothing of the package but `errors`."""
+
+from distributed_maml.config.loading import apply_overrides, dumps, from_dict, load
+from distributed_maml.config.sections import (
+    ALGORITHMS,
+    FAMILIES,
+    GPU_STEPS,
+    LEARN_INNER_LR,
+    MODELS,
+    MODES,
+    NONFINITE_POLICIES,
+    PLACEMENTS,
+    SECTIONS,
+    STORE_SHARING,
+    TASK_MAPS,
+    Config,
+    MamlConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ScalingConfig,
+    TaskConfig,
+    TrainingConfig,
+    is_import_path,
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "FAMILIES",
+    "GPU_STEPS",
+    "LEARN_INNER_LR",
+    "MODELS",
+    "MODES",
+    "NONFINITE_POLICIES",
+    "PLACEMENTS",
+    "SECTIONS",
+    "STORE_SHARING",
+    "TASK_MAPS",
+    "Config",
+    "MamlConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ScalingConfig",
+    "TaskConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "dumps",
+    "from_dict",
+    "is_import_path",
+    "load",
+]

@@ -1,0 +1,385 @@
+"""Configuration: one frozen dataclass per component, loaded from TOML.
+
+Each section of a TOML file maps to one dataclass below; a component receives only its own
+section. Values are checked in ``__post_init__`` with messages a user can act on, and unknown
+sections or keys are errors (a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from distributed_maml.errors import ConfigError
+
+# Open sets (user code may name its own with package.module:attribute) stay strings; the closed
+# ones are Literal types, their values named in the one-line errors.
+FAMILIES = ("seed", "sinusoid", "glyphs", "table", "images")
+MODELS = ("seed_mlp", "sinusoid_mlp", "mlp", "conv4")
+Placement = Literal["pack", "spread"]
+PLACEMENTS: tuple[str, ...] = typing.get_args(Placement)
+TaskMap = Literal["auto", "vmap", "loop"]
+TASK_MAPS: tuple[str, ...] = typing.get_args(TaskMap)
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_import_path(name: str) -> bool:
+    """`package.module:attribute`: user code, imported where it is used."""
+    return bool(_IMPORT_PATH.match(name))
+
+
+NonfinitePolicy = Literal["stop", "skip"]
+NONFINITE_POLICIES: tuple[str, ...] = typing.get_args(NonfinitePolicy)
+StoreSharing = Literal["auto", "path", "object_store"]
+STORE_SHARING: tuple[str, ...] = typing.get_args(StoreSharing)
+Mode = Literal["driver", "collective"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
+Algorithm = Literal["maml", "fomaml", "meta-sgd", "anil", "reptile"]
+ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
+LearnInnerLr = Literal["none", "per-layer-per-step"]
+LEARN_INNER_LR: tuple[str, ...] = typing.get_args(LearnInnerLr)
+GpuStep = Literal["graph", "eager"]
+GPU_STEPS: tuple[str, ...] = typing.get_args(GpuStep)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """[task]: which tasks, and how many per meta-step."""
+
+    family: str = "seed"
+    """Task family: "seed" (2-way classification, 10 features), "sinusoid" (the MAML paper's
+    regression), "glyphs" (procedural handwritten-character images, N-way K-shot), "table" or
+    "images" (stores built with `tasks build --from-table` / `--from-images`, passed with --tasks),
+    or "package.module:Family" (your own generator, see README)."""
+    ways: int = 0
+    """Classes per task for families that choose (glyphs); 0 = the family's or store's own."""
+    shots: int = 5
+    """Support examples per class (classification) or support points (regression)."""
+    queries: int = 15
+    """Query examples per class (classification) or query points (regression)."""
+    meta_batch: int = 32
+    """Tasks per meta-step."""
+    num_tasks: int = 0
+    """Size of the store `train` builds when no --tasks is given; 0 means steps x meta_batch,
+    so that a run sees each task about once (the paper draws fresh tasks every step), but at
+    most 10^6 tasks or 1 GiB (store.DEFAULT_MAX_TASKS/BYTES): a long run cycles through it."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.family in FAMILIES or is_import_path(self.family),
+            f"task.family must be one of {', '.join(FAMILIES)} or package.module:Family, got {self.family!r}",
+        )
+        _require(self.ways >= 0, f"task.ways must be >= 0 (0 = the family's own), got {self.ways}")
+        _require(self.ways != 1, "task.ways must be >= 2 for classification (0 = the family's own), got 1")
+        _require(self.shots >= 1, f"task.shots must be >= 1, got {self.shots}")
+        _require(self.queries >= 1, f"task.queries must be >= 1, got {self.queries}")
+        _require(self.meta_batch >= 1, f"task.meta_batch must be >= 1, got {self.meta_batch}")
+        _require(self.num_tasks >= 0, f"task.num_tasks must be >= 0 (0 = steps x meta_batch), got {self.num_tasks}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the network that is meta-learned."""
+
+    name: str = "seed_mlp"
+    """"seed_mlp" (10 -> 64 -> 2, ReLU), "sinusoid_mlp" (1 -> 40 -> 40 -> 1, ReLU, the paper's),
+    "mlp" (input and output sizes taken from the task store, hidden sizes from `hidden`), "conv4"
+    (the paper's 4-block conv net with per-task BatchNorm, sized from the store) or
+    "package.module:factory": your own, called as factory(input_shape=..., num_outputs=..., **kwargs)."""
+    hidden: tuple[int, ...] = (64,)
+    """Hidden layer widths, used by name = "mlp" only."""
+    channels: int = 64
+    """Filters per conv block, used by name = "conv4" only (the paper: 64 Omniglot, 32 mini-ImageNet)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """[model.kwargs]: keyword arguments passed through to a user factory."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name in MODELS or is_import_path(self.name),
+            f"model.name must be one of {', '.join(MODELS)} or package.module:factory, got {self.name!r}",
+        )
+        _require(self.channels >= 1, f"model.channels must be >= 1, got {self.channels}")
+        _require(
+            not self.kwargs or is_import_path(self.name),
+            f"model.kwargs are passed to a user factory only; model.name = {self.name!r} takes none",
+        )
+        _require(len(self.hidden) >= 1, "model.hidden must list at least one layer width")
+        _require(all(h >= 1 for h in self.hidden), f"model.hidden widths must be >= 1, got {list(self.hidden)}")
+
+
+@dataclass(frozen=True)
+class MamlConfig:
+    """[maml]: the algorithm, its inner loop and the order of the meta-gradient."""
+
+    inner_steps: int = 5
+    """SGD steps on the support set per task."""
+    inner_lr: float = 0.5
+    """Step size of the inner SGD (alpha in the paper)."""
+    first_order: bool = False
+    """Drop the second-order terms (FOMAML): cheaper, usually a little worse. With algorithm =
+    "maml" this is "fomaml"; with "anil", first-order ANIL."""
+    algorithm: Algorithm = "maml"
+    """"maml" (Finn et al. 2017), "fomaml" (its first-order form), "meta-sgd" (Li et al. 2017:
+    a learned step size per weight element, initialised to inner_lr), "anil" (Raghu et al. 2020:
+    the inner loop adapts only the head, `anil_head`), or "reptile" (Nichol et al. 2018: the
+    meta-update moves the weights toward the mean of the adapted weights, by `reptile_step`)."""
+    multi_step_loss: bool = False
+    """MAML++ (Antoniou et al. 2019), with maml/fomaml: the meta-objective is the query loss
+    after every inner step, weighted; the weights anneal toward the last step over
+    `msl_anneal_steps` meta-updates (MAML++'s schedule, with meta-updates for its epochs)."""
+    msl_anneal_steps: int = 1000
+    """Meta-updates over which the multi-step loss's weights move to the last step."""
+    first_order_until: int = 0
+    """MAML++'s derivative-order annealing, with maml: first-order meta-gradients for the first
+    this many meta-updates, second order after (0 = off)."""
+    learn_inner_lr: LearnInnerLr = "none"
+    """MAML++'s LSLR, with maml/fomaml: "per-layer-per-step" learns one inner step size per
+    parameter tensor and inner step (initialised to inner_lr), meta-trained with the weights."""
+    anil_head: str = ""
+    """With "anil": the parameter-name prefix of the head the inner loop adapts (e.g. "2." or
+    "head."); empty = the model's last layer."""
+    reptile_step: float = 1.0
+    """With "reptile": the outer step size epsilon, theta += epsilon * mean(phi - theta), applied
+    by plain SGD (Adam's optimizer.lr is unused). 1.0 is Nichol et al.'s starting value; on the
+    sinusoid family 0.1 learned 3x slower (held-out loss 1.34 vs 0.49 after 3,000 steps)."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.inner_steps <= 100, f"maml.inner_steps must be in [1, 100], got {self.inner_steps}")
+        _require(
+            math.isfinite(self.inner_lr) and self.inner_lr > 0,
+            f"maml.inner_lr must be a finite number > 0, got {self.inner_lr}",
+        )
+        _require(
+            self.algorithm in ALGORITHMS,
+            f"maml.algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}",
+        )
+        _require(
+            self.learn_inner_lr in LEARN_INNER_LR,
+            f"maml.learn_inner_lr must be one of {', '.join(LEARN_INNER_LR)}, got {self.learn_inner_lr!r}",
+        )
+        plus = [
+            n
+            for n, on in [
+                ("multi_step_loss", self.multi_step_loss),
+                ("first_order_until", self.first_order_until),
+                ("learn_inner_lr", self.learn_inner_lr != "none"),
+            ]
+            if on
+        ]
+        _require(
+            not plus or self.algorithm in ("maml", "fomaml"),
+            f"maml.{plus[0] if plus else ''} (MAML++) combines with algorithm maml or fomaml, not {self.algorithm!r}",
+        )
+        _require(
+            not (self.first_order and self.algorithm == "reptile"),
+            "maml.first_order has no meaning for reptile (it takes no meta-gradient); drop it",
+        )
+        _require(
+            self.first_order_until == 0 or not self.always_first_order(),
+            "maml.first_order_until anneals second-order MAML; with first_order or fomaml every step is first order",
+        )
+        _require(self.first_order_until >= 0, f"maml.first_order_until must be >= 0, got {self.first_order_until}")
+        _require(self.msl_anneal_steps >= 1, f"maml.msl_anneal_steps must be >= 1, got {self.msl_anneal_steps}")
+        _require(
+            not self.anil_head or self.algorithm == "anil",
+            f"maml.anil_head is for algorithm anil, not {self.algorithm!r}",
+        )
+        _require(
+            math.isfinite(self.reptile_step) and 0 < self.reptile_step <= 1,
+            f"maml.reptile_step must be in (0, 1], got {self.reptile_step}",
+        )
+
+    def learns_inner_lr(self) -> bool:
+        """Whether the inner step sizes are meta-parameters (Meta-SGD, MAML++'s LSLR)."""
+        return self.algorithm == "meta-sgd" or self.learn_inner_lr != "none"
+
+    def always_first_order(self) -> bool:
+        """Whether every meta-gradient is first order (fomaml, or first_order)."""
+        return self.first_order or self.algorithm == "fomaml"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """[optimizer]: the Adam meta-optimizer."""
+
+    lr: float = 1e-3
+    """Adam step size (beta in the paper)."""
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.lr) and self.lr > 0, f"optimizer.lr must be a finite number > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """[training]: length, seed, logging and checkpoints."""
+
+    steps: int = 500
+    """Meta-steps to run."""
+    seed: int = 0
+    """Seeds the initial weights, the task store `train` builds and the task order."""
+    log_every: int = 25
+    """Print a log line and write metrics.jsonl every this many steps."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoint folders kept, the newest ones (0 = keep all); older ones are deleted only after
+    a newer one is complete, and never the one `latest` names."""
+    eval_every: int = 100
+    """Every this many steps, score the weights on eval_tasks held-out tasks (after the inner
+    loop) and log it as heldout_loss (0 = never; table-built runs never, they have no generator)."""
+    eval_tasks: int = 200
+    """Held-out tasks for eval_every (drawn from the test stream, disjoint from training)."""
+    on_nonfinite: NonfinitePolicy = "stop"
+    """What a non-finite loss or meta-gradient does: "stop" (default, weights untouched) or
+    "skip" (drop that step, count it in the metrics)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"training.steps must be >= 1, got {self.steps}")
+        _require(0 <= self.seed < 2**63, f"training.seed must be in [0, 2**63), got {self.seed}")
+        _require(self.log_every >= 1, f"training.log_every must be >= 1, got {self.log_every}")
+        _require(
+            self.checkpoint_every >= 0,
+            f"training.checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}",
+        )
+        _require(
+            self.keep_checkpoints >= 0,
+            f"training.keep_checkpoints must be >= 0 (0 = keep all), got {self.keep_checkpoints}",
+        )
+        _require(self.eval_every >= 0, f"training.eval_every must be >= 0 (0 = never), got {self.eval_every}")
+        _require(self.eval_tasks >= 1, f"training.eval_tasks must be >= 1, got {self.eval_tasks}")
+        _require(
+            self.on_nonfinite in NONFINITE_POLICIES,
+            f"training.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}",
+        )
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """[scaling]: where the per-task work runs."""
+
+    num_workers: int = -1
+    """Ray worker actors; 0 runs in-process without Ray, -1 sizes the pool to the cluster
+    (one worker per GPU when there are GPUs, else one per cpus_per_worker CPUs). A range
+    `[min, max]` sets min_workers = min and num_workers = max."""
+    min_workers: int = 0
+    """Elastic start: the run begins once this many workers are placed and grows to num_workers
+    as room appears (0: all num_workers must be placed). A step's shards are always
+    num_workers, so the weights do not depend on how many workers computed them."""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker reserves; its torch thread count is set to match."""
+    gpus_per_worker: float = 0.0
+    """GPUs each worker reserves (fractions share a card); > 0 computes on cuda:0 in the actor."""
+    placement: Placement = "pack"
+    """"pack" keeps workers on as few nodes as possible, "spread" puts them on distinct nodes."""
+    max_worker_failures: int = 3
+    """Failed calls a worker may have before its shards move to the other workers."""
+    worker_timeout_s: float = 60.0
+    """How long a worker may go without answering a health check (its actor dead, restarting,
+    or waiting for a node that will not come) before it counts as failed for good and its
+    shards move to the live workers. A busy worker still answers: checks run beside its work."""
+    task_map: TaskMap = "auto"
+    """How a worker maps its shard's tasks: "vmap" (one batched computation), "loop" (one task
+    at a time) or "auto": loop for conv nets on a CPU (vmap turns their convolutions into slow
+    grouped ones there), vmap otherwise. Same gradients either way (tested)."""
+    gpu_step: GpuStep = "graph"
+    """How a GPU worker runs an unlogged step: "graph" (captured once per padded shard size as a
+    CUDA graph and replayed: no per-kernel launch cost; checked against eager at capture, eager
+    again if it differs) or "eager". CPU workers always run eagerly."""
+    mode: Mode = "driver"
+    """"driver": the driver calls every worker every step (the reference loop). "collective":
+    the workers form a torch.distributed group (gloo on CPUs, NCCL on GPUs) and run the steps
+    themselves, rank 0 the learner, handing the driver the state at each logged, checkpointed or
+    evaluated step: no Ray call per step, which wins where a step is shorter than a Ray call.
+    Same weights either way (tested); needs Ray workers."""
+    store_sharing: StoreSharing = "auto"
+    """How workers read the task store: "path" (memory-map the file; every node must see it),
+    "object_store" (the file's bytes put into Ray's object store once) or "auto" (path when
+    every worker's node sees the file, else object_store)."""
+    interface: str = ""
+    """The network interface a collective group's ranks talk over (gloo, NCCL). Empty: on each
+    node, the interface that holds the address Ray knows the node by (a host name that resolves
+    to 127.0.0.1 would otherwise send the other hosts to their own loopback). GLOO_SOCKET_IFNAME
+    / NCCL_SOCKET_IFNAME in the workers' environment win over both."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= -1, f"scaling.num_workers must be >= 0, or -1 for auto, got {self.num_workers}")
+        _require(
+            self.min_workers == 0 or 1 <= self.min_workers <= self.num_workers,
+            f"scaling.min_workers must be 0 (all) or between 1 and num_workers ({self.num_workers}), "
+            f"got {self.min_workers}",
+        )
+        _require(
+            math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0,
+            f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}",
+        )
+        _require(
+            math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0,
+            f"scaling.gpus_per_worker must be >= 0, got {self.gpus_per_worker}",
+        )
+        _require(
+            self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer(),
+            f"scaling.gpus_per_worker above 1 must be a whole number, got {self.gpus_per_worker}",
+        )
+        _require(
+            self.placement in PLACEMENTS,
+            f"scaling.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}",
+        )
+        _require(
+            self.gpu_step in GPU_STEPS,
+            f"scaling.gpu_step must be one of {', '.join(GPU_STEPS)}, got {self.gpu_step!r}",
+        )
+        _require(self.mode in MODES, f"scaling.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _require(
+            self.mode == "driver" or self.num_workers != 0,
+            "scaling.mode = 'collective' needs Ray workers: set scaling.num_workers >= 1 (or -1 for auto)",
+        )
+        _require(
+            self.store_sharing in STORE_SHARING,
+            f"scaling.store_sharing must be one of {', '.join(STORE_SHARING)}, got {self.store_sharing!r}",
+        )
+        _require(
+            self.task_map in TASK_MAPS,
+            f"scaling.task_map must be one of {', '.join(TASK_MAPS)}, got {self.task_map!r}",
+        )
+        _require(
+            self.max_worker_failures >= 1,
+            f"scaling.max_worker_failures must be >= 1, got {self.max_worker_failures}",
+        )
+        _require(
+            math.isfinite(self.worker_timeout_s) and self.worker_timeout_s > 0,
+            f"scaling.worker_timeout_s must be a number of seconds > 0, got {self.worker_timeout_s}",
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: one section per component."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    maml: MamlConfig = field(default_factory=MamlConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for f in dataclasses.fields(self):
+            section = dataclasses.asdict(getattr(self, f.name))
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+        return out
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]

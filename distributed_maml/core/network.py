@@ -1,0 +1,61 @@
+"""The one builder of "what computes a shard": the network for a store, its parameter layout,
+its pure forward function and the parameters the inner loop adapts.
+
+Training's learner, every worker's shard computer, evaluation and `bench` all assemble their
+network here, so a change to how a model is built, laid out or adapted has one place to go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distributed_maml.config import MamlConfig, ModelConfig
+from distributed_maml.core.maml import head_of, meta_spec, with_learned_lrs
+from distributed_maml.core.models import Forward, ParamSpec, build, functional
+from distributed_maml.data.format import StoreInfo
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network assembled for one store and one MAML configuration.
+
+    `model` is the module (its own parameters are the initialisation drawn from the seed, and a
+    template for `forward`); `spec` lays out the meta-parameters: the network's, then any learned
+    inner step sizes (Meta-SGD, MAML++'s LSLR); `head` names what ANIL adapts (None: all)."""
+
+    model: nn.Module
+    network_spec: ParamSpec
+    spec: ParamSpec
+    forward: Forward
+    head: frozenset[str] | None
+    maml: MamlConfig
+
+    def initial(self) -> torch.Tensor:
+        """The meta-parameters at the start of a run, flat: the model's initialisation, and
+        every learned step size at maml.inner_lr."""
+        params = with_learned_lrs(self.maml, dict(self.model.named_parameters()), self.maml.inner_lr)
+        return self.spec.flatten(params)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The model's initial parameters (detached), by name."""
+        return {k: v.detach() for k, v in self.model.named_parameters()}
+
+
+def assemble(
+    model_cfg: ModelConfig, maml_cfg: MamlConfig, info: StoreInfo, seed: int = 0, device: str | torch.device = "cpu"
+) -> Network:
+    """The network for `info`'s tasks, initialised from `seed`, on `device`. A wrong ANIL head
+    is a one-line ConfigError here (before any worker starts)."""
+    model = build(model_cfg, info, seed=seed).to(device)
+    network = ParamSpec.of(model)
+    return Network(
+        model=model,
+        network_spec=network,
+        spec=meta_spec(maml_cfg, network),
+        forward=functional(model),
+        head=head_of(maml_cfg, network.names),
+        maml=maml_cfg,
+    )

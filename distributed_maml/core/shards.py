@@ -1,0 +1,43 @@
+"""What crosses from a worker to the learner: one shard's summed meta-gradient (`ShardResult`)
+and the fan-in that turns a step's shards into one mean (`reduce_shards`). Workers build the
+first, the learner and the collective loop apply the second; both import only this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ShardResult:
+    """What a worker returns for one shard: the SUM of its tasks' meta-gradients (flat float32
+    numpy, which Ray hands over without a copy), how many tasks it held, and metric sums."""
+
+    grad_sum: np.ndarray
+    count: int
+    metrics: dict[str, float]
+    compute_s: float = 0.0
+    worker: str = "in-process"
+
+
+@dataclass
+class Reduced:
+    grad: np.ndarray
+    count: int
+    metrics: dict[str, float] = field(default_factory=dict)  # means over tasks
+
+
+def reduce_shards(results: Sequence[ShardResult]) -> Reduced:
+    """The fan-in: the task-weighted mean of the shards' gradients and metrics, summed in shard
+    order (never arrival order) so that the result does not depend on timing."""
+    count = sum(r.count for r in results)
+    total = np.zeros_like(results[0].grad_sum)
+    sums: dict[str, float] = {}
+    for r in results:
+        total += r.grad_sum
+        for k, v in r.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return Reduced(total / np.float32(count), count, {k: v / count for k, v in sums.items()})

@@ -1,0 +1,152 @@
+"""Shard computation without Ray: a task store, a model template and a device.
+
+`ShardComputer.compute` is what the in-process loop calls directly and what every Ray actor
+wraps; keeping it Ray-free keeps it testable and identical at every scale.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from distributed_maml.config import MamlConfig, ModelConfig
+from distributed_maml.core.maml import TaskBatch, adaptation_curve, as_input, meta_gradient, varies
+from distributed_maml.core.network import assemble
+from distributed_maml.core.shards import ShardResult
+from distributed_maml.data.store import TaskStore
+from distributed_maml.execution.graphstep import GraphSteps
+
+CURVE_CHUNK = 1000  # tasks per vmap call when evaluating: bounds memory, not results
+
+
+class ShardComputer:
+    def __init__(
+        self,
+        store: TaskStore,
+        model_cfg: ModelConfig,
+        maml_cfg: MamlConfig,
+        device: str = "cpu",
+        name: str = "in-process",
+        task_map: str = "auto",
+        gpu_step: str = "graph",
+    ) -> None:
+        self.store = store
+        self.maml_cfg = maml_cfg
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # PyTorch lets cuDNN convolutions run in TF32 by default (Ampere and newer): ~1e-3
+            # relative error per op, and a second-order conv4 meta-gradient off the CPU's by up to
+            # 3% (measured on an H100). Exact float32 keeps a GPU worker's answer the CPU's.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        # The module is only a template for functional_call: its own parameters are never used.
+        net = assemble(model_cfg, maml_cfg, store.info, seed=0, device=self.device)
+        self.model, self.spec, self.forward, self.head = net.model, net.spec, net.forward, net.head
+        self.name = name
+        self.task_map = choose_task_map(self.model, self.device, task_map)
+        self.resident = _resident_columns(store, self.device)
+        self.graphs: GraphSteps | None = None
+        if gpu_step == "graph" and self.device.type == "cuda" and self.task_map == "vmap" and not varies(maml_cfg):
+            self.graphs = GraphSteps(self.forward, store.info.kind, self.spec, maml_cfg, name)
+        self.gpu_step = gpu_step
+
+    @property
+    def step_kind(self) -> str:
+        """How this worker runs a step, for the run's first line."""
+        if self.graphs is not None:
+            return "eager steps (graph failed)" if self.graphs.failed else "CUDA-graph steps"
+        if self.gpu_step == "graph" and self.device.type != "cuda":
+            return "eager steps (graphs need CUDA)"
+        if self.gpu_step == "graph" and varies(self.maml_cfg):
+            return "eager steps (MAML++ schedules change the step)"
+        return "eager steps"
+
+    def batch(self, ids: np.ndarray) -> TaskBatch:
+        """The shard's rows as tensors on the device. On a GPU that holds the whole store, a
+        gather there; otherwise a gather from the memory-mapped store and one host-to-device copy
+        (images cross as uint8 and become floats on the device)."""
+        if self.resident is None:
+            return TaskBatch.from_numpy(self.store.rows(ids), self.device)
+        index = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)
+        cols = {c: t.index_select(0, index) for c, t in self.resident.items() if c != "images"}
+        if "images" in self.resident:  # the image table lives on the device: gather there
+            ns = self.store.info.n_support
+            ids_s, ids_q = cols.pop("image_ids").split([ns, cols["y_query"].shape[1]], dim=1)
+            cols["x_support"] = as_input(self.resident["images"][ids_s])
+            cols["x_query"] = as_input(self.resident["images"][ids_q])
+        return TaskBatch(cols["x_support"], cols["y_support"], cols["x_query"], cols["y_query"])
+
+    def compute(self, weights: np.ndarray, ids: np.ndarray, before: bool = True, version: int = 0) -> ShardResult:
+        """The summed meta-gradient of tasks `ids` at `weights` (flat float32) after `version`
+        meta-updates; `before`: also the unadapted query metrics (maml.meta_gradient)."""
+        start = time.perf_counter()
+        # A copy: arrays from Ray's object store are read-only, and the copy is tiny.
+        flat = torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
+        params = self.spec.unflatten(flat)
+        batch = self.batch(ids)
+        kind = self.store.info.kind
+        graphed = None if before or self.graphs is None else self.graphs.run(flat, batch)
+        if graphed is not None:  # an unlogged step: replayed from the shard size's graph
+            flat_grad, loss_sum, acc_sum = graphed
+            metrics = {"loss_after": loss_sum.item()}
+            if kind == "classification":
+                metrics["acc_after"] = acc_sum.item()
+        else:
+            grads, metrics = meta_gradient(
+                self.forward, kind, params, batch, self.maml_cfg, self.task_map, before, version
+            )
+            flat_grad = self.spec.flatten(grads)
+        grad_sum = flat_grad.detach().to("cpu", torch.float32).numpy()
+        return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
+
+    def curve(
+        self, weights: np.ndarray, ids: np.ndarray, max_steps: int, lr: float
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-task query loss (and accuracy) after 0..max_steps inner steps of size lr, for
+        tasks `ids` from `weights`: [len(ids), max_steps + 1] (vmap over chunks of CURVE_CHUNK)."""
+        params = self.spec.unflatten(torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device))
+        losses, accs = [], []
+        for lo in range(0, len(ids), CURVE_CHUNK):
+            batch = self.batch(ids[lo : lo + CURVE_CHUNK])
+            loss, acc = adaptation_curve(
+                self.forward, self.store.info.kind, params, batch, max_steps, lr, self.task_map, self.head
+            )
+            losses.append(loss.cpu().numpy())
+            accs.append(None if acc is None else acc.cpu().numpy())
+        return np.concatenate(losses), (None if accs[0] is None else np.concatenate(accs))
+
+
+def choose_task_map(model: nn.Module, device: torch.device, setting: str) -> str:
+    """scaling.task_map = "auto": a per-task loop for conv nets on a CPU, vmap everywhere else.
+
+    Under vmap each adapted conv becomes a grouped convolution and every task's graph is held at
+    once: on the 2-core CPU, conv4-32 needed 48-230 MiB per task (1-10 inner steps) and was
+    between 1.8x slower and 1.6x faster than the loop (`bench --conv4`), while the loop's memory
+    is one task's whatever the shard. On a GPU vmap won 59x (conv4, H200: an earlier measurement, not re-run since; docs/benchmarks.md)."""
+    if setting != "auto":
+        return setting
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return "loop" if has_conv and device.type == "cpu" else "vmap"
+
+
+def _resident_columns(store: TaskStore, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """A GPU worker copies the store to the device once when it takes under a quarter of the
+    free memory: per step it then moves only task ids, not rows (at meta-batch 65,536 of the
+    seed family that is 118 MB a step otherwise, which would dominate the step). An image store
+    puts its image table there too (uint8: Omniglot ~25 MB, mini-ImageNet ~1.3 GB)."""
+    if device.type != "cuda":
+        return None
+    columns = store.model_columns()
+    nbytes = sum(a.nbytes for c in columns for a in store.column_chunks(c))
+    nbytes += store.images.nbytes if store.images is not None else 0
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > free // 4:
+        return None
+    out = {c: torch.cat([torch.tensor(a, device=device) for a in store.column_chunks(c)]) for c in columns}
+    if store.images is not None:
+        out["images"] = torch.tensor(store.images, device=device)
+        out["image_ids"] = out["image_ids"].long()
+    return out

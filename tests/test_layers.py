@@ -1,0 +1,110 @@
+"""The package's shape: layers import only downward, and no import circle (issue 16).
+
+Layers, bottom to top: the base modules (config, errors, stopping, userimport), `data`, `core`,
+`execution`, `app`. Every import of the package is counted, at module level or inside a
+function, so a circle cannot hide behind a deferred import.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "distributed_maml"
+LAYERS = {"data": 1, "core": 2, "execution": 3, "app": 4}  # anything else in the package: 0 (base)
+MAX_LINES = 400
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int:
+    """0 for the base modules, 5 for `python -m distributed_maml` (the entry point above all)."""
+    parts = module.split(".")
+    if parts[-1] == "__main__":
+        return 5
+    return LAYERS.get(parts[1], 0) if len(parts) > 1 else 0
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """The package modules `path` imports (`from pkg import mod` counts as mod)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if sub in modules else node.module)
+    return {m for m in out if m in modules}
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    return {m: imports(p, modules) - {m} for m, p in files.items()}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(g[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n) :] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(g):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_circle():
+    assert find_cycle(graph()) is None, " -> ".join(find_cycle(graph()) or [])
+
+
+def test_a_circle_is_found():
+    """The checker itself can fail: a two-module circle and a longer one are reported."""
+    assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_import_goes_down_the_layers():
+    upward = [
+        f"{m} ({layer(m)}) imports {n} ({layer(n)})" for m, deps in graph().items() for n in deps if layer(n) > layer(m)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_an_upward_import_is_found():
+    assert layer("distributed_maml.core.maml") > layer("distributed_maml.data.store") > layer("distributed_maml.errors")
+    assert layer("distributed_maml.app.cli") > layer("distributed_maml.execution.driver")
+
+
+def test_no_module_is_over_400_lines():
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, long
+
+
+if __name__ == "__main__":  # docs/architecture.md's table: which layer imports which
+    names = {0: "base", 1: "data", 2: "core", 3: "execution", 4: "app", 5: "__main__"}
+    edges: dict[int, set[int]] = {}
+    for m, deps in graph().items():
+        edges.setdefault(layer(m), set()).update(layer(n) for n in deps if layer(n) != layer(m))
+    for src in sorted(edges, reverse=True):
+        print(f"{names[src]:>10} -> {', '.join(names[d] for d in sorted(edges[src], reverse=True)) or '-'}")
