@@ -19,7 +19,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from distributed_maml.app.bench_conv4 import memory_per_task
+from distributed_maml.app.bench_memory import memory_per_task
 from distributed_maml.app.timing import MODELS, time_call
 from distributed_maml.config import MamlConfig, ModelConfig, ScalingConfig
 from distributed_maml.core import maml
@@ -270,7 +270,7 @@ def run(
     for cell in tqdm(todo, desc="bench", unit="cell", disable=None):
         rows.append(measure(cell, min_seconds))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    memory = [] if quick else memory_per_task("sinusoid_mlp", (1, 5, 10), 1000, (False, True), device)
+    memory = [] if quick else memory_per_task("sinusoid_mlp", (1, 5, 10), 1000, ("second", "first"), device)
     return {
         "benchmark": "a full meta-step (meta-gradient + Adam) per method, tasks/s; median of timed rounds after warm-up",
         "rows": rows,

@@ -134,6 +134,11 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--meta-batches", type=_steps_list, default=None, help="with --conv4: meta-batch sizes (4,32,256)")
     be.add_argument("--algorithms", action="store_true", help="each algorithm's step (maml, fomaml, maml++, ...)")
     be.add_argument("--conv4", action="store_true", help="conv4 on 5-way 1-shot glyphs: vmap vs loop, and memory")
+    be.add_argument("--memory", action="store_true", help="conv4 memory per task and cost by mode and inner steps")
+    be.add_argument("--inner-steps", type=_steps_list, default=None, help="with --memory: 1,5,10,25,50")
+    be.add_argument("--modes", default="second,checkpointed,first", help="with --memory: second,checkpointed,first")
+    be.add_argument("--meta-batch", type=int, default=4, help="with --memory: tasks per measured step (4)")
+    be.add_argument("--memory-gb", type=float, default=None, help="with --memory: the budget for max meta-batch")
     be.add_argument("--channels", type=int, default=32, help="with --conv4: filters per block (32)")
     be.add_argument("--queries", type=int, default=5, help="with --conv4: query images per class (5)")
     be.add_argument("--threads", type=int, default=None, help="with --conv4: torch threads (default: all)")
@@ -265,9 +270,17 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from distributed_maml.app import bench, bench_conv4
+    from distributed_maml.app import bench, bench_conv4, bench_memory
 
-    if args.algorithms:
+    if args.memory:
+        modes = tuple(m for m in args.modes.split(",") if m)
+        if not modes or any(m not in bench_memory.MODES for m in modes):
+            raise UserError(f"--modes must be some of {','.join(bench_memory.MODES)}, got {args.modes!r}")
+        steps = tuple(args.inner_steps or (1, 5, 10, 25, 50))
+        if min(steps) < 1 or args.meta_batch < 1 or args.channels < 1 or (args.memory_gb or 1) <= 0:
+            raise UserError("--inner-steps, --meta-batch and --channels must be >= 1 and --memory-gb > 0")
+        bench_memory.memory_main(steps, modes, args.meta_batch, args.channels, args.memory_gb)
+    elif args.algorithms:
         bench.algorithms_main(args.seconds, args.json)
     elif args.conv4:
         if args.channels < 1 or args.queries < 1:

@@ -7,6 +7,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from distributed_maml.config import ModelConfig
+from distributed_maml.core.maml import TaskBatch
+from distributed_maml.core.models import build, functional
+from distributed_maml.data.writing import build_in_memory
+
 MODELS = {"sinusoid_mlp": ("sinusoid", 10, 10, 0.01), "seed_mlp": ("seed", 5, 15, 0.5)}  # family, K, Q, alpha
 
 
@@ -24,3 +31,12 @@ def time_call(fn: Callable[[], Any], min_seconds: float, reps: int = 5) -> float
                 break
         rounds.append(elapsed / n)
     return statistics.median(rounds)
+
+
+def conv4_problem(meta_batch: int, channels: int, queries: int, device: str = "cpu") -> tuple:
+    """conv4 (`channels` filters) on `meta_batch` 5-way 1-shot glyph tasks: (forward, params, batch)."""
+    store = build_in_memory("glyphs", meta_batch, seed=0, shots=1, queries=queries, split="train")
+    model = build(ModelConfig(name="conv4", channels=channels), store.info, seed=0).to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = TaskBatch.from_numpy(store.rows(np.arange(meta_batch)), device)
+    return functional(model), params, batch

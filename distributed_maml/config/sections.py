@@ -151,6 +151,11 @@ class MamlConfig:
     """With "reptile": the outer step size epsilon, theta += epsilon * mean(phi - theta), applied
     by plain SGD (Adam's optimizer.lr is unused). 1.0 is Nichol et al.'s starting value; on the
     sinusoid family 0.1 learned 3x slower (held-out loss 1.34 vs 0.49 after 3,000 steps)."""
+    checkpoint_inner: bool = False
+    """Second-order meta-gradients with memory that does not grow with inner_steps: only each
+    step's weights are kept and one step's graph is rebuilt at a time on the way back (the same
+    meta-gradient; one extra support forward and backward per step). For maml, meta-sgd, anil
+    and the MAML++ options; a first-order step has no inner graph to save."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.inner_steps <= 100, f"maml.inner_steps must be in [1, 100], got {self.inner_steps}")
@@ -192,6 +197,11 @@ class MamlConfig:
         _require(
             not self.anil_head or self.algorithm == "anil",
             f"maml.anil_head is for algorithm anil, not {self.algorithm!r}",
+        )
+        _require(
+            not self.checkpoint_inner or (self.algorithm != "reptile" and not self.always_first_order()),
+            "maml.checkpoint_inner saves memory of second-order inner loops; "
+            f"{'reptile' if self.algorithm == 'reptile' else 'a first-order run'} keeps none: drop it",
         )
         _require(
             math.isfinite(self.reptile_step) and 0 < self.reptile_step <= 1,

@@ -17,166 +17,65 @@ batch as one batched computation; "loop" runs them one at a time and sums their 
 CPU, conv nets are faster so: under vmap each task's adapted weights turn every convolution into
 a grouped one). Either way a task only ever sees its own examples, so a model with BatchNorm
 normalises each task with that task's own statistics.
+
+The inner loop's building blocks (batches, task maps, `adapt`, learned step sizes) are in
+core/inner.py and re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad
 
 from distributed_maml.config import MamlConfig
-from distributed_maml.core.models import Forward, ParamSpec
-from distributed_maml.errors import ConfigError
+from distributed_maml.core import checkpointed
+from distributed_maml.core.inner import (
+    LR_PREFIX,
+    PER_ELEMENT,
+    PER_STEP,
+    Params,
+    TaskBatch,
+    adapt,
+    as_input,
+    head_of,
+    learned_lr_shapes,
+    loss_fn,
+    map_tasks,
+    meta_spec,
+    split_lrs,
+    task_losses,
+    with_learned_lrs,
+)
+from distributed_maml.core.models import Forward
 
-Params = dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class TaskBatch:
-    """Tensors with a leading task axis: x [T, N, D]; y [T, N] labels or [T, N, O] targets."""
-
-    x_support: Tensor
-    y_support: Tensor
-    x_query: Tensor
-    y_query: Tensor
-
-    @classmethod
-    def from_numpy(cls, rows: dict, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> TaskBatch:
-        def conv(a: object) -> Tensor:
-            t = as_input(torch.from_numpy(a).to(device))  # type: ignore[arg-type]  # uint8 crosses to the device
-            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
-        return cls(*(conv(rows[k]) for k in ("x_support", "y_support", "x_query", "y_query")))
-
-    def __len__(self) -> int:
-        return self.x_support.shape[0]
-
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.x_support, self.y_support, self.x_query, self.y_query
-
-
-def as_input(t: Tensor) -> Tensor:
-    """Stored images (uint8) as model inputs: float32 in [0, 1], made where the model runs."""
-    return t.to(torch.float32).div_(255.0) if t.dtype == torch.uint8 else t
-
-
-TaskMap = Callable[..., tuple[Tensor, ...]]
-
-
-def map_tasks(fn: Callable[..., tuple[Tensor, ...]], task_map: str) -> TaskMap:
-    """fn(p, *task_tensors) over the leading task axis of the tensors (p shared): vmap, or a
-    Python loop with the outputs stacked. Both give every task only its own examples."""
-    if task_map == "vmap":
-
-        def vmapped(p: Params, *tensors: Tensor) -> tuple[Tensor, ...]:
-            return vmap(fn, in_dims=(None, *(0,) * len(tensors)))(p, *tensors)
-
-        return vmapped
-
-    def looped(p: Params, *tensors: Tensor) -> tuple[Tensor, ...]:
-        outs = [fn(p, *(t[i] for t in tensors)) for i in range(tensors[0].shape[0])]
-        return tuple(torch.stack(o) for o in zip(*outs, strict=True))
-
-    return looped
-
-
-def loss_fn(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
-    return F.cross_entropy if kind == "classification" else F.mse_loss
-
-
-def task_losses(kind: str, out: Tensor, y: Tensor) -> Tensor:
-    """Per-task mean loss of outputs [T, N, C] against y, without vmap: [T]."""
-    if kind == "classification":
-        return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
-    return F.mse_loss(out, y, reduction="none").flatten(1).mean(1)
-
-
-def adapt(
-    forward: Forward,
-    kind: str,
-    params: Params,
-    xs: Tensor,
-    ys: Tensor,
-    steps: int,
-    lr: float,
-    first_order: bool = False,
-    head: frozenset[str] | None = None,
-    first_step: int = 0,
-) -> Params:
-    """`steps` SGD steps on one task's support set, differentiable (unless first_order). With
-    `head` (ANIL) only those parameters move; the rest still carry the meta-gradient. Learned
-    step sizes in `params` (LR_PREFIX entries: Meta-SGD's per element, MAML++'s per parameter
-    and step, indexed from `first_step`) replace `lr`; they stay in the returned dict."""
-    loss = loss_fn(kind)
-    params, lrs = split_lrs(params)
-    for i in range(first_step, first_step + steps):
-        moving = params if head is None else {k: params[k] for k in head}
-
-        def support_loss(q: Params, params: Params = params) -> Tensor:
-            return loss(forward({**params, **q}, xs), ys)
-
-        g = grad(support_loss)(moving)
-        if first_order:
-            g = {k: v.detach() for k, v in g.items()}
-        params = {k: params[k] - _step_size(lrs, k, i, lr) * g[k] if k in g else params[k] for k in params}
-    return {**params, **lrs}
-
-
-LR_PREFIX = "inner_lr"  # learned inner step sizes ride in the meta-parameters under these names:
-PER_ELEMENT = "inner_lr:"  # + a parameter's name: Meta-SGD, one step size per element
-PER_STEP = "inner_lr_step:"  # + a parameter's name: MAML++'s LSLR, one per tensor and inner step
-
-
-def split_lrs(params: Params) -> tuple[Params, Params]:
-    """(the model's parameters, the learned step sizes) of a meta-parameter dict."""
-    model = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
-    return model, {k: v for k, v in params.items() if k.startswith(LR_PREFIX)}
-
-
-def _step_size(lrs: Params, name: str, step: int, default: float) -> Tensor | float:
-    """Parameter `name`'s step size at inner step `step`: Meta-SGD's tensor (its shape), or
-    MAML++'s per-step scalar (steps past the trained ones take the last), or `default`."""
-    if PER_ELEMENT + name in lrs:
-        return lrs[PER_ELEMENT + name]
-    if PER_STEP + name in lrs:
-        per_step = lrs[PER_STEP + name]
-        return per_step[min(step, per_step.shape[0] - 1)]
-    return default
-
-
-def learned_lr_shapes(cfg: MamlConfig, spec: ParamSpec) -> dict[str, tuple[int, ...]]:
-    """The learned step sizes `cfg` asks for, by name: Meta-SGD one per weight element (the
-    parameter's shape), MAML++'s LSLR one per parameter tensor and inner step ([inner_steps])."""
-    if cfg.algorithm == "meta-sgd":
-        return {PER_ELEMENT + n: s for n, s in zip(spec.names, spec.shapes, strict=True)}
-    if cfg.learn_inner_lr == "per-layer-per-step":
-        return {PER_STEP + n: (cfg.inner_steps,) for n in spec.names}
-    return {}
-
-
-def meta_spec(cfg: MamlConfig, spec: ParamSpec) -> ParamSpec:
-    """The meta-parameters' layout: the model's, then the learned step sizes (if any)."""
-    extra = learned_lr_shapes(cfg, spec)
-    return ParamSpec(spec.names + tuple(extra), spec.shapes + tuple(extra.values()))
-
-
-def with_learned_lrs(cfg: MamlConfig, params: Params, value: float) -> Params:
-    """`params` with every learned step size `cfg` asks for that it lacks, set to `value` (a
-    run's start, or a baseline evaluated at a fixed step size)."""
-    model, _ = split_lrs(params)
-    spec = ParamSpec(tuple(model), tuple(tuple(v.shape) for v in model.values()))
-    like = next(iter(model.values()))
-    extra = {
-        k: torch.full(shape, value, dtype=like.dtype, device=like.device)
-        for k, shape in learned_lr_shapes(cfg, spec).items()
-        if k not in params
-    }
-    return {**params, **extra}
+__all__ = [
+    "Params",
+    "TaskBatch",
+    "as_input",
+    "map_tasks",
+    "loss_fn",
+    "task_losses",
+    "adapt",
+    "LR_PREFIX",
+    "PER_ELEMENT",
+    "PER_STEP",
+    "split_lrs",
+    "learned_lr_shapes",
+    "meta_spec",
+    "with_learned_lrs",
+    "head_of",
+    "StepPlan",
+    "adaptation_curve",
+    "batch_sums",
+    "meta_gradient",
+    "metrics_before",
+    "step_plan",
+    "varies",
+]
 
 
 @dataclass(frozen=True)
@@ -205,21 +104,6 @@ def step_plan(cfg: MamlConfig, version: int) -> StepPlan:
 def varies(cfg: MamlConfig) -> bool:
     """Whether the plan changes from one meta-update to the next (MAML++'s annealing)."""
     return cfg.multi_step_loss or cfg.first_order_until > 0
-
-
-def head_of(cfg: MamlConfig, names: Sequence[str]) -> frozenset[str] | None:
-    """The parameters ANIL's inner loop adapts (None: all, for every other algorithm): those
-    named with the prefix `anil_head`, by default the last layer's."""
-    if cfg.algorithm != "anil":
-        return None
-    prefix = cfg.anil_head or (names[-1].rsplit(".", 1)[0] + "." if "." in names[-1] else names[-1])
-    head = frozenset(n for n in names if n.startswith(prefix) or n == prefix)
-    if not head or len(head) == len(names):
-        raise ConfigError(
-            f"maml.anil_head {prefix!r} names {'no' if not head else 'every'} parameter of this model "
-            f"({', '.join(names)}); name the head's prefix, e.g. {names[-1].rsplit('.', 1)[0] + '.'!r}"
-        )
-    return head
 
 
 def _objective(
@@ -262,6 +146,8 @@ def batch_sums(
     padding task, weight 0, adds exactly nothing)."""
     if cfg.algorithm == "reptile":
         return _reptile_sums(forward, kind, params, batch, cfg, weights, task_map)
+    if cfg.checkpoint_inner and not plan.first_order:
+        return _checkpointed_sums(forward, kind, params, batch, cfg, plan, weights, task_map)
     objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])))
 
     def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -272,6 +158,42 @@ def batch_sums(
 
     grads, (loss_sum, acc_sum) = grad(batch_objective, has_aux=True)(params)
     return grads, loss_sum, acc_sum
+
+
+def _checkpointed_sums(
+    forward: Forward,
+    kind: str,
+    params: Params,
+    batch: TaskBatch,
+    cfg: MamlConfig,
+    plan: StepPlan,
+    weights: Tensor | None,
+    task_map: str,
+) -> tuple[Params, Tensor, Tensor]:
+    """batch_sums with maml.checkpoint_inner: each task's meta-gradient by core/checkpointed.py
+    (one inner step's graph alive at a time), mapped over tasks and summed."""
+    loss = loss_fn(kind)
+    head = head_of(cfg, list(split_lrs(params)[0]))
+    names = list(params)
+
+    def task(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
+        def step(q: Params, i: int) -> Params:
+            return adapt(forward, kind, q, xs, ys, 1, cfg.inner_lr, False, head, first_step=i)
+
+        def query(q: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            out = forward(split_lrs(q)[0], xq)
+            value = loss(out, yq)
+            acc = (out.argmax(-1) == yq).to(out.dtype).mean() if kind == "classification" else out.new_zeros(())
+            return value, (value.detach(), acc.detach())
+
+        g, final, acc = checkpointed.meta_gradient(p, step, query, cfg.inner_steps, plan.weights)
+        return (*(g[k] for k in names), final, acc)
+
+    *grads, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
+    if weights is not None:
+        grads = [g * weights.view(-1, *[1] * (g.dim() - 1)) for g in grads]
+        losses, accs = losses * weights, accs * weights
+    return {k: g.sum(0) for k, g in zip(names, grads, strict=True)}, losses.sum(), accs.sum()
 
 
 def _reptile_sums(
@@ -323,7 +245,8 @@ def meta_gradient(
     places the step on MAML++'s schedules (step_plan).
     """
     plan = step_plan(cfg, version)
-    if task_map == "vmap" or cfg.algorithm == "reptile":  # Reptile keeps no graph: its loop is light
+    light = cfg.algorithm == "reptile" or (cfg.checkpoint_inner and not plan.first_order)
+    if task_map == "vmap" or light:  # Reptile and the checkpointed path keep no graph across tasks
         grads, loss_after, acc_after = batch_sums(forward, kind, params, batch, cfg, plan, task_map=task_map)
     else:  # one task at a time: the memory of one task's graph, gradients summed in task order
         objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])))

@@ -1,0 +1,179 @@
+"""One task's inner loop and what it runs on: a batch of tasks as tensors, the two ways to map a
+function over tasks (vmap or a loop), the losses, `adapt` (SGD steps on a support set, ANIL's
+head, learned step sizes) and the layout of the learned step sizes (Meta-SGD, MAML++'s LSLR).
+The meta-gradient through it: core/maml.py (and core/checkpointed.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import grad, vmap
+
+from distributed_maml.config import MamlConfig
+from distributed_maml.core.models import Forward, ParamSpec
+from distributed_maml.errors import ConfigError
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """Tensors with a leading task axis: x [T, N, D]; y [T, N] labels or [T, N, O] targets."""
+
+    x_support: Tensor
+    y_support: Tensor
+    x_query: Tensor
+    y_query: Tensor
+
+    @classmethod
+    def from_numpy(cls, rows: dict, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> TaskBatch:
+        def conv(a: object) -> Tensor:
+            t = as_input(torch.from_numpy(a).to(device))  # type: ignore[arg-type]  # uint8 crosses to the device
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        return cls(*(conv(rows[k]) for k in ("x_support", "y_support", "x_query", "y_query")))
+
+    def __len__(self) -> int:
+        return self.x_support.shape[0]
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.x_support, self.y_support, self.x_query, self.y_query
+
+
+def as_input(t: Tensor) -> Tensor:
+    """Stored images (uint8) as model inputs: float32 in [0, 1], made where the model runs."""
+    return t.to(torch.float32).div_(255.0) if t.dtype == torch.uint8 else t
+
+
+TaskMap = Callable[..., tuple[Tensor, ...]]
+
+
+def map_tasks(fn: Callable[..., tuple[Tensor, ...]], task_map: str) -> TaskMap:
+    """fn(p, *task_tensors) over the leading task axis of the tensors (p shared): vmap, or a
+    Python loop with the outputs stacked. Both give every task only its own examples."""
+    if task_map == "vmap":
+
+        def vmapped(p: Params, *tensors: Tensor) -> tuple[Tensor, ...]:
+            return vmap(fn, in_dims=(None, *(0,) * len(tensors)))(p, *tensors)
+
+        return vmapped
+
+    def looped(p: Params, *tensors: Tensor) -> tuple[Tensor, ...]:
+        outs = [fn(p, *(t[i] for t in tensors)) for i in range(tensors[0].shape[0])]
+        return tuple(torch.stack(o) for o in zip(*outs, strict=True))
+
+    return looped
+
+
+def loss_fn(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
+    return F.cross_entropy if kind == "classification" else F.mse_loss
+
+
+def task_losses(kind: str, out: Tensor, y: Tensor) -> Tensor:
+    """Per-task mean loss of outputs [T, N, C] against y, without vmap: [T]."""
+    if kind == "classification":
+        return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    return F.mse_loss(out, y, reduction="none").flatten(1).mean(1)
+
+
+def adapt(
+    forward: Forward,
+    kind: str,
+    params: Params,
+    xs: Tensor,
+    ys: Tensor,
+    steps: int,
+    lr: float,
+    first_order: bool = False,
+    head: frozenset[str] | None = None,
+    first_step: int = 0,
+) -> Params:
+    """`steps` SGD steps on one task's support set, differentiable (unless first_order). With
+    `head` (ANIL) only those parameters move; the rest still carry the meta-gradient. Learned
+    step sizes in `params` (LR_PREFIX entries: Meta-SGD's per element, MAML++'s per parameter
+    and step, indexed from `first_step`) replace `lr`; they stay in the returned dict."""
+    loss = loss_fn(kind)
+    params, lrs = split_lrs(params)
+    for i in range(first_step, first_step + steps):
+        moving = params if head is None else {k: params[k] for k in head}
+
+        def support_loss(q: Params, params: Params = params) -> Tensor:
+            return loss(forward({**params, **q}, xs), ys)
+
+        g = grad(support_loss)(moving)
+        if first_order:
+            g = {k: v.detach() for k, v in g.items()}
+        params = {k: params[k] - _step_size(lrs, k, i, lr) * g[k] if k in g else params[k] for k in params}
+    return {**params, **lrs}
+
+
+LR_PREFIX = "inner_lr"  # learned inner step sizes ride in the meta-parameters under these names:
+PER_ELEMENT = "inner_lr:"  # + a parameter's name: Meta-SGD, one step size per element
+PER_STEP = "inner_lr_step:"  # + a parameter's name: MAML++'s LSLR, one per tensor and inner step
+
+
+def split_lrs(params: Params) -> tuple[Params, Params]:
+    """(the model's parameters, the learned step sizes) of a meta-parameter dict."""
+    model = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
+    return model, {k: v for k, v in params.items() if k.startswith(LR_PREFIX)}
+
+
+def _step_size(lrs: Params, name: str, step: int, default: float) -> Tensor | float:
+    """Parameter `name`'s step size at inner step `step`: Meta-SGD's tensor (its shape), or
+    MAML++'s per-step scalar (steps past the trained ones take the last), or `default`."""
+    if PER_ELEMENT + name in lrs:
+        return lrs[PER_ELEMENT + name]
+    if PER_STEP + name in lrs:
+        per_step = lrs[PER_STEP + name]
+        return per_step[min(step, per_step.shape[0] - 1)]
+    return default
+
+
+def learned_lr_shapes(cfg: MamlConfig, spec: ParamSpec) -> dict[str, tuple[int, ...]]:
+    """The learned step sizes `cfg` asks for, by name: Meta-SGD one per weight element (the
+    parameter's shape), MAML++'s LSLR one per parameter tensor and inner step ([inner_steps])."""
+    if cfg.algorithm == "meta-sgd":
+        return {PER_ELEMENT + n: s for n, s in zip(spec.names, spec.shapes, strict=True)}
+    if cfg.learn_inner_lr == "per-layer-per-step":
+        return {PER_STEP + n: (cfg.inner_steps,) for n in spec.names}
+    return {}
+
+
+def meta_spec(cfg: MamlConfig, spec: ParamSpec) -> ParamSpec:
+    """The meta-parameters' layout: the model's, then the learned step sizes (if any)."""
+    extra = learned_lr_shapes(cfg, spec)
+    return ParamSpec(spec.names + tuple(extra), spec.shapes + tuple(extra.values()))
+
+
+def with_learned_lrs(cfg: MamlConfig, params: Params, value: float) -> Params:
+    """`params` with every learned step size `cfg` asks for that it lacks, set to `value` (a
+    run's start, or a baseline evaluated at a fixed step size)."""
+    model, _ = split_lrs(params)
+    spec = ParamSpec(tuple(model), tuple(tuple(v.shape) for v in model.values()))
+    like = next(iter(model.values()))
+    extra = {
+        k: torch.full(shape, value, dtype=like.dtype, device=like.device)
+        for k, shape in learned_lr_shapes(cfg, spec).items()
+        if k not in params
+    }
+    return {**params, **extra}
+
+
+def head_of(cfg: MamlConfig, names: Sequence[str]) -> frozenset[str] | None:
+    """The parameters ANIL's inner loop adapts (None: all, for every other algorithm): those
+    named with the prefix `anil_head`, by default the last layer's."""
+    if cfg.algorithm != "anil":
+        return None
+    prefix = cfg.anil_head or (names[-1].rsplit(".", 1)[0] + "." if "." in names[-1] else names[-1])
+    head = frozenset(n for n in names if n.startswith(prefix) or n == prefix)
+    if not head or len(head) == len(names):
+        raise ConfigError(
+            f"maml.anil_head {prefix!r} names {'no' if not head else 'every'} parameter of this model "
+            f"({', '.join(names)}); name the head's prefix, e.g. {names[-1].rsplit('.', 1)[0] + '.'!r}"
+        )
+    return head
