@@ -30,7 +30,7 @@ def _random_init_curve(family, model_name, shots, queries, inner_lr, seed, steps
     return pick(losses), pick(accs)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # a second seed: -m slow
 def test_default_train_lowers_the_meta_loss_and_beats_both_baselines(tmp_path, seed):
     out = tmp_path / "run"
     proc = run_cli("train", "--output-dir", out, "--set", f"training.seed={seed}", "--no-progress")

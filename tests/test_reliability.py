@@ -193,32 +193,39 @@ def test_a_stop_between_logged_steps_resumes_bit_identical(tmp_path, sig, straig
     _same_run(straight_run, out)
 
 
+RAY2 = [*INPROC, "scaling.num_workers=2"]
+RAY_STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def straight_ray_run(tmp_path_factory):
+    """One uninterrupted 2-worker run (driver mode; collective mode is bit-identical to it,
+    tests/test_ray.py), the reference of every interrupted Ray run below."""
+    straight = tmp_path_factory.mktemp("straight-ray") / "run"
+    common = [*RAY2, f"training.steps={RAY_STEPS}", "training.checkpoint_every=0"]
+    done = run_cli("train", "--output-dir", straight, "--no-progress", *_sets(common))
+    assert done.returncode == 0, done.stderr
+    return straight
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("mode, sig", [("driver", signal.SIGINT), ("collective", signal.SIGTERM)])
-def test_a_stop_between_logged_steps_with_ray_workers_resumes_bit_identical(tmp_path, mode, sig):
+def test_a_stop_between_logged_steps_with_ray_workers_resumes_bit_identical(tmp_path, mode, sig, straight_ray_run):
     """The same with 2 Ray workers. Driver mode stops after the step in flight; a collective
     group hands back control only at its chunk's end (the next logged step), and stops there."""
-    ray2 = [*INPROC, "scaling.num_workers=2"]
-    straight = tmp_path / "straight"
-    done = run_cli("train", "--output-dir", straight, "--no-progress", *_sets([*ray2, "training.steps=200"]))
-    assert done.returncode == 0, done.stderr
-    out, stopped = _signal_and_resume(tmp_path, sig, [*ray2, f"scaling.mode={mode}"], 200, log_every=10)
+    out, stopped = _signal_and_resume(tmp_path, sig, [*RAY2, f"scaling.mode={mode}"], RAY_STEPS, log_every=10)
     assert (stopped % 10 == 0) == (mode == "collective"), stopped
-    _same_run(straight, out)
+    _same_run(straight_ray_run, out)
 
 
 @pytest.mark.ray
-def test_sigterm_then_a_dead_raylet_under_a_ray_driver_resume_bit_identical(tmp_path):
+def test_sigterm_then_a_dead_raylet_under_a_ray_driver_resume_bit_identical(tmp_path, straight_ray_run):
     """Two Ray workers, stopped by SIGTERM, resumed, the raylet of that resume's local Ray
     SIGKILLed (the driver ends with one line of ours), resumed again: equal to the
     uninterrupted run bit for bit (the shards and their reduction order do not depend on where
     the run stopped)."""
-    ray2 = [*INPROC, "scaling.num_workers=2"]
-    straight = tmp_path / "straight"
-    common = [*ray2, "training.steps=80"]
-    assert run_cli("train", "--output-dir", straight, "--no-progress", *_sets(common)).returncode == 0
-    out, _ = _signal_and_resume(tmp_path, signal.SIGTERM, ray2, 80, then_kill=True)
-    a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight, out))
+    out, _ = _signal_and_resume(tmp_path, signal.SIGTERM, RAY2, RAY_STEPS, then_kill=True)
+    a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight_ray_run, out))
     for k in a.model:
         assert torch.equal(a.model[k], b.model[k]), k
 
