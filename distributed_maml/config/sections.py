@@ -19,7 +19,7 @@ from distributed_maml.errors import ConfigError
 # Open sets (user code may name its own with package.module:attribute) stay strings; the closed
 # ones are Literal types, their values named in the one-line errors.
 FAMILIES = ("seed", "sinusoid", "glyphs", "table", "images")
-MODELS = ("seed_mlp", "sinusoid_mlp", "mlp", "conv4")
+MODELS = ("seed_mlp", "sinusoid_mlp", "mlp", "conv4", "resnet12")
 Placement = Literal["pack", "spread"]
 PLACEMENTS: tuple[str, ...] = typing.get_args(Placement)
 TaskMap = Literal["auto", "vmap", "loop"]
@@ -94,13 +94,14 @@ class ModelConfig:
     """"seed_mlp" (10 -> 64 -> 2, ReLU), "sinusoid_mlp" (1 -> 40 -> 40 -> 1, ReLU, the paper's),
     "mlp" (input and output sizes taken from the task store, hidden sizes from `hidden`), "conv4"
     (the paper's 4-block conv net with per-task BatchNorm, sized from the store) or
+    "resnet12" (MetaOptNet's backbone, widths 64-160-320-640 or [model.kwargs] widths = [...]) or
     "package.module:factory": your own, called as factory(input_shape=..., num_outputs=..., **kwargs)."""
     hidden: tuple[int, ...] = (64,)
     """Hidden layer widths, used by name = "mlp" only."""
     channels: int = 64
     """Filters per conv block, used by name = "conv4" only (the paper: 64 Omniglot, 32 mini-ImageNet)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """[model.kwargs]: keyword arguments passed through to a user factory."""
+    """[model.kwargs]: keyword arguments passed through to a user factory; for resnet12, `widths`."""
 
     def __post_init__(self) -> None:
         _require(
@@ -109,8 +110,8 @@ class ModelConfig:
         )
         _require(self.channels >= 1, f"model.channels must be >= 1, got {self.channels}")
         _require(
-            not self.kwargs or is_import_path(self.name),
-            f"model.kwargs are passed to a user factory only; model.name = {self.name!r} takes none",
+            not self.kwargs or is_import_path(self.name) or self.name == "resnet12",
+            f"model.kwargs are passed to a user factory only (and resnet12's widths); model.name = {self.name!r} takes none",
         )
         _require(len(self.hidden) >= 1, "model.hidden must list at least one layer width")
         _require(all(h >= 1 for h in self.hidden), f"model.hidden widths must be >= 1, got {list(self.hidden)}")

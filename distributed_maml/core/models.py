@@ -1,7 +1,7 @@
 """The networks, and the flat-vector view of their parameters that the learner and workers share.
 
-Built-ins: the seed's MLP, the paper's sinusoid MLP, an MLP sized from the store, and conv4 (the
-paper's image backbone). Any other network comes by import path, `model.name =
+Built-ins: the seed's MLP, the paper's sinusoid MLP, an MLP sized from the store, conv4 (the
+paper's image backbone) and ResNet-12 (core/resnet.py). Any other network comes by import path, `model.name =
 "package.module:factory"`, called as factory(input_shape=..., num_outputs=..., **model.kwargs).
 Every network is checked once on the driver (`check`): one dry forward, and the rules that keep
 each task's computation its own under vmap (no running statistics, no dropout).
@@ -19,6 +19,7 @@ from torch import nn
 
 from distributed_maml import userimport
 from distributed_maml.config import ModelConfig, is_import_path
+from distributed_maml.core.resnet import resnet12
 from distributed_maml.data.format import StoreInfo
 from distributed_maml.errors import ConfigError, StoreError
 
@@ -50,6 +51,8 @@ def build(cfg: ModelConfig, info: StoreInfo, seed: int, dtype: torch.dtype = tor
         torch.manual_seed(seed)
         if cfg.name == "conv4":
             return per_task_batch_norm_(conv4(info.example_shape, info.output_dim, cfg.channels).to(dtype))
+        if cfg.name == "resnet12":
+            return per_task_batch_norm_(resnet12(info.example_shape, info.output_dim, cfg.kwargs).to(dtype))
         if is_import_path(cfg.name):
             return per_task_batch_norm_(_user_model(cfg, info))
         return mlp(cfg, info, dtype)
