@@ -190,10 +190,7 @@ def _checkpointed_sums(
         return (*(g[k] for k in names), final, acc)
 
     *grads, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
-    if weights is not None:
-        grads = [g * weights.view(-1, *[1] * (g.dim() - 1)) for g in grads]
-        losses, accs = losses * weights, accs * weights
-    return {k: g.sum(0) for k, g in zip(names, grads, strict=True)}, losses.sum(), accs.sum()
+    return _summed(names, grads, losses, accs, weights)
 
 
 def _reptile_sums(
@@ -219,10 +216,18 @@ def _reptile_sums(
         return (*(p[k] - phi[k].detach() for k in names), loss(out, yq).detach(), acc.detach())
 
     *diffs, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
+    return _summed(names, diffs, losses, accs, weights)
+
+
+def _summed(
+    names: list[str], per_task: list[Tensor], losses: Tensor, accs: Tensor, weights: Tensor | None
+) -> tuple[Params, Tensor, Tensor]:
+    """Per-task outputs ([T, ...] each) summed over the tasks, each task counted weights[t]
+    times (a padding task, weight 0, adds exactly nothing)."""
     if weights is not None:
-        diffs = [d * weights.view(-1, *[1] * (d.dim() - 1)) for d in diffs]
+        per_task = [t * weights.view(-1, *[1] * (t.dim() - 1)) for t in per_task]
         losses, accs = losses * weights, accs * weights
-    return {k: d.sum(0) for k, d in zip(names, diffs, strict=True)}, losses.sum(), accs.sum()
+    return {k: t.sum(0) for k, t in zip(names, per_task, strict=True)}, losses.sum(), accs.sum()
 
 
 def meta_gradient(
