@@ -140,8 +140,10 @@ def test_killed_worker_is_restarted_and_its_shard_recomputed(tmp_path, store_pat
         ["maml.algorithm=reptile"],
         ["maml.multi_step_loss=true", "maml.msl_anneal_steps=4", "maml.first_order_until=2"],
         ["maml.algorithm=meta-sgd"],
+        ["maml.algorithm=imaml", "maml.imaml_cg_steps=3"],
+        ["maml.checkpoint_inner=true", "maml.multi_step_loss=true"],
     ],
-    ids=["anil", "reptile", "maml++", "meta-sgd"],
+    ids=["anil", "reptile", "maml++", "meta-sgd", "imaml", "checkpointed"],
 )
 def test_variants_give_the_same_weights_in_process_and_with_2_workers(tmp_path, store_path, reference, variant):
     inproc, _ = train_run(tmp_path, store_path, "0", 0, variant)
@@ -171,6 +173,15 @@ def test_collective_mode_equals_driver_mode_bit_for_bit(tmp_path, store_path, re
     np.testing.assert_allclose(result.weights, reference, rtol=1e-5, atol=1e-6)
     assert _metric_lines(tmp_path / "collective") == _metric_lines(tmp_path / "driver")
     assert [r["step"] for r in _metric_lines(tmp_path / "collective")] == [1, 3, 6]
+
+
+def test_imaml_in_a_collective_group_equals_driver_mode_bit_for_bit(tmp_path, store_path):
+    """iMAML (implicit meta-gradients, conjugate gradient in every worker) through the collective
+    path: the weights of the driver-mode run, bit for bit."""
+    variant = ["maml.algorithm=imaml", "maml.imaml_cg_steps=3"]
+    driver, _ = train_run(tmp_path, store_path, "imaml-driver", 2, variant)
+    group, _ = train_run(tmp_path, store_path, "imaml-collective", 2, [*variant, "scaling.mode=collective"])
+    np.testing.assert_array_equal(group.weights, driver.weights)
 
 
 def test_collective_group_restarts_from_the_chunk_start_when_a_rank_dies(tmp_path, store_path, reference):

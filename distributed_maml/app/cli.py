@@ -136,7 +136,9 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--conv4", action="store_true", help="conv4 on 5-way 1-shot glyphs: vmap vs loop, and memory")
     be.add_argument("--memory", action="store_true", help="conv4 memory per task and cost by mode and inner steps")
     be.add_argument("--inner-steps", type=_steps_list, default=None, help="with --memory: 1,5,10,25,50")
-    be.add_argument("--modes", default="second,checkpointed,first", help="with --memory: second,checkpointed,first")
+    be.add_argument(
+        "--modes", default="second,checkpointed,first,imaml", help="with --memory: second,checkpointed,first,imaml"
+    )
     be.add_argument("--meta-batch", type=int, default=4, help="with --memory: tasks per measured step (4)")
     be.add_argument("--memory-gb", type=float, default=None, help="with --memory: the budget for max meta-batch")
     be.add_argument("--channels", type=int, default=32, help="with --conv4: filters per block (32)")

@@ -3,6 +3,16 @@ with one-line errors (`loading`). The base layer: imports nothing of the package
 
 from distributed_maml.config.loading import apply_overrides, dumps, from_dict, load
 from distributed_maml.config.sections import (
+    SECTIONS,
+    Config,
+    MamlConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ScalingConfig,
+    TaskConfig,
+    TrainingConfig,
+)
+from distributed_maml.config.values import (
     ALGORITHMS,
     FAMILIES,
     GPU_STEPS,
@@ -11,16 +21,8 @@ from distributed_maml.config.sections import (
     MODES,
     NONFINITE_POLICIES,
     PLACEMENTS,
-    SECTIONS,
     STORE_SHARING,
     TASK_MAPS,
-    Config,
-    MamlConfig,
-    ModelConfig,
-    OptimizerConfig,
-    ScalingConfig,
-    TaskConfig,
-    TrainingConfig,
     is_import_path,
 )
 

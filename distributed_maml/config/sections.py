@@ -9,46 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from distributed_maml.errors import ConfigError
-
-# Open sets (user code may name its own with package.module:attribute) stay strings; the closed
-# ones are Literal types, their values named in the one-line errors.
-FAMILIES = ("seed", "sinusoid", "glyphs", "table", "images")
-MODELS = ("seed_mlp", "sinusoid_mlp", "mlp", "conv4", "resnet12")
-Placement = Literal["pack", "spread"]
-PLACEMENTS: tuple[str, ...] = typing.get_args(Placement)
-TaskMap = Literal["auto", "vmap", "loop"]
-TASK_MAPS: tuple[str, ...] = typing.get_args(TaskMap)
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-def is_import_path(name: str) -> bool:
-    """`package.module:attribute`: user code, imported where it is used."""
-    return bool(_IMPORT_PATH.match(name))
-
-
-NonfinitePolicy = Literal["stop", "skip"]
-NONFINITE_POLICIES: tuple[str, ...] = typing.get_args(NonfinitePolicy)
-StoreSharing = Literal["auto", "path", "object_store"]
-STORE_SHARING: tuple[str, ...] = typing.get_args(StoreSharing)
-Mode = Literal["driver", "collective"]
-MODES: tuple[str, ...] = typing.get_args(Mode)
-Algorithm = Literal["maml", "fomaml", "meta-sgd", "anil", "reptile"]
-ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
-LearnInnerLr = Literal["none", "per-layer-per-step"]
-LEARN_INNER_LR: tuple[str, ...] = typing.get_args(LearnInnerLr)
-GpuStep = Literal["graph", "eager"]
-GPU_STEPS: tuple[str, ...] = typing.get_args(GpuStep)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+from distributed_maml.config.values import (
+    ALGORITHMS,
+    FAMILIES,
+    GPU_STEPS,
+    LEARN_INNER_LR,
+    MODELS,
+    MODES,
+    NONFINITE_POLICIES,
+    PLACEMENTS,
+    STORE_SHARING,
+    TASK_MAPS,
+    Algorithm,
+    GpuStep,
+    LearnInnerLr,
+    Mode,
+    NonfinitePolicy,
+    Placement,
+    StoreSharing,
+    TaskMap,
+    _require,
+    is_import_path,
+)
 
 
 @dataclass(frozen=True)
@@ -131,8 +116,10 @@ class MamlConfig:
     algorithm: Algorithm = "maml"
     """"maml" (Finn et al. 2017), "fomaml" (its first-order form), "meta-sgd" (Li et al. 2017:
     a learned step size per weight element, initialised to inner_lr), "anil" (Raghu et al. 2020:
-    the inner loop adapts only the head, `anil_head`), or "reptile" (Nichol et al. 2018: the
-    meta-update moves the weights toward the mean of the adapted weights, by `reptile_step`)."""
+    the inner loop adapts only the head, `anil_head`), "reptile" (Nichol et al. 2018: the
+    meta-update moves the weights toward the mean of the adapted weights, by `reptile_step`), or
+    "imaml" (Rajeswaran et al. 2019: a proximal inner loop, `imaml_lambda`, and the implicit
+    meta-gradient by `imaml_cg_steps` of conjugate gradient; memory independent of inner_steps)."""
     multi_step_loss: bool = False
     """MAML++ (Antoniou et al. 2019), with maml/fomaml: the meta-objective is the query loss
     after every inner step, weighted; the weights anneal toward the last step over
@@ -152,6 +139,12 @@ class MamlConfig:
     """With "reptile": the outer step size epsilon, theta += epsilon * mean(phi - theta), applied
     by plain SGD (Adam's optimizer.lr is unused). 1.0 is Nichol et al.'s starting value; on the
     sinusoid family 0.1 learned 3x slower (held-out loss 1.34 vs 0.49 after 3,000 steps)."""
+    imaml_lambda: float = 1.0
+    """With "imaml": the proximal term's strength, the inner loop minimises the support loss plus
+    (lambda / 2) ||phi - theta||^2; larger keeps phi closer to theta."""
+    imaml_cg_steps: int = 5
+    """With "imaml": conjugate-gradient steps for (I + H / lambda) g = grad L_query (each one
+    Hessian-vector product of the support loss)."""
     checkpoint_inner: bool = False
     """Second-order meta-gradients with memory that does not grow with inner_steps: only each
     step's weights are kept and one step's graph is rebuilt at a time on the way back (the same
@@ -190,6 +183,15 @@ class MamlConfig:
             "maml.first_order has no meaning for reptile (it takes no meta-gradient); drop it",
         )
         _require(
+            not (self.first_order and self.algorithm == "imaml"),
+            "maml.first_order has no meaning for imaml (its meta-gradient is implicit); drop it",
+        )
+        _require(
+            math.isfinite(self.imaml_lambda) and self.imaml_lambda > 0,
+            f"maml.imaml_lambda must be a finite number > 0, got {self.imaml_lambda}",
+        )
+        _require(1 <= self.imaml_cg_steps <= 100, f"maml.imaml_cg_steps must be in [1, 100], got {self.imaml_cg_steps}")
+        _require(
             self.first_order_until == 0 or not self.always_first_order(),
             "maml.first_order_until anneals second-order MAML; with first_order or fomaml every step is first order",
         )
@@ -200,9 +202,9 @@ class MamlConfig:
             f"maml.anil_head is for algorithm anil, not {self.algorithm!r}",
         )
         _require(
-            not self.checkpoint_inner or (self.algorithm != "reptile" and not self.always_first_order()),
+            not self.checkpoint_inner or (self.algorithm not in ("reptile", "imaml") and not self.always_first_order()),
             "maml.checkpoint_inner saves memory of second-order inner loops; "
-            f"{'reptile' if self.algorithm == 'reptile' else 'a first-order run'} keeps none: drop it",
+            f"{self.algorithm if self.algorithm in ('reptile', 'imaml') else 'a first-order run'} keeps none: drop it",
         )
         _require(
             math.isfinite(self.reptile_step) and 0 < self.reptile_step <= 1,

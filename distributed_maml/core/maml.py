@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.func import grad
 
 from distributed_maml.config import MamlConfig
-from distributed_maml.core import checkpointed
+from distributed_maml.core import checkpointed, implicit
 from distributed_maml.core.inner import (
     LR_PREFIX,
     PER_ELEMENT,
@@ -148,6 +148,8 @@ def batch_sums(
         return _reptile_sums(forward, kind, params, batch, cfg, weights, task_map)
     if cfg.checkpoint_inner and not plan.first_order:
         return _checkpointed_sums(forward, kind, params, batch, cfg, plan, weights, task_map)
+    if cfg.algorithm == "imaml":
+        return _imaml_sums(forward, kind, params, batch, cfg, weights, task_map)
     objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])))
 
     def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -187,6 +189,41 @@ def _checkpointed_sums(
             return value, (value.detach(), acc.detach())
 
         g, final, acc = checkpointed.meta_gradient(p, step, query, cfg.inner_steps, plan.weights)
+        return (*(g[k] for k in names), final, acc)
+
+    *grads, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
+    return _summed(names, grads, losses, accs, weights)
+
+
+def _imaml_sums(
+    forward: Forward,
+    kind: str,
+    params: Params,
+    batch: TaskBatch,
+    cfg: MamlConfig,
+    weights: Tensor | None,
+    task_map: str,
+) -> tuple[Params, Tensor, Tensor]:
+    """batch_sums for iMAML: each task's implicit meta-gradient (core/implicit.py), summed."""
+    loss = loss_fn(kind)
+    names = list(params)
+
+    def task(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
+        def query(q: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            out = forward(q, xq)
+            value = loss(out, yq)
+            acc = (out.argmax(-1) == yq).to(out.dtype).mean() if kind == "classification" else out.new_zeros(())
+            return value, (value.detach(), acc.detach())
+
+        g, final, acc = implicit.meta_gradient(
+            lambda q: loss(forward(q, xs), ys),
+            query,
+            p,
+            cfg.imaml_lambda,
+            cfg.inner_lr,
+            cfg.inner_steps,
+            cfg.imaml_cg_steps,
+        )
         return (*(g[k] for k in names), final, acc)
 
     *grads, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
@@ -250,8 +287,8 @@ def meta_gradient(
     places the step on MAML++'s schedules (step_plan).
     """
     plan = step_plan(cfg, version)
-    light = cfg.algorithm == "reptile" or (cfg.checkpoint_inner and not plan.first_order)
-    if task_map == "vmap" or light:  # Reptile and the checkpointed path keep no graph across tasks
+    light = cfg.algorithm in ("reptile", "imaml") or (cfg.checkpoint_inner and not plan.first_order)
+    if task_map == "vmap" or light:  # Reptile, iMAML and the checkpointed path keep no graph across tasks
         grads, loss_after, acc_after = batch_sums(forward, kind, params, batch, cfg, plan, task_map=task_map)
     else:  # one task at a time: the memory of one task's graph, gradients summed in task order
         objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])))
