@@ -174,7 +174,6 @@ def _checkpointed_sums(
 ) -> tuple[Params, Tensor, Tensor]:
     """batch_sums with maml.checkpoint_inner: each task's meta-gradient by core/checkpointed.py
     (one inner step's graph alive at a time), mapped over tasks and summed."""
-    loss = loss_fn(kind)
     head = head_of(cfg, list(split_lrs(params)[0]))
     names = list(params)
 
@@ -182,17 +181,11 @@ def _checkpointed_sums(
         def step(q: Params, i: int) -> Params:
             return adapt(forward, kind, q, xs, ys, 1, cfg.inner_lr, False, head, first_step=i)
 
-        def query(q: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            out = forward(split_lrs(q)[0], xq)
-            value = loss(out, yq)
-            acc = (out.argmax(-1) == yq).to(out.dtype).mean() if kind == "classification" else out.new_zeros(())
-            return value, (value.detach(), acc.detach())
-
+        query = _query(forward, kind, xq, yq)
         g, final, acc = checkpointed.meta_gradient(p, step, query, cfg.inner_steps, plan.weights)
         return (*(g[k] for k in names), final, acc)
 
-    *grads, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
-    return _summed(names, grads, losses, accs, weights)
+    return _summed(names, *_per_task(task, params, batch, task_map), weights)
 
 
 def _imaml_sums(
@@ -209,15 +202,9 @@ def _imaml_sums(
     names = list(params)
 
     def task(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
-        def query(q: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            out = forward(q, xq)
-            value = loss(out, yq)
-            acc = (out.argmax(-1) == yq).to(out.dtype).mean() if kind == "classification" else out.new_zeros(())
-            return value, (value.detach(), acc.detach())
-
         g, final, acc = implicit.meta_gradient(
             lambda q: loss(forward(q, xs), ys),
-            query,
+            _query(forward, kind, xq, yq),
             p,
             cfg.imaml_lambda,
             cfg.inner_lr,
@@ -226,8 +213,7 @@ def _imaml_sums(
         )
         return (*(g[k] for k in names), final, acc)
 
-    *grads, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
-    return _summed(names, grads, losses, accs, weights)
+    return _summed(names, *_per_task(task, params, batch, task_map), weights)
 
 
 def _reptile_sums(
@@ -252,8 +238,31 @@ def _reptile_sums(
         acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
         return (*(p[k] - phi[k].detach() for k in names), loss(out, yq).detach(), acc.detach())
 
-    *diffs, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
-    return _summed(names, diffs, losses, accs, weights)
+    return _summed(names, *_per_task(task, params, batch, task_map), weights)
+
+
+def _query(
+    forward: Forward, kind: str, xq: Tensor, yq: Tensor
+) -> Callable[[Params], tuple[Tensor, tuple[Tensor, Tensor]]]:
+    """One task's query loss at the given (meta-)parameters, with (loss, accuracy) as metrics."""
+    loss = loss_fn(kind)
+
+    def query(q: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        out = forward(split_lrs(q)[0], xq)
+        value = loss(out, yq)
+        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if kind == "classification" else out.new_zeros(())
+        return value, (value.detach(), acc.detach())
+
+    return query
+
+
+def _per_task(
+    task: Callable[..., tuple[Tensor, ...]], params: Params, batch: TaskBatch, task_map: str
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """`task` (returning its per-parameter outputs, then loss and accuracy) over the batch's tasks
+    at detached params: ([T, ...] per parameter, losses [T], accuracies [T])."""
+    *outs, losses, accs = map_tasks(task, task_map)({k: v.detach() for k, v in params.items()}, *batch.tensors())
+    return outs, losses, accs
 
 
 def _summed(
