@@ -39,9 +39,9 @@ def _problem(family, model_cfg, tasks, dtype, cfg, shots=3, queries=4, ways=0):
 
 
 def _both(kind, forward, params, batch, cfg, task_map, version=5):
-    plain, pm = maml.meta_gradient(forward, kind, params, batch, cfg, task_map, before=False, version=version)
+    plain, pm = maml.meta_gradient(forward, kind, params, batch, cfg, task_map, before=True, version=version)
     ckpt = dataclasses.replace(cfg, checkpoint_inner=True)
-    chk, cm = maml.meta_gradient(forward, kind, params, batch, ckpt, task_map, before=False, version=version)
+    chk, cm = maml.meta_gradient(forward, kind, params, batch, ckpt, task_map, before=True, version=version)
     return plain, chk, pm, cm
 
 

@@ -119,16 +119,21 @@ def test_bench_measures_every_method_in_one_run_with_matching_gradients():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert any(
-        line.startswith("model | meta-batch | steps | order | loop | bare_vmap | in_process | ray_1 | collective_1")
+        line.startswith(
+            "model | meta-batch | steps | order | loop | bare | bare_funcgrad | in_process | ray_1 | collective_1"
+        )
         for line in lines
     )
     result = json.loads(lines[-1])
     cells = {(r["method"], r["meta_batch"]) for r in result["rows"]}
-    methods = ("loop", "bare_vmap", "in_process", "ray_1", "collective_1")
+    methods = ("loop", "bare", "bare_funcgrad", "in_process", "ray_1", "collective_1")
     assert cells == {(m, mb) for m in methods for mb in (25, 1000)}
     for r in result["rows"]:
         assert r["tasks_per_s"] > 0 and (r["model"], r["inner_steps"], r["first_order"]) == ("sinusoid_mlp", 1, False)
     assert result["gradients_max_rel_diff"]["sinusoid_mlp"] < 1e-5  # the methods compute the same meta-gradient
+    bare = [r for r in result["rows"] if r["method"] == "bare"]  # timed beside the script on its own
+    assert all(r["script_alone_ms"] > 0 for r in bare)
+    assert sum("bare row vs app/minimal_script.py on its own" in line for line in lines) == 2
     assert result["machine"]["torch_threads"] == 1
 
 

@@ -125,6 +125,39 @@ def test_vmap_matches_a_per_task_loop(family, model_name, first_order):
     assert metrics["loss_before"] == pytest.approx(before, rel=1e-5)
 
 
+
+@pytest.mark.parametrize("family, model_name", CASES)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_benchs_minimal_script_computes_the_per_task_loops_meta_gradient(family, model_name, first_order):
+    """`bench`'s bare row (app/minimal_script.py): the mean meta-gradient its step leaves in .grad
+    is the hand-written loop's, and the project's (float64)."""
+    from distributed_maml.app import minimal_script
+
+    kind, model, params, batch = setup(family, model_name, tasks=4)
+    cfg = MamlConfig(inner_steps=2, inner_lr=0.05, first_order=first_order)
+    step, script = minimal_script.make_step(model, 2, 0.05, first_order, lambda o, y: task_loss(kind, o, y))
+    step(batch.tensors())
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    expected = torch.autograd.grad(loop_objective(kind, leaves, batch, cfg, first_order), list(leaves.values()))
+    got = flat({k: v.grad for k, v in script.items()})
+    torch.testing.assert_close(got, flat(dict(zip(leaves, expected))) / 4, rtol=1e-10, atol=1e-12)
+    ours = flat(maml.meta_gradient(models.functional(model), kind, params, batch, cfg)[0]) / 4
+    torch.testing.assert_close(got, ours, rtol=1e-10, atol=1e-12)
+
+
+def test_unlogged_steps_skip_accuracy_and_logged_steps_report_it():
+    """Accuracy is a logged step's metric (`before`): an unlogged step saves its ops, and its
+    loss and gradient are the logged step's exactly."""
+    kind, model, params, batch = setup("seed", "seed_mlp", tasks=5, dtype=torch.float32)
+    fwd, cfg = models.functional(model), MamlConfig(inner_steps=2, inner_lr=0.1)
+    for task_map in ("vmap", "loop"):
+        g_log, logged = maml.meta_gradient(fwd, kind, params, batch, cfg, task_map, before=True)
+        g_quiet, quiet = maml.meta_gradient(fwd, kind, params, batch, cfg, task_map, before=False)
+        assert "acc_after" in logged and "acc_after" not in quiet
+        assert quiet["loss_after"] == logged["loss_after"]
+        assert torch.equal(flat(g_log), flat(g_quiet))
+
+
 def test_functional_call_fallback_gives_the_same_gradient():
     """Any nn.Module works (model-agnostic); the fast MLP path is only a shortcut."""
     kind, model, params, batch = setup("seed", "seed_mlp", tasks=4, dtype=torch.float32)

@@ -1,13 +1,17 @@
-"""`distributed-maml bench`: meta-gradient throughput, vmap against a per-task loop.
+"""`distributed-maml bench`: a full meta-step's throughput, the project's path against others'.
 
-Both paths compute the same second-order meta-gradient of a meta-batch of sinusoid tasks on
-one CPU thread; the loop is the textbook (learn2learn-style) implementation: one task at a time,
-torch.autograd.grad(create_graph=True) for the inner step. Prints a table and one JSON line.
-`bench --conv4` and the memory table: app/bench_conv4.py.
+Every method computes the same meta-gradient of a meta-batch of tasks on one CPU thread, then
+Adam: `loop` (the textbook per-task loop), `bare` (the minimal torch.func script,
+app/minimal_script.py), `bare_funcgrad` (the same with the outer gradient by torch.func.grad),
+`in_process` (the project's path: store -> executor -> reduction -> Adam), and Ray workers.
+`bare`, `bare_funcgrad` and `in_process` are timed in interleaved rounds (best of each), so
+their ratio does not depend on what else the machine did meanwhile. Prints a table and one JSON
+line. `bench --conv4`: app/bench_conv4.py; `bench --memory`: app/bench_memory.py.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -16,11 +20,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, vmap
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from distributed_maml.app import minimal_script
+from distributed_maml.app.baselines import funcgrad_meta_gradient, loop_meta_gradient
 from distributed_maml.app.bench_memory import memory_per_task
-from distributed_maml.app.timing import MODELS, time_call
+from distributed_maml.app.bench_table import format_table
+from distributed_maml.app.timing import MODELS, time_call, time_interleaved
 from distributed_maml.config import MamlConfig, ModelConfig, ScalingConfig
 from distributed_maml.core import maml
 from distributed_maml.core.learner import Learner
@@ -34,44 +41,6 @@ from distributed_maml.execution.computer import ShardComputer
 from distributed_maml.execution.inprocess import InProcessExecutor
 from distributed_maml.execution.stepping import fan_out_in
 from distributed_maml.execution.steps import Steps
-
-
-def loop_meta_gradient(
-    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: TaskBatch, cfg: MamlConfig, kind: str = "regression"
-) -> dict[str, torch.Tensor]:
-    """The per-task baseline (learn2learn-style): a Python loop over tasks, autograd with
-    create_graph (detached inner gradients at first order). Returns the SUM over tasks."""
-    loss_fn = maml.loss_fn(kind)
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    total = 0.0
-    for t in range(len(batch)):
-        p = dict(leaves)
-        for _ in range(cfg.inner_steps):
-            loss = loss_fn(functional_call(model, p, (batch.x_support[t],)), batch.y_support[t])
-            grads = torch.autograd.grad(loss, list(p.values()), create_graph=not cfg.first_order)
-            p = {k: v - cfg.inner_lr * g for (k, v), g in zip(p.items(), grads, strict=False)}
-        total = total + loss_fn(functional_call(model, p, (batch.x_query[t],)), batch.y_query[t])
-    grads = torch.autograd.grad(total, list(leaves.values()))
-    return dict(zip(leaves, grads, strict=False))
-
-
-def bare_vmap_meta_gradient(
-    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: TaskBatch, cfg: MamlConfig, kind: str = "regression"
-) -> dict[str, torch.Tensor]:
-    """What a minimal torch.func script does: vmap over tasks, grad of the summed query loss."""
-    loss_fn = maml.loss_fn(kind)
-
-    def task(p: dict, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
-        for _ in range(cfg.inner_steps):
-            g = grad(lambda q: loss_fn(functional_call(model, q, (xs,)), ys))(p)
-            g = {k: v.detach() for k, v in g.items()} if cfg.first_order else g
-            p = {k: p[k] - cfg.inner_lr * g[k] for k in p}
-        return loss_fn(functional_call(model, p, (xq,)), yq)
-
-    def total(p: dict) -> torch.Tensor:
-        return vmap(task, in_dims=(None, 0, 0, 0, 0))(p, *batch.tensors()).sum()
-
-    return grad(total)({k: v.detach() for k, v in params.items()})
 
 
 @dataclass(frozen=True)
@@ -110,7 +79,7 @@ def cells(quick: bool, workers: int) -> list[Cell]:
     """The matrix: every method on each model, meta-batch, inner-step count and order; --quick:
     one model, one inner step, second order."""
     ns = range(1, workers + 1)
-    methods = ["loop", "bare_vmap", "in_process", *(f"ray_{n}" for n in ns), *(f"collective_{n}" for n in ns)]
+    methods = ["loop", *INTERLEAVED, *(f"ray_{n}" for n in ns), *(f"collective_{n}" for n in ns)]
     gpu = ["gpu_eager", "gpu_graph"] if torch.cuda.is_available() else []
     models = ("sinusoid_mlp",) if quick else tuple(MODELS)
     steps_orders = [(1, False)] if quick else [(1, False), (5, False), (1, True), (5, True)]
@@ -125,6 +94,7 @@ def cells(quick: bool, workers: int) -> list[Cell]:
 
 
 GPU_META_BATCH = 16_384  # the GPU rows' large meta-batch (the CPU methods stop at 1000)
+INTERLEAVED = ("bare", "bare_funcgrad", "in_process")  # timed taking turns: their ratios are the point
 
 
 class _Problem:
@@ -155,6 +125,13 @@ class _Problem:
             opt.step()
 
         return step
+
+    def script_step(self) -> Callable[[int], None]:
+        """The bare row: app/minimal_script.py's step on this problem's tasks."""
+        step, _ = minimal_script.make_step(
+            self.model, self.cfg.inner_steps, self.cfg.inner_lr, self.cfg.first_order, minimal_loss(self.kind)
+        )
+        return lambda i: step(self.batches[i % 8].tensors())
 
     def project_step(
         self, scaling: ScalingConfig, device: str = "cpu"
@@ -192,6 +169,11 @@ class _Problem:
         return step, executor, spent
 
 
+def minimal_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss a minimal script calls: torch's own (the project's are core/inner.loss_fn)."""
+    return F.cross_entropy if kind == "classification" else F.mse_loss
+
+
 COLLECTIVE_CHUNK = 25  # steps per collective call in `bench`: training.log_every's default
 
 
@@ -207,21 +189,32 @@ def communication(n_params: int, workers: int, mode: str) -> dict[str, int]:
     return {"weights_out_bytes": 4 * n_params * peers, "gradients_in_bytes": 4 * n_params * peers}
 
 
+def _method(problem: _Problem, method: str) -> tuple[Callable[[int], None], Any, dict[str, float] | None, dict]:
+    """(step(i), executor or None, the project's `spent` or None, extra row fields) of a method."""
+    if method == "loop":
+        return problem.plain_step(loop_meta_gradient), None, None, {}
+    if method == "bare":
+        return problem.script_step(), None, None, {}
+    if method == "bare_funcgrad":
+        return problem.plain_step(funcgrad_meta_gradient), None, None, {}
+    if method.startswith("gpu_"):  # the project's in-process path on cuda:0, eager or graph
+        step, executor, spent = problem.project_step(ScalingConfig(num_workers=0, gpu_step=method[4:]), "cuda")
+        return step, executor, spent, {"gpu_step": executor.computer.step_kind}
+    n = 0 if method == "in_process" else int(method.split("_")[1])
+    mode = "collective" if method.startswith("collective") else "driver"
+    step, executor, spent = problem.project_step(ScalingConfig(num_workers=n, task_map="vmap", mode=mode))
+    return step, executor, spent, communication(problem.net.network_spec.numel, n, mode) if n else {}
+
+
+def _row(cell: Cell, seconds: float, spent: dict[str, float] | None, extra: dict) -> dict[str, Any]:
+    if spent is not None:  # the learner's share of the time the project's path spent
+        extra["learner_share"] = spent["learner_s"] / (spent["learner_s"] + spent["workers_s"])
+    return {**asdict(cell), "tasks_per_s": cell.meta_batch / seconds, "step_ms": 1e3 * seconds, **extra}
+
+
 def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
-    problem, executor, spent, extra = _Problem(cell), None, None, {}
-    if cell.method == "loop":
-        step = problem.plain_step(loop_meta_gradient)
-    elif cell.method == "bare_vmap":
-        step = problem.plain_step(bare_vmap_meta_gradient)
-    elif cell.method.startswith("gpu_"):  # the project's in-process path on cuda:0, eager or graph
-        step, executor, spent = problem.project_step(ScalingConfig(num_workers=0, gpu_step=cell.method[4:]), "cuda")
-        extra = {"gpu_step": executor.computer.step_kind}
-    else:
-        n = 0 if cell.method == "in_process" else int(cell.method.split("_")[1])
-        mode = "collective" if cell.method.startswith("collective") else "driver"
-        step, executor, spent = problem.project_step(ScalingConfig(num_workers=n, task_map="vmap", mode=mode))
-        if n:
-            extra = communication(problem.net.network_spec.numel, n, mode)
+    """One cell timed alone (median of rounds), with its Ray workers' peak memory."""
+    step, executor, spent, extra = _method(_Problem(cell), cell.method)
     per_call = COLLECTIVE_CHUNK if cell.method.startswith("collective") else 1
     try:
         counter = iter(range(10**9))
@@ -235,23 +228,43 @@ def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
     finally:
         if executor is not None:
             executor.close()
-    if spent is not None:  # the learner's share of the time the project's path spent
-        extra["learner_share"] = spent["learner_s"] / (spent["learner_s"] + spent["workers_s"])
-    return {**asdict(cell), "tasks_per_s": cell.meta_batch / seconds, "step_ms": 1e3 * seconds, **extra}
+    return _row(cell, seconds, spent, extra)
+
+
+def measure_interleaved(group: list[Cell], min_seconds: float) -> list[dict[str, Any]]:
+    """Cells of one problem (INTERLEAVED methods, in process) timed taking turns, best round each."""
+    problem = _Problem(group[0])
+    made = {c.method: _method(problem, c.method) for c in group}
+    counters = {m: iter(range(10**9)) for m in made}
+    steps = {m: (lambda m=m: made[m][0](next(counters[m]))) for m in made}
+    c = group[0]
+    if "bare" in made and (c.model, c.inner_steps, c.first_order) == ("sinusoid_mlp", 1, False):
+        # the same script on its own loop and tasks: bench's harness must not slow the bare row
+        steps["script_alone"] = minimal_script.standalone(c.meta_batch, 1)
+        made["bare"][3]["script_alone_ms"] = 0.0
+    seconds = time_interleaved(steps, min_seconds)
+    if "script_alone" in seconds:
+        made["bare"][3]["script_alone_ms"] = 1e3 * seconds["script_alone"]
+    return [_row(c, seconds[c.method], made[c.method][2], made[c.method][3]) for c in group]
 
 
 def gradients_agree(model: str, meta_batch: int = 25) -> float:
-    """Max relative difference of the loop's, the bare script's and the project's meta-gradients
-    (second order, 1 inner step) at the same weights: the methods compute the same thing."""
+    """Max relative difference of the bare script's, the funcgrad variant's and the project's
+    meta-gradients from the loop's (second order, 1 inner step) at the same weights."""
     problem = _Problem(Cell("loop", model, meta_batch, 1, False))
     params = {k: v.detach() for k, v in problem.model.named_parameters()}
     spec = problem.net.network_spec
     batch = problem.batches[0]
-    ours = maml.meta_gradient(problem.net.forward, problem.kind, params, batch, problem.cfg)[0]
     ref = spec.flatten(loop_meta_gradient(problem.model, params, batch, problem.cfg, problem.kind))
+    ours = maml.meta_gradient(problem.net.forward, problem.kind, params, batch, problem.cfg)[0]
+    step, script_params = minimal_script.make_step(
+        problem.model, 1, problem.cfg.inner_lr, False, minimal_loss(problem.kind)
+    )
+    step(batch.tensors())  # its .grad: the mean meta-gradient
     others = [
         spec.flatten(ours),
-        spec.flatten(bare_vmap_meta_gradient(problem.model, params, batch, problem.cfg, problem.kind)),
+        spec.flatten(funcgrad_meta_gradient(problem.model, params, batch, problem.cfg, problem.kind)),
+        spec.flatten({k: v.grad * len(batch) for k, v in script_params.items()}),
     ]
     return max(float((g - ref).abs().max() / ref.abs().max()) for g in others)
 
@@ -266,13 +279,23 @@ def run(
     todo = [c for c in cells(quick, workers) if methods is None or c.method in methods]
     if not todo:
         raise UserError(f"--methods {','.join(methods or ())} names no method this machine runs (see `bench --help`)")
-    rows = []
-    for cell in tqdm(todo, desc="bench", unit="cell", disable=None):
-        rows.append(measure(cell, min_seconds))
+    done: dict[Cell, dict[str, Any]] = {}
+    with tqdm(total=len(todo), desc="bench", unit="cell", disable=None) as bar:
+        for _, group in itertools.groupby(todo, key=lambda c: (c.model, c.meta_batch, c.inner_steps, c.first_order)):
+            cells_ = list(group)
+            together = [c for c in cells_ if c.method in INTERLEAVED]
+            if together:
+                done.update(zip(together, measure_interleaved(together, min_seconds), strict=True))
+                bar.update(len(together))
+            for cell in (c for c in cells_ if c.method not in INTERLEAVED):
+                done[cell] = measure(cell, min_seconds)
+                bar.update()
+    rows = [done[c] for c in todo]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory = [] if quick else memory_per_task("sinusoid_mlp", (1, 5, 10), 1000, ("second", "first"), device)
     return {
-        "benchmark": "a full meta-step (meta-gradient + Adam) per method, tasks/s; median of timed rounds after warm-up",
+        "benchmark": "a full meta-step (meta-gradient + Adam) per method, tasks/s; "
+        f"best of interleaved rounds for {', '.join(INTERLEAVED)}, median of rounds for the rest",
         "rows": rows,
         "memory": memory,
         "gradients_max_rel_diff": {m: gradients_agree(m) for m in ({r["model"] for r in rows})},
@@ -283,61 +306,6 @@ def run(
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
     }
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """One line per problem, one column per method (tasks/s), and in_process / bare_vmap."""
-    rows = result["rows"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    problems = list(dict.fromkeys((r["model"], r["meta_batch"], r["inner_steps"], r["first_order"]) for r in rows))
-    speed = {
-        (r["model"], r["meta_batch"], r["inner_steps"], r["first_order"], r["method"]): r["tasks_per_s"] for r in rows
-    }
-    head = ["model", "meta-batch", "steps", "order", *methods, "in_process/bare_vmap"]
-    lines = [
-        f"{result['benchmark']}; {result['machine']['cpus']} CPUs, torch {result['machine']['torch']}",
-        " | ".join(head),
-        " | ".join("-" * len(h) for h in head),
-    ]
-    for p in problems:
-        cols = [speed.get((*p, m)) for m in methods]
-        ratio = speed.get((*p, "in_process"), 0) / speed[(*p, "bare_vmap")] if (*p, "bare_vmap") in speed else None
-        lines.append(
-            " | ".join(
-                [p[0], str(p[1]), str(p[2]), "first" if p[3] else "second"]
-                + ["-" if c is None else f"{c:,.0f}" for c in cols]
-                + ["-" if ratio is None else f"{ratio:.2f}x"]
-            )
-        )
-    agree = ", ".join(f"{m} {d:.1e}" for m, d in result["gradients_max_rel_diff"].items())
-    lines += ["", f"meta-gradients agree (max rel diff vs the loop): {agree}", ""]
-    lines += [
-        "the project's path | model | meta-batch | steps | order | learner share | KiB out / in per step "
-        "| worker peak RSS MiB",
-        "------------------ | ----- | ---------- | ----- | ----- | ------------- | --------------------- "
-        "| -------------------",
-    ]
-    for r in rows:
-        if r["method"] not in ("loop", "bare_vmap"):
-            kib = (
-                f"{r['weights_out_bytes'] / 1024:.1f} / {r['gradients_in_bytes'] / 1024:.1f}"
-                if "weights_out_bytes" in r
-                else "- (in-process)"
-            )
-            rss = f"{r['worker_peak_rss_mib']:.0f}" if "worker_peak_rss_mib" in r else "-"
-            share = f"{100 * r['learner_share']:.1f}%" if "learner_share" in r else "- (in rank 0)"
-            lines.append(
-                f"{r['method']} | {r['model']} | {r['meta_batch']} | {r['inner_steps']} | "
-                f"{'first' if r['first_order'] else 'second'} | {share} | {kib} | {rss}"
-            )
-    if result.get("memory"):
-        lines += ["", "peak memory per task (vmap) | model | meta-batch | inner steps | order | MiB per task"]
-        lines += [
-            f"| {r['model']} | {r['meta_batch']} | {r['inner_steps']} | {'first' if r['first_order'] else 'second'} "
-            f"| {r['mib_per_task']:.3f}"
-            for r in result["memory"]
-        ]
-    return "\n".join(lines)
 
 
 def main(

@@ -40,3 +40,23 @@ def conv4_problem(meta_batch: int, channels: int, queries: int, device: str = "c
     params = {k: v.detach() for k, v in model.named_parameters()}
     batch = TaskBatch.from_numpy(store.rows(np.arange(meta_batch)), device)
     return functional(model), params, batch
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], min_seconds: float, rounds: int = 7) -> dict[str, float]:
+    """Seconds per call of each fn, best of `rounds` rounds that take turns (each round at least
+    min_seconds / rounds per fn): a ratio between them then does not depend on what else the
+    machine did meanwhile, and the best round is the one least disturbed."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds / rounds:
+                    break
+            best[name] = min(best[name], elapsed / n)
+    return best

@@ -107,14 +107,15 @@ def varies(cfg: MamlConfig) -> bool:
 
 
 def _objective(
-    forward: Forward, kind: str, cfg: MamlConfig, plan: StepPlan, head: frozenset[str] | None
-) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    forward: Forward, kind: str, cfg: MamlConfig, plan: StepPlan, head: frozenset[str] | None, accuracy: bool = True
+) -> Callable[..., tuple[Tensor, ...]]:
     """One task's meta-objective (the query loss after adaptation, or MAML++'s weighted sum of
-    the query losses after every inner step), its final query loss and accuracy (metrics)."""
+    the query losses after every inner step), its final query loss and, for classification with
+    `accuracy`, its accuracy (metrics; four more ops per task, which unlogged steps skip)."""
     loss = loss_fn(kind)
-    classification = kind == "classification"
+    accuracy = accuracy and kind == "classification"
 
-    def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
         objective: Tensor | float = 0.0
         adapted = p
         for i in range(cfg.inner_steps):
@@ -124,8 +125,9 @@ def _objective(
         out = forward(split_lrs(adapted)[0], xq)
         final = loss(out, yq)
         total = final if plan.weights is None else objective + plan.weights[-1] * final
-        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
-        return total, final.detach(), acc.detach()
+        if not accuracy:
+            return total, final.detach()
+        return total, final.detach(), (out.argmax(-1) == yq).to(out.dtype).mean().detach()
 
     return task_objective
 
@@ -139,27 +141,44 @@ def batch_sums(
     plan: StepPlan,
     weights: Tensor | None = None,
     task_map: str = "vmap",
+    accuracy: bool = True,
 ) -> tuple[Params, Tensor, Tensor]:
     """The batched core of `meta_gradient`, tensors only (no host sync, so a CUDA graph can
     capture it): the summed meta-gradient (Reptile: the summed theta - phi), the final query
     loss sum and accuracy sum over the batch's tasks, each task counted `weights[t]` times (a
-    padding task, weight 0, adds exactly nothing)."""
+    padding task, weight 0, adds exactly nothing). Without `accuracy` the plain MAML path
+    returns 0 for the accuracy sum (an unlogged step does not report it)."""
     if cfg.algorithm == "reptile":
         return _reptile_sums(forward, kind, params, batch, cfg, weights, task_map)
     if cfg.checkpoint_inner and not plan.first_order:
         return _checkpointed_sums(forward, kind, params, batch, cfg, plan, weights, task_map)
     if cfg.algorithm == "imaml":
         return _imaml_sums(forward, kind, params, batch, cfg, weights, task_map)
-    objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])))
+    objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])), accuracy)
 
     def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        totals, losses, accs = map_tasks(objective, task_map)(p, *batch.tensors())
+        totals, *metrics = map_tasks(objective, task_map)(p, *batch.tensors())
         if weights is not None:
-            totals, losses, accs = totals * weights, losses * weights, accs * weights
-        return totals.sum(), (losses.sum(), accs.sum())
+            totals, metrics = totals * weights, [m * weights for m in metrics]
+        acc_sum = metrics[1].sum() if len(metrics) > 1 else totals.new_zeros(())
+        return totals.sum(), (metrics[0].sum(), acc_sum)
 
-    grads, (loss_sum, acc_sum) = grad(batch_objective, has_aux=True)(params)
-    return grads, loss_sum, acc_sum
+    return outer_grad(batch_objective, params)
+
+
+def outer_grad(
+    objective: Callable[[Params], tuple[Tensor, tuple[Tensor, Tensor]]], params: Params
+) -> tuple[Params, Tensor, Tensor]:
+    """The gradient of `objective` (a scalar, with two metric tensors) at `params`, by plain
+    autograd. torch.func.grad gives the same numbers, but wraps every op of the vmapped inner
+    loop in one more functorch level: at meta-batch 25 of the sinusoid MLP that level was ~25% of
+    a step (cProfile, `bench`'s bare_vmap_funcgrad row against bare). Autograd records only the
+    ops that need it, and runs inside CUDA-graph capture too."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    with torch.enable_grad():
+        total, (loss_sum, acc_sum) = objective(leaves)
+        grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True, materialize_grads=True)
+    return dict(zip(leaves, grads, strict=True)), loss_sum.detach(), acc_sum.detach()
 
 
 def _checkpointed_sums(
@@ -289,22 +308,22 @@ def meta_gradient(
     """The SUM over the batch's tasks of the per-task meta-gradients, and metric sums.
 
     Returning sums (not means) lets shards of any size be combined exactly: the learner divides
-    by the total task count once. Metrics, summed over tasks: loss_after (and acc_after for
-    classification), and with `before` loss_before / acc_before, the query loss of the initial
-    weights: one more forward pass, which the training loop asks for on logged steps only (at
+    by the total task count once. Metrics, summed over tasks: loss_after, and with `before` (the
+    training loop asks for it on logged steps only) acc_after for classification and
+    loss_before / acc_before, the query metrics of the initial weights: one more forward pass (at
     meta-batch 25 it was 15% of a sinusoid step). `version` (the meta-updates applied so far)
     places the step on MAML++'s schedules (step_plan).
     """
     plan = step_plan(cfg, version)
     light = cfg.algorithm in ("reptile", "imaml") or (cfg.checkpoint_inner and not plan.first_order)
     if task_map == "vmap" or light:  # Reptile, iMAML and the checkpointed path keep no graph across tasks
-        grads, loss_after, acc_after = batch_sums(forward, kind, params, batch, cfg, plan, task_map=task_map)
+        grads, loss_after, acc_after = batch_sums(forward, kind, params, batch, cfg, plan, None, task_map, before)
     else:  # one task at a time: the memory of one task's graph, gradients summed in task order
-        objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])))
+        objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])), before)
 
         def one_task(p: Params, *task: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            total, final, acc = objective(p, *task)
-            return total, (final, acc)
+            total, final, *acc = objective(p, *task)
+            return total, (final, acc[0] if acc else final.new_zeros(()))
 
         per_task = grad(one_task, has_aux=True)
         grads = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -314,7 +333,7 @@ def meta_gradient(
             grads = {k: grads[k] + g[k] for k in grads}
             loss_after, acc_after = loss_after + task_loss, acc_after + acc
     metrics = {"loss_after": loss_after.item()}
-    if kind == "classification":
+    if kind == "classification" and before:  # accuracy: on logged steps only
         metrics["acc_after"] = acc_after.item()
     if before:
         metrics.update(metrics_before(forward, kind, params, batch, task_map))

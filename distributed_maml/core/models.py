@@ -9,6 +9,7 @@ each task's computation its own under vmap (no running statistics, no dropout).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -215,10 +216,14 @@ class ParamSpec:
     def flatten(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([params[n].reshape(-1) for n in self.names])
 
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        """Each parameter's element count (computed once: unflatten runs every step)."""
+        return [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views into `flat`, one per parameter (no copy)."""
-        sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
-        return {n: t.view(s) for n, t, s in zip(self.names, torch.split(flat, sizes), self.shapes, strict=False)}
+        return {n: t.view(s) for n, t, s in zip(self.names, torch.split(flat, self.sizes), self.shapes, strict=True)}
 
 
 Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]

@@ -28,7 +28,13 @@ class Sampler:
 
     def ids(self, step: int) -> np.ndarray:
         """The task ids of meta-step `step` (0-based)."""
-        pos = step * self.meta_batch + np.arange(self.meta_batch, dtype=np.int64)
+        start = step * self.meta_batch
+        first_epoch, first_offset = divmod(start, self.num_tasks)
+        if first_offset + self.meta_batch <= self.num_tasks:  # within one epoch: one slice (most steps)
+            return _permutation(self.seed, first_epoch, self.num_tasks)[
+                first_offset : first_offset + self.meta_batch
+            ].copy()
+        pos = start + np.arange(self.meta_batch, dtype=np.int64)
         epochs, offsets = np.divmod(pos, self.num_tasks)
         out = np.empty(self.meta_batch, dtype=np.int64)
         for e in np.unique(epochs):
@@ -42,4 +48,6 @@ class Sampler:
 
 def split_shards(ids: np.ndarray, num_shards: int) -> list[np.ndarray]:
     """The fan-out: contiguous, nearly equal shards (sizes differ by at most one), never empty."""
-    return [s for s in np.array_split(ids, max(1, min(num_shards, len(ids))))]
+    if num_shards <= 1:
+        return [ids]
+    return list(np.array_split(ids, min(num_shards, len(ids))))

@@ -88,16 +88,23 @@ class TaskStore:
         images = self.info.layout == "images"
         # an images store reads the rows' indices and gathers x_* from its image table
         want = [c for c in columns if not c.startswith("x_")] + ["image_ids"] if images else list(columns)
-        b, o = np.divmod(ids, self.info.rows_per_batch)
-        first = self._batches[0]
-        out = {c: np.empty((ids.size, *first[c].shape[1:]), dtype=first[c].dtype) for c in want}
-        for bi in np.unique(b):
-            mask = b == bi
-            for c in want:
-                out[c][mask] = self._batches[bi][c][o[mask]]
+        if len(self._batches) == 1:  # one record batch (most stores): one gather per column
+            out = {c: self._batches[0][c][ids] for c in want}
+        else:
+            out = self._gather_across_batches(ids, want)
         if images:
             out.update(self.gather_images(out.pop("image_ids")))
             out = {c: out[c] for c in columns}
+        return out
+
+    def _gather_across_batches(self, ids: np.ndarray, columns: list[str]) -> dict[str, np.ndarray]:
+        b, o = np.divmod(ids, self.info.rows_per_batch)
+        first = self._batches[0]
+        out = {c: np.empty((ids.size, *first[c].shape[1:]), dtype=first[c].dtype) for c in columns}
+        for bi in np.unique(b):
+            mask = b == bi
+            for c in columns:
+                out[c][mask] = self._batches[bi][c][o[mask]]
         return out
 
     def gather_images(self, image_ids: np.ndarray) -> dict[str, np.ndarray]:

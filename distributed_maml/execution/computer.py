@@ -90,10 +90,8 @@ class ShardComputer:
         kind = self.store.info.kind
         graphed = None if before or self.graphs is None else self.graphs.run(flat, batch)
         if graphed is not None:  # an unlogged step: replayed from the shard size's graph
-            flat_grad, loss_sum, acc_sum = graphed
+            flat_grad, loss_sum, _ = graphed
             metrics = {"loss_after": loss_sum.item()}
-            if kind == "classification":
-                metrics["acc_after"] = acc_sum.item()
         else:
             grads, metrics = meta_gradient(
                 self.forward, kind, params, batch, self.maml_cfg, self.task_map, before, version

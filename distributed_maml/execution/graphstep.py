@@ -10,8 +10,8 @@ replayed from a graph by a bare script 9.16M). A graph needs static shapes and a
 - one graph per size, captured on first use and checked once against the eager step
   (max relative difference MAX_REL_DIFF): a mismatch turns the worker back to eager, saying so.
 
-The unlogged steps replay the graph; a logged step (which also wants the unadapted metrics)
-runs eagerly. CPU workers always run eagerly.
+The unlogged steps replay the graph (loss only: accuracy is a logged step's metric); a logged
+step (which also wants the unadapted metrics) runs eagerly. CPU workers always run eagerly.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ class GraphedStep:
 
         def step() -> tuple[Tensor, Tensor, Tensor]:
             params = spec.unflatten(self.flat)
-            grads, loss_sum, acc_sum = batch_sums(forward, kind, params, self.inputs, cfg, plan, self.weights)
+            grads, loss_sum, acc_sum = batch_sums(
+                forward, kind, params, self.inputs, cfg, plan, self.weights, accuracy=False
+            )
             return spec.flatten(grads), loss_sum, acc_sum
 
         fill_padded(self.inputs, self.weights, example)
@@ -105,7 +107,9 @@ class GraphSteps:
                 graph = GraphedStep(self.forward, self.kind, self.spec, self.cfg, batch, size)
                 got = graph.run(flat, batch)
                 params = self.spec.unflatten(flat)
-                want = batch_sums(self.forward, self.kind, params, batch, self.cfg, step_plan(self.cfg, 0))
+                want = batch_sums(
+                    self.forward, self.kind, params, batch, self.cfg, step_plan(self.cfg, 0), accuracy=False
+                )
                 eager = self.spec.flatten(want[0])
                 diff = float((got[0] - eager).abs().max() / eager.abs().max().clamp_min(1e-30))
                 if not diff <= MAX_REL_DIFF:

@@ -1,0 +1,80 @@
+"""The minimal MAML script `bench` holds the project against: torch only, nothing of ours.
+
+This is what a researcher writes in ten lines (the issue-19 recipe): the model through
+`torch.func.functional_call`, the inner SGD steps by `torch.func.grad` inside `torch.func.vmap`
+over tasks, then `.mean().backward()` on the vmapped query losses (plain autograd for the outer
+gradient) and `torch.optim.Adam`. `bench` times it beside its own `bare` row and the project's
+path; `python -m distributed_maml.app.minimal_script` times it alone on random sinusoid-shaped
+tasks. Keep it free of project imports: it is the yardstick, and a copy-paste away from a user.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+
+def make_step(
+    model: torch.nn.Module,
+    inner_steps: int,
+    inner_lr: float,
+    first_order: bool = False,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+    meta_lr: float = 1e-3,
+) -> tuple[Callable[[tuple[torch.Tensor, ...]], None], dict[str, torch.Tensor]]:
+    """(step, params): step(batch) does one meta-update on batch = (xs, ys, xq, yq), each with a
+    leading task axis; params are the meta-parameters it updates (their .grad: the last mean
+    meta-gradient)."""
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    opt = torch.optim.Adam(params.values(), lr=meta_lr)
+
+    def task(p: dict, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+        for _ in range(inner_steps):
+            g = grad(lambda q: loss(functional_call(model, q, (xs,)), ys))(p)
+            if first_order:
+                g = {k: v.detach() for k, v in g.items()}
+            p = {k: p[k] - inner_lr * g[k] for k in p}
+        return loss(functional_call(model, p, (xq,)), yq)
+
+    def step(batch: tuple[torch.Tensor, ...]) -> None:
+        opt.zero_grad()
+        vmap(task, in_dims=(None, 0, 0, 0, 0))(params, *batch).mean().backward()
+        opt.step()
+
+    return step, params
+
+
+def standalone(meta_batch: int = 25, inner_steps: int = 1) -> Callable[[], None]:
+    """The script on its own: random sinusoid-shaped tasks (1-40-40-1 MLP, 10 + 10 examples), a
+    zero-argument meta-step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1)
+    )
+    batch = tuple(torch.randn(meta_batch, 10, 1) for _ in range(4))
+    step, _ = make_step(model, inner_steps, 0.01)
+    return lambda: step(batch)
+
+
+def main(meta_batch: int = 25, inner_steps: int = 1, seconds: float = 2.0) -> float:
+    """Prints and returns ms per step, best of 7 rounds on one torch thread (as `bench` times)."""
+    torch.set_num_threads(1)
+    step = standalone(meta_batch, inner_steps)
+    step()
+    best = float("inf")
+    for _ in range(7):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 7:
+            step()
+            n += 1
+        best = min(best, (time.perf_counter() - start) / n)
+    print(f"minimal MAML script: meta-batch {meta_batch}, {inner_steps} inner step(s): {1e3 * best:.2f} ms/step")
+    return 1e3 * best
+
+
+if __name__ == "__main__":
+    main()
