@@ -25,8 +25,8 @@ def _random_init_curve(family, model_name, shots, queries, inner_lr, seed, steps
     model = models.build(ModelConfig(name=model_name), store.info, seed=1234)
     batch = maml.TaskBatch.from_numpy(store.rows(np.arange(n)))
     params = {k: v.detach() for k, v in model.named_parameters()}
-    losses, accs = maml.adaptation_curve(models.functional(model), store.info.kind, params, batch, max(steps), inner_lr)
-    pick = lambda t: t[:, steps].mean(0).tolist() if t is not None else None  # noqa: E731
+    losses, accs = maml.adaptation_curve(models.functional(model), store.info.kind, params, batch, steps, inner_lr)
+    pick = lambda t: t.mean(0).tolist() if t is not None else None  # noqa: E731
     return pick(losses), pick(accs)
 
 
@@ -90,7 +90,7 @@ def test_short_sinusoid_run_lowers_post_adaptation_mse(tmp_path):
     init = models.build(ModelConfig(name="sinusoid_mlp"), store.info, seed=0)
     batch = maml.TaskBatch.from_numpy(store.rows(np.arange(600)))
     before, _ = maml.adaptation_curve(
-        models.functional(init), "regression", {k: v.detach() for k, v in init.named_parameters()}, batch, 1, 0.01
+        models.functional(init), "regression", {k: v.detach() for k, v in init.named_parameters()}, batch, (0, 1), 0.01
     )
     assert res["loss_mean"][1] < 0.6 * float(before[:, 1].mean()), (res, before[:, 1].mean())
     assert res["loss_mean"][1] < 0.6 * untrained[1]

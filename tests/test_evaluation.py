@@ -24,6 +24,34 @@ def test_ci_of_the_mean_matches_a_hand_computation():
     assert mean[0] == pytest.approx(2.5) and ci[0] == pytest.approx(1.265174, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "best, note, tried",
+    [
+        (1.0, "as given", 5),  # interior: the grid as given
+        (10**1.5, "extended", 7),  # past the top: two more points find it inside
+        (1e-4, "edge", 8),  # far below: three more points, still on the edge, and said so
+    ],
+)
+def test_the_step_size_grid_extends_past_an_edge_best(best, note, tried):
+    calls = []
+
+    def score(lr):
+        calls.append(lr)
+        return (np.log10(lr) - np.log10(best)) ** 2
+
+    got, tuning = evaluate.search_grid(score, [0.1 * 10 ** (i / 2) for i in range(5)])
+    assert tuning["grid"] == note and len(calls) == len(set(calls)) == tried == len(tuning["scores"])
+    if note != "edge":
+        assert got == pytest.approx(best)
+    else:
+        assert got == min(calls)
+
+
+def test_a_diverging_edge_is_not_extended():
+    got, tuning = evaluate.search_grid(lambda lr: float("inf"), [0.1, 1.0, 10.0])
+    assert len(tuning["scores"]) == 3
+
+
 def test_blow_ups_are_reported_apart_from_tasks_that_got_worse():
     # bound 20: task 1 is non-finite, task 2 passes the bound (blow-ups); task 4 rose from a tiny
     # start (0.01 -> 0.3: "got worse", not a blow-up); tasks 0 and 3 improved
@@ -146,10 +174,10 @@ def test_baselines_see_exactly_the_same_tasks_and_steps(tmp_path, monkeypatch):
     seen = []
     real = evaluate.curves
 
-    def spy(executor, spec, params, n, max_steps, lr):
+    def spy(executor, spec, params, n, steps, lr):
         store_ = executor.computer.store
-        seen.append((id(store_), n, max_steps, lr, float(store_.rows(np.arange(n))["x_query"].sum())))
-        return real(executor, spec, params, n, max_steps, lr)
+        seen.append((id(store_), n, tuple(steps), lr, float(store_.rows(np.arange(n))["x_query"].sum())))
+        return real(executor, spec, params, n, steps, lr)
 
     monkeypatch.setattr(evaluate, "curves", spy)
     res = evaluate.evaluate(out, steps=[0, 3], num_tasks=50, pretrain_steps=20, workers=0)
@@ -159,7 +187,9 @@ def test_baselines_see_exactly_the_same_tasks_and_steps(tmp_path, monkeypatch):
     pre = res["baselines"]["pretrained"]
     tuning = pre["inner_lr_tuning"]
     assert [x[3] for x in seen] == [0.5, pre["inner_lr"], 0.5] and res["baselines"]["scratch"]["inner_lr"] == 0.5
-    assert len(tuning) == len(evaluate.PRETRAINED_LR_GRID) and pre["inner_lr"] == float(min(tuning, key=tuning.get))
+    scores = tuning["scores"]
+    assert len(scores) >= len(evaluate.PRETRAINED_LR_GRID) and pre["inner_lr"] == float(min(scores, key=scores.get))
+    assert seen[0][2] == (0, 3)  # the query sets are scored at the asked-for steps only
     assert json.loads((out / "eval" / "eval-5shots.json").read_text())["steps"] == [0, 3]
 
 

@@ -125,7 +125,6 @@ def test_vmap_matches_a_per_task_loop(family, model_name, first_order):
     assert metrics["loss_before"] == pytest.approx(before, rel=1e-5)
 
 
-
 @pytest.mark.parametrize("family, model_name", CASES)
 @pytest.mark.parametrize("first_order", [False, True])
 def test_benchs_minimal_script_computes_the_per_task_loops_meta_gradient(family, model_name, first_order):
@@ -179,7 +178,7 @@ def test_accuracy_metrics_count_correct_query_predictions():
 
 def test_adaptation_curve_step_zero_is_the_unadapted_loss_and_steps_follow_sgd():
     kind, model, params, batch = setup("sinusoid", "sinusoid_mlp", tasks=4, dtype=torch.float32)
-    losses, accs = maml.adaptation_curve(models.functional(model), kind, params, batch, 2, 0.01)
+    losses, accs = maml.adaptation_curve(models.functional(model), kind, params, batch, (0, 1, 2), 0.01)
     assert accs is None and losses.shape == (4, 3)
     for t in range(4):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -192,6 +191,17 @@ def test_adaptation_curve_step_zero_is_the_unadapted_loss_and_steps_follow_sgd()
             p = {n: (v - 0.01 * g).detach().requires_grad_(True) for (n, v), g in zip(p.items(), grads)}
             q = float(task_loss(kind, forward(p, batch.x_query[t]), batch.y_query[t]).detach())
             assert float(losses[t, k]) == pytest.approx(q, rel=1e-4)
+
+
+def test_adaptation_curve_scores_only_the_asked_for_steps():
+    """Scoring at (0, 2, 5) gives those columns of the full 0..5 curve, exactly."""
+    kind, model, params, batch = setup("seed", "seed_mlp", tasks=4, dtype=torch.float32)
+    fwd = models.functional(model)
+    full, full_acc = maml.adaptation_curve(fwd, kind, params, batch, range(6), 0.3)
+    some, some_acc = maml.adaptation_curve(fwd, kind, params, batch, (0, 2, 5), 0.3)
+    assert torch.equal(some, full[:, [0, 2, 5]]) and torch.equal(some_acc, full_acc[:, [0, 2, 5]])
+    with pytest.raises(ValueError, match="ascending"):
+        maml.adaptation_curve(fwd, kind, params, batch, (3, 1), 0.3)
 
 
 PADDING_VARIANTS = {

@@ -130,8 +130,8 @@ def test_task_map_rule_and_shards_agree(glyph_store):
     a = ShardComputer(glyph_store, model_cfg, maml_cfg, task_map="vmap").compute(weights, ids)
     b = ShardComputer(glyph_store, model_cfg, maml_cfg, task_map="loop").compute(weights, ids)
     np.testing.assert_allclose(a.grad_sum, b.grad_sum, rtol=1e-4, atol=1e-5)
-    la, _ = ShardComputer(glyph_store, model_cfg, maml_cfg, task_map="vmap").curve(weights, ids, 2, 0.4)
-    lb, _ = ShardComputer(glyph_store, model_cfg, maml_cfg, task_map="loop").curve(weights, ids, 2, 0.4)
+    la, _ = ShardComputer(glyph_store, model_cfg, maml_cfg, task_map="vmap").curve(weights, ids, (0, 1, 2), 0.4)
+    lb, _ = ShardComputer(glyph_store, model_cfg, maml_cfg, task_map="loop").curve(weights, ids, (0, 1, 2), 0.4)
     np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-5)
 
 

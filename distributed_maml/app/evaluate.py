@@ -55,6 +55,7 @@ from distributed_maml.execution.protocol import Executor
 
 BLOW_UP = 10.0  # a blow-up: a non-finite loss, or one above 10x the best constant guess's loss
 PRETRAINED_LR_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)  # x the run's inner_lr, for the pretrained baseline
+GRID_EXTENSIONS = 3  # more points (same ratio) on the side where the best one sits on the grid's edge
 VALIDATION_TASKS = 100
 
 
@@ -109,7 +110,7 @@ def tune_lr(
     max_steps: int,
     shots: int | None,
     train_store: Callable[[], TaskStore],
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, Any]]:
     """The fine-tuning step size for a baseline, as the paper tuned its baselines: each of
     PRETRAINED_LR_GRID x the run's inner_lr on VALIDATION_TASKS tasks that are not the
     evaluation's (fresh held-out tasks from another seed; for file-built stores, the run's own
@@ -120,15 +121,40 @@ def tune_lr(
         val = generated_held_out(state, VALIDATION_TASKS, shots, seed=state.store.seed + 1_000_003)
     computer = ShardComputer(val, cfg.model, cfg.maml, task_map=cfg.scaling.task_map)
     ids = np.arange(min(VALIDATION_TASKS, len(val)))
-    scores = {}
-    for factor in PRETRAINED_LR_GRID:
-        lr = cfg.maml.inner_lr * factor
+
+    def score(lr: float) -> float:
         weights = spec.flatten(maml_mod.with_learned_lrs(cfg.maml, params, lr)).detach().to(torch.float32).numpy()
         with np.errstate(invalid="ignore", over="ignore"):
-            final = float(np.mean(computer.curve(weights, ids, max_steps, lr)[0][:, -1]))
-        scores[f"{lr:g}"] = final if np.isfinite(final) else float("inf")
-    best = min(scores, key=lambda k: scores[k])
-    return float(best), scores
+            final = float(np.mean(computer.curve(weights, ids, (max_steps,), lr)[0][:, 0]))
+        return final if np.isfinite(final) else float("inf")
+
+    return search_grid(score, [cfg.maml.inner_lr * f for f in PRETRAINED_LR_GRID])
+
+
+def search_grid(
+    score: Callable[[float], float], grid: Sequence[float], extensions: int = GRID_EXTENSIONS
+) -> tuple[float, dict[str, Any]]:
+    """The value of `grid` (ascending, a constant ratio apart) with the lowest score, and the
+    scores by value. While the best lies on the grid's edge, up to `extensions` more values at
+    the same ratio are tried beyond it: a best value on the edge may be cutting off a better
+    one. The scores note `"grid": "extended"` when that found an interior best, `"edge"` when
+    the best is still the last value tried."""
+    values = list(grid)
+    scores = {v: score(v) for v in values}
+    ratio = values[1] / values[0]
+    note = "as given"
+    for _ in range(extensions):
+        best = min(values, key=lambda v: scores[v])
+        if best not in (values[0], values[-1]) or not np.isfinite(scores[best]):
+            break
+        nxt = best / ratio if best == values[0] else best * ratio
+        scores[nxt] = score(nxt)
+        values = sorted(scores)
+        note = "extended"
+    best = min(values, key=lambda v: scores[v])
+    if best in (values[0], values[-1]):
+        note = "edge"
+    return best, {"scores": {f"{v:g}": scores[v] for v in values}, "grid": note}
 
 
 def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int, net: Network) -> dict[str, torch.Tensor]:
@@ -192,11 +218,11 @@ def eval_executor(cfg: Config, store: TaskStore, workers: int | None) -> Executo
 
 
 def curves(
-    executor: Any, spec: ParamSpec, params: dict[str, torch.Tensor], n: int, max_steps: int, lr: float
+    executor: Any, spec: ParamSpec, params: dict[str, torch.Tensor], n: int, steps: Sequence[int], lr: float
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-task loss (and accuracy) after 0..max_steps inner steps: [n, max_steps + 1]."""
+    """Per-task loss (and accuracy) after each of `steps` inner steps (ascending): [n, len(steps)]."""
     weights = spec.flatten(params).detach().to(torch.float32).numpy()
-    parts = executor.curves(weights, split_shards(np.arange(n), executor.num_shards), max_steps, lr)
+    parts = executor.curves(weights, split_shards(np.arange(n), executor.num_shards), steps, lr)
     losses = np.concatenate([p[0] for p in parts])
     return losses, (None if parts[0][1] is None else np.concatenate([p[1] for p in parts]))
 
@@ -213,6 +239,8 @@ def blow_up_bound(store: TaskStore, n: int) -> float:
 
 
 def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int], bound: float) -> dict[str, Any]:
+    """The table's numbers at columns `steps` of per-task curves whose column 0 is the
+    unadapted loss (the reference for "got worse")."""
     with np.errstate(invalid="ignore", over="ignore"):
         blow_up = ~np.isfinite(losses) | (losses > bound)
         worse = ~blow_up & (losses > losses[:, :1])
@@ -256,6 +284,8 @@ def evaluate(
         cfg = cfg.replace(maml=replace(cfg.maml, inner_lr=inner_lr))
     store = held_out_store(ckpt.state, tasks, num_tasks, shots)
     info, n, idx = store.info, min(num_tasks, len(store)), list(steps)
+    scored = sorted({0, *idx})  # the curves' columns: the asked-for counts, and 0 for "got worse"
+    cols = [scored.index(k) for k in idx]
     # the meta-learned init with its learned inner step sizes (Meta-SGD, LSLR), if it has them
     inits = {"maml": {k: v.to(torch.float32) for k, v in {**ckpt.model, **ckpt.inner_lr}.items()}}
     net = assemble(cfg.model, cfg.maml, info, seed=cfg.training.seed)  # the run's own step-0 network
@@ -280,7 +310,7 @@ def evaluate(
             shown = "learned" if name == "maml" and ckpt.inner_lr else lrs[name]
             results[name] = {
                 "inner_lr": shown,
-                **summarize(*curves(executor, spec, params, n, max(idx), lrs[name]), idx, bound),
+                **summarize(*curves(executor, spec, params, n, scored, lrs[name]), cols, bound),
             }
     finally:
         executor.close()
@@ -319,7 +349,10 @@ def format_table(result: dict[str, Any]) -> str:
     rows = []
     for name, r in [("maml", result), *result.get("baselines", {}).items()]:
         if "inner_lr_tuning" in r:
-            name = f"{name} (lr {r['inner_lr']:g}, tuned)"
+            grid = {"extended": ", grid extended", "edge": ", best on the grid's edge"}.get(
+                r["inner_lr_tuning"]["grid"], ""
+            )
+            name = f"{name} (lr {r['inner_lr']:g}, tuned{grid})"
         for i, k in enumerate(result["steps"]):
             row = [
                 name,

@@ -65,7 +65,7 @@ def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
     steps, lr = run.cfg.maml.inner_steps, run.cfg.maml.inner_lr
 
     def score(weights: np.ndarray) -> float:
-        losses, _ = computer.curve(weights, ids, steps, lr)
+        losses, _ = computer.curve(weights, ids, (steps,), lr)
         return float(losses[:, -1].mean())
 
     return score

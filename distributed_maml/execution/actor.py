@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,8 @@ class WorkerActor:
         self.version = version
         return [self.computer.compute(weights, ids, before, version) for ids in shards]
 
-    def curve(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]:
-        return [self.computer.curve(weights, ids, max_steps, lr) for ids in shards]
+    def curve(self, weights: np.ndarray, shards: list[np.ndarray], steps: Sequence[int], lr: float) -> list[Any]:
+        return [self.computer.curve(weights, ids, steps, lr) for ids in shards]
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's address for the group: this node's IP and a port free on it now."""

@@ -7,6 +7,7 @@ wraps; keeping it Ray-free keeps it testable and identical at every scale.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -101,16 +102,16 @@ class ShardComputer:
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
 
     def curve(
-        self, weights: np.ndarray, ids: np.ndarray, max_steps: int, lr: float
+        self, weights: np.ndarray, ids: np.ndarray, steps: Sequence[int], lr: float
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per-task query loss (and accuracy) after 0..max_steps inner steps of size lr, for
-        tasks `ids` from `weights`: [len(ids), max_steps + 1] (vmap over chunks of CURVE_CHUNK)."""
+        """Per-task query loss (and accuracy) after each of `steps` inner steps of size lr, for
+        tasks `ids` from `weights`: [len(ids), len(steps)] (in chunks of CURVE_CHUNK tasks)."""
         params = self.spec.unflatten(torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device))
         losses, accs = [], []
         for lo in range(0, len(ids), CURVE_CHUNK):
             batch = self.batch(ids[lo : lo + CURVE_CHUNK])
             loss, acc = adaptation_curve(
-                self.forward, self.store.info.kind, params, batch, max_steps, lr, self.task_map, self.head
+                self.forward, self.store.info.kind, params, batch, steps, lr, self.task_map, self.head
             )
             losses.append(loss.cpu().numpy())
             accs.append(None if acc is None else acc.cpu().numpy())

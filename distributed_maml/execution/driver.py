@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -247,10 +247,10 @@ class RayExecutor(Driven):
         ref = self._share(weights)
         return self._map(lambda worker, mine: worker.compute.remote(ref, version, mine, before), shards)
 
-    def curves(self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float) -> list[Any]:
+    def curves(self, weights: np.ndarray, shards: list[np.ndarray], steps: Sequence[int], lr: float) -> list[Any]:
         """Adaptation curves of each shard's tasks (evaluation), in shard order."""
         ref = self._share(weights)
-        return self._map(lambda worker, mine: worker.curve.remote(ref, mine, max_steps, lr), shards)
+        return self._map(lambda worker, mine: worker.curve.remote(ref, mine, tuple(steps), lr), shards)
 
     def _share(self, weights: np.ndarray) -> Any:
         """The weights as a call argument. Small ones travel inside each call (Ray inlines

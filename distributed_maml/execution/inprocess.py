@@ -3,7 +3,7 @@ reference every distributed run is held against)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,9 +28,9 @@ class InProcessExecutor(Driven):
         return [self.computer.compute(weights, ids, before, version) for ids in shards]
 
     def curves(
-        self, weights: np.ndarray, shards: list[np.ndarray], max_steps: int, lr: float
+        self, weights: np.ndarray, shards: list[np.ndarray], steps: Sequence[int], lr: float
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        return [self.computer.curve(weights, ids, max_steps, lr) for ids in shards]
+        return [self.computer.curve(weights, ids, steps, lr) for ids in shards]
 
     def watch(self, on_lost: Callable[[str], None]) -> None:
         """Nothing to watch: in-process work has no cluster to lose."""
