@@ -266,3 +266,22 @@ def test_cli_eval_passes_every_flag(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--run", str(tmp_path), "--workers", "3", "--inner-lr", "0.1", "--num-tasks", "7"])
     assert seen["kwargs"]["workers"] == 3 and seen["kwargs"]["inner_lr"] == 0.1 and 7 in seen["args"]
+
+
+def test_bench_eval_times_every_phase_of_the_protocol_against_training(monkeypatch, capsys):
+    """`bench --eval` at a toy size: the eval's phases, the training time, and their ratio."""
+    from distributed_maml.app import bench_eval
+
+    monkeypatch.setattr(evaluate, "VALIDATION_TASKS", 4)
+    monkeypatch.setattr(bench_eval, "measure", _tiny(bench_eval.measure))
+    out = bench_eval.eval_main(quick=True)
+    assert set(out["eval_phases_s"]) == {"baselines", "tuning", "curves"}
+    assert all(v > 0 for v in out["eval_phases_s"].values()) and out["train_s"] > 0
+    assert out["ratio"] == pytest.approx(out["eval_s"] / out["train_s"])
+    assert out["pretrained_lr_grid"] in ("as given", "extended", "edge")
+    printed = capsys.readouterr().out
+    assert "eval / training:" in printed and json.loads(printed.strip().splitlines()[-1])["eval_tasks"] == 4
+
+
+def _tiny(measure):
+    return lambda train_tasks, eval_tasks, pretrain_steps: measure(16, 4, 1)

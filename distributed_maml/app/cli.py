@@ -134,6 +134,9 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--meta-batches", type=_steps_list, default=None, help="with --conv4: meta-batch sizes (4,32,256)")
     be.add_argument("--algorithms", action="store_true", help="each algorithm's step (maml, fomaml, maml++, ...)")
     be.add_argument("--conv4", action="store_true", help="conv4 on 5-way 1-shot glyphs: vmap vs loop, and memory")
+    be.add_argument(
+        "--eval", action="store_true", help="eval's default protocol vs 1,000 training tasks' meta-gradients"
+    )
     be.add_argument("--memory", action="store_true", help="conv4 memory per task and cost by mode and inner steps")
     be.add_argument("--inner-steps", type=_steps_list, default=None, help="with --memory: 1,5,10,25,50")
     be.add_argument(
@@ -272,7 +275,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from distributed_maml.app import bench, bench_conv4, bench_memory
+    from distributed_maml.app import bench, bench_conv4, bench_eval, bench_memory
 
     if args.memory:
         modes = tuple(m for m in args.modes.split(",") if m)
@@ -282,6 +285,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if min(steps) < 1 or args.meta_batch < 1 or args.channels < 1 or (args.memory_gb or 1) <= 0:
             raise UserError("--inner-steps, --meta-batch and --channels must be >= 1 and --memory-gb > 0")
         bench_memory.memory_main(steps, modes, args.meta_batch, args.channels, args.memory_gb)
+    elif args.eval:
+        bench_eval.eval_main(args.quick, args.json)
     elif args.algorithms:
         bench.algorithms_main(args.seconds, args.json)
     elif args.conv4:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -291,15 +292,18 @@ def evaluate(
     net = assemble(cfg.model, cfg.maml, info, seed=cfg.training.seed)  # the run's own step-0 network
     spec = net.spec
     train_store = functools.cache(lambda: TaskStore.open(ckpt.state.store.path))  # opened once, if needed
+    clock = _Clock()  # seconds per phase, in the result: where an evaluation's time went
     if baselines:
         steps_pre = pretrain_steps if pretrain_steps is not None else min(cfg.training.steps, 10_000)
         inits.update(baseline_weights(run_dir, cfg, net, steps_pre, train_store))
+    clock.lap("baselines")
     lrs: dict[str, Any] = {name: cfg.maml.inner_lr for name in inits}
     tuning: dict[str, Any] = {}
     if "pretrained" in inits:
         lrs["pretrained"], tuning = tune_lr(
             ckpt.state, cfg, spec, inits["pretrained"], max(max(idx), 1), shots, train_store
         )
+    clock.lap("tuning")
     bound = blow_up_bound(store, n)
     executor = eval_executor(cfg, store, workers)
     try:
@@ -314,6 +318,7 @@ def evaluate(
             }
     finally:
         executor.close()
+    clock.lap("curves")
     if tuning:
         results["pretrained"]["inner_lr_tuning"] = tuning
     out: dict[str, Any] = {
@@ -326,6 +331,7 @@ def evaluate(
         "blow_up_bound": bound,
         "steps": idx,
         "evaluated_by": evaluated_by,
+        "seconds": clock.laps,
         **results.pop("maml"),
         "baselines": results,
     }
@@ -334,6 +340,17 @@ def evaluate(
     save.parent.mkdir(exist_ok=True)
     save.write_text(json.dumps(out, indent=1))
     return out
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last
+        self.last = now
 
 
 def format_table(result: dict[str, Any]) -> str:
