@@ -168,20 +168,29 @@ def test_a_signal_saves_the_last_step_and_resume_is_bit_identical(tmp_path, sig,
         assert all(torch.equal(x[k], y[k]) for k in x)
 
 
-def _same_run(a_dir: Path, b_dir: Path) -> None:
-    """Weights, Adam state, version and metrics lines (less their timings) equal bit for bit."""
+def _same_run(a_dir: Path, b_dir: Path, rtol: float = 0.0) -> None:
+    """Weights, Adam state, version and metrics lines (less their timings) equal bit for bit
+    (`rtol`: the floats within it; step, version and the lines' keys still exactly)."""
     a, b = (checkpoint.load(checkpoint.latest(d)) for d in (a_dir, b_dir))
     assert a.step == b.step and a.version == b.version
+
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        return torch.equal(x, y) if rtol == 0 else torch.allclose(x, y, rtol=rtol, atol=rtol * float(y.abs().max()))
+
     for k in a.model:
-        assert torch.equal(a.model[k], b.model[k]), k
+        assert same(a.model[k], b.model[k]), k
     for x, y in zip(a.optimizer["state"].values(), b.optimizer["state"].values(), strict=True):
-        assert all(torch.equal(x[k], y[k]) for k in x)
+        assert all(same(x[k], y[k]) for k in x)
 
     def lines(d: Path) -> list[dict]:
         rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in ("time", "tasks_per_s")} for r in rows]
 
-    assert lines(a_dir) == lines(b_dir)
+    if rtol == 0:
+        assert lines(a_dir) == lines(b_dir)
+    else:
+        for la, lb in zip(lines(a_dir), lines(b_dir), strict=True):
+            assert la.keys() == lb.keys() and la == pytest.approx(lb, rel=rtol), (la, lb)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -553,9 +562,11 @@ def test_object_references_do_not_leak_over_a_run(tmp_path):
 OLD_RUN = REPO / "tests" / "assets" / "run-flat-layout"  # 6 steps, written by the flat layout (commit d2b143d)
 
 
-def test_a_run_folder_written_before_the_layers_resumes_bit_identical(tmp_path):
+def test_a_run_folder_written_before_the_layers_resumes_equal_to_a_straight_run(tmp_path):
     """A run folder of the previous layout (its checkpoint format unchanged) resumes under this
-    one and ends equal to a straight run of this code on the same tasks."""
+    one and ends equal to a straight run of this code on the same tasks: bit for bit until issue
+    19's faster kernels (add with alpha, the losses without F's masks) moved the float rounding of
+    its first 5 steps, now within 1e-6 relative (measured 1e-7) of this code's own."""
     old = tmp_path / "old"
     shutil.copytree(OLD_RUN, old)  # moved: the store is found in the folder, not at its recorded path
     resumed = run_cli("train", "--resume", old, "--no-progress", "--set", "training.steps=10")
@@ -574,4 +585,4 @@ def test_a_run_folder_written_before_the_layers_resumes_bit_identical(tmp_path):
         "training.steps=10",
     )
     assert straight.returncode == 0, straight.stderr
-    _same_run(old, tmp_path / "straight")
+    _same_run(old, tmp_path / "straight", rtol=1e-6)
