@@ -221,3 +221,33 @@ def test_checkpoint_retention(tmp_path, keep, expected):
     again = run.resume(tmp_path / "r", overrides=["training.steps=12", "training.keep_checkpoints=1"])
     train.train(again, train.make_executor(again), progress=False)
     assert [p.name for p in (tmp_path / "r" / "checkpoints").glob("step_*")] == ["step_12"]
+
+
+def test_tensorboard_event_files_hold_the_logged_numbers_across_a_resume(tmp_path):
+    """Every metrics.jsonl number is a TensorBoard scalar at its step (TensorBoard's own reader);
+    a resume from an earlier checkpoint than the last logged step leaves one value per step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(tmp_path, "r", 6, ["training.checkpoint_every=2", "training.eval_every=3", "training.eval_tasks=8"])
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints" / "latest").write_text("step_4")  # as if it crashed after step 4's checkpoint
+    _train(tmp_path, "r", 8, ["training.checkpoint_every=2", "training.eval_every=3"], resume=True)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    lines = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        lines[rec["step"]] = rec  # a re-logged step: its later line, as TensorBoard's purge keeps
+    tags = set(events.Tags()["scalars"])
+    assert {"train/meta_loss", "train/loss_before", "val/heldout_loss", "time/tasks_per_s", "time/compute_s"} <= tags
+    for tag, key, sub in [
+        ("train/meta_loss", "meta_loss", None),
+        ("train/loss_after", "loss_after", None),
+        ("val/heldout_loss", "heldout_loss", None),
+        ("time/compute_s", "time", "compute_s"),
+    ]:
+        want = {s: (r[key][sub] if sub else r[key]) for s, r in lines.items() if key in r}
+        got = {e.step: e.value for e in events.Scalars(tag)}
+        assert len(events.Scalars(tag)) == len(got), tag  # step 6, logged twice, is kept once
+        assert got.keys() == want.keys(), (tag, got, want)
+        assert all(got[s] == pytest.approx(want[s], rel=1e-6) for s in want), (tag, got, want)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from distributed_maml import stopping
 from distributed_maml.app.run import Run, append_line
+from distributed_maml.app.scalars import Scalars
 from distributed_maml.config import TrainingConfig
 from distributed_maml.core.learner import Learner
 from distributed_maml.core.network import assemble
@@ -103,23 +104,34 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
         open(run.dir / "metrics.jsonl", "ab", buffering=0) as log,
         tqdm(total=cfg.steps, initial=start, desc="meta-train", unit="step", disable=not progress or None) as bar,
     ):
-        recorder = _Recorder(run, learner, sampler, heldout, log, bar)
-        step = start  # `step` counts completed meta-steps
-        while step < cfg.steps:
-            if stopping.requested():  # SIGINT/SIGTERM: the last step is applied; keep it, then stop
-                run.stop(learner, step, sampler)
-            # Steps run in chunks that end where the driver must act (log, checkpoint, held-out
-            # evaluation): the driver loop still checks for stops between steps, the collective
-            # loop hands back control only at a chunk's end.
-            last = _chunk_end(step + 1, cfg, heldout is not None)
-            steps = Steps(step + 1, last, recorder.logged(last), cfg.on_nonfinite == "stop")
-            try:
-                step = executor.run_steps(learner, sampler, steps, recorder.on_step)
-            except TrainingError as e:  # stopped before Adam saw a bad step, or the workers are gone
-                path = run.save(learner, recorder.done, sampler)
-                raise TrainingError(f"{e}; the last good weights are saved in {path}") from None
-            if step == last and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
-                run.save(learner, step, sampler)
+        recorder = _Recorder(run, learner, sampler, heldout, log, bar, Scalars(run.dir, start))
+        try:
+            return _loop(run, executor, learner, sampler, recorder, heldout is not None, start)
+        finally:
+            recorder.scalars.close()
+
+
+def _loop(
+    run: Run, executor: Executor, learner: Learner, sampler: Sampler, recorder: _Recorder, heldout: bool, start: int
+) -> TrainResult:
+    """The steps from `start` to the end: chunks, stops, checkpoints."""
+    cfg = run.cfg.training
+    step = start  # `step` counts completed meta-steps
+    while step < cfg.steps:
+        if stopping.requested():  # SIGINT/SIGTERM: the last step is applied; keep it, then stop
+            run.stop(learner, step, sampler)
+        # Steps run in chunks that end where the driver must act (log, checkpoint, held-out
+        # evaluation): the driver loop still checks for stops between steps, the collective
+        # loop hands back control only at a chunk's end.
+        last = _chunk_end(step + 1, cfg, heldout)
+        steps = Steps(step + 1, last, recorder.logged(last), cfg.on_nonfinite == "stop")
+        try:
+            step = executor.run_steps(learner, sampler, steps, recorder.on_step)
+        except TrainingError as e:  # stopped before Adam saw a bad step, or the workers are gone
+            path = run.save(learner, recorder.done, sampler)
+            raise TrainingError(f"{e}; the last good weights are saved in {path}") from None
+        if step == last and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
+            run.save(learner, step, sampler)
     return TrainResult(run.dir, cfg.steps, learner.weights(), recorder.record)
 
 
@@ -141,6 +153,7 @@ class _Recorder:
         heldout: Callable[[np.ndarray], float] | None,
         log: IO[bytes],
         bar: Any,
+        scalars: Scalars,
     ) -> None:
         self.run, self.learner, self.sampler, self.heldout, self.log, self.bar = (
             run,
@@ -150,6 +163,7 @@ class _Recorder:
             log,
             bar,
         )
+        self.scalars = scalars  # the logged lines again, as TensorBoard scalars
         self.cfg = run.cfg.training
         self.skipped = 0
         self.record: dict[str, Any] = {}
@@ -186,6 +200,7 @@ class _Recorder:
             record["heldout_loss"] = self.heldout(self.learner.weights())
         if self.logged(o.step):
             append_line(self.log, json.dumps(record) + "\n")
+            self.scalars.write(record)
             tqdm.write(
                 f"Step {o.step}, Meta Loss: {record['meta_loss']:.4f}"
                 + (f", Accuracy: {record['acc_after']:.3f}" if "acc_after" in record else "")
