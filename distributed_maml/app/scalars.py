@@ -3,17 +3,32 @@
 metrics.jsonl stays the source of truth; this mirrors each logged line into event files in
 RUN/tensorboard/ through TensorBoard's own writer (torch.utils.tensorboard), so every run and
 every resumed stretch of one shows up as one curve per number.
+
+TensorBoard writes from a background thread. A write error there (a full disk, a file-size
+limit) is raised again by the next `write` or `close` here, naming the events file, and becomes
+the run's one-line error like any other write error; the thread's own traceback is silenced.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
+
+from distributed_maml.errors import with_filename
 
 FLUSH_SECONDS = 10  # a live run's curves lag its log by at most this
 
 # tags: the step's metrics under train/, held-out under val/, where the time went under time/
 GROUPS = {"heldout_loss": "val", "tasks_per_s": "time", "skipped_steps": "train"}
+
+_default_excepthook = threading.excepthook
+
+
+def _quiet_writer_thread(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard's writer thread fails loudly; its error reaches the run through Scalars."""
+    if type(args.thread).__name__ != "_AsyncWriterThread":
+        _default_excepthook(args)
 
 
 class Scalars:
@@ -22,21 +37,36 @@ class Scalars:
     def __init__(self, run_dir: Path, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported here: ~1 s, and only training needs it
 
+        threading.excepthook = _quiet_writer_thread
+        self.dir = run_dir / "tensorboard"
         # purge_step: a run resumed from an earlier checkpoint than its last logged step logs
         # those steps again; TensorBoard then drops the older file's events from that step on
         self.writer = SummaryWriter(
-            str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None, flush_secs=FLUSH_SECONDS
+            str(self.dir), purge_step=start_step + 1 if start_step else None, flush_secs=FLUSH_SECONDS
         )
 
     def write(self, record: dict[str, Any]) -> None:
         step = record["step"]
-        for name, value in record.items():
-            if name == "time" and isinstance(value, dict):
-                for part, seconds in value.items():
-                    if isinstance(seconds, int | float):
-                        self.writer.add_scalar(f"time/{part}", seconds, step)
-            elif name != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{GROUPS.get(name, 'train')}/{name}", value, step)
+        try:
+            for name, value in record.items():
+                if name == "time" and isinstance(value, dict):
+                    for part, seconds in value.items():
+                        if isinstance(seconds, int | float):
+                            self.writer.add_scalar(f"time/{part}", seconds, step)
+                elif name != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{GROUPS.get(name, 'train')}/{name}", value, step)
+        except OSError as e:
+            raise with_filename(e, self._events_file()) from None
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, quiet: bool = False) -> None:
+        """Flushes and closes the events file; `quiet`: while another error is on its way out,
+        a write error here is dropped (the run's line names the first one)."""
+        try:
+            self.writer.close()
+        except OSError as e:
+            if not quiet:
+                raise with_filename(e, self._events_file()) from None
+
+    def _events_file(self) -> Path:
+        name = getattr(getattr(self.writer.file_writer, "event_writer", None), "_file_name", None)
+        return Path(name) if name else self.dir

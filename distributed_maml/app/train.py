@@ -106,9 +106,12 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     ):
         recorder = _Recorder(run, learner, sampler, heldout, log, bar, Scalars(run.dir, start))
         try:
-            return _loop(run, executor, learner, sampler, recorder, heldout is not None, start)
-        finally:
-            recorder.scalars.close()
+            result = _loop(run, executor, learner, sampler, recorder, heldout is not None, start)
+        except BaseException:
+            recorder.scalars.close(quiet=True)  # the error on its way out is the one to report
+            raise
+        recorder.scalars.close()
+        return result
 
 
 def _loop(
