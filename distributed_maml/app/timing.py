@@ -20,17 +20,18 @@ MODELS = {"sinusoid_mlp": ("sinusoid", 10, 10, 0.01), "seed_mlp": ("seed", 5, 15
 def time_call(fn: Callable[[], Any], min_seconds: float, reps: int = 5) -> float:
     """Median seconds per call over `reps` timed rounds of at least min_seconds / reps each."""
     fn()  # warm-up
-    rounds = []
-    for _ in range(reps):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds / reps:
-                break
-        rounds.append(elapsed / n)
-    return statistics.median(rounds)
+    return statistics.median(_per_call(fn, min_seconds / reps) for _ in range(reps))
+
+
+def _per_call(fn: Callable[[], Any], seconds: float) -> float:
+    """Seconds per call of fn, called until at least `seconds` have passed (once at least)."""
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return elapsed / n
 
 
 def conv4_problem(meta_batch: int, channels: int, queries: int, device: str = "cpu") -> tuple:
@@ -51,12 +52,5 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], min_seconds: float, roun
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
         for name, fn in fns.items():
-            n, start = 0, time.perf_counter()
-            while True:
-                fn()
-                n += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_seconds / rounds:
-                    break
-            best[name] = min(best[name], elapsed / n)
+            best[name] = min(best[name], _per_call(fn, min_seconds / rounds))
     return best
