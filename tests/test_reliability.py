@@ -86,13 +86,16 @@ def _child_named(pid: int, name: str) -> int:
 
 def _signal_and_resume(
     tmp_path: Path, sig: int, overrides: list[str], steps: int, then_kill: bool = False, log_every: int = 1
-) -> tuple[Path, int]:
+) -> tuple[Path, int, int]:
     """Trains `overrides`, sends `sig` once the run has logged a random step, checks the one
     line and the exit code, resumes (`then_kill`: SIGKILLs the raylet of that resume's local Ray
     at its next periodic checkpoint, checks the driver's one line, and resumes again), and
-    returns the run folder and the step it stopped at. With `log_every` > 1 the signal lands
-    between logged steps (the step after a logged one is running): the chunk of steps the
-    executor was given is cut short (in-process, Ray driver) or finished (collective)."""
+    returns the run folder, the step it stopped at and the last logged step the signal followed.
+    With `log_every` > 1 the signal is sent between logged steps (the step after a logged one is
+    running): the chunk of steps the executor was given is cut short (in-process, Ray driver) or
+    finished (collective). On a loaded machine this process may read the metrics file late
+    enough that the run is already at the chunk's end when the signal lands; the callers allow
+    that (tests/test_sampler_learner.py pins the stop inside a chunk without timing)."""
     at = random.Random().randint(3, steps // 2)  # a different step every time; printed on failure
     out = tmp_path / f"stopped-{sig}"
     argv = [sys.executable, "-m", "distributed_maml", "train", "--output-dir", str(out), "--no-progress"]
@@ -112,7 +115,7 @@ def _signal_and_resume(
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         return json.loads(lines[-1])["step"] if lines and lines[-1].endswith("}") else 0
 
-    while last_logged() < at:
+    while (seen := last_logged()) < at:
         assert proc.poll() is None and time.monotonic() < end, (at, proc.communicate())
         time.sleep(0.005)
     proc.send_signal(sig)
@@ -146,7 +149,8 @@ def _signal_and_resume(
     logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     expected = [s for s in range(1, steps + 1) if s % log_every == 0 or s in (1, steps)]
     assert logged == expected, (at, stopped)  # every logged step once: none lost, none doubled
-    return out, stopped
+    assert seen <= stopped, (seen, stopped)  # equal: the signal landed before the next chunk began
+    return out, stopped, seen
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +163,7 @@ def straight_run(tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_the_last_step_and_resume_is_bit_identical(tmp_path, sig, straight_run):
-    out, _ = _signal_and_resume(tmp_path, sig, INPROC, 150)
+    out, _, _ = _signal_and_resume(tmp_path, sig, INPROC, 150)
     a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight_run, out))
     assert a.step == b.step == 150 and a.version == b.version
     for k in a.model:
@@ -197,8 +201,8 @@ def _same_run(a_dir: Path, b_dir: Path, rtol: float = 0.0) -> None:
 def test_a_stop_between_logged_steps_resumes_bit_identical(tmp_path, sig, straight_run):
     """log_every = 10, no periodic checkpoints: the stop lands inside a chunk of steps, where a
     wrong count (saving step N with N - 1 updates) would go unseen with log_every = 1."""
-    out, stopped = _signal_and_resume(tmp_path, sig, INPROC, 150, log_every=10)
-    assert stopped % 10 != 0, stopped  # between logged steps, as meant
+    out, stopped, seen = _signal_and_resume(tmp_path, sig, INPROC, 150, log_every=10)
+    assert stopped <= seen + 10, (seen, stopped)  # in the chunk after the logged step it followed
     _same_run(straight_run, out)
 
 
@@ -220,10 +224,11 @@ def straight_ray_run(tmp_path_factory):
 @pytest.mark.ray
 @pytest.mark.parametrize("mode, sig", [("driver", signal.SIGINT), ("collective", signal.SIGTERM)])
 def test_a_stop_between_logged_steps_with_ray_workers_resumes_bit_identical(tmp_path, mode, sig, straight_ray_run):
-    """The same with 2 Ray workers. Driver mode stops after the step in flight; a collective
-    group hands back control only at its chunk's end (the next logged step), and stops there."""
-    out, stopped = _signal_and_resume(tmp_path, sig, [*RAY2, f"scaling.mode={mode}"], RAY_STEPS, log_every=10)
-    assert (stopped % 10 == 0) == (mode == "collective"), stopped
+    """The same with 2 Ray workers. Driver mode stops after the step in flight (inside the
+    chunk, unless the run reached its end before the signal landed); a collective group hands
+    back control only at its chunk's end (the next logged step), and stops there."""
+    out, stopped, seen = _signal_and_resume(tmp_path, sig, [*RAY2, f"scaling.mode={mode}"], RAY_STEPS, log_every=10)
+    assert stopped % 10 == 0 if mode == "collective" else stopped <= seen + 10, (seen, stopped)
     _same_run(straight_ray_run, out)
 
 
@@ -233,7 +238,7 @@ def test_sigterm_then_a_dead_raylet_under_a_ray_driver_resume_bit_identical(tmp_
     SIGKILLed (the driver ends with one line of ours), resumed again: equal to the
     uninterrupted run bit for bit (the shards and their reduction order do not depend on where
     the run stopped)."""
-    out, _ = _signal_and_resume(tmp_path, signal.SIGTERM, RAY2, RAY_STEPS, then_kill=True)
+    out, _, _ = _signal_and_resume(tmp_path, signal.SIGTERM, RAY2, RAY_STEPS, then_kill=True)
     a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight_ray_run, out))
     for k in a.model:
         assert torch.equal(a.model[k], b.model[k]), k

@@ -62,3 +62,38 @@ def test_learner_applies_adam_like_torch():
         opt.step()
     torch.testing.assert_close(torch.from_numpy(learner.weights()), ref.detach(), rtol=0, atol=0)
     assert learner.version == 2
+
+
+class _OneShard:
+    """An executor of one shard whose meta-gradient is the shard's first id (a known update)."""
+
+    num_shards = 1
+
+    def compute(self, weights, version, shards, before):
+        return [ShardResult(np.full(3, float(shards[0][0]), dtype=np.float32), len(shards[0]), {"loss_after": 1.0})]
+
+
+@pytest.mark.parametrize("signal_after", [1, 4, 9])
+def test_the_driver_loop_stops_after_the_step_in_flight_inside_a_chunk(signal_after):
+    """A signal during step k of a 10-step chunk (log_every = 10): the loop returns k, having
+    applied exactly k updates, not the chunk's end (the subprocess tests cannot aim inside a
+    chunk every time on a loaded machine; this pins the count)."""
+    import os
+    import signal
+
+    from distributed_maml import stopping
+    from distributed_maml.execution.stepping import drive
+    from distributed_maml.execution.steps import Steps
+
+    learner = Learner(ParamSpec(("w",), ((3,),)), torch.zeros(3), lr=0.1)
+    seen: list[int] = []
+
+    def on_step(outcome):
+        seen.append(outcome.step)
+        if outcome.step == signal_after:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with stopping.handling():
+        last = drive(_OneShard(), learner, Sampler(0, 50, 4), Steps(1, 10, True, True), on_step)
+        assert stopping.requested() == signal.SIGINT
+    assert last == signal_after and seen == list(range(1, signal_after + 1)) and learner.version == signal_after
