@@ -84,8 +84,8 @@ def test_short_sinusoid_run_lowers_post_adaptation_mse(tmp_path):
         assert res["loss_mean"][1] + res["loss_ci95"][1] < base["loss_mean"][1] - base["loss_ci95"][1], (name, res)
     assert (out / "plots" / "sinusoid-tasks.png").stat().st_size > 10_000
     assert (out / "plots" / "adaptation-10shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    heldout = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "heldout_loss" in x]
-    assert [h["step"] for h in heldout] == [1500] and heldout[0]["heldout_loss"] < 1.0
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert [v["step"] for v in val] == [1500] and val[0]["val_loss"] < 1.0 and 0 < val[0]["val_loss_ci95"] < 0.3
     untrained, _ = _random_init_curve("sinusoid", "sinusoid_mlp", 10, 10, 0.01, 0, [0, 1])
     # the run's own step-0 weights are models.build(seed=0): compare with them too
     store = build_in_memory("sinusoid", 600, seed=0, shots=10, queries=10, split="test")

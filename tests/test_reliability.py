@@ -222,7 +222,12 @@ def straight_ray_run(tmp_path_factory):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("mode, sig", [("driver", signal.SIGINT), ("collective", signal.SIGTERM)])
+# driver mode is -m slow: a Ray driver's stop and bit-identical resume run in the dead-raylet test
+# below (SIGTERM, the harder signal: Ray replaces its handler), the count inside a chunk in the
+# in-process test above and tests/test_sampler_learner.py (the same loop, without timing)
+@pytest.mark.parametrize(
+    "mode, sig", [pytest.param("driver", signal.SIGINT, marks=pytest.mark.slow), ("collective", signal.SIGTERM)]
+)
 def test_a_stop_between_logged_steps_with_ray_workers_resumes_bit_identical(tmp_path, mode, sig, straight_ray_run):
     """The same with 2 Ray workers. Driver mode stops after the step in flight (inside the
     chunk, unless the run reached its end before the signal landed); a collective group hands

@@ -120,7 +120,13 @@ def test_an_interrupted_save_leaves_latest_on_a_complete_checkpoint(tmp_path, mo
         _train(tmp_path, "r", 4, resume=True)
     monkeypatch.setattr(torch, "save", real_save)
     assert (tmp_path / "r" / "checkpoints" / "latest").read_text() == "step_2"
-    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["latest", "step_0", "step_2"]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == [
+        "best",
+        "best.json",
+        "latest",
+        "step_0",
+        "step_2",
+    ]
     assert _load(tmp_path / "r").step == 2
 
 
@@ -239,11 +245,12 @@ def test_tensorboard_event_files_hold_the_logged_numbers_across_a_resume(tmp_pat
         rec = json.loads(line)
         lines[rec["step"]] = rec  # a re-logged step: its later line, as TensorBoard's purge keeps
     tags = set(events.Tags()["scalars"])
-    assert {"train/meta_loss", "train/loss_before", "val/heldout_loss", "time/tasks_per_s", "time/compute_s"} <= tags
+    assert {"train/meta_loss", "train/loss_before", "val/val_loss", "time/tasks_per_s", "time/compute_s"} <= tags
     for tag, key, sub in [
         ("train/meta_loss", "meta_loss", None),
         ("train/loss_after", "loss_after", None),
-        ("val/heldout_loss", "heldout_loss", None),
+        ("val/val_loss", "val_loss", None),
+        ("val/val_loss_ci95", "val_loss_ci95", None),
         ("time/compute_s", "time", "compute_s"),
     ]:
         want = {s: (r[key][sub] if sub else r[key]) for s, r in lines.items() if key in r}

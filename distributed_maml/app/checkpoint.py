@@ -7,6 +7,8 @@ Layout of a run folder:
     DIR/checkpoints/step_<n>/       model.pt (state_dict), optimizer.pt (Adam), state.json,
                                     inner_lr.pt (learned inner step sizes, when the algorithm has them)
     DIR/checkpoints/latest          the name of the newest complete checkpoint folder
+    DIR/checkpoints/best.json       the keep_best best validated steps, best first (step, metric, value)
+    DIR/checkpoints/best            the name of the best one's folder
 
 A checkpoint is written into a temporary folder, flushed, renamed into place, and only then is
 `latest` replaced (itself through a rename). A crash at any point leaves `latest` naming a
@@ -106,6 +108,16 @@ def _write_file(path: Path, data: bytes) -> None:
         raise with_filename(e, path) from None
 
 
+def _replace_file(path: Path, data: bytes) -> None:
+    """`path` holds `data` or its old content, never a torn mix (written aside, then renamed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _torch_bytes(obj: Any) -> bytes:
     """Serialised in memory first: torch's zip writer turns a failed write (a full disk) into a
     RuntimeError about stream positions; a plain file write raises the OSError it is."""
@@ -144,12 +156,7 @@ def save(
         _fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    pointer = root / f".latest.{os.getpid()}"
-    try:
-        _write_file(pointer, final.name.encode())
-        os.replace(pointer, root / "latest")
-    finally:
-        pointer.unlink(missing_ok=True)
+    _replace_file(root / "latest", final.name.encode())
     _fsync_dir(root)
     if keep:
         prune(root, keep, final.name)
@@ -157,12 +164,48 @@ def save(
 
 
 def prune(root: Path, keep: int, latest_name: str) -> None:
-    """Deletes the older checkpoint folders beyond the `keep` newest; never `latest_name`, and
-    only after `latest` names a complete newer one (the caller's order)."""
+    """Deletes the older checkpoint folders beyond the `keep` newest; never `latest_name` nor a
+    best one (best.json), and only after `latest` names a complete newer one (the caller's order)."""
     steps = sorted((int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
+    spared = {latest_name, *(f"step_{b.step}" for b in read_best(root.parent))}
     for _, path in steps[:-keep]:
-        if path.name != latest_name:
+        if path.name not in spared:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class BestEntry:
+    """One validated step among the run's best."""
+
+    step: int
+    metric: str  # "val_acc" or "val_loss"
+    value: float
+
+
+def read_best(run_dir: Path) -> list[BestEntry]:
+    """The run's best validated steps, best first ([] when it has none)."""
+    path = Path(run_dir) / "checkpoints" / "best.json"
+    if not path.is_file():
+        return []
+    try:
+        return [BestEntry(int(e["step"]), str(e["metric"]), float(e["value"])) for e in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path} is unreadable ({e!r}); delete it to rebuild the best list from here on"
+        ) from None
+
+
+def write_best(run_dir: Path, entries: list[BestEntry], spare: int) -> None:
+    """Replaces best.json and the `best` pointer (each through a rename), then deletes the
+    folders of steps that fell out of the list (unless among the `spare` newest, or latest)."""
+    root = Path(run_dir) / "checkpoints"
+    _replace_file(root / "best.json", json.dumps([asdict(e) for e in entries], indent=1).encode())
+    if entries:
+        _replace_file(root / "best", f"step_{entries[0].step}".encode())
+    else:
+        (root / "best").unlink(missing_ok=True)
+    _fsync_dir(root)
+    prune(root, spare or 10**9, latest(run_dir).name)
 
 
 def latest(run_dir: Path) -> Path:
@@ -180,6 +223,34 @@ def latest(run_dir: Path) -> Path:
     path = pointer.parent / name
     if not name.startswith("step_") or not path.is_dir():
         raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint folder")
+    return path
+
+
+def resolve(run_dir: Path, which: str | None = None) -> Path:
+    """The checkpoint folder `which` names: "best", "latest", "step_N" (or N); None: best when
+    the run keeps one, else latest."""
+    run_dir = Path(run_dir)
+    if which is None:
+        which = "best" if (run_dir / "checkpoints" / "best").is_file() else "latest"
+    if which == "latest":
+        return latest(run_dir)
+    if which == "best":
+        pointer = run_dir / "checkpoints" / "best"
+        if not pointer.is_file():
+            latest(run_dir)  # a folder that is not a run, or has no checkpoint, says so first
+            raise CheckpointError(
+                f"run {run_dir} has no best checkpoint (no validation, or training.keep_best = 0); "
+                "use --checkpoint latest"
+            )
+        path = run_dir / "checkpoints" / pointer.read_text().strip()
+    else:
+        name = which if which.startswith("step_") else f"step_{which}"
+        path = run_dir / "checkpoints" / name
+        if not re.fullmatch(r"step_\d+", name):
+            raise CheckpointError(f"--checkpoint takes best, latest or step_N, got {which!r}")
+    if not path.is_dir():
+        kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+        raise CheckpointError(f"run {run_dir} has no checkpoint {path.name} (it keeps: {', '.join(kept) or 'none'})")
     return path
 
 

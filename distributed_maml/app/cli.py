@@ -44,6 +44,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", type=Path, help="run folder (default: a new folder under runs/)")
     t.add_argument("--tasks", type=Path, help="task store to train on (default: build one in the run folder)")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    t.add_argument(
+        "--val-tasks",
+        type=Path,
+        metavar="STORE",
+        help="validation tasks scored every training.eval_every steps (a --classes-split val store; "
+        "= --set task.val_store=STORE)",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="adapt on held-out tasks; query loss/accuracy with 95%% CIs")
@@ -55,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--inner-lr", type=float, help="test-time inner step size (default: the run's maml.inner_lr)")
     e.add_argument("--workers", type=int, help="Ray workers for evaluation (default: the run's; 0 = in-process)")
     e.add_argument("--no-baselines", action="store_true", help="skip the pretrained and scratch baselines")
+    e.add_argument(
+        "--checkpoint",
+        help="best, latest or step_N (default: best when the run keeps one by validation, else latest)",
+    )
     e.add_argument("--pretrain-steps", type=int, help="steps of the pretrained baseline (default: min(steps, 10000))")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -97,6 +108,13 @@ def parser() -> argparse.ArgumentParser:
         default=0.3,
         help="with --from-table/--from-images: share of classes held out for meta-test (at least --ways)",
     )
+    b.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="with --from-table/--from-images: share of classes for meta-validation (--classes-split val); give "
+        "every build of the data the same value so train leaves them out (default 0: no val classes)",
+    )
     b.add_argument("--num-tasks", type=int, required=True)
     b.add_argument("--out", type=Path, required=True, help="the .arrow file to write")
     b.add_argument("--seed", type=int, default=0)
@@ -107,8 +125,8 @@ def parser() -> argparse.ArgumentParser:
         "--classes-split",
         dest="split",
         default="train",
-        help="train or test: held-out tasks come from a disjoint stream (tables, images, glyphs: disjoint "
-        "classes); all: every class of an image folder that ships its own split",
+        help="train, val or test: validation and held-out tasks come from disjoint streams (tables, images, "
+        "glyphs: disjoint classes); all: every class of an image folder that ships its own split",
     )
     b.add_argument("--overwrite", action="store_true", help="replace an existing file")
     i = tasks.add_parser("info", help="describe a task store")
@@ -157,6 +175,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from distributed_maml import config
     from distributed_maml.app import run, train
 
+    if args.val_tasks:  # absolute: a resume from another folder finds it
+        args.overrides = [*args.overrides, f"task.val_store={str(args.val_tasks.resolve())!r}"]
     if args.resume:
         if args.output_dir or args.tasks:
             raise UserError("--resume continues a run in place; drop --output-dir and --tasks")
@@ -185,6 +205,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         pretrain_steps=args.pretrain_steps,
         inner_lr=args.inner_lr,
         workers=args.workers,
+        which=args.checkpoint,
     )
     print(json.dumps(result) if args.json else evaluate.format_table(result))
     from distributed_maml.app import plots
@@ -214,6 +235,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
             class_depth=args.class_depth,
             strict=args.strict,
             overwrite=args.overwrite,
+            val_fraction=args.val_fraction,
         )
         c, h, w = info.image_shape
         print(
@@ -237,6 +259,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
             args.seed,
             args.test_fraction,
             overwrite=args.overwrite,
+            val_fraction=args.val_fraction,
         )
         print(
             f"wrote {args.out}: {info.num_tasks} {info.ways}-way {info.shots}-shot tasks from {args.from_table} "

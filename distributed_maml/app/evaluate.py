@@ -270,8 +270,10 @@ def evaluate(
     pretrain_steps: int | None = None,
     inner_lr: float | None = None,
     workers: int | None = None,
+    which: str | None = None,
 ) -> dict[str, Any]:
-    """The adaptation curve of the run's weights (and of the baselines) on held-out tasks."""
+    """The adaptation curve of the run's weights (and of the baselines) on held-out tasks;
+    `which` checkpoint: "best", "latest", "step_N" (None: best when the run keeps one)."""
     if not steps or min(steps) < 0:
         raise UserError(f"--steps must be a list of numbers >= 0, got {list(steps)}")
     if num_tasks < 2:
@@ -279,7 +281,8 @@ def evaluate(
     if shots is not None and shots < 1:
         raise UserError(f"--shots must be >= 1, got {shots}")
     run_dir = Path(run_dir)
-    ckpt = checkpoint.load(checkpoint.latest(run_dir))
+    ckpt = checkpoint.load(checkpoint.resolve(run_dir, which))
+    chosen = which or ("best" if (run_dir / "checkpoints" / "best").is_file() else "latest")
     cfg = ckpt.state.config
     if inner_lr is not None:  # test-time step size (the run's by default)
         cfg = cfg.replace(maml=replace(cfg.maml, inner_lr=inner_lr))
@@ -324,6 +327,7 @@ def evaluate(
     out: dict[str, Any] = {
         "run": str(run_dir),
         "checkpoint_step": ckpt.step,
+        "checkpoint": chosen,
         "family": info.family,
         "num_tasks": n,
         "shots": info.shots,
@@ -336,7 +340,8 @@ def evaluate(
         "baselines": results,
     }
     lr_tag = "" if inner_lr is None else f"-lr{inner_lr:g}"  # a test-time step size of its own keeps its own file
-    save = run_dir / "eval" / f"eval-{info.shots}shots{lr_tag}.json"
+    ckpt_tag = "" if which is None else f"-{ckpt.path.name}"  # so does a checkpoint asked for by name
+    save = run_dir / "eval" / f"eval-{info.shots}shots{lr_tag}{ckpt_tag}.json"
     save.parent.mkdir(exist_ok=True)
     save.write_text(json.dumps(out, indent=1))
     return out
@@ -356,7 +361,8 @@ class _Clock:
 def format_table(result: dict[str, Any]) -> str:
     head = (
         f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, {result['queries']} "
-        f"queries, inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']}; "
+        f"queries, inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']} "
+        f"({result.get('checkpoint', 'latest')}); "
         f"{result['evaluated_by']}; blow-up: loss non-finite or > {result['blow_up_bound']:.3g}"
     )
     classification = "accuracy_mean" in result

@@ -42,9 +42,9 @@ def training(run_dir: Path, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss_before"] for r in rows], label="query loss before adaptation", color="0.6")
     ax.plot(steps, [r["meta_loss"] for r in rows], label="meta-loss (query loss after adaptation)", color="C0")
-    held = [(r["step"], r["heldout_loss"]) for r in rows if "heldout_loss" in r]
+    held = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if held:
-        ax.plot(*zip(*held), "o-", label="held-out tasks, after adaptation", color="C3")
+        ax.plot(*zip(*held), "o-", label="validation tasks, after adaptation", color="C3")
     ax.set(xlabel="meta-step", ylabel="loss", title=f"meta-training: {run_dir.name}")
     if all(r["meta_loss"] > 0 for r in rows):
         ax.set_yscale("log")

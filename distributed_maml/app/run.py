@@ -19,7 +19,7 @@ import torch
 
 from distributed_maml import config as config_mod
 from distributed_maml import stopping
-from distributed_maml.app import checkpoint
+from distributed_maml.app import checkpoint, validation
 from distributed_maml.app.runlock import RunLock
 from distributed_maml.config import Config
 from distributed_maml.core import models
@@ -42,6 +42,7 @@ RESUME_MAY_CHANGE = {
     "training.on_nonfinite",
     "training.eval_every",
     "training.eval_tasks",
+    "training.keep_best",
 }
 
 
@@ -143,7 +144,7 @@ def _check_store(store: TaskStore, cfg: Config) -> None:
         raise StoreError(
             f"{store.name} holds {info.ways}-way tasks but task.ways = {cfg.task.ways}; make them agree (0 = the store's)"
         )
-    if info.split == "test":
+    if info.split in ("test", "val"):
         raise StoreError(f"{store.name} is a held-out ({info.split}) store; train on a store built with --split train")
 
 
@@ -167,6 +168,7 @@ def prepare(
         store = TaskStore.open(store_path)
         _check_store(store, cfg)
         check_model(cfg, store.info, store)
+        validation.check(cfg, store.info)
     else:
         t = cfg.task
         if t.num_tasks:
@@ -175,6 +177,7 @@ def prepare(
             steps, seed = cfg.training.steps, cfg.training.seed
             new_store = default_plan(t.family, steps, t.meta_batch, seed, t.shots, t.queries, t.ways)
         check_model(cfg, new_store.info, None)
+        validation.check(cfg, new_store.info)
         check_disk(Path(output_dir or "runs") / STORE_NAME, new_store.info.nbytes)  # before the folder exists
     run_dir = _new_run_dir(output_dir, cfg)
     lock = None

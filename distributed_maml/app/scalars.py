@@ -19,8 +19,8 @@ from distributed_maml.errors import with_filename
 
 FLUSH_SECONDS = 10  # a live run's curves lag its log by at most this
 
-# tags: the step's metrics under train/, held-out under val/, where the time went under time/
-GROUPS = {"heldout_loss": "val", "tasks_per_s": "time", "skipped_steps": "train"}
+# tags: the step's metrics under train/, the validation under val/, where the time went under time/
+GROUPS = {"tasks_per_s": "time", "skipped_steps": "train"}
 
 _default_excepthook = threading.excepthook
 
@@ -54,7 +54,8 @@ class Scalars:
                         if isinstance(seconds, int | float):
                             self.writer.add_scalar(f"time/{part}", seconds, step)
                 elif name != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{GROUPS.get(name, 'train')}/{name}", value, step)
+                    group = "val" if name.startswith("val_") else GROUPS.get(name, "train")
+                    self.writer.add_scalar(f"{group}/{name}", value, step)
         except OSError as e:
             raise with_filename(e, self._events_file()) from None
 

@@ -8,7 +8,7 @@ Everything else (config, run folder, store, Ray) is set up before the loop and p
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -17,17 +17,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distributed_maml import stopping
+from distributed_maml.app import checkpoint
+from distributed_maml.app import validation as validation_mod
 from distributed_maml.app.run import Run, append_line
 from distributed_maml.app.scalars import Scalars
+from distributed_maml.app.validation import Validation
 from distributed_maml.config import TrainingConfig
 from distributed_maml.core.learner import Learner
 from distributed_maml.core.network import assemble
-from distributed_maml.data.families import FROM_FILES
 from distributed_maml.data.sampler import Sampler
-from distributed_maml.data.writing import build_in_memory
 from distributed_maml.errors import TrainingError, os_error_line
 from distributed_maml.execution import factory
-from distributed_maml.execution.computer import ShardComputer
 from distributed_maml.execution.protocol import Executor
 from distributed_maml.execution.steps import StepOutcome, Steps
 
@@ -54,24 +54,6 @@ def make_learner(run: Run) -> Learner:
     return learner
 
 
-def heldout_scorer(run: Run) -> Callable[[np.ndarray], float] | None:
-    """The mean post-adaptation query loss on a fixed set of held-out tasks (None if off)."""
-    cfg, task = run.cfg.training, run.cfg.task
-    if not cfg.eval_every or task.family in FROM_FILES:
-        return None
-    info = run.store.info
-    store = build_in_memory(task.family, cfg.eval_tasks, cfg.seed, task.shots, task.queries, "test", info.ways)
-    computer = ShardComputer(store, run.cfg.model, run.cfg.maml, task_map=run.cfg.scaling.task_map)
-    ids = np.arange(len(store))
-    steps, lr = run.cfg.maml.inner_steps, run.cfg.maml.inner_lr
-
-    def score(weights: np.ndarray) -> float:
-        losses, _ = computer.curve(weights, ids, (steps,), lr)
-        return float(losses[:, -1].mean())
-
-    return score
-
-
 def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
     try:
         return _train(run, executor, progress)
@@ -88,7 +70,7 @@ def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
 def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     cfg = run.cfg.training
     learner = make_learner(run)
-    heldout = heldout_scorer(run)
+    validation = validation_mod.make(run.cfg, run.store)
     sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
     start = run.start.step if run.start else 0
     if run.start is None:  # step 0 on disk at once: a run stopped or failed before its first checkpoint resumes
@@ -97,16 +79,16 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
     executor.watch(run.lost)
     print(
         f"run {run.dir}: {len(run.store)} {run.store.info.family} tasks, {executor.describe()}, "
-        f"steps {start}..{cfg.steps}",
+        f"steps {start}..{cfg.steps}" + (f", validated on {validation.source}" if validation else ""),
         flush=True,
     )
     with (
         open(run.dir / "metrics.jsonl", "ab", buffering=0) as log,
         tqdm(total=cfg.steps, initial=start, desc="meta-train", unit="step", disable=not progress or None) as bar,
     ):
-        recorder = _Recorder(run, learner, sampler, heldout, log, bar, Scalars(run.dir, start))
+        recorder = _Recorder(run, learner, sampler, validation, log, bar, Scalars(run.dir, start))
         try:
-            result = _loop(run, executor, learner, sampler, recorder, heldout is not None, start)
+            result = _loop(run, executor, learner, sampler, recorder, validation is not None, start)
         except BaseException:
             recorder.scalars.close(quiet=True)  # the error on its way out is the one to report
             raise
@@ -115,7 +97,7 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
 
 
 def _loop(
-    run: Run, executor: Executor, learner: Learner, sampler: Sampler, recorder: _Recorder, heldout: bool, start: int
+    run: Run, executor: Executor, learner: Learner, sampler: Sampler, recorder: _Recorder, validated: bool, start: int
 ) -> TrainResult:
     """The steps from `start` to the end: chunks, stops, checkpoints."""
     cfg = run.cfg.training
@@ -123,46 +105,47 @@ def _loop(
     while step < cfg.steps:
         if stopping.requested():  # SIGINT/SIGTERM: the last step is applied; keep it, then stop
             run.stop(learner, step, sampler)
-        # Steps run in chunks that end where the driver must act (log, checkpoint, held-out
-        # evaluation): the driver loop still checks for stops between steps, the collective
-        # loop hands back control only at a chunk's end.
-        last = _chunk_end(step + 1, cfg, heldout)
+        # Steps run in chunks that end where the driver must act (log, checkpoint, validation):
+        # the driver loop still checks for stops between steps, the collective loop hands back
+        # control only at a chunk's end.
+        last = _chunk_end(step + 1, cfg, validated)
         steps = Steps(step + 1, last, recorder.logged(last), cfg.on_nonfinite == "stop")
         try:
             step = executor.run_steps(learner, sampler, steps, recorder.on_step)
         except TrainingError as e:  # stopped before Adam saw a bad step, or the workers are gone
             path = run.save(learner, recorder.done, sampler)
             raise TrainingError(f"{e}; the last good weights are saved in {path}") from None
-        if step == last and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
+        periodic = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
+        if step == last and periodic and run.last_checkpoint() != f"step_{step}":  # (a best one may be it)
             run.save(learner, step, sampler)
     return TrainResult(run.dir, cfg.steps, learner.weights(), recorder.record)
 
 
-def _chunk_end(first: int, cfg: TrainingConfig, heldout: bool) -> int:
-    """The first step from `first` on that is logged, checkpointed, evaluated, or the last."""
-    periods = [cfg.log_every] + [p for p in (cfg.checkpoint_every, cfg.eval_every if heldout else 0) if p]
+def _chunk_end(first: int, cfg: TrainingConfig, validated: bool) -> int:
+    """The first step from `first` on that is logged, checkpointed, validated, or the last."""
+    periods = [cfg.log_every] + [p for p in (cfg.checkpoint_every, cfg.eval_every if validated else 0) if p]
     return min([cfg.steps, *(first + (-first) % p for p in periods)]) if first > 1 else 1
 
 
 class _Recorder:
     """What the loop does with each step's outcome: the non-finite policy, the metrics line,
-    the progress bar, the held-out score."""
+    the progress bar, the validation and the best checkpoints."""
 
     def __init__(
         self,
         run: Run,
         learner: Learner,
         sampler: Sampler,
-        heldout: Callable[[np.ndarray], float] | None,
+        validation: Validation | None,
         log: IO[bytes],
         bar: Any,
         scalars: Scalars,
     ) -> None:
-        self.run, self.learner, self.sampler, self.heldout, self.log, self.bar = (
+        self.run, self.learner, self.sampler, self.validation, self.log, self.bar = (
             run,
             learner,
             sampler,
-            heldout,
+            validation,
             log,
             bar,
         )
@@ -170,13 +153,34 @@ class _Recorder:
         self.cfg = run.cfg.training
         self.skipped = 0
         self.record: dict[str, Any] = {}
+        self.last_val: dict[str, float] = {}  # the progress bar shows the last validation
         self.done = run.start.step if run.start else 0  # the last step settled (the learner's state)
+        # best.json as of the step this run starts from (later entries are validated again)
+        self.best = [e for e in checkpoint.read_best(run.dir) if e.step <= self.done] if validation else []
 
-    def heldout_step(self, step: int) -> bool:
-        return self.heldout is not None and (step % self.cfg.eval_every == 0 or step == self.cfg.steps)
+    def validated(self, step: int) -> bool:
+        return self.validation is not None and (step % self.cfg.eval_every == 0 or step == self.cfg.steps)
 
     def logged(self, step: int) -> bool:
-        return step % self.cfg.log_every == 0 or step in (1, self.cfg.steps) or self.heldout_step(step)
+        return step % self.cfg.log_every == 0 or step in (1, self.cfg.steps) or self.validated(step)
+
+    def validate(self, step: int) -> dict[str, float]:
+        """The validation scores of the learner's weights (step `step`); a step among the
+        keep_best best is checkpointed (unless it is already) and recorded in best.json."""
+        assert self.validation is not None
+        scores = self.validation.score(self.learner.weights())
+        value, metric = scores[self.validation.metric], self.validation.metric
+        if not self.cfg.keep_best or not math.isfinite(value):
+            return scores
+        order = (lambda e: (-e.value, e.step)) if metric == "val_acc" else (lambda e: (e.value, e.step))
+        entry = checkpoint.BestEntry(step, metric, value)
+        ranked = sorted([*(e for e in self.best if e.step != step), entry], key=order)[: self.cfg.keep_best]
+        if entry in ranked:
+            if self.run.last_checkpoint() != f"step_{step}":
+                self.run.save(self.learner, step, self.sampler)
+            checkpoint.write_best(self.run.dir, ranked, self.cfg.keep_checkpoints)
+            self.best = ranked
+        return scores
 
     def on_step(self, o: StepOutcome) -> None:
         """Called after step `o.step` settled (the learner holds its weights when it is logged)."""
@@ -195,19 +199,27 @@ class _Recorder:
             "skipped_steps": self.skipped,
             "time": o.timing,
         }
+        if self.validated(o.step):
+            record.update(self.validate(o.step))
+            self.last_val = {k: v for k, v in record.items() if k in ("val_loss", "val_acc")}
         self.bar.set_postfix(
-            meta_loss=f"{record['meta_loss']:.4f}", tasks_s=f"{record['tasks_per_s']:.0f}", refresh=False
+            meta_loss=f"{record['meta_loss']:.4f}",
+            tasks_s=f"{record['tasks_per_s']:.0f}",
+            **{k: f"{v:.4f}" for k, v in self.last_val.items()},
+            refresh=False,
         )
         self.bar.update()
-        if self.heldout is not None and self.heldout_step(o.step):
-            record["heldout_loss"] = self.heldout(self.learner.weights())
         if self.logged(o.step):
             append_line(self.log, json.dumps(record) + "\n")
             self.scalars.write(record)
             tqdm.write(
                 f"Step {o.step}, Meta Loss: {record['meta_loss']:.4f}"
                 + (f", Accuracy: {record['acc_after']:.3f}" if "acc_after" in record else "")
-                + (f", Held-out Loss: {record['heldout_loss']:.4f}" if "heldout_loss" in record else "")
+                + "".join(
+                    f", {name}: {record[k]:.4f} ± {record[k + '_ci95']:.4f}"
+                    for k, name in (("val_loss", "Val Loss"), ("val_acc", "Val Accuracy"))
+                    if k in record
+                )
             )
         self.record = record
         self.done = o.step

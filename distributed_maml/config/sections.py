@@ -12,25 +12,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from distributed_maml.config.scaling import ScalingConfig
 from distributed_maml.config.values import (
     ALGORITHMS,
     FAMILIES,
-    GPU_STEPS,
     LEARN_INNER_LR,
     MODELS,
-    MODES,
     NONFINITE_POLICIES,
-    PLACEMENTS,
-    STORE_SHARING,
-    TASK_MAPS,
+    SELECT_BY,
     Algorithm,
-    GpuStep,
     LearnInnerLr,
-    Mode,
     NonfinitePolicy,
-    Placement,
-    StoreSharing,
-    TaskMap,
+    SelectBy,
     _require,
     is_import_path,
 )
@@ -57,6 +50,9 @@ class TaskConfig:
     """Size of the store `train` builds when no --tasks is given; 0 means steps x meta_batch,
     so that a run sees each task about once (the paper draws fresh tasks every step), but at
     most 10^6 tasks or 1 GiB (store.DEFAULT_MAX_TASKS/BYTES): a long run cycles through it."""
+    val_store: str = ""
+    """A task store of validation tasks (`tasks build --classes-split val`; `train --val-tasks`)
+    for training.eval_every; empty: generated families draw their own, stores from files have none."""
 
     def __post_init__(self) -> None:
         _require(
@@ -247,10 +243,18 @@ class TrainingConfig:
     """Checkpoint folders kept, the newest ones (0 = keep all); older ones are deleted only after
     a newer one is complete, and never the one `latest` names."""
     eval_every: int = 100
-    """Every this many steps, score the weights on eval_tasks held-out tasks (after the inner
-    loop) and log it as heldout_loss (0 = never; table-built runs never, they have no generator)."""
+    """Every this many steps (and at the last), score the weights on eval_tasks validation tasks
+    after the run's inner loop: val_loss and val_acc with their 95% intervals in the log line,
+    metrics.jsonl and TensorBoard (0 = never; table- and image-built runs need task.val_store)."""
     eval_tasks: int = 200
-    """Held-out tasks for eval_every (drawn from the test stream, disjoint from training)."""
+    """Validation tasks scored every eval_every steps (the first this many of task.val_store, or
+    drawn from the family's validation stream / classes, disjoint from training and test)."""
+    keep_best: int = 1
+    """Checkpoints kept for their validation score: the keep_best best by select_by, never
+    pruned by keep_checkpoints; checkpoints/best names the best (0 = none kept for it)."""
+    select_by: SelectBy = "auto"
+    """The validation metric keep_best ranks by: "val_acc" (higher is better), "val_loss"
+    (lower), or "auto" (val_acc for classification, val_loss for regression)."""
     on_nonfinite: NonfinitePolicy = "stop"
     """What a non-finite loss or meta-gradient does: "stop" (default, weights untouched) or
     "skip" (drop that step, count it in the metrics)."""
@@ -268,108 +272,15 @@ class TrainingConfig:
             f"training.keep_checkpoints must be >= 0 (0 = keep all), got {self.keep_checkpoints}",
         )
         _require(self.eval_every >= 0, f"training.eval_every must be >= 0 (0 = never), got {self.eval_every}")
-        _require(self.eval_tasks >= 1, f"training.eval_tasks must be >= 1, got {self.eval_tasks}")
+        _require(self.eval_tasks >= 2, f"training.eval_tasks must be >= 2 (a 95% interval), got {self.eval_tasks}")
+        _require(self.keep_best >= 0, f"training.keep_best must be >= 0 (0 = none), got {self.keep_best}")
+        _require(
+            self.select_by in SELECT_BY,
+            f"training.select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}",
+        )
         _require(
             self.on_nonfinite in NONFINITE_POLICIES,
             f"training.on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}",
-        )
-
-
-@dataclass(frozen=True)
-class ScalingConfig:
-    """[scaling]: where the per-task work runs."""
-
-    num_workers: int = -1
-    """Ray worker actors; 0 runs in-process without Ray, -1 sizes the pool to the cluster
-    (one worker per GPU when there are GPUs, else one per cpus_per_worker CPUs). A range
-    `[min, max]` sets min_workers = min and num_workers = max."""
-    min_workers: int = 0
-    """Elastic start: the run begins once this many workers are placed and grows to num_workers
-    as room appears (0: all num_workers must be placed). A step's shards are always
-    num_workers, so the weights do not depend on how many workers computed them."""
-    cpus_per_worker: float = 1.0
-    """CPUs each worker reserves; its torch thread count is set to match."""
-    gpus_per_worker: float = 0.0
-    """GPUs each worker reserves (fractions share a card); > 0 computes on cuda:0 in the actor."""
-    placement: Placement = "pack"
-    """"pack" keeps workers on as few nodes as possible, "spread" puts them on distinct nodes."""
-    max_worker_failures: int = 3
-    """Failed calls a worker may have before its shards move to the other workers."""
-    worker_timeout_s: float = 60.0
-    """How long a worker may go without answering a health check (its actor dead, restarting,
-    or waiting for a node that will not come) before it counts as failed for good and its
-    shards move to the live workers. A busy worker still answers: checks run beside its work."""
-    task_map: TaskMap = "auto"
-    """How a worker maps its shard's tasks: "vmap" (one batched computation), "loop" (one task
-    at a time) or "auto": loop for conv nets on a CPU (vmap turns their convolutions into slow
-    grouped ones there), vmap otherwise. Same gradients either way (tested)."""
-    gpu_step: GpuStep = "graph"
-    """How a GPU worker runs an unlogged step: "graph" (captured once per padded shard size as a
-    CUDA graph and replayed: no per-kernel launch cost; checked against eager at capture, eager
-    again if it differs) or "eager". CPU workers always run eagerly."""
-    mode: Mode = "driver"
-    """"driver": the driver calls every worker every step (the reference loop). "collective":
-    the workers form a torch.distributed group (gloo on CPUs, NCCL on GPUs) and run the steps
-    themselves, rank 0 the learner, handing the driver the state at each logged, checkpointed or
-    evaluated step: no Ray call per step, which wins where a step is shorter than a Ray call.
-    Same weights either way (tested); needs Ray workers."""
-    store_sharing: StoreSharing = "auto"
-    """How workers read the task store: "path" (memory-map the file; every node must see it),
-    "object_store" (the file's bytes put into Ray's object store once) or "auto" (path when
-    every worker's node sees the file, else object_store)."""
-    interface: str = ""
-    """The network interface a collective group's ranks talk over (gloo, NCCL). Empty: on each
-    node, the interface that holds the address Ray knows the node by (a host name that resolves
-    to 127.0.0.1 would otherwise send the other hosts to their own loopback). GLOO_SOCKET_IFNAME
-    / NCCL_SOCKET_IFNAME in the workers' environment win over both."""
-
-    def __post_init__(self) -> None:
-        _require(self.num_workers >= -1, f"scaling.num_workers must be >= 0, or -1 for auto, got {self.num_workers}")
-        _require(
-            self.min_workers == 0 or 1 <= self.min_workers <= self.num_workers,
-            f"scaling.min_workers must be 0 (all) or between 1 and num_workers ({self.num_workers}), "
-            f"got {self.min_workers}",
-        )
-        _require(
-            math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0,
-            f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}",
-        )
-        _require(
-            math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0,
-            f"scaling.gpus_per_worker must be >= 0, got {self.gpus_per_worker}",
-        )
-        _require(
-            self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer(),
-            f"scaling.gpus_per_worker above 1 must be a whole number, got {self.gpus_per_worker}",
-        )
-        _require(
-            self.placement in PLACEMENTS,
-            f"scaling.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}",
-        )
-        _require(
-            self.gpu_step in GPU_STEPS,
-            f"scaling.gpu_step must be one of {', '.join(GPU_STEPS)}, got {self.gpu_step!r}",
-        )
-        _require(self.mode in MODES, f"scaling.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        _require(
-            self.mode == "driver" or self.num_workers != 0,
-            "scaling.mode = 'collective' needs Ray workers: set scaling.num_workers >= 1 (or -1 for auto)",
-        )
-        _require(
-            self.store_sharing in STORE_SHARING,
-            f"scaling.store_sharing must be one of {', '.join(STORE_SHARING)}, got {self.store_sharing!r}",
-        )
-        _require(
-            self.task_map in TASK_MAPS,
-            f"scaling.task_map must be one of {', '.join(TASK_MAPS)}, got {self.task_map!r}",
-        )
-        _require(
-            self.max_worker_failures >= 1,
-            f"scaling.max_worker_failures must be >= 1, got {self.max_worker_failures}",
-        )
-        _require(
-            math.isfinite(self.worker_timeout_s) and self.worker_timeout_s > 0,
-            f"scaling.worker_timeout_s must be a number of seconds > 0, got {self.worker_timeout_s}",
         )
 
 

@@ -35,6 +35,8 @@ Algorithm = Literal["maml", "fomaml", "meta-sgd", "anil", "reptile", "imaml"]
 ALGORITHMS: tuple[str, ...] = typing.get_args(Algorithm)
 LearnInnerLr = Literal["none", "per-layer-per-step"]
 LEARN_INNER_LR: tuple[str, ...] = typing.get_args(LearnInnerLr)
+SelectBy = Literal["auto", "val_acc", "val_loss"]
+SELECT_BY: tuple[str, ...] = typing.get_args(SelectBy)
 GpuStep = Literal["graph", "eager"]
 GPU_STEPS: tuple[str, ...] = typing.get_args(GpuStep)
 

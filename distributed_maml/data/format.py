@@ -36,8 +36,8 @@ FORMAT_VERSION = 1  # the vectors layout
 FORMAT_VERSIONS = {"vectors": 1, "images": 2}
 COLUMNS = ("x_support", "y_support", "x_query", "y_query", "params")
 IMAGE_COLUMNS = ("image_ids", "y_support", "y_query", "params")
-SPLITS = ("train", "test")
-BUILD_SPLITS = ("train", "test", "all")  # "all": every class of an image folder (it ships its own split)
+SPLITS = ("train", "val", "test")
+BUILD_SPLITS = ("train", "val", "test", "all")  # "all": every class of an image folder (it ships its own split)
 
 
 @dataclass(frozen=True)

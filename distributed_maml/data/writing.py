@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from distributed_maml import stopping
 from distributed_maml.data.families import Family, ImageFamily, check_generated, folders, resolve
 from distributed_maml.data.families import table as table_mod
-from distributed_maml.data.families.images import ImageTable
+from distributed_maml.data.families.images import ImageTable, check_class_split
 from distributed_maml.data.format import (
     BUILD_SPLITS,
     SPLITS,
@@ -36,7 +36,12 @@ DISK_MARGIN_BYTES = 64 * 2**20  # room left for checkpoints and logs after a sto
 # but no more than this many tasks or bytes; the sampler cycles through it in epochs.
 DEFAULT_MAX_TASKS = 10**6
 DEFAULT_MAX_BYTES = 2**30
-_SPLIT_STREAM = {"train": 0, "test": 1, "all": 2}  # disjoint RNG streams: held-out tasks never repeat training tasks
+_SPLIT_STREAM = {
+    "train": 0,
+    "test": 1,
+    "all": 2,
+    "val": 3,
+}  # disjoint RNG streams: held-out tasks never repeat training tasks
 
 
 def generate_batches(
@@ -108,7 +113,7 @@ def check_build_args(num_tasks: int, shots: int, queries: int, split: str, seed:
     if shots < 1 or queries < 1:
         raise StoreError(f"--shots and --queries must be >= 1, got {shots} and {queries}")
     if split not in BUILD_SPLITS:
-        raise StoreError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise StoreError(f"--split must be one of {', '.join(BUILD_SPLITS)}, got {split!r}")
     if not 0 <= seed < 2**63:
         raise StoreError(f"--seed must be in [0, 2**63), got {seed}")
 
@@ -193,15 +198,17 @@ def build_from_table(
     seed: int = 0,
     test_fraction: float = 0.3,
     overwrite: bool = False,
+    val_fraction: float = 0.0,
 ) -> StoreInfo:
     """Episodic N-way K-shot tasks from a table (see data/families/table.py); the classes of the
     train and test splits are disjoint for the same seed and test_fraction."""
     check_build_args(num_tasks, shots, queries, split, seed)
     if split == "all":
-        raise StoreError("--classes-split all is for --from-images; tables are split into train and test here")
+        raise StoreError("--classes-split all is for --from-images; tables are split into train, val and test here")
     if not 0 < test_fraction < 1:
         raise StoreError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-    tasks = table_mod.load(table, label_column, ways, shots, queries, split, test_fraction, seed)
+    check_class_split(split, val_fraction)
+    tasks = table_mod.load(table, label_column, ways, shots, queries, split, test_fraction, seed, val_fraction)
     family = Family("table", "classification", tasks.features.shape[1], ways, ways, tasks.generate)
     info = family_info(
         family, num_tasks, seed, shots, queries, split, source=str(Path(table).resolve()), classes=tasks.class_names
@@ -226,6 +233,7 @@ def build_from_images(
     class_depth: int = 1,
     strict: bool = False,
     overwrite: bool = False,
+    val_fraction: float = 0.0,
 ) -> tuple[StoreInfo, Any]:
     """Episodic N-way K-shot image tasks from class folders (see data/families/folders.py); returns the
     info and the loader's summary (skipped files, dropped classes)."""
@@ -234,7 +242,19 @@ def build_from_images(
     if out.exists() and not overwrite:  # before minutes of decoding
         raise StoreError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     table, summary = folders.load(
-        root, ways, shots, queries, image_size, split, test_fraction, seed, grayscale, rotations, class_depth, strict
+        root,
+        ways,
+        shots,
+        queries,
+        image_size,
+        split,
+        test_fraction,
+        seed,
+        grayscale,
+        rotations,
+        class_depth,
+        strict,
+        val_fraction,
     )
     info = image_info("images", table, num_tasks, seed, ways, shots, queries, split, source=str(Path(root).resolve()))
     write_batches(out, info, generate_batches(info, True, table=table), overwrite)

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from distributed_maml.data.families.images import ImageTable, split_classes
+from distributed_maml.data.families.images import ImageTable, check_class_split, split_classes
 from distributed_maml.errors import StoreError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-SPLITS = ("train", "test", "all")
+SPLITS = ("train", "val", "test", "all")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ def load(
     rotations: tuple[int, ...] = (0,),
     class_depth: int = 1,
     strict: bool = False,
+    val_fraction: float = 0.0,
 ) -> tuple[ImageTable, FolderSummary]:
     root = Path(root)
     if not 4 <= image_size <= 1024:
@@ -87,11 +88,12 @@ def load(
         raise StoreError(f"--rotations takes multiples of 90 degrees, got {', '.join(map(str, rotations)) or 'none'}")
     if split not in SPLITS:
         raise StoreError(f"--classes-split must be one of {', '.join(SPLITS)}, got {split!r}")
+    check_class_split(split, val_fraction)
     classes = find_classes(root, class_depth)
     if split != "all":
         if not 0 < test_fraction < 1:
             raise StoreError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-        keep = split_classes(len(classes), ways, test_fraction, seed, f"--from-images {root}")[split]
+        keep = split_classes(len(classes), ways, test_fraction, seed, f"--from-images {root}", val_fraction)[split]
         classes = [classes[i] for i in keep]
     need = shots + queries
     images: list[np.ndarray] = []

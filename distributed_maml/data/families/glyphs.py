@@ -23,6 +23,7 @@ from distributed_maml.data.families.images import ImageTable
 UNIVERSE = 1703_03400  # the MAML paper's arXiv number: fixes the glyph universe
 TRAIN_CLASSES = 1200
 TEST_CLASSES = 300
+VAL_CLASSES = 150  # rendered after the test classes: adding them changed neither of the others
 EXAMPLES = 20  # per class, as Omniglot has
 SIZE = 28
 MAX_STROKES = 4
@@ -33,6 +34,8 @@ CLASS_CHUNK = 128  # classes rendered per vectorised chunk (bounds memory)
 def class_ids(split: str) -> np.ndarray:
     if split == "train":
         return np.arange(TRAIN_CLASSES)
+    if split == "val":
+        return np.arange(TRAIN_CLASSES + TEST_CLASSES, TRAIN_CLASSES + TEST_CLASSES + VAL_CLASSES)
     return np.arange(TRAIN_CLASSES, TRAIN_CLASSES + TEST_CLASSES)
 
 
@@ -120,9 +123,9 @@ def _render_chunk(classes: np.ndarray, examples: int) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)[:, None]
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=3)
 def table(split: str) -> ImageTable:
-    """The glyph images of one split (train: TRAIN_CLASSES classes, test: TEST_CLASSES)."""
+    """The glyph images of one split (train: TRAIN_CLASSES classes, test: TEST_CLASSES, val: VAL_CLASSES)."""
     ids = class_ids(split)
     images = render(ids)
     images.flags.writeable = False

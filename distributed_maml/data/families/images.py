@@ -85,13 +85,35 @@ class ImageTable:
         }
 
 
-def split_classes(n: int, ways: int, test_fraction: float, seed: int, what: str) -> dict[str, np.ndarray]:
-    """Disjoint meta-train / meta-test class indices (a seeded permutation of 0..n-1); `what`
-    names the source in the error (tables and image folders share this split)."""
+def split_classes(
+    n: int, ways: int, test_fraction: float, seed: int, what: str, val_fraction: float = 0.0
+) -> dict[str, np.ndarray]:
+    """Disjoint meta-train / meta-validation / meta-test class indices (a seeded permutation of
+    0..n-1: test first, then val, the rest train, so the test classes do not depend on
+    val_fraction; val_fraction = 0: no val classes). `what` names the source in the error
+    (tables and image folders share this split)."""
+    if not 0 <= val_fraction < 1:
+        raise StoreError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     n_test = max(ways, int(round(test_fraction * n)))
-    if n - n_test < ways:
+    n_val = max(ways, int(round(val_fraction * n))) if val_fraction else 0
+    splits = 3 if val_fraction else 2
+    if n - n_test - n_val < ways:
         raise StoreError(
-            f"{what} has {n} classes: too few for {ways}-way tasks in both splits (need {2 * ways}); lower --ways"
+            f"{what} has {n} classes: too few for {ways}-way tasks in all {splits} splits (need {splits * ways}); "
+            "lower --ways" + (" or --val-fraction" if val_fraction else "")
         )
     perm = np.random.default_rng([seed, 7919]).permutation(n)
-    return {"test": np.sort(perm[:n_test]), "train": np.sort(perm[n_test:])}
+    return {
+        "test": np.sort(perm[:n_test]),
+        "val": np.sort(perm[n_test : n_test + n_val]),
+        "train": np.sort(perm[n_test + n_val :]),
+    }
+
+
+def check_class_split(split: str, val_fraction: float) -> None:
+    """--classes-split val needs val classes to exist."""
+    if split == "val" and not val_fraction:
+        raise StoreError(
+            "--classes-split val needs --val-fraction > 0 (e.g. 0.15); build the train store with the same "
+            "--val-fraction so it leaves those classes out"
+        )

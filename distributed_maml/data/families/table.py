@@ -83,6 +83,7 @@ def load(
     split: str,
     test_fraction: float,
     seed: int,
+    val_fraction: float = 0.0,
 ) -> TableTasks:
     table = read_table(path)
     if label_column not in table.column_names:
@@ -102,7 +103,7 @@ def load(
         np.asarray(table[label_column].to_numpy(zero_copy_only=False)).astype(str), return_inverse=True
     )
     x = ((x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)).astype(np.float32)
-    classes = split_classes(len(names), ways, test_fraction, seed, "the table")[split]
+    classes = split_classes(len(names), ways, test_fraction, seed, "the table", val_fraction)[split]
     index = [np.flatnonzero(labels == c) for c in classes]
     short = [names[c] for c, i in zip(classes, index) if len(i) < shots + queries]
     if short:
