@@ -121,6 +121,11 @@ def test_bench_memory_prints_every_row_and_its_json():
         assert r["memory_vs_second"] is not None and r["cost_vs_second"] is not None
     assert "checkpointed | 3 |" in proc.stdout
     assert_user_error(run_cli("bench", "--memory", "--modes", "second,nosuch"), "--modes")
+    assert_user_error(run_cli("bench", "--memory", "--backbone", "vgg"), "--backbone must be one of conv4, resnet12")
+    from distributed_maml.app import bench_memory
+
+    (row,) = bench_memory.memory_per_task("resnet12", (2,), 2, ("checkpointed",), channels=2)  # --backbone resnet12
+    assert row["model"] == "resnet12-2-5-10-20" and row["mib_per_task"] > 0 and row["tasks_per_s"] > 0
 
 
 def test_a_checkpointed_run_trains_to_the_plain_runs_weights(tmp_path, store_path):

@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from distributed_maml.app.timing import MODELS, conv4_problem
+from distributed_maml.app.timing import MODELS, conv4_problem, resnet12_widths
 from distributed_maml.config import MamlConfig, ModelConfig
 from distributed_maml.core.maml import TaskBatch
 from distributed_maml.core.models import build, functional
 from distributed_maml.data.writing import build_in_memory
 
 MODES = ("second", "checkpointed", "first", "imaml")
+BACKBONES = ("conv4", "resnet12")
 
 
 def available_bytes(device: str) -> int:
@@ -65,9 +66,9 @@ print(json.dumps({"peak_bytes": peak, "before_bytes": before, "seconds": seconds
 def _memory_setup(
     model: str, meta_batch: int, channels: int, queries: int, steps: int, mode: str, device: str
 ) -> tuple:
-    """The probe's problem: conv4 on glyphs, or one of MODELS on its family; `mode` one of MODES."""
-    if model == "conv4":
-        forward, params, batch = conv4_problem(meta_batch, channels, queries, device)
+    """The probe's problem: conv4 or resnet12 on glyphs, or one of MODELS on its family; `mode` one of MODES."""
+    if model in BACKBONES:
+        forward, params, batch = conv4_problem(meta_batch, channels, queries, device, model)
         kind, lr = "classification", 0.4
     else:
         family, shots, q, lr = MODELS[model]
@@ -101,7 +102,7 @@ def memory_per_task(
             m = json.loads(out.strip().splitlines()[-1])
             rows.append(
                 {
-                    "model": model if model != "conv4" else f"conv4-{channels}",
+                    "model": _name(model, channels),
                     "mode": mode,
                     "inner_steps": steps,
                     "first_order": mode == "first",
@@ -113,16 +114,30 @@ def memory_per_task(
     return rows
 
 
+def _name(model: str, channels: int) -> str:
+    if model == "conv4":
+        return f"conv4-{channels}"
+    if model == "resnet12":
+        return "resnet12-" + "-".join(map(str, resnet12_widths(channels)))
+    return model
+
+
 def memory_main(
-    inner_steps: tuple[int, ...], modes: tuple[str, ...], meta_batch: int, channels: int, memory_gb: float | None
+    inner_steps: tuple[int, ...],
+    modes: tuple[str, ...],
+    meta_batch: int,
+    channels: int,
+    memory_gb: float | None,
+    backbone: str = "conv4",
 ) -> dict[str, Any]:
-    """`bench --memory`: conv4 (`channels` filters, 28x28 glyphs, 5-way 1-shot, 5 queries) per
-    mode and inner-step count: MiB per task, tasks/s, the cost and memory against the plain
-    second-order step, and the largest meta-batch whose step fits in `memory_gb` (default: half
-    of what is free now). Prints a table, then one JSON line."""
+    """`bench --memory`: conv4 (`channels` filters) or resnet12 (widths scaled from `channels`)
+    on 28x28 glyphs, 5-way 1-shot, 5 queries, per mode and inner-step count: MiB per task,
+    tasks/s, the cost and memory against the plain second-order step, and the largest meta-batch
+    whose step fits in `memory_gb` (default: half of what is free now). Prints a table, then one
+    JSON line."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = memory_gb * 2**30 if memory_gb else 0.5 * available_bytes(device)
-    rows = memory_per_task("conv4", inner_steps, meta_batch, modes, device, channels)
+    rows = memory_per_task(backbone, inner_steps, meta_batch, modes, device, channels)
     plain = {r["inner_steps"]: r for r in rows if r["mode"] == "second"}
     for r in rows:
         r["max_meta_batch"] = int(budget / max(r["mib_per_task"] * 2**20, 1.0))
@@ -130,7 +145,7 @@ def memory_main(
         r["memory_vs_second"] = r["mib_per_task"] / base["mib_per_task"] if base else None
         r["cost_vs_second"] = base["tasks_per_s"] / r["tasks_per_s"] if base else None
     result = {
-        "benchmark": f"conv4-{channels} meta-gradient memory, 5-way 1-shot 28x28 glyphs, 5 queries, vmap",
+        "benchmark": f"{_name(backbone, channels)} meta-gradient memory, 5-way 1-shot 28x28 glyphs, 5 queries, vmap",
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

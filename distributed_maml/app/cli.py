@@ -161,6 +161,11 @@ def parser() -> argparse.ArgumentParser:
         "--modes", default="second,checkpointed,first,imaml", help="with --memory: second,checkpointed,first,imaml"
     )
     be.add_argument("--meta-batch", type=int, default=4, help="with --memory: tasks per measured step (4)")
+    be.add_argument(
+        "--backbone",
+        default="conv4",
+        help="with --memory: conv4 (--channels filters) or resnet12 (widths C-2.5C-5C-10C from --channels C)",
+    )
     be.add_argument("--memory-gb", type=float, default=None, help="with --memory: the budget for max meta-batch")
     be.add_argument("--channels", type=int, default=32, help="with --conv4: filters per block (32)")
     be.add_argument("--queries", type=int, default=5, help="with --conv4: query images per class (5)")
@@ -307,7 +312,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         steps = tuple(args.inner_steps or (1, 5, 10, 25, 50))
         if min(steps) < 1 or args.meta_batch < 1 or args.channels < 1 or (args.memory_gb or 1) <= 0:
             raise UserError("--inner-steps, --meta-batch and --channels must be >= 1 and --memory-gb > 0")
-        bench_memory.memory_main(steps, modes, args.meta_batch, args.channels, args.memory_gb)
+        if args.backbone not in bench_memory.BACKBONES:
+            raise UserError(f"--backbone must be one of {', '.join(bench_memory.BACKBONES)}, got {args.backbone!r}")
+        bench_memory.memory_main(steps, modes, args.meta_batch, args.channels, args.memory_gb, args.backbone)
     elif args.eval:
         bench_eval.eval_main(args.quick, args.json)
     elif args.algorithms:

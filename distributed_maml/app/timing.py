@@ -34,10 +34,21 @@ def _per_call(fn: Callable[[], Any], seconds: float) -> float:
             return elapsed / n
 
 
-def conv4_problem(meta_batch: int, channels: int, queries: int, device: str = "cpu") -> tuple:
-    """conv4 (`channels` filters) on `meta_batch` 5-way 1-shot glyph tasks: (forward, params, batch)."""
+def resnet12_widths(channels: int) -> list[int]:
+    """ResNet-12's four widths scaled from the first (64 -> MetaOptNet's 64-160-320-640)."""
+    return [channels, round(2.5 * channels), 5 * channels, 10 * channels]
+
+
+def conv4_problem(meta_batch: int, channels: int, queries: int, device: str = "cpu", backbone: str = "conv4") -> tuple:
+    """conv4 (`channels` filters) or resnet12 (widths from `channels`) on `meta_batch` 5-way
+    1-shot glyph tasks: (forward, params, batch)."""
     store = build_in_memory("glyphs", meta_batch, seed=0, shots=1, queries=queries, split="train")
-    model = build(ModelConfig(name="conv4", channels=channels), store.info, seed=0).to(device)
+    cfg = (
+        ModelConfig(name="resnet12", kwargs={"widths": resnet12_widths(channels)})
+        if backbone == "resnet12"
+        else ModelConfig(name="conv4", channels=channels)
+    )
+    model = build(cfg, store.info, seed=0).to(device)
     params = {k: v.detach() for k, v in model.named_parameters()}
     batch = TaskBatch.from_numpy(store.rows(np.arange(meta_batch)), device)
     return functional(model), params, batch
