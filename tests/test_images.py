@@ -61,6 +61,16 @@ def test_folder_class_splits_are_disjoint_and_seeded(image_folder):
     again, _ = folders.load(*args, "train", 0.4, 3, grayscale=True, class_depth=2)
     assert set(train.class_names).isdisjoint(test.class_names) and train.class_names == again.class_names
     assert len(test.class_names) >= 2
+    # --val-fraction: a third set, out of train's classes; the test classes stay the same
+    kw = {"grayscale": True, "class_depth": 2, "val_fraction": 0.3}
+    val, _ = folders.load(*args, "val", 0.4, 3, **kw)
+    train3, _ = folders.load(*args, "train", 0.4, 3, **kw)
+    test3, _ = folders.load(*args, "test", 0.4, 3, **kw)
+    assert test3.class_names == test.class_names and len(val.class_names) >= 2
+    assert set(val.class_names) | set(train3.class_names) == set(train.class_names)
+    assert set(val.class_names).isdisjoint(train3.class_names)
+    with pytest.raises(StoreError, match="--classes-split val needs --val-fraction > 0"):
+        folders.load(*args, "val", 0.4, 3, grayscale=True, class_depth=2)
 
 
 def test_from_images_cli_summary_and_errors(image_folder, tmp_path):
