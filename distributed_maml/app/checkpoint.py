@@ -165,7 +165,10 @@ def save(
 
 def prune(root: Path, keep: int, latest_name: str) -> None:
     """Deletes the older checkpoint folders beyond the `keep` newest; never `latest_name` nor a
-    best one (best.json), and only after `latest` names a complete newer one (the caller's order)."""
+    best one (best.json), and only after `latest` names a complete newer one (the caller's order).
+    keep = 0 keeps all."""
+    if not keep:
+        return
     steps = sorted((int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
     spared = {latest_name, *(f"step_{b.step}" for b in read_best(root.parent))}
     for _, path in steps[:-keep]:
@@ -205,7 +208,7 @@ def write_best(run_dir: Path, entries: list[BestEntry], spare: int) -> None:
     else:
         (root / "best").unlink(missing_ok=True)
     _fsync_dir(root)
-    prune(root, spare or 10**9, latest(run_dir).name)
+    prune(root, spare, latest(run_dir).name)
 
 
 def latest(run_dir: Path) -> Path:

@@ -76,6 +76,12 @@ class Run:
         model, lrs = split_lrs(learner.state_dict())  # model.pt stays a plain state_dict of the network
         return checkpoint.save(self.dir, step, learner.version, model, learner.optimizer.state_dict(), state, keep, lrs)
 
+    def save_unless_latest(self, learner: Learner, step: int, sampler: Sampler) -> None:
+        """`save`, unless `latest` already names step `step` (a stop, a best step and the
+        periodic checkpoint may all fall on one step)."""
+        if self.last_checkpoint() != f"step_{step}":
+            self.save(learner, step, sampler)
+
     def last_checkpoint(self) -> str:
         """The name of the checkpoint `latest` names ("none yet" if there is none to read)."""
         try:
@@ -96,8 +102,7 @@ class Run:
 
     def stop(self, learner: Learner, step: int, sampler: Sampler) -> None:
         """Saves the last applied step (unless `latest` names it already) and ends the run resumably."""
-        if self.last_checkpoint() != f"step_{step}":
-            self.save(learner, step, sampler)
+        self.save_unless_latest(learner, step, sampler)
         signum = stopping.requested()
         assert signum is not None
         raise stopping.Stopped(

@@ -116,8 +116,8 @@ def _loop(
             path = run.save(learner, recorder.done, sampler)
             raise TrainingError(f"{e}; the last good weights are saved in {path}") from None
         periodic = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
-        if step == last and periodic and run.last_checkpoint() != f"step_{step}":  # (a best one may be it)
-            run.save(learner, step, sampler)
+        if step == last and periodic:
+            run.save_unless_latest(learner, step, sampler)  # a best step may have saved it already
     return TrainResult(run.dir, cfg.steps, learner.weights(), recorder.record)
 
 
@@ -172,12 +172,11 @@ class _Recorder:
         value, metric = scores[self.validation.metric], self.validation.metric
         if not self.cfg.keep_best or not math.isfinite(value):
             return scores
-        order = (lambda e: (-e.value, e.step)) if metric == "val_acc" else (lambda e: (e.value, e.step))
         entry = checkpoint.BestEntry(step, metric, value)
-        ranked = sorted([*(e for e in self.best if e.step != step), entry], key=order)[: self.cfg.keep_best]
+        rank = self.validation.rank
+        ranked = sorted([*(e for e in self.best if e.step != step), entry], key=rank)[: self.cfg.keep_best]
         if entry in ranked:
-            if self.run.last_checkpoint() != f"step_{step}":
-                self.run.save(self.learner, step, self.sampler)
+            self.run.save_unless_latest(self.learner, step, self.sampler)
             checkpoint.write_best(self.run.dir, ranked, self.cfg.keep_checkpoints)
             self.best = ranked
         return scores

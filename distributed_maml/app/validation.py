@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distributed_maml.app.checkpoint import BestEntry
 from distributed_maml.app.evaluate import mean_ci95
 from distributed_maml.config import Config
 from distributed_maml.data.families import FROM_FILES
@@ -35,9 +36,9 @@ class Validation:
     metric: str  # "val_acc" or "val_loss"
     source: str  # for the run's first line
 
-    def better(self, a: float, b: float) -> bool:
-        """Whether score a beats b on `metric`."""
-        return a > b if self.metric == "val_acc" else a < b
+    def rank(self, entry: BestEntry) -> tuple[float, int]:
+        """Sort key of a best entry: the best score first (accuracy up, loss down), then the earlier step."""
+        return (-entry.value if self.metric == "val_acc" else entry.value, entry.step)
 
 
 def check(cfg: Config, train: StoreInfo) -> TaskStore | None:
