@@ -12,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # explicit, and on: as the product runs
+# Every test starts its own Ray: never join a head that `ray start` left on this machine (a
+# neighbouring test module's, under pytest -n, or a developer's own)
+os.environ["RAY_ADDRESS"] = "local"
 
 
 def run_cli(

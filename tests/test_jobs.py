@@ -4,11 +4,14 @@ this test process leaks in — against a head started by the README's own `ray s
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +52,10 @@ class Shell:
         venv_bin = str(Path(sys.executable).parent)
         self.env = {"PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
         self.dashboard, self.port, self.out = dashboard, port, out
+        # the head's own temp dir (short: Ray's socket paths must fit 107 bytes): its
+        # ray_current_cluster stays there, so no other Ray on this machine joins this head, and
+        # the teardown can stop exactly this head's processes
+        self.temp = tempfile.mkdtemp(prefix="dmjob", dir="/tmp")
 
     def adapt(self, command: str) -> str:
         """The test's changes: free ports, a small head, a temporary output folder, a run
@@ -58,7 +65,8 @@ class Shell:
         if command.startswith("ray start"):
             command += (
                 f" --port={self.port} --dashboard-port={self.dashboard} --num-cpus=2"
-                " --object-store-memory=150000000 --disable-usage-stats"
+                f" --dashboard-agent-listen-port={_free_port()}"  # not 52365: a local Ray may hold it
+                f" --object-store-memory=150000000 --disable-usage-stats --temp-dir={self.temp}"
             )
         if "--config jobs/sinusoid.toml" in command:
             command += " " + shlex.join(RUN_LENGTH)
@@ -91,8 +99,38 @@ def shell(tmp_path_factory):
     try:
         yield sh
     finally:
-        stop = next(c for c in commands if c == "ray stop")
-        sh.run(stop + " --force")
+        assert "ray stop" in commands  # the README ends its block with it; here it would stop every Ray
+        _stop_head(sh)
+
+
+def _stop_head(shell: Shell) -> None:
+    """What the README's `ray stop` does, for this head only (`ray stop` kills every Ray on the
+    machine, a neighbouring test module's too): every process whose command line names the
+    head's temp dir or GCS port, and all their descendants."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            args = (d / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(d.name)] = (ppid, args)
+    doomed = {pid for pid, (_, args) in procs.items() if shell.temp in args or f":{shell.port} " in args + " "}
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in doomed} - doomed
+        doomed |= more
+        grew = bool(more)
+    doomed.discard(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in doomed:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
 
 
 def _the(shell: Shell, prefix: str, nth: int = 0) -> str:

@@ -3,8 +3,10 @@ slices, and a worker killed mid-run. One Ray instance for the whole module."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -308,3 +310,161 @@ def test_image_models_same_weights_at_0_and_2_workers(tmp_path, glyph_store_path
         ref.weights,
         train_on(tmp_path / "rx", glyph_store_path, [*extra, "scaling.num_workers=0", "training.steps=1"])[0].weights,
     )
+
+
+# --- a worker lost in every phase of a run (issue 15): the undisturbed run's weights, bit for bit ---
+
+PHASED = ["training.checkpoint_every=2", "training.eval_every=3", "training.log_every=3", "scaling.worker_timeout_s=3"]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, store_path):
+    """Two workers in driver mode, nothing lost (collective mode equals it bit for bit: above)."""
+    started = time.monotonic()
+    result, _ = train_run(tmp_path_factory.mktemp("undisturbed"), store_path, "r", 2, PHASED)
+    return result.weights, time.monotonic() - started
+
+
+def _crash(ex, w: int = 1) -> None:
+    """Worker w's process dies as after a SIGKILL; Ray restarts its actor (max_restarts)."""
+    ray.kill(ex.workers[w], no_restart=False)
+
+
+def _phase_run(tmp_path, store_path, mode, hook):
+    started = time.monotonic()
+    result, ex = train_run(tmp_path, store_path, "r", 2, [*PHASED, f"scaling.mode={mode}"], executor_hook=hook)
+    return result, ex, time.monotonic() - started
+
+
+@pytest.mark.parametrize("mode", ["driver", "collective"])
+@pytest.mark.parametrize("phase", ["first-line", "checkpoint", "validation"])
+def test_a_worker_lost_in_any_phase_costs_no_weight(tmp_path, store_path, undisturbed, monkeypatch, mode, phase):
+    """A worker dies while the workers start and the first line is written (driver mode's
+    workers start then; a collective group has formed by then and loses a rank before its first
+    chunk), while the driver writes a checkpoint, or while it scores the validation tasks: the
+    run ends with the undisturbed run's weights, bit for bit (nothing lost, nothing doubled),
+    within worker_timeout_s plus a restart of the time an undisturbed run takes."""
+    from distributed_maml.app import validation
+    from distributed_maml.app.run import Run
+
+    lost = []
+
+    def hook(ex):
+        if phase == "first-line":
+            _crash(ex)
+            lost.append(ex)
+            return
+
+        def once(original):
+            def wrapped(*args, **kwargs):
+                if not lost:
+                    _crash(ex)
+                    lost.append(ex)
+                return original(*args, **kwargs)
+
+            return wrapped
+
+        if phase == "checkpoint":
+            monkeypatch.setattr(Run, "save", once(Run.save))
+        else:
+            make = validation.make
+
+            def faulty(*args):
+                v = make(*args)
+                return dataclasses.replace(v, score=once(v.score))
+
+            monkeypatch.setattr(validation, "make", faulty)
+
+    result, ex, took = _phase_run(tmp_path, store_path, mode, hook)
+    weights, undisturbed_s = undisturbed
+    print(
+        f"{phase}/{mode}: {took:.1f} s (undisturbed {undisturbed_s:.1f} s), restarts or failures: "
+        f"{getattr(ex, 'restarts', None)} {ex.failures}"
+    )
+    assert lost, "the fault was never injected"
+    assert ex.healthy() == [0, 1]  # restarted in place: a crash that Ray can undo costs no worker
+    np.testing.assert_array_equal(result.weights, weights)
+    assert took < undisturbed_s + 3 + 30  # worker_timeout_s + a restart (the start grace) at most
+
+
+def test_a_slot_that_does_not_answer_the_store_probe_reads_it_from_the_object_store(
+    tmp_path, store_path, undisturbed, monkeypatch
+):
+    """Store sharing: a slot whose node is lost while the driver asks who sees the store file
+    never answers; after worker_timeout_s the store travels through the object store (which
+    works on any node) and the run ends with the undisturbed weights."""
+    from distributed_maml.execution import driver
+
+    @ray.remote(num_cpus=0)
+    def lost_node(path, size):  # the probe of a node that went away: no answer, ever
+        time.sleep(3600)
+
+    monkeypatch.setattr(driver, "_sees_store", lost_node)
+    result, ex, took = _phase_run(tmp_path, store_path, "driver", None)
+    print(f"store sharing/driver: {took:.1f} s (undisturbed {undisturbed[1]:.1f} s)")
+    assert ex.store_mode == "object_store"
+    np.testing.assert_array_equal(result.weights, undisturbed[0])
+
+
+def test_a_rank_lost_during_the_rendezvous_reforms_the_group(tmp_path, store_path, undisturbed, monkeypatch):
+    """Rank 1 dies between the rendezvous (rank 0's address and port) and the join: the group
+    is formed again around the restarted worker, and the run ends with the undisturbed weights."""
+    from distributed_maml.execution import collective, raywait
+
+    real_get, lost = raywait.get, []
+
+    def get(refs, timeout_s, what):
+        got = real_get(refs, timeout_s, what)
+        if what == "the collective group's address" and not lost:
+            lost.append(what)
+            ray.kill(created[-1].workers[1], no_restart=False)
+        return got
+
+    created = []
+    real_form = collective.CollectiveExecutor._form_group
+
+    def form(self):
+        created.append(self)
+        return real_form(self)
+
+    monkeypatch.setattr(collective.raywait, "get", get)
+    monkeypatch.setattr(collective.CollectiveExecutor, "_form_group", form)
+    result, ex, took = _phase_run(tmp_path, store_path, "collective", None)
+    print(f"rendezvous/collective: {took:.1f} s (undisturbed {undisturbed[1]:.1f} s), restarts {ex.restarts}")
+    assert lost and ex.healthy() == [0, 1]
+    np.testing.assert_array_equal(result.weights, undisturbed[0])
+
+
+def test_a_rank_lost_inside_a_chunk_reruns_the_chunk_from_its_start(tmp_path, store_path, undisturbed):
+    """A rank's process exits in the middle of a collective chunk (at its second step: the first
+    step's update is already applied on rank 0): the group is restarted and the chunk rerun from
+    the state the driver holds; no step applied twice, the undisturbed weights."""
+    from distributed_maml.data.sampler import Sampler
+
+    marker = tmp_path / "died"
+
+    mark, here = str(marker), os.getpid()
+
+    @dataclasses.dataclass(frozen=True)
+    class DyingSampler(Sampler):  # pickled by value into the ranks: a rank dies, once
+        def ids(self, step):
+            # 0-based 5 = step 6, the second of the chunk 5..6 (chunks end at each logged,
+            # checkpointed or validated step)
+            if step == 5 and os.getpid() != here and not os.path.exists(mark):
+                open(mark, "w").close()
+                os._exit(1)
+            return super().ids(step)
+
+    def hook(ex):
+        original = ex.run_steps
+
+        def run_steps(learner, sampler, steps, on_step):
+            dying = DyingSampler(sampler.seed, sampler.num_tasks, sampler.meta_batch)
+            return original(learner, dying, steps, on_step)
+
+        ex.run_steps = run_steps
+
+    result, ex, took = _phase_run(tmp_path, store_path, "collective", hook)
+    print(f"collective chunk/collective: {took:.1f} s (undisturbed {undisturbed[1]:.1f} s), restarts {ex.restarts}")
+    assert marker.exists() and ex.restarts == 1 and ex.healthy() == [0, 1]
+    np.testing.assert_array_equal(result.weights, undisturbed[0])

@@ -322,17 +322,23 @@ def test_product_code_never_turns_ray_auth_off():
         assert "RAY_AUTH_MODE" not in text and "auth_mode" not in text.lower(), f
 
 
-def test_local_ray_starts_without_a_dashboard(monkeypatch):
+@pytest.mark.parametrize("address", [None, "local", "10.0.0.1:6379"])
+def test_local_ray_starts_without_a_dashboard(monkeypatch, address):
     import ray
 
     from distributed_maml.execution import driver
 
     seen = {}
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     driver.connect()
-    assert seen.get("include_dashboard") is False
+    # joining a cluster leaves its dashboard as the cluster has it; a local Ray starts none
+    assert ("include_dashboard" in seen) == (address != "10.0.0.1:6379")
+    assert seen.get("include_dashboard", False) is False
 
 
 # --- the bad-input table, through the CLI's main() (same code path as the console script) ---

@@ -45,10 +45,18 @@ class CollectiveExecutor(RayExecutor):
         self.members: list[int] = []  # the workers in the group, in rank order
         self.backend = ""
         try:
-            self._form_group()
+            self._form()
         except BaseException:
             self.close()
             raise
+
+    def _form(self) -> None:
+        """The group forms; a member lost while it forms (between the rendezvous and its join)
+        restarts the group, which forms again around the workers that come back."""
+        try:
+            self._form_group()
+        except RayActorError:
+            self._restart()
 
     def _form_group(self) -> None:
         """The healthy workers join one group; rank 0's node address and a port free there are
@@ -85,7 +93,7 @@ class CollectiveExecutor(RayExecutor):
         except (RayActorError, raywait.ClusterTimeout):
             self._restart()
             return
-        self._form_group()
+        self._form()
 
     def run_steps(self, learner: Learner, sampler: Sampler, steps: Steps, on_step: OnStep) -> int:
         n = self.num_shards
@@ -147,8 +155,8 @@ class CollectiveExecutor(RayExecutor):
         for w in self.healthy():
             ray.kill(self.workers[w], no_restart=False)
         for w in self.healthy():
-            if not self._answers(w, self.scaling.worker_timeout_s):
-                self._retire(w, f"did not come back within {self.scaling.worker_timeout_s:g} s after the group failed")
+            if not self._restarted(w):
+                self._retire(w, "did not come back after the group failed")
         if not self.healthy():
             raise TrainingError(
                 f"no worker of the collective group came back within {self.scaling.worker_timeout_s:g} s; "
@@ -162,6 +170,20 @@ class CollectiveExecutor(RayExecutor):
                 if attempt == 2:
                     raise
                 time.sleep(0.5)
+
+    def _restarted(self, w: int) -> bool:
+        """Whether worker w answers after its restart. A restart runs the actor's constructor
+        again (torch import, store open: seconds on a loaded node), so it gets the start's
+        bound, worker_timeout_s + START_GRACE_S; a worker whose node Ray declares dead
+        meanwhile is given up at once (a healthy worker retired for a slow restart would cost
+        the run its width)."""
+        deadline = time.monotonic() + self.scaling.worker_timeout_s + START_GRACE_S
+        while time.monotonic() < deadline:
+            if self._answers(w, min(POLL_S * 2, max(0.1, deadline - time.monotonic()))):
+                return True
+            if w in self.slots.lost():
+                return False
+        return False
 
     def describe(self) -> str:
         return super().describe()[:-1] + f", collective {self.backend} group)"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from distributed_maml.config import MamlConfig, ModelConfig, ScalingConfig, is_import_path
 from distributed_maml.core.shards import ShardResult
@@ -40,12 +40,13 @@ INLINE_BYTES = 64 * 1024  # weights up to this size ride in each call (below Ray
 
 def connect() -> bool:
     """Joins the cluster named by RAY_ADDRESS (as under `ray job submit`), or starts a local
-    Ray when there is none. Token authentication stays as Ray configures it (on by default);
+    Ray when there is none (or RAY_ADDRESS=local: never join a `ray start` head found on this
+    machine). Token authentication stays as Ray configures it (on by default);
     a local instance keeps its dashboard off, so nothing listens beyond what Ray needs.
     True when this call connected (the caller owns the connection)."""
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS", "local") != "local":  # "local": Ray's own word for "start one here"
         ray.init(log_to_driver=True)
     else:
         ray.init(include_dashboard=False, log_to_driver=True)
@@ -165,7 +166,8 @@ class RayExecutor(Driven):
     def start(self) -> None:
         """Waits, bounded, until every worker has started (its store open, its model built). A
         slot whose worker does not start within worker_timeout_s + START_GRACE_S (its node lost
-        or cut off while the run starts) is retired and its shards go to the others; a worker
+        or cut off while the run starts) is retired and its shards go to the others; one that
+        Ray is restarting (its process died) is asked again within the same bound; a worker
         whose constructor raised is a one-line error (the same would fail on every node)."""
         if self._started:
             return
@@ -180,6 +182,9 @@ class RayExecutor(Driven):
                 i = pending.pop(ref)
                 try:
                     self._info[i] = raywait.result(ref)
+                except ActorUnavailableError:  # its process died and Ray is restarting it: ask again
+                    time.sleep(0.2)
+                    pending[self.workers[i].info.remote()] = i
                 except RayActorError as e:
                     if e.actor_init_failed:
                         raise TrainingError(f"worker-{i} could not start: {_first_line(e)}") from None
