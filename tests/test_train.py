@@ -258,3 +258,26 @@ def test_tensorboard_event_files_hold_the_logged_numbers_across_a_resume(tmp_pat
         assert len(events.Scalars(tag)) == len(got), tag  # step 6, logged twice, is kept once
         assert got.keys() == want.keys(), (tag, got, want)
         assert all(got[s] == pytest.approx(want[s], rel=1e-6) for s in want), (tag, got, want)
+
+
+def test_a_resumed_runs_events_file_sorts_after_the_previous_one(tmp_path, monkeypatch):
+    """TensorBoard reads a folder's event files in name order (events.out.tfevents.<second>.
+    <host>.<pid>.<counter>), and a resume's purge of the older file's later steps needs the new
+    file last. The same process making the next file in the same second, its counter past 9
+    (".10" sorts before ".9"), put it first: a sweep's trials and a long test session do."""
+    import os
+    import socket
+    import time
+
+    from tensorboard.summary.writer import event_file_writer
+
+    from distributed_maml.app.scalars import Scalars
+
+    tb = tmp_path / "tensorboard"
+    tb.mkdir()
+    (tb / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.9").write_bytes(b"")
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(10))
+    scalars = Scalars(tmp_path, 4)
+    scalars.close()
+    files = sorted(p.name for p in tb.iterdir())
+    assert len(files) == 2 and files[-1].endswith(".10"), files

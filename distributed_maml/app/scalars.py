@@ -12,6 +12,7 @@ the run's one-line error like any other write error; the thread's own traceback 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ class Scalars:
 
         threading.excepthook = _quiet_writer_thread
         self.dir = run_dir / "tensorboard"
+        _after_the_last_file(self.dir)
         # purge_step: a run resumed from an earlier checkpoint than its last logged step logs
         # those steps again; TensorBoard then drops the older file's events from that step on
         self.writer = SummaryWriter(
@@ -71,3 +73,21 @@ class Scalars:
     def _events_file(self) -> Path:
         name = getattr(getattr(self.writer.file_writer, "event_writer", None), "_file_name", None)
         return Path(name) if name else self.dir
+
+
+def _after_the_last_file(directory: Path) -> None:
+    """Waits (at most a second) until a new events file's name sorts after every existing one.
+    TensorBoard reads a folder's files in name order, and a resume's purge of the older file's
+    later steps works only if the resumed file comes after it. The name is
+    events.out.tfevents.<second>.<host>.<pid>.<per-process counter>: a file made in the same
+    second as the previous one by the same process (a sweep's trials, the tests) sorts by the
+    counter as text, and ".10" sorts before ".9"."""
+    seconds = []
+    for f in directory.glob("events.out.tfevents.*"):
+        field = f.name.split(".")[3]
+        if field.isdigit():
+            seconds.append(int(field))
+    if seconds:
+        wait = max(seconds) + 1 - time.time()
+        if 0 < wait <= 1:
+            time.sleep(wait)
