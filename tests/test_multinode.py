@@ -125,7 +125,7 @@ def test_losing_the_worker_node_mid_run_loses_nothing(cluster, tmp_path, store_p
     result, ex = train_on(
         tmp_path / "lossy",
         store_path,
-        [*BASE, "scaling.num_workers=3", "scaling.placement=spread", "scaling.worker_timeout_s=30"],
+        [*BASE, "scaling.num_workers=3", "scaling.placement=spread", "scaling.worker_timeout_s=8"],
         hook,
     )
     assert doomed.node_id in {i.node_id for i in seen["before"]}
