@@ -53,6 +53,21 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    tu = sub.add_parser("tune", help="a sweep on Ray Tune: a config with a [tune] table; each trial a run")
+    tu.add_argument("sweep", type=Path, nargs="?", help="the sweep file: a config plus a [tune] table")
+    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    tu.add_argument("--output-dir", type=Path, help="the sweep's folder (default: runs/sweep-<time>)")
+    tu.add_argument("--tasks", type=Path, help="a task store every trial trains on (default: each builds its own)")
+    tu.add_argument(
+        "--trials",
+        type=int,
+        default=8,
+        help="draws of the random keys, each x every grid combination (8; a grid-only space runs once)",
+    )
+    tu.add_argument("--max-concurrent", type=int, default=0, help="trials at a time (0: as many as the CPUs fit)")
+    tu.add_argument("--no-early-stop", action="store_true", help="run every trial to its last step (no ASHA)")
+    tu.add_argument("--resume", type=Path, metavar="SWEEP_DIR", help="continue a stopped sweep")
+
     e = sub.add_parser("eval", help="adapt on held-out tasks; query loss/accuracy with 95%% CIs")
     e.add_argument("--run", type=Path, required=True, help="run folder")
     e.add_argument("--tasks", type=Path, help="held-out store (default: fresh tasks from the run's family)")
@@ -197,6 +212,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"done: {result.step} steps; checkpoint {r.dir / 'checkpoints' / ('step_' + str(result.step))}")
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from distributed_maml.app import tune
+
+    if args.resume and (args.sweep or args.overrides or args.output_dir or args.tasks):
+        raise UserError(
+            "--resume continues a sweep as it was started; drop the sweep file, --set, --output-dir and --tasks"
+        )
+    tune.tune_main(
+        args.sweep,
+        args.overrides,
+        args.output_dir,
+        args.tasks,
+        args.trials,
+        args.max_concurrent,
+        not args.no_early_stop,
+        args.resume,
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from distributed_maml.app import evaluate
 
@@ -334,7 +368,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     writes = args.command == "train" or (args.command == "tasks" and args.tasks_cmd == "build")
-    command = {"train": cmd_train, "eval": cmd_eval, "tasks": cmd_tasks, "plot": cmd_plot, "bench": cmd_bench}
+    command = {
+        "train": cmd_train,
+        "tune": cmd_tune,
+        "eval": cmd_eval,
+        "tasks": cmd_tasks,
+        "plot": cmd_plot,
+        "bench": cmd_bench,
+    }
     try:
         with stopping.handling() if writes else contextlib.nullcontext():  # a signal stops these at a safe point
             command[args.command](args)

@@ -55,6 +55,33 @@ def training(run_dir: Path, out: Path) -> Path | None:
     return out
 
 
+def sweep_curves(sweep_dir: Path, names: list[str], metric: str) -> Path | None:
+    """Every trial's validation curve (`metric` against the step) in one figure:
+    SWEEP_DIR/plots/validation.png; a trial stopped early ends where ASHA stopped it."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = 0
+    for name in names:
+        path = sweep_dir / "trials" / name / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        points = [(r["step"], r[metric]) for r in rows if metric in r and np.isfinite(r[metric])]
+        if points:
+            ax.plot(*zip(*points), "o-", markersize=3, label=name)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="meta-step", ylabel=metric, title=f"sweep {sweep_dir.name}: validation of each trial")
+    if metric == "val_loss":
+        ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = sweep_dir / "plots" / "validation.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def adaptation(result: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = result["steps"]

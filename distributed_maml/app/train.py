@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -54,9 +55,16 @@ def make_learner(run: Run) -> Learner:
     return learner
 
 
-def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
+OnValidation = Callable[[int, dict[str, Any], str], None]  # (step, its metrics line, the ranked metric)
+
+
+def train(
+    run: Run, executor: Executor, progress: bool = True, on_validation: OnValidation | None = None
+) -> TrainResult:
+    """Trains `run` to its last step; `on_validation` sees every validated step's metrics line
+    once it is logged (a sweep reports it to Ray Tune)."""
     try:
-        return _train(run, executor, progress)
+        return _train(run, executor, progress, on_validation)
     except OSError as e:  # a full disk or a vanished folder mid-run: checkpoints are atomic, so `latest` is whole
         raise TrainingError(
             f"{os_error_line(e)}; the last checkpoint ({run.last_checkpoint()}) is intact: fix this, then continue with "
@@ -67,7 +75,7 @@ def train(run: Run, executor: Executor, progress: bool = True) -> TrainResult:
             run.lock.release()
 
 
-def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
+def _train(run: Run, executor: Executor, progress: bool, on_validation: OnValidation | None) -> TrainResult:
     cfg = run.cfg.training
     learner = make_learner(run)
     validation = validation_mod.make(run.cfg, run.store)
@@ -87,6 +95,7 @@ def _train(run: Run, executor: Executor, progress: bool) -> TrainResult:
         tqdm(total=cfg.steps, initial=start, desc="meta-train", unit="step", disable=not progress or None) as bar,
     ):
         recorder = _Recorder(run, learner, sampler, validation, log, bar, Scalars(run.dir, start))
+        recorder.on_validation = on_validation
         try:
             result = _loop(run, executor, learner, sampler, recorder, validation is not None, start)
         except BaseException:
@@ -154,6 +163,7 @@ class _Recorder:
         self.skipped = 0
         self.record: dict[str, Any] = {}
         self.last_val: dict[str, float] = {}  # the progress bar shows the last validation
+        self.on_validation: OnValidation | None = None
         self.done = run.start.step if run.start else 0  # the last step settled (the learner's state)
         # best.json as of the step this run starts from (later entries are validated again)
         self.best = [e for e in checkpoint.read_best(run.dir) if e.step <= self.done] if validation else []
@@ -222,3 +232,5 @@ class _Recorder:
             )
         self.record = record
         self.done = o.step
+        if self.on_validation is not None and self.validation is not None and self.validated(o.step):
+            self.on_validation(o.step, record, self.validation.metric)
