@@ -225,3 +225,21 @@ def test_the_job_cli_without_the_token_export_is_refused(shell):
         ["bash", "-c", shell.adapt(_the(shell, "ray job list"))], env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode != 0 and "auth" in (proc.stdout + proc.stderr).lower()
+
+
+def test_the_sweep_docs_job_block_runs_a_sweep_on_the_head(shell, tmp_path):
+    """docs/sweeps.md's `ray job submit` line for `tune`, against this module's head: a short
+    sweep (two trials of 20 steps) ends with its table and best.toml in the output folder."""
+    text = (REPO / "docs" / "sweeps.md").read_text()
+    block = text.split("### Under `ray job submit`", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    command = " ".join(block.replace("\\\n", " ").split())
+    assert command.startswith("ray job submit") and " tune jobs/sweep-sinusoid.toml " in command, command
+    out = tmp_path / "sweep"
+    command = command.replace("/shared/runs/sweep-sin", str(out)).replace("--trials 8", "--trials 2")
+    command += " --set training.steps=20 --set training.eval_every=10 --set task.num_tasks=200"
+    proc = shell.run(command, timeout=240)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in logs, logs[-4000:]
+    assert "best: " in logs and (out / "best.toml").exists() and len(list((out / "trials").iterdir())) == 2, logs[
+        -4000:
+    ]
