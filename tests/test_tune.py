@@ -80,11 +80,21 @@ def test_a_bad_search_space_is_one_line_before_any_trial(tmp_path, capsys, tune,
 
 
 def test_a_sweep_that_cannot_validate_or_rank_is_refused(tmp_path):
-    """Through the real command line: no validation (eval_every = 0), Ray workers inside trials."""
+    """Through the real command line: no validation (eval_every = 0), a pool sized by the cluster,
+    a trial larger than the cluster."""
     sweep = _sweep_file(tmp_path, '"maml.inner_lr" = { choice = [0.1, 0.2] }')
-    for bad, needle in [("training.eval_every=0", "training.eval_every >= 1"), ("scaling.num_workers=2", "in-process")]:
+    for bad, needle in [
+        ("training.eval_every=0", "training.eval_every >= 1"),
+        ("scaling.num_workers=-1", "a fixed number"),
+    ]:
         proc = run_cli("tune", sweep, "--set", bad, "--output-dir", tmp_path / "x")
         assert_user_error(proc, needle)
+    # more than this machine's local Ray holds: Tune would keep it pending for ever. Checked on the
+    # cluster (Ray's own start-up lines come first), before the sweep's folder is made
+    proc = run_cli("tune", sweep, "--set", "scaling.num_workers=4", "--output-dir", tmp_path / "x")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert last.startswith("distributed-maml: error: a trial needs 5 CPU (1 CPU for its run, then its 4 workers)"), last
     assert not (tmp_path / "x").exists()
 
 
@@ -93,11 +103,11 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_a_sweep_runs_its_trials_as_runs_and_writes_the_best_config(tmp_path):
-    """A 2x2 grid (inner step size x meta step size), ASHA on: every trial is a run folder with
+    """A 2x2 grid (inner step size x in-process or one Ray worker), ASHA on: every trial is a run folder with
     its drawn values in config.toml; the table ranks them by their best validation loss, read
     from their metrics.jsonl; best.toml is the best trial's config, ready for `train --config`."""
     sweep = _sweep_file(
-        tmp_path, '"maml.inner_lr" = { grid = [0.001, 0.05] }\n"optimizer.lr" = { grid = [0.0001, 0.01] }\n'
+        tmp_path, '"maml.inner_lr" = { grid = [0.001, 0.05] }\n"scaling.num_workers" = { grid = [0, 1] }\n'
     )
     out = tmp_path / "sweep"
     proc = run_cli("tune", sweep, "--output-dir", out, "--max-concurrent", "2", timeout=300)
@@ -109,8 +119,10 @@ def test_a_sweep_runs_its_trials_as_runs_and_writes_the_best_config(tmp_path):
         cfg = config.load(t / "config.toml")
         vals = [r["val_loss"] for r in _metrics(t) if "val_loss" in r]
         assert vals, t  # every trial validated at least once (ASHA's first rung)
-        best_of[(cfg.maml.inner_lr, cfg.optimizer.lr)] = (min(vals), t.name)
-    assert set(best_of) == {(a, b) for a in (0.001, 0.05) for b in (0.0001, 0.01)}
+        best_of[(cfg.maml.inner_lr, cfg.scaling.num_workers)] = (min(vals), t.name)
+    assert set(best_of) == {(a, b) for a in (0.001, 0.05) for b in (0, 1)}
+    # a trial with a Ray worker placed it in the bundle Tune reserved for it (2 CPUs in all)
+    assert sum("1 Ray workers (1 CPU each" in line for line in proc.stdout.splitlines()) == 2, proc.stdout[-3000:]
     winner = min(best_of.values())
     table = [line for line in proc.stdout.splitlines() if " | " in line]
     assert table[0].startswith("trial ") and len(table) == 5 and table[1].startswith(winner[1]), proc.stdout

@@ -136,10 +136,10 @@ def _check_validated(cfg: Config, tasks: Path | None) -> None:
             f"task.family = {cfg.task.family} has no validation tasks of its own: set task.val_store "
             "(a tasks build --classes-split val store) in the sweep file"
         )
-    if cfg.scaling.num_workers != 0:
+    if cfg.scaling.num_workers < 0 or cfg.scaling.min_workers:
         raise ConfigError(
-            "tune runs each trial in-process for now: set scaling.num_workers = 0 in the sweep file "
-            "(--max-concurrent trials run side by side on the cluster's CPUs)"
+            "a sweep reserves each trial's workers before it starts: set scaling.num_workers to a fixed number "
+            "(0: the trial trains in-process)"
         )
 
 

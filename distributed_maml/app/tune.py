@@ -74,6 +74,13 @@ def _load(sweep_dir: Path) -> tuple[sweep.Sweep, dict[str, Any]]:
         raise UserError(f"{path} cannot be read ({e}); it is written by distributed-maml tune") from None
 
 
+def _corners(spec: sweep.Sweep) -> list[dict[str, Any]]:
+    """Each searched scaling value with the others at their first: the trials' largest shapes."""
+    first = {d.key: d.values[0] for d in spec.space}
+    scaling = [d for d in spec.space if d.key.startswith("scaling.")]
+    return [first] + [{**first, d.key: v} for d in scaling for v in d.values]
+
+
 def tune_main(
     path: Path | None,
     overrides: list[str],
@@ -97,6 +104,9 @@ def tune_main(
         if sweep_dir.exists() and any(sweep_dir.iterdir()):
             raise UserError(f"{sweep_dir} already holds files; continue a sweep there with --resume {sweep_dir}")
         options = {"trials": trials, "max_concurrent": max_concurrent, "early_stop": early_stop}
+        for values in _corners(spec):  # every trial must fit the cluster: checked before the folder is made
+            scaling = spec.config(values).scaling
+            tuning.check_fits(tuning.trial_resources(scaling))
         (sweep_dir / "trials").mkdir(parents=True, exist_ok=True)
         _save(spec, sweep_dir, options)
     sweep_dir = sweep_dir.resolve()
@@ -110,8 +120,14 @@ def tune_main(
         + ("ASHA early stopping on the validation" if options["early_stop"] else "no early stopping"),
         flush=True,
     )
+
+    def resources(values: dict[str, Any]) -> tuple[list[dict[str, float]], str]:
+        scaling = spec.config({d.key: values[d.key] for d in spec.space}).scaling
+        return tuning.trial_resources(scaling), scaling.placement
+
     results = tuning.run(
         _trial(spec, sweep_dir),
+        resources,
         spec.space,
         sweep_dir,
         samples,

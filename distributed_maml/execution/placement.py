@@ -9,6 +9,10 @@ group count: 6,926,862" in its debug state), and the surviving worker's step wen
 group, and a retired worker's group is removed at once: nothing is left for the GCS to
 reschedule, and a slot that is placed again later (elastic workers) starts from a fresh group.
 
+Inside a `distributed-maml tune` trial, Tune has already reserved the trial's group: a bundle for
+the trial's driver, then one per worker. The slots then use those bundles (`_enclosing`) and
+place nothing of their own.
+
 The pool is first placed as one group with the configured strategy (PACK or SPREAD), which
 keeps the all-or-nothing check and the strategy's choice of nodes; it is then split into
 per-slot groups pinned to the nodes the pool group chose (by Ray's `ray.io/node-id` label: a
@@ -41,6 +45,12 @@ class Slots:
         self.bundle = bundle
         self.groups: list[PlacementGroup | None] = [None] * size
         self.nodes: list[str | None] = [None] * size  # where each slot was placed (None: not known)
+        self.enclosing = _enclosing(size, bundle)
+        if self.enclosing is not None:  # a sweep's trial: its workers' bundles are already reserved
+            nodes = placement_group_table(self.enclosing)["bundles_to_node_id"]
+            for i in range(size):
+                self.groups[i], self.nodes[i] = self.enclosing, nodes.get(i + 1)
+            return
         timeout_s = timeout_s or PLACEMENT_TIMEOUT_S
         size = placed or size
         pool = placement_group([bundle] * size, strategy=strategy.upper())
@@ -74,18 +84,24 @@ class Slots:
         return placement_group([self.bundle], strategy="PACK", bundle_label_selector=pin)
 
     def strategy(self, i: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=self.groups[i], placement_group_bundle_index=0)
+        index = 0 if self.enclosing is None else i + 1  # the trial's own bundle is 0
+        return PlacementGroupSchedulingStrategy(placement_group=self.groups[i], placement_group_bundle_index=index)
 
     def release(self, i: int) -> None:
-        """Slot i's group removed (its actor goes with it): nothing for Ray to reschedule."""
+        """Slot i's group removed (its actor goes with it): nothing for Ray to reschedule. A
+        trial's group is Tune's: the slot only lets go of it."""
         g, self.groups[i], self.nodes[i] = self.groups[i], None, None
-        if g is not None:
+        if g is not None and self.enclosing is None:
             remove_placement_group(g)
 
     def request(self, i: int) -> Any:
         """A fresh group for slot i, on any node with room (elastic: a retired slot asks again);
-        its ready() ref, to poll without blocking. A group no node can hold yet waits quietly."""
+        its ready() ref, to poll without blocking. A group no node can hold yet waits quietly.
+        In a trial: its bundle in the trial's group again."""
         self.release(i)
+        if self.enclosing is not None:
+            self.groups[i] = self.enclosing
+            return self.enclosing.ready()
         self.groups[i] = self._group(None)
         return self.groups[i].ready()
 
@@ -97,6 +113,23 @@ class Slots:
     def close(self) -> None:
         for i in range(len(self.groups)):
             self.release(i)
+
+
+def _enclosing(size: int, bundle: dict[str, float]) -> PlacementGroup | None:
+    """The placement group this process runs in when it reserved a bundle for each worker after
+    its own (a `distributed-maml tune` trial: execution/tuning.py asks Tune for [driver, worker
+    x size]); None otherwise. Placing new groups there would ask the cluster twice for the
+    same workers, and trials would starve each other."""
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    if group is None:
+        return None
+    specs = group.bundle_specs
+    fits = len(specs) >= size + 1 and all(
+        specs[i + 1].get(k, 0) >= v for i in range(size) for k, v in bundle.items() if v
+    )
+    return group if fits else None
 
 
 def _free(resources: dict[str, float]) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distributed_maml.errors import ConfigError
 from distributed_maml.execution.driver import connect
 
 OBJECTIVE = "objective"
@@ -43,8 +44,16 @@ def _space(dimensions: Sequence[Any]) -> dict[str, Any]:
     return {d.key: make[d.kind](d.values) for d in dimensions}
 
 
+def trial_resources(scaling: Any) -> list[dict[str, float]]:
+    """A trial's bundles: its driver (one CPU; the run itself when in-process), then one per
+    Ray worker, as the run's Slots will use them (placement.py: `_enclosing`)."""
+    worker = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})}
+    return [{"CPU": 1.0}] + [worker] * scaling.num_workers
+
+
 def run(
     trainable: Callable[[dict[str, Any]], None],
+    resources: Callable[[dict[str, Any]], tuple[list[dict[str, float]], str]],
     dimensions: Sequence[Any],
     storage: Path,
     trials: int,
@@ -53,8 +62,10 @@ def run(
     max_reports: int,
     resume: bool = False,
 ) -> list[TrialResult]:
-    """Runs (or, `resume`, continues) the sweep whose Tune state lives in `storage`/tune; every
-    trial takes one CPU. Returns each trial's id and values."""
+    """Runs (or, `resume`, continues) the sweep whose Tune state lives in `storage`/tune; a
+    trial's placement group is `resources(values)` (bundles, strategy): all of a trial's
+    workers are reserved before it starts, so trials never wait on each other. Returns each
+    trial's id and values."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own status tables off (verbose=0)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # its TensorBoard files: each run writes its own
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a failed trial ends without a validation
@@ -67,7 +78,12 @@ def run(
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
 
     path = storage / "tune"
-    resourced = tune.with_resources(trainable, {"cpu": 1})
+
+    def placement(values: dict[str, Any]) -> Any:
+        bundles, strategy = resources(values)
+        return tune.PlacementGroupFactory(bundles, strategy=strategy.upper())
+
+    resourced = tune.with_resources(trainable, placement)
     if resume:
         tuner = tune.Tuner.restore(str(path), trainable=resourced, resume_unfinished=True, resume_errored=True)
     else:
@@ -124,6 +140,22 @@ def _asha(storage: Path, max_reports: int) -> Any:
             return decision
 
     return Asha(time_attr="training_iteration", max_t=max_reports, grace_period=1, reduction_factor=REDUCTION)
+
+
+def check_fits(bundles: list[dict[str, float]]) -> None:
+    """Before a sweep starts (Ray connected here): a trial that needs more than the whole
+    cluster would wait for ever (Tune keeps it pending), so it is one line instead."""
+    import ray
+
+    connect()
+    have = ray.cluster_resources()
+    for kind in ("CPU", "GPU"):
+        need = sum(b.get(kind, 0.0) for b in bundles)
+        if need > have.get(kind, 0.0):
+            raise ConfigError(
+                f"a trial needs {need:g} {kind} (1 CPU for its run, then its {len(bundles) - 1} workers) and the "
+                f"cluster has {have.get(kind, 0.0):g}; lower scaling.num_workers or cpus_per_worker, or add nodes"
+            )
 
 
 def _as_sigint(signum: int, frame: Any) -> None:
