@@ -132,6 +132,11 @@ def test_a_sweep_runs_its_trials_as_runs_and_writes_the_best_config(tmp_path):
     assert best == config.load(out / "trials" / winner[1] / "config.toml")
     statuses = {line.split(" | ")[-1].strip() for line in table[1:]}
     assert statuses <= {"done", "stopped early"} and "done" in statuses, table
+    # a trial is a run: eval takes its best checkpoint
+    ev = run_cli(
+        "eval", "--run", out / "trials" / winner[1], "--steps", "0,1", "--num-tasks", "20", "--no-baselines", "--json"
+    )
+    assert ev.returncode == 0 and json.loads(ev.stdout)["checkpoint"] == "best", ev.stderr[-2000:]
 
 
 def test_a_stopped_sweep_resumes_without_rerunning_finished_trials(tmp_path):
