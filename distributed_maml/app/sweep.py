@@ -46,9 +46,6 @@ class Dimension:
     kind: str
     values: tuple[Any, ...]
 
-    def override(self, value: Any) -> str:
-        return f"{self.key}={_toml(value)}"
-
 
 @dataclass(frozen=True)
 class Sweep:
@@ -61,8 +58,11 @@ class Sweep:
 
     def config(self, values: dict[str, Any]) -> Config:
         """The config of a trial that drew `values` (key -> value)."""
-        overrides = [d.override(values[d.key]) for d in self.space]
-        return config_mod.from_dict(config_mod.apply_overrides(self.base, overrides))
+        data = {section: dict(table) for section, table in self.base.items()}  # the base is a checked config
+        for d in self.space:
+            section, name = d.key.split(".", 1)
+            data.setdefault(section, {})[name] = values[d.key]
+        return config_mod.from_dict(data)
 
     @property
     def grid_size(self) -> int:
@@ -141,12 +141,6 @@ def _check_validated(cfg: Config, tasks: Path | None) -> None:
             "a sweep reserves each trial's workers before it starts: set scaling.num_workers to a fixed number "
             "(0: the trial trains in-process)"
         )
-
-
-def _toml(value: Any) -> str:
-    return (
-        json.dumps(value) if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else repr(value)
-    )
 
 
 @dataclass(frozen=True)
