@@ -31,6 +31,18 @@ def run_cli(
     )
 
 
+def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """The command line's parser and error path in this interpreter (cli.main), as a
+    CompletedProcess for assert_user_error: for many bad-input cases, where a fresh interpreter
+    per case costs seconds each (keep one run_cli case per test for what a shell sees)."""
+    from distributed_maml.app import cli
+
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit code 2, one line on stderr naming the problem, no traceback."""
     err = proc.stderr.strip()
@@ -79,3 +91,25 @@ def train_on(run_dir: Path, store_path: Path, overrides, hook=None):
         return train.train(r, ex, progress=False), ex
     finally:
         ex.close()
+
+
+def train_in_shards(run_dir: Path, config_path: Path | None, overrides, shards: int):
+    """The in-process oracle of a `shards`-worker driver-mode run: the same shards a step,
+    computed here one after another on one torch thread (as a 1-CPU worker computes them) and
+    summed in shard order by the learner, so equal to that run bit for bit. Through the CLI's
+    path (run.prepare builds the store from the config, as `train` does)."""
+    import torch
+
+    from distributed_maml import config
+    from distributed_maml.app import run, train
+
+    r = run.prepare(config.load(config_path, [*overrides, "scaling.num_workers=0"]), run_dir, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ex = train.make_executor(r)
+    ex.num_shards = shards
+    try:
+        return train.train(r, ex, progress=False)
+    finally:
+        ex.close()
+        torch.set_num_threads(threads)

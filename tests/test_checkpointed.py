@@ -18,7 +18,7 @@ from distributed_maml.core.inner import with_learned_lrs
 from distributed_maml.data.writing import build_in_memory
 from distributed_maml.errors import ConfigError
 
-from .conftest import assert_user_error, run_cli, train_on
+from .conftest import assert_user_error, cli_in_process, run_cli, train_on
 
 VARIANTS = {
     "maml": {},
@@ -96,7 +96,7 @@ def test_checkpoint_inner_with_a_first_order_or_reptile_run_is_one_clear_line():
     )
 
 
-def test_bench_memory_prints_every_row_and_its_json():
+def test_bench_memory_prints_every_row_and_its_json(capsys):
     """`bench --memory`: one row per (mode, inner steps), each from a fresh process, and the JSON
     line last; a bad mode is one line. (Its numbers are a benchmark's: docs/benchmarks.md.)"""
     proc = run_cli(
@@ -120,8 +120,9 @@ def test_bench_memory_prints_every_row_and_its_json():
         assert r["mib_per_task"] > 0 and r["tasks_per_s"] > 0 and r["max_meta_batch"] >= 1
         assert r["memory_vs_second"] is not None and r["cost_vs_second"] is not None
     assert "checkpointed | 3 |" in proc.stdout
-    assert_user_error(run_cli("bench", "--memory", "--modes", "second,nosuch"), "--modes")
-    assert_user_error(run_cli("bench", "--memory", "--backbone", "vgg"), "--backbone must be one of conv4, resnet12")
+    assert_user_error(cli_in_process(capsys, "bench", "--memory", "--modes", "second,nosuch"), "--modes")
+    bad = cli_in_process(capsys, "bench", "--memory", "--backbone", "vgg")
+    assert_user_error(bad, "--backbone must be one of conv4, resnet12")
     from distributed_maml.app import bench_memory
 
     (row,) = bench_memory.memory_per_task("resnet12", (2,), 2, ("checkpointed",), channels=2)  # --backbone resnet12

@@ -23,7 +23,7 @@ import torch
 
 from distributed_maml.app import checkpoint
 
-from .conftest import REPO
+from .conftest import REPO, train_in_shards
 
 pytestmark = pytest.mark.ray
 
@@ -119,9 +119,11 @@ RUN = [f"training.steps={STEPS}", "training.log_every=50", "scaling.num_workers=
 
 @pytest.fixture(scope="module")
 def undisturbed(hosts, tmp_path_factory) -> Path:
-    """The oracle: a driver-mode run over both hosts with nothing lost (step SHORT kept too)."""
+    """The oracle: the in-process run of the same two shards a step (conftest.train_in_shards),
+    equal to a two-host driver-mode run bit for bit, at a fifth of its time (step SHORT kept too)."""
     out = tmp_path_factory.mktemp("undisturbed") / "run"
-    _finish(hosts.train(out, [*RUN, f"training.checkpoint_every={SHORT}", "training.keep_checkpoints=0"]))
+    overrides = [*RUN, f"training.checkpoint_every={SHORT}", "training.keep_checkpoints=0"]
+    train_in_shards(out, REPO / "jobs" / "sinusoid.toml", overrides, shards=2)
     return out
 
 

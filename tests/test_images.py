@@ -11,7 +11,7 @@ from distributed_maml.data.families import folders, glyphs
 from distributed_maml.data.families.images import ImageTable
 from distributed_maml.errors import StoreError
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, cli_in_process, run_cli
 
 
 def _png(path, seed, size=12):
@@ -73,7 +73,7 @@ def test_folder_class_splits_are_disjoint_and_seeded(image_folder):
         folders.load(*args, "val", 0.4, 3, grayscale=True, class_depth=2)
 
 
-def test_from_images_cli_summary_and_errors(image_folder, tmp_path):
+def test_from_images_cli_summary_and_errors(image_folder, tmp_path, capsys):
     out = tmp_path / "t.arrow"
     common = ["--ways", "2", "--shots", "1", "--queries", "2", "--num-tasks", "40", "--image-size", "8", "--grayscale"]
     p = run_cli(
@@ -113,16 +113,18 @@ def test_from_images_cli_summary_and_errors(image_folder, tmp_path):
         "broken.png",
     )
     assert_user_error(
-        run_cli("tasks", "build", "--from-images", image_folder, *common, "--out", tmp_path / "d.arrow"),
+        cli_in_process(capsys, "tasks", "build", "--from-images", image_folder, *common, "--out", tmp_path / "d.arrow"),
         "--class-depth 2",
     )  # images sit two levels down
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_user_error(
-        run_cli("tasks", "build", "--from-images", empty, *common, "--out", tmp_path / "e.arrow"), "holds no images"
+        cli_in_process(capsys, "tasks", "build", "--from-images", empty, *common, "--out", tmp_path / "e.arrow"),
+        "holds no images",
     )
     assert_user_error(
-        run_cli(
+        cli_in_process(
+            capsys,
             "tasks",
             "build",
             "--from-images",

@@ -14,7 +14,7 @@ from distributed_maml.core.maml import TaskBatch, map_tasks, meta_gradient
 from distributed_maml.errors import ConfigError
 from distributed_maml.execution.computer import ShardComputer, choose_task_map
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, cli_in_process, run_cli
 
 NETS = "tests.usercode.nets"
 
@@ -154,7 +154,7 @@ def test_user_model_errors_name_the_problem(glyph_store, name, needle):
     assert needle in str(e.value)
 
 
-def test_user_model_and_family_through_the_cli(tmp_path):
+def test_user_model_and_family_through_the_cli(tmp_path, capsys):
     """A user network trains; import errors are one line and exit 2 (as the user sees them)."""
     base = [
         "train",
@@ -220,11 +220,13 @@ def test_user_model_and_family_through_the_cli(tmp_path):
         "track_running_stats=False",
     )
     assert_user_error(
-        run_cli(*base, "--set", "task.family=nowhere.mod:Fam", "--output-dir", tmp_path / "nf"),
+        cli_in_process(capsys, *base, "--set", "task.family=nowhere.mod:Fam", "--output-dir", tmp_path / "nf"),
         "module 'nowhere' not found",
     )
     assert_user_error(
-        run_cli("tasks", "build", "--family", f"{NETS}:BadShapes", "--num-tasks", "4", "--out", tmp_path / "b.arrow"),
+        cli_in_process(
+            capsys, "tasks", "build", "--family", f"{NETS}:BadShapes", "--num-tasks", "4", "--out", tmp_path / "b.arrow"
+        ),
         "['x_query'] must be",
     )
     assert not any((tmp_path / d).exists() for d in ("bn", "nf", "b.arrow"))

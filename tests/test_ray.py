@@ -42,7 +42,8 @@ def reference(tmp_path_factory, store_path):
     return result.weights
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
+# 2 workers: also every test_variants_* below (-m slow runs it here too)
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow), 3])
 def test_same_weights_at_any_scale(tmp_path, store_path, reference, workers):
     """Meta-batch 10 over 3 workers makes uneven shards (4, 3, 3)."""
     infos = {}
@@ -163,7 +164,8 @@ def _metric_lines(run_dir):
     return [{k: v for k, v in r.items() if k not in ("time", "tasks_per_s")} for r in lines]
 
 
-@pytest.mark.parametrize("workers", [2, 3])
+# 2 ranks: also the iMAML and fault-phase collective tests below (-m slow runs it here too)
+@pytest.mark.parametrize("workers", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_collective_mode_equals_driver_mode_bit_for_bit(tmp_path, store_path, reference, workers):
     """Workers in a gloo group run the steps themselves: the same weights, Adam state and
     metrics as the driver calling them (and as in-process, to float32 rounding). With 3 ranks
@@ -186,6 +188,7 @@ def test_imaml_in_a_collective_group_equals_driver_mode_bit_for_bit(tmp_path, st
     np.testing.assert_array_equal(group.weights, driver.weights)
 
 
+@pytest.mark.slow  # the default run kills a rank inside a chunk below (bit-identical, a stronger check)
 def test_collective_group_restarts_from_the_chunk_start_when_a_rank_dies(tmp_path, store_path, reference):
     """Rank 1's process is killed before the chunk of steps 4..6: the group is restarted and
     the chunk rerun from the state the driver holds; the weights equal an undisturbed run's."""
@@ -336,8 +339,19 @@ def _phase_run(tmp_path, store_path, mode, hook):
     return result, ex, time.monotonic() - started
 
 
-@pytest.mark.parametrize("mode", ["driver", "collective"])
-@pytest.mark.parametrize("phase", ["first-line", "checkpoint", "validation"])
+# Every phase in each mode; the default run takes each phase in one mode (the suite's time
+# budget), the other three under -m slow
+@pytest.mark.parametrize(
+    "phase,mode",
+    [
+        ("first-line", "driver"),
+        ("checkpoint", "driver"),
+        ("validation", "collective"),
+        pytest.param("first-line", "collective", marks=pytest.mark.slow),
+        pytest.param("checkpoint", "collective", marks=pytest.mark.slow),
+        pytest.param("validation", "driver", marks=pytest.mark.slow),
+    ],
+)
 def test_a_worker_lost_in_any_phase_costs_no_weight(tmp_path, store_path, undisturbed, monkeypatch, mode, phase):
     """A worker dies while the workers start and the first line is written (driver mode's
     workers start then; a collective group has formed by then and loses a rank before its first

@@ -23,7 +23,7 @@ from distributed_maml import config, data
 from distributed_maml.app import checkpoint, cli, run, train
 from distributed_maml.errors import CheckpointError
 
-from .conftest import REPO, assert_user_error, run_cli, tree_digest
+from .conftest import REPO, assert_user_error, cli_in_process, run_cli, train_in_shards, tree_digest
 
 INPROC = ["scaling.num_workers=0", "task.meta_batch=16", "training.log_every=10"]
 
@@ -213,11 +213,10 @@ RAY_STEPS = 100
 @pytest.fixture(scope="module")
 def straight_ray_run(tmp_path_factory):
     """One uninterrupted 2-worker run (driver mode; collective mode is bit-identical to it,
-    tests/test_ray.py), the reference of every interrupted Ray run below."""
+    tests/test_ray.py), the reference of every interrupted Ray run below: its in-process
+    oracle, the same two shards a step (conftest.train_in_shards)."""
     straight = tmp_path_factory.mktemp("straight-ray") / "run"
-    common = [*RAY2, f"training.steps={RAY_STEPS}", "training.checkpoint_every=0"]
-    done = run_cli("train", "--output-dir", straight, "--no-progress", *_sets(common))
-    assert done.returncode == 0, done.stderr
+    train_in_shards(straight, None, [*RAY2, f"training.steps={RAY_STEPS}", "training.checkpoint_every=0"], shards=2)
     return straight
 
 
@@ -300,7 +299,7 @@ class _Boom:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_crafted_pickle_checkpoint_is_refused_and_never_runs(tmp_path):
+def test_crafted_pickle_checkpoint_is_refused_and_never_runs(tmp_path, capsys):
     out = tmp_path / "r"
     assert run_cli("train", "--output-dir", out, "--no-progress", *_sets([*INPROC, "training.steps=2"])).returncode == 0
     marker = tmp_path / "pwned"
@@ -312,7 +311,7 @@ def test_crafted_pickle_checkpoint_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match="refused by the safe loader"):
         checkpoint.load(checkpoint.latest(out))
     assert_user_error(run_cli("eval", "--run", out), "refused by the safe loader")
-    assert_user_error(run_cli("train", "--resume", out, "--no-progress"), "refused by the safe loader")
+    assert_user_error(cli_in_process(capsys, "train", "--resume", out, "--no-progress"), "refused by the safe loader")
     assert not marker.exists()
 
 
@@ -511,23 +510,25 @@ def test_toml_syntax_error_through_the_cli(tmp_path):
     assert_user_error(run_cli("train", "--config", bad), "bad.toml is not valid TOML")
 
 
-def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hello")
     before = tree_digest(tmp_path / "junk")
     assert_user_error(run_cli("train", "--resume", tmp_path / "junk"), "not a distributed-maml run folder")
-    assert_user_error(run_cli("train", "--resume", tmp_path / "nope"), "does not exist")
+    assert_user_error(cli_in_process(capsys, "train", "--resume", tmp_path / "nope"), "does not exist")
     assert tree_digest(tmp_path / "junk") == before
 
 
-def test_resume_with_a_conflicting_config_changes_nothing(tmp_path):
+def test_resume_with_a_conflicting_config_changes_nothing(tmp_path, capsys):
     out = tmp_path / "r"
     assert run_cli("train", "--output-dir", out, "--no-progress", *_sets([*INPROC, "training.steps=2"])).returncode == 0
     before = tree_digest(out)
     assert_user_error(
         run_cli("train", "--resume", out, "--set", "task.meta_batch=64"), "cannot resume", "task.meta_batch"
     )
-    assert_user_error(run_cli("train", "--resume", out, "--config", "jobs/sinusoid.toml"), "cannot resume")
+    assert_user_error(
+        cli_in_process(capsys, "train", "--resume", out, "--config", "jobs/sinusoid.toml"), "cannot resume"
+    )
     assert tree_digest(out) == before
 
 

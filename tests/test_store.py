@@ -13,7 +13,7 @@ from distributed_maml.data import writing
 from distributed_maml.data.families import FAMILIES, seed, sinusoid
 from distributed_maml.errors import StoreError
 
-from .conftest import assert_user_error, run_cli, tree_digest
+from .conftest import assert_user_error, cli_in_process, run_cli, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -156,21 +156,24 @@ def test_bad_stores_raise_store_errors_naming_the_file(seed_store, tmp_path):
         assert needle in str(e.value) and str(path.name) in str(e.value), case
 
 
-def test_bad_stores_through_the_cli(seed_store, tmp_path):
+def test_bad_stores_through_the_cli(seed_store, tmp_path, capsys):
+    """Each bad store through `train` and `tasks info`: the first case in a fresh interpreter (what
+    a user's shell sees), the rest through cli.main in this one (the same parser and error path,
+    without an interpreter start per case)."""
     cases = _bad_stores(seed_store, tmp_path / "bad")
     cases["shaped for another model"] = (seed_store, "model sinusoid_mlp takes 1")
-    for case, (path, needle) in cases.items():
+    for i, (case, (path, needle)) in enumerate(cases.items()):
         before = tree_digest(path) if path.exists() else {}
         out = tmp_path / f"run-{case.replace(' ', '_')}"
         args = ["train", "--tasks", path, "--output-dir", out, "--no-progress"]
         if case == "shaped for another model":
             args += ["--set", "model.name=sinusoid_mlp", "--set", "task.queries=7"]
-        proc = run_cli(*args)
+        proc = run_cli(*args) if i == 0 else cli_in_process(capsys, *args)
         assert_user_error(proc, needle)
         assert (tree_digest(path) if path.exists() else {}) == before, case
         assert not out.exists() or not any(out.iterdir()), case
         if case in ("truncated", "parquet"):
-            assert_user_error(run_cli("tasks", "info", path), needle)
+            assert_user_error(cli_in_process(capsys, "tasks", "info", path), needle)
 
 
 def test_build_refuses_to_overwrite_without_flag(seed_store):
@@ -183,13 +186,13 @@ def test_build_refuses_to_overwrite_without_flag(seed_store):
     assert tree_digest(seed_store) == before
 
 
-def test_build_rejects_bad_arguments(tmp_path):
+def test_build_rejects_bad_arguments(tmp_path, capsys):
     assert_user_error(
         run_cli("tasks", "build", "--family", "mnist", "--num-tasks", "3", "--out", tmp_path / "x"),
         "unknown task family 'mnist'",
     )
     assert_user_error(
-        run_cli("tasks", "build", "--family", "seed", "--num-tasks", "0", "--out", tmp_path / "x"),
+        cli_in_process(capsys, "tasks", "build", "--family", "seed", "--num-tasks", "0", "--out", tmp_path / "x"),
         "--num-tasks must be >= 1",
     )
     assert not (tmp_path / "x").exists()

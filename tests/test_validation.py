@@ -16,7 +16,7 @@ from distributed_maml.app import checkpoint, evaluate, run, train
 from distributed_maml.data.families import glyphs
 from distributed_maml.data.families.images import split_classes
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, cli_in_process, run_cli
 
 GLYPHS = [
     "task.family=glyphs",
@@ -86,7 +86,7 @@ def test_glyph_val_classes_are_neither_train_nor_test_classes():
     assert not ids["val"] & ids["train"] and not ids["val"] & ids["test"] and not ids["train"] & ids["test"]
 
 
-def test_best_is_the_argmax_of_the_logged_validation_accuracy_and_eval_takes_it(tmp_path):
+def test_best_is_the_argmax_of_the_logged_validation_accuracy_and_eval_takes_it(tmp_path, capsys):
     out = tmp_path / "g"
     _train(out, GLYPHS, 30)
     val = [r for r in _logged(out) if "val_acc" in r]
@@ -109,7 +109,8 @@ def test_best_is_the_argmax_of_the_logged_validation_accuracy_and_eval_takes_it(
     assert (out / "eval" / "eval-1shots-step_30.json").exists()  # a checkpoint by name keeps its own file
     assert_user_error(run_cli("eval", "--run", out, "--checkpoint", "step_4", "--no-baselines"), "no checkpoint step_4")
     assert_user_error(
-        run_cli("eval", "--run", out, "--checkpoint", "worst", "--no-baselines"), "best, latest or step_N"
+        cli_in_process(capsys, "eval", "--run", out, "--checkpoint", "worst", "--no-baselines"),
+        "best, latest or step_N",
     )
 
 
