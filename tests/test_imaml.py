@@ -31,7 +31,7 @@ def _tasks(n_tasks=3, d=3, shots=6, queries=5, seed=0):
     return maml.TaskBatch(xs, ys, xq, yq), theta
 
 
-def _closed_form(batch, theta):
+def _closed_form(batch, theta, damping: float = 0.0):
     """phi* = argmin mse(X phi, y) + lam/2 |phi - theta|^2 solves (H + lam I) phi = (2/n) X^T y + lam theta
     with H = (2/n) X^T X (X with a ones column for the bias); d phi*/d theta = lam (H + lam I)^-1, so the
     meta-gradient is lam (H + lam I)^-1 grad L_query(phi*) (H symmetric)."""
@@ -45,7 +45,8 @@ def _closed_form(batch, theta):
         a = h + LAM * np.eye(len(th))
         phi = np.linalg.solve(a, 2 / len(ys) * xs.T @ ys + LAM * th)
         gq = 2 / len(yq) * xq.T @ (xq @ phi - yq)
-        total += LAM * np.linalg.solve(a, gq)
+        scale = LAM + damping  # the linear solve's (I + H / scale)^-1 = scale (H + scale I)^-1
+        total += scale * np.linalg.solve(h + scale * np.eye(len(th)), gq)
     return total
 
 
@@ -80,6 +81,20 @@ def test_imaml_equals_autograd_through_the_converged_proximal_loop():
     oracle = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()))))
     for k in g:
         torch.testing.assert_close(g[k], oracle[k], rtol=1e-8, atol=1e-10)
+
+
+def test_imaml_damping_solves_the_damped_system_and_tends_to_the_query_gradient():
+    """imaml_damping d: the closed form with (I + H / (lam + d)) in the linear solve (phi* still
+    the lam-proximal solution); a huge d gives the query loss's gradient at phi*."""
+    batch, theta = _tasks(seed=2)
+    for d, want in [(3.0, _closed_form(batch, theta, damping=3.0)), (1e12, _closed_form(batch, theta, damping=1e12))]:
+        cfg = MamlConfig(
+            algorithm="imaml", inner_steps=STEPS, inner_lr=LR, imaml_lambda=LAM, imaml_cg_steps=6, imaml_damping=d
+        )
+        g, _ = maml.meta_gradient(linear_forward, "regression", theta, batch, cfg, "vmap", before=False)
+        assert np.abs(_flat(g) - want).max() <= 1e-6 * np.abs(want).max(), (d, _flat(g), want)
+    with pytest.raises(Exception, match="imaml_damping must be a finite number >= 0"):
+        MamlConfig(algorithm="imaml", imaml_damping=-1.0)
 
 
 def test_conjugate_gradient_solves_a_spd_system_and_never_divides_by_zero():

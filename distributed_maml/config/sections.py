@@ -144,6 +144,10 @@ class MamlConfig:
     imaml_cg_steps: int = 5
     """With "imaml": conjugate-gradient steps for (I + H / lambda) g = grad L_query (each one
     Hessian-vector product of the support loss)."""
+    imaml_damping: float = 0.0
+    """With "imaml": conjugate gradient solves (I + H / (lambda + damping)) g = grad L_query; 0 is
+    the exact implicit gradient, which assumes a converged inner loop. iMAML's authors' code uses
+    10 (measured on glyphs: docs/algorithms.md)."""
     checkpoint_inner: bool = False
     """Second-order meta-gradients with memory that does not grow with inner_steps: only each
     step's weights are kept and one step's graph is rebuilt at a time on the way back (the same
@@ -194,6 +198,10 @@ class MamlConfig:
             f"maml.inner_lr x maml.imaml_lambda = {self.inner_lr * self.imaml_lambda:g}: each proximal inner step "
             "would pull phi back past theta (it must be < 1; well below 1 for the inner loop to adapt, e.g. 0.2); "
             "lower maml.imaml_lambda or maml.inner_lr",
+        )
+        _require(
+            math.isfinite(self.imaml_damping) and self.imaml_damping >= 0,
+            f"maml.imaml_damping must be a finite number >= 0, got {self.imaml_damping}",
         )
         _require(1 <= self.imaml_cg_steps <= 100, f"maml.imaml_cg_steps must be in [1, 100], got {self.imaml_cg_steps}")
         _require(

@@ -229,6 +229,7 @@ def _imaml_sums(
             cfg.inner_lr,
             cfg.inner_steps,
             cfg.imaml_cg_steps,
+            cfg.imaml_damping,
         )
         return (*(g[k] for k in names), final, acc)
 
