@@ -77,13 +77,14 @@ def store_path(tmp_path_factory, request):
     return path
 
 
-def train_on(run_dir: Path, store_path: Path, overrides, hook=None):
-    """Trains a run on an existing store through the library (the CLI's path minus argv); `hook`
-    sees the executor before the first step. Returns (TrainResult, executor)."""
+def train_on(run_dir: Path, store_path: Path | None, overrides, hook=None, config_path: Path | None = None):
+    """Trains a run through the library (the CLI's path minus argv): on an existing store, or
+    (store_path None) on the store its config builds, as `train` does; `hook` sees the executor
+    before the first step. Returns (TrainResult, executor)."""
     from distributed_maml import config
     from distributed_maml.app import run, train
 
-    r = run.prepare(config.load(None, list(overrides)), run_dir, tasks=store_path, progress=False)
+    r = run.prepare(config.load(config_path, list(overrides)), run_dir, tasks=store_path, progress=False)
     ex = train.make_executor(r)
     try:
         if hook:
@@ -96,20 +97,14 @@ def train_on(run_dir: Path, store_path: Path, overrides, hook=None):
 def train_in_shards(run_dir: Path, config_path: Path | None, overrides, shards: int):
     """The in-process oracle of a `shards`-worker driver-mode run: the same shards a step,
     computed here one after another on one torch thread (as a 1-CPU worker computes them) and
-    summed in shard order by the learner, so equal to that run bit for bit. Through the CLI's
-    path (run.prepare builds the store from the config, as `train` does)."""
+    summed in shard order by the learner, so equal to that run bit for bit. On the store its
+    config builds, as `train` does."""
     import torch
 
-    from distributed_maml import config
-    from distributed_maml.app import run, train
-
-    r = run.prepare(config.load(config_path, [*overrides, "scaling.num_workers=0"]), run_dir, progress=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ex = train.make_executor(r)
-    ex.num_shards = shards
     try:
-        return train.train(r, ex, progress=False)
+        overrides = [*overrides, "scaling.num_workers=0"]
+        return train_on(run_dir, None, overrides, lambda ex: setattr(ex, "num_shards", shards), config_path)[0]
     finally:
-        ex.close()
         torch.set_num_threads(threads)

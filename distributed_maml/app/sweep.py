@@ -58,11 +58,8 @@ class Sweep:
 
     def config(self, values: dict[str, Any]) -> Config:
         """The config of a trial that drew `values` (key -> value)."""
-        data = {section: dict(table) for section, table in self.base.items()}  # the base is a checked config
-        for d in self.space:
-            section, name = d.key.split(".", 1)
-            data.setdefault(section, {})[name] = values[d.key]
-        return config_mod.from_dict(data)
+        drawn = [(*d.key.split(".", 1), values[d.key]) for d in self.space]  # keys are section.key (parse)
+        return config_mod.from_dict(config_mod.set_values(self.base, drawn))
 
     @property
     def grid_size(self) -> int:

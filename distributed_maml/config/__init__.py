@@ -1,7 +1,7 @@
 """The run's configuration: typed sections (`sections`), parsed from TOML and --set overrides
 with one-line errors (`loading`). The base layer: imports nothing of the package but `errors`."""
 
-from distributed_maml.config.loading import apply_overrides, dumps, from_dict, load
+from distributed_maml.config.loading import apply_overrides, dumps, from_dict, load, set_values
 from distributed_maml.config.sections import (
     SECTIONS,
     Config,
@@ -48,6 +48,7 @@ __all__ = [
     "TaskConfig",
     "TrainingConfig",
     "apply_overrides",
+    "set_values",
     "dumps",
     "from_dict",
     "is_import_path",

@@ -91,9 +91,14 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """A copy of nested config dicts with `section.key=value` lines applied."""
+    return set_values(data, [_parse_override(text) for text in overrides])
+
+
+def set_values(data: dict[str, Any], values: typing.Iterable[tuple[str, str, Any]]) -> dict[str, Any]:
+    """A copy of nested config dicts with each (section, key, value) set, in order (a sweep's
+    drawn values; --set lines once parsed)."""
     out = {s: dict(v) if isinstance(v, dict) else v for s, v in data.items()}
-    for text in overrides:
-        section, name, value = _parse_override(text)
+    for section, name, value in values:
         if not isinstance(out.setdefault(section, {}), dict):
             raise ConfigError(f"[{section}] must be a table of key = value lines")
         out[section][name] = value
