@@ -230,6 +230,7 @@ def _imaml_sums(
             cfg.inner_steps,
             cfg.imaml_cg_steps,
             cfg.imaml_damping,
+            cfg.imaml_solver,
         )
         return (*(g[k] for k in names), final, acc)
 
@@ -369,11 +370,13 @@ def adaptation_curve(
     lr: float,
     task_map: str = "vmap",
     head: frozenset[str] | None = None,
+    proximal: implicit.Proximal | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-task query loss (and accuracy) after each of `steps` inner steps (ascending, distinct):
     [T, len(steps)] (`head`: ANIL's, the only parameters that adapt; learned step sizes in
-    `params` replace `lr`). The query set is scored only at those counts: with 15 queries per
-    class it is 15x the support set, so scoring 0..10 cost 2.2x scoring 0, 1, 5 and 10."""
+    `params` replace `lr`; `proximal`: iMAML's inner loop, from lr, as it trained). The query set
+    is scored only at those counts: with 15 queries per class it is 15x the support set, so
+    scoring 0..10 cost 2.2x scoring 0, 1, 5 and 10."""
     loss = loss_fn(kind)
     classification = kind == "classification"
     if not steps or list(steps) != sorted(set(steps)) or steps[0] < 0:
@@ -381,9 +384,10 @@ def adaptation_curve(
 
     def curve(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         losses, accs = [], []
+        prox = proximal and implicit.iterate(lambda q: loss(forward(q, xs), ys), p, *proximal.at(lr, steps[-1]))
         for step in range(steps[-1] + 1):
             if step:
-                p = adapt(forward, kind, p, xs, ys, 1, lr, first_order=True, head=head, first_step=step - 1)
+                p = next(prox) if prox else adapt(forward, kind, p, xs, ys, 1, lr, True, head, first_step=step - 1)
             if step not in steps:
                 continue
             out = forward(split_lrs(p)[0], xq)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from distributed_maml.config import MamlConfig, ModelConfig
+from distributed_maml.core import implicit
 from distributed_maml.core.maml import TaskBatch, adaptation_curve, as_input, meta_gradient, varies
 from distributed_maml.core.network import assemble
 from distributed_maml.core.shards import ShardResult
@@ -36,6 +37,7 @@ class ShardComputer:
     ) -> None:
         self.store = store
         self.maml_cfg = maml_cfg
+        self.proximal = implicit.Proximal.of(maml_cfg)  # how held-out tasks adapt: as the run trained
         self.device = torch.device(device)
         if self.device.type == "cuda":
             # PyTorch lets cuDNN convolutions run in TF32 by default (Ampere and newer): ~1e-3
@@ -111,7 +113,7 @@ class ShardComputer:
         for lo in range(0, len(ids), CURVE_CHUNK):
             batch = self.batch(ids[lo : lo + CURVE_CHUNK])
             loss, acc = adaptation_curve(
-                self.forward, self.store.info.kind, params, batch, steps, lr, self.task_map, self.head
+                self.forward, self.store.info.kind, params, batch, steps, lr, self.task_map, self.head, self.proximal
             )
             losses.append(loss.cpu().numpy())
             accs.append(None if acc is None else acc.cpu().numpy())
