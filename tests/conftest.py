@@ -17,6 +17,17 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # explicit, and on: as the prod
 os.environ["RAY_ADDRESS"] = "local"
 
 
+SLOW_TIMEOUT_S = 1800  # a `slow` test trains for minutes (the glyph demonstrations: 5-8 on 2 cores)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """pytest-timeout's 300 s bounds the default suite's tests against hangs; a `slow` test
+    without its own bound gets SLOW_TIMEOUT_S instead (they train on purpose)."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 240, env: dict | None = None
 ) -> subprocess.CompletedProcess:

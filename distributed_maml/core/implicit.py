@@ -21,6 +21,7 @@ loop and a CUDA graph.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -54,10 +55,8 @@ class Proximal:
 
 def solve(support: Loss, theta: Params, lam: float, lr: float, steps: int, solver: str = "backtracking") -> Params:
     """phi after `steps` steps on support(phi) + lam/2 ||phi - theta||^2 from theta."""
-    phi = dict(theta)
-    for phi in iterate(support, theta, lam, lr, steps, solver):  # noqa: B007 (the last one is the answer)
-        pass
-    return phi
+    last = collections.deque(iterate(support, theta, lam, lr, steps, solver), maxlen=1)
+    return last[0] if last else dict(theta)
 
 
 def iterate(
