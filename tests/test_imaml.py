@@ -193,6 +193,20 @@ def test_an_imaml_run_learns_and_resumes_bit_identical(tmp_path, store_path):
     assert np.array_equal(resumed.weights, full.weights) and not np.array_equal(half.weights, full.weights)
 
 
+def test_a_run_saved_before_imaml_solver_existed_resumes_with_plain_steps():
+    from pathlib import Path
+
+    from distributed_maml.app.checkpoint import RunState, StoreRef
+    from distributed_maml.config import Config
+    from distributed_maml.data.sampler import Sampler
+
+    state = RunState(Config(), Sampler(0, 10, 2), StoreRef("s.arrow", "seed", 0, 2, 10))
+    data = state.to_json()
+    assert RunState.from_json(data, Path("x")).config.maml.imaml_solver == "backtracking"  # saved: kept
+    del data["config"]["maml"]["imaml_solver"]
+    assert RunState.from_json(data, Path("x")).config.maml.imaml_solver == "sgd"
+
+
 def test_imaml_options_out_of_range_are_one_line():
     for bad in ("maml.imaml_lambda=0", "maml.imaml_cg_steps=0", "maml.imaml_lambda=2.5"):  # x inner_lr 0.5 >= 1
         assert_user_error(

@@ -72,7 +72,10 @@ class RunState:
             store = {k: v for k, v in data["store"].items() if k in StoreRef.__dataclass_fields__}
             store.setdefault("ways", 0)
             store.setdefault("num_tasks", data["sampler"]["num_tasks"])
-            return cls(config_mod.from_dict(data["config"]), Sampler(**data["sampler"]), StoreRef(**store))
+            cfg = dict(data["config"])
+            # a run saved before maml.imaml_solver existed took plain proximal steps: resume it so
+            cfg["maml"] = {"imaml_solver": "sgd", **cfg.get("maml", {})}
+            return cls(config_mod.from_dict(cfg), Sampler(**data["sampler"]), StoreRef(**store))
         except (KeyError, TypeError) as e:
             raise CheckpointError(
                 f"checkpoint {where} has an unreadable state.json ({e!r}); resume from another"
