@@ -284,8 +284,16 @@ def test_bench_eval_times_every_phase_of_the_protocol_against_training(monkeypat
     assert all(v > 0 for v in out["eval_phases_s"].values()) and out["train_s"] > 0
     assert out["ratio"] == pytest.approx(out["eval_s"] / out["train_s"])
     assert out["pretrained_lr_grid"] in ("as given", "extended", "edge")
+    assert (
+        out["scoring_floor_s"] == pytest.approx(4 * 3 * 4 * out["query_scoring_s_per_task"])
+        and out["scoring_floor_s"] > 0
+    )
     printed = capsys.readouterr().out
-    assert "eval / training:" in printed and json.loads(printed.strip().splitlines()[-1])["eval_tasks"] == 4
+    assert (
+        "eval / training:" in printed
+        and "the protocol's floor" in printed
+        and json.loads(printed.strip().splitlines()[-1])["eval_tasks"] == 4
+    )
 
 
 def _tiny(measure):
