@@ -46,8 +46,8 @@ GLYPH_RUN = [
 ]
 
 
-STEPS = (0, 1, 5, 10)  # eval's default protocol
-INITS = ("maml", "pretrained", "scratch")
+STEPS = evaluate.DEFAULT_STEPS  # eval's default protocol
+INITS = ("maml", "pretrained", "scratch")  # each scored at every step count
 
 
 def measure(train_tasks: int, eval_tasks: int, pretrain_steps: int) -> dict[str, Any]:

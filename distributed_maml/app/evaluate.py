@@ -58,6 +58,7 @@ BLOW_UP = 10.0  # a blow-up: a non-finite loss, or one above 10x the best consta
 PRETRAINED_LR_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)  # x the run's inner_lr, for the pretrained baseline
 GRID_EXTENSIONS = 3  # more points (same ratio) on the side where the best one sits on the grid's edge
 VALIDATION_TASKS = 100
+DEFAULT_STEPS = (0, 1, 5, 10)  # the curve's step counts (cli.py repeats it: it imports no torch to parse)
 
 
 def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -263,7 +264,7 @@ def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int], bou
 def evaluate(
     run_dir: str | Path,
     tasks: str | Path | None = None,
-    steps: Sequence[int] = (0, 1, 5, 10),
+    steps: Sequence[int] = DEFAULT_STEPS,
     num_tasks: int = 600,
     shots: int | None = None,
     baselines: bool = True,

@@ -48,9 +48,9 @@ class Proximal:
         """The run's proximal inner loop, or None where the algorithm adapts by plain steps."""
         return cls(cfg.imaml_lambda, cfg.imaml_solver) if cfg.algorithm == "imaml" else None
 
-    def at(self, lr: float, steps: int) -> tuple[float, float, int, str]:
-        """iterate's arguments after theta: (lam, lr, steps, solver)."""
-        return self.lam, lr, steps, self.solver
+    def iterate(self, support: Loss, theta: Params, lr: float, steps: int) -> Iterator[Params]:
+        """phi after each of `steps` steps of this inner loop from theta (module `iterate`)."""
+        return iterate(support, theta, self.lam, lr, steps, self.solver)
 
 
 def solve(support: Loss, theta: Params, lam: float, lr: float, steps: int, solver: str = "backtracking") -> Params:

@@ -384,7 +384,7 @@ def adaptation_curve(
 
     def curve(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         losses, accs = [], []
-        prox = proximal and implicit.iterate(lambda q: loss(forward(q, xs), ys), p, *proximal.at(lr, steps[-1]))
+        prox = proximal and proximal.iterate(lambda q: loss(forward(q, xs), ys), p, lr, steps[-1])
         for step in range(steps[-1] + 1):
             if step:
                 p = next(prox) if prox else adapt(forward, kind, p, xs, ys, 1, lr, True, head, first_step=step - 1)
