@@ -1,10 +1,14 @@
 """Step time after a host is lost, against a run started with one fewer worker.
 
 Two Ray hosts with their own addresses on this machine (cluster/two-hosts.sh; root), one CPU
-each. Per mode (driver, collective): a run with 1 worker (the reference width), then a run with 2
-workers spread over both hosts whose host B is cut off at step --cut-at. Reported: ms per step
-before the cut, the stall at the cut (the longest gap between logged lines), ms per step once Ray
-has declared the node dead (from --settle-s after the cut), and that against the 1-worker run.
+each. Per mode (driver, collective): a run with 1 worker (num_workers = 1: one shard a step), a
+run with 2 workers spread over both hosts whose host B is cut off at step --cut-at, and, host B
+still dead, the same 2-worker run started with one fewer worker (`scaling.min_workers = 1`: the
+same two shards a step, so the same weights, on the one worker that could be placed). Reported:
+ms per step before the cut, the stall at the cut (the longest gap between logged lines), ms per
+step once Ray has declared the node dead (from --settle-s after the cut), and that against both
+references: against the same run started on one worker it is what the loss itself costs; against
+the 1-worker run it adds the second shard's fixed cost (exactness keeps a step's shards fixed).
 
     sudo python benchmarks/node_loss.py [--steps 3000] [--meta-batch 25] [--modes driver,collective] [--json out.json]
 """
@@ -64,30 +68,36 @@ def main() -> None:
             base = [
                 f"training.steps={args.steps}", "training.log_every=50", "training.eval_every=0",
                 "task.num_tasks=5000", f"scaling.worker_timeout_s={args.worker_timeout_s}", f"task.meta_batch={args.meta_batch}",
-                "scaling.placement=spread", f"scaling.mode={mode}",
+                "scaling.placement=spread", f"scaling.mode={mode}", "scaling.store_sharing=path",
             ]  # fmt: skip
             one = _run(env, home / f"{mode}-1", [*base, "scaling.num_workers=1"], None, sh)
             two = _run(env, home / f"{mode}-2", [*base, "scaling.num_workers=2"], args.cut_at, sh)
+            # host B is dead now: the same run, started on the one worker that can be placed
+            short = _run(env, home / f"{mode}-2of1", [*base, "scaling.num_workers=2", "scaling.min_workers=1"], None, sh)
             sh("rejoin", *NODE)
             settled = [(t, s) for t, s in two if t > two.cut + args.settle_s]
             row = {
                 "mode": mode,
                 "one_worker_ms": _per_step(one[1:]) * 1e3,
+                "same_run_one_worker_ms": _per_step(short[1:]) * 1e3,
                 "before_cut_ms": _per_step([x for x in two if x[0] < two.cut][1:]) * 1e3,
                 "stall_s": max(b[0] - a[0] for a, b in zip(two, two[1:], strict=False) if b[0] > two.cut),
                 "after_loss_ms": _per_step(settled) * 1e3,
             }
             row["after_vs_one_worker"] = row["after_loss_ms"] / row["one_worker_ms"]
+            row["after_vs_same_run_one_worker"] = row["after_loss_ms"] / row["same_run_one_worker_ms"]
             rows.append(row)
     finally:
         sh("down")
     print(
-        f"{'mode':<11} {'1 worker':>9} {'2, before':>10} {'stall s':>8} {'2, after loss':>14} {'after / 1 worker':>17}"
+        f"{'mode':<11} {'1 worker':>9} {'2 on 1':>8} {'2, before':>10} {'stall s':>8} {'2, after loss':>14} "
+        f"{'after / 2 on 1':>15} {'after / 1 worker':>17}"
     )
     for r in rows:
         print(
-            f"{r['mode']:<11} {r['one_worker_ms']:>7.1f}ms {r['before_cut_ms']:>8.1f}ms {r['stall_s']:>8.1f} "
-            f"{r['after_loss_ms']:>12.1f}ms {r['after_vs_one_worker']:>16.2f}x"
+            f"{r['mode']:<11} {r['one_worker_ms']:>7.1f}ms {r['same_run_one_worker_ms']:>6.1f}ms "
+            f"{r['before_cut_ms']:>8.1f}ms {r['stall_s']:>8.1f} {r['after_loss_ms']:>12.1f}ms "
+            f"{r['after_vs_same_run_one_worker']:>14.2f}x {r['after_vs_one_worker']:>16.2f}x"
         )
     machine = f"{os.cpu_count()} cores, two network namespaces, 1 CPU per Ray node"
     out = {"machine": machine, "meta_batch": args.meta_batch, "steps": args.steps, "rows": rows}
