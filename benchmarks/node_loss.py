@@ -73,7 +73,9 @@ def main() -> None:
             one = _run(env, home / f"{mode}-1", [*base, "scaling.num_workers=1"], None, sh)
             two = _run(env, home / f"{mode}-2", [*base, "scaling.num_workers=2"], args.cut_at, sh)
             # host B is dead now: the same run, started on the one worker that can be placed
-            short = _run(env, home / f"{mode}-2of1", [*base, "scaling.num_workers=2", "scaling.min_workers=1"], None, sh)
+            short = _run(
+                env, home / f"{mode}-2of1", [*base, "scaling.num_workers=2", "scaling.min_workers=1"], None, sh
+            )
             sh("rejoin", *NODE)
             settled = [(t, s) for t, s in two if t > two.cut + args.settle_s]
             row = {
