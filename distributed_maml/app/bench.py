@@ -11,6 +11,7 @@ line. `bench --conv4`: app/bench_conv4.py; `bench --memory`: app/bench_memory.py
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -80,7 +81,7 @@ def cells(quick: bool, workers: int) -> list[Cell]:
     one model, one inner step, second order."""
     ns = range(1, workers + 1)
     methods = ["loop", *INTERLEAVED, *(f"ray_{n}" for n in ns), *(f"collective_{n}" for n in ns)]
-    gpu = ["gpu_eager", "gpu_graph"] if torch.cuda.is_available() else []
+    gpu = list(GPU_METHODS) if torch.cuda.is_available() else []
     models = ("sinusoid_mlp",) if quick else tuple(MODELS)
     steps_orders = [(1, False)] if quick else [(1, False), (5, False), (1, True), (5, True)]
     return [
@@ -95,6 +96,11 @@ def cells(quick: bool, workers: int) -> list[Cell]:
 
 GPU_META_BATCH = 16_384  # the GPU rows' large meta-batch (the CPU methods stop at 1000)
 INTERLEAVED = ("bare", "bare_funcgrad", "in_process")  # timed taking turns: their ratios are the point
+# The GPU rows, timed taking turns too: a CUDA-graph script of meta-gradient + Adam (the
+# physical reference) and the project's in-process path with the learner on the device, its
+# unlogged steps eager or as one CUDA graph each. A call runs COLLECTIVE_CHUNK steps and waits
+# for the device once (a run reads the device once per logged step, log_every = 25).
+GPU_METHODS = ("bare_graph", "gpu_eager", "gpu_graph")
 
 
 class _Problem:
@@ -133,6 +139,27 @@ class _Problem:
         )
         return lambda i: step(self.batches[i % 8].tensors())
 
+    def graph_script_step(self) -> Callable[[int], None]:
+        """The bare_graph row: COLLECTIVE_CHUNK replays of minimal_script's CUDA-graph step on
+        this problem's tasks (on the device already), then one wait for the device."""
+        batches = [tuple(t.cuda() for t in b.tensors()) for b in self.batches]
+        cfg = self.cfg
+        step = minimal_script.make_graph_step(
+            copy.deepcopy(self.model),
+            cfg.inner_steps,
+            cfg.inner_lr,
+            cfg.first_order,
+            minimal_loss(self.kind),
+            batches[0],
+        )
+
+        def chunk(i: int) -> None:
+            for j in range(COLLECTIVE_CHUNK):
+                step(batches[(i * COLLECTIVE_CHUNK + j) % 8])
+            torch.cuda.synchronize()
+
+        return chunk
+
     def project_step(
         self, scaling: ScalingConfig, device: str = "cpu"
     ) -> tuple[Callable[[int], None], Any, dict[str, float] | None]:
@@ -146,9 +173,9 @@ class _Problem:
             computer = ShardComputer(
                 self.store, self.model_cfg, self.cfg, device, task_map="vmap", gpu_step=scaling.gpu_step
             )
-            executor = InProcessExecutor(computer)
-        learner = Learner(self.net.spec, self.net.initial(), 1e-3)  # learned step sizes too, if any
-        if scaling.mode == "collective":
+            executor = InProcessExecutor(computer)  # the learner on the device, fused unlogged steps
+        learner = Learner(self.net.spec, self.net.initial(), 1e-3, device=device)  # learned step sizes too, if any
+        if scaling.mode == "collective" or device != "cpu":
 
             def chunk(i: int) -> None:
                 first = i * COLLECTIVE_CHUNK + 1
@@ -197,9 +224,16 @@ def _method(problem: _Problem, method: str) -> tuple[Callable[[int], None], Any,
         return problem.script_step(), None, None, {}
     if method == "bare_funcgrad":
         return problem.plain_step(funcgrad_meta_gradient), None, None, {}
+    if method == "bare_graph":
+        return problem.graph_script_step(), None, None, {}
     if method.startswith("gpu_"):  # the project's in-process path on cuda:0, eager or graph
-        step, executor, spent = problem.project_step(ScalingConfig(num_workers=0, gpu_step=method[4:]), "cuda")
-        return step, executor, spent, {"gpu_step": executor.computer.step_kind}
+        step, executor, spent = problem.project_step(ScalingConfig(num_workers=0, gpu_step=method[4:]), "cuda:0")
+
+        def synced(i: int) -> None:
+            step(i)
+            torch.cuda.synchronize()
+
+        return synced, executor, spent, {"gpu_step": executor.describe()}
     n = 0 if method == "in_process" else int(method.split("_")[1])
     mode = "collective" if method.startswith("collective") else "driver"
     step, executor, spent = problem.project_step(ScalingConfig(num_workers=n, task_map="vmap", mode=mode))
@@ -215,7 +249,7 @@ def _row(cell: Cell, seconds: float, spent: dict[str, float] | None, extra: dict
 def measure(cell: Cell, min_seconds: float) -> dict[str, Any]:
     """One cell timed alone (median of rounds), with its Ray workers' peak memory."""
     step, executor, spent, extra = _method(_Problem(cell), cell.method)
-    per_call = COLLECTIVE_CHUNK if cell.method.startswith("collective") else 1
+    per_call = steps_per_call(cell.method)
     try:
         counter = iter(range(10**9))
         seconds = time_call(lambda: step(next(counter)), min_seconds) / per_call
@@ -245,7 +279,16 @@ def measure_interleaved(group: list[Cell], min_seconds: float) -> list[dict[str,
     seconds = time_interleaved(steps, min_seconds)
     if "script_alone" in seconds:
         made["bare"][3]["script_alone_ms"] = 1e3 * seconds["script_alone"]
-    return [_row(c, seconds[c.method], made[c.method][2], made[c.method][3]) for c in group]
+    rows = [_row(c, seconds[c.method] / steps_per_call(c.method), made[c.method][2], made[c.method][3]) for c in group]
+    for r in rows:  # the GPU path's cost, measured in the same rounds as its reference
+        if r["method"] in GPU_METHODS and "bare_graph" in seconds:
+            r["vs_bare_graph"] = seconds["bare_graph"] / seconds[r["method"]]
+    return rows
+
+
+def steps_per_call(method: str) -> int:
+    """Meta-steps one timed call runs: a collective chunk, or a GPU chunk (one device wait)."""
+    return COLLECTIVE_CHUNK if method.startswith("collective") or method in GPU_METHODS else 1
 
 
 def gradients_agree(model: str, meta_batch: int = 25) -> float:
@@ -283,11 +326,12 @@ def run(
     with tqdm(total=len(todo), desc="bench", unit="cell", disable=None) as bar:
         for _, group in itertools.groupby(todo, key=lambda c: (c.model, c.meta_batch, c.inner_steps, c.first_order)):
             cells_ = list(group)
-            together = [c for c in cells_ if c.method in INTERLEAVED]
-            if together:
-                done.update(zip(together, measure_interleaved(together, min_seconds), strict=True))
-                bar.update(len(together))
-            for cell in (c for c in cells_ if c.method not in INTERLEAVED):
+            for kind in (INTERLEAVED, GPU_METHODS):
+                together = [c for c in cells_ if c.method in kind]
+                if together:
+                    done.update(zip(together, measure_interleaved(together, min_seconds), strict=True))
+                    bar.update(len(together))
+            for cell in (c for c in cells_ if c.method not in INTERLEAVED + GPU_METHODS):
                 done[cell] = measure(cell, min_seconds)
                 bar.update()
     rows = [done[c] for c in todo]

@@ -27,7 +27,7 @@ import torch
 
 from distributed_maml import config
 from distributed_maml.app import evaluate, run, train
-from distributed_maml.execution.computer import ShardComputer
+from distributed_maml.execution import factory
 
 GLYPH_RUN = [
     "task.family=glyphs",
@@ -55,8 +55,8 @@ def measure(train_tasks: int, eval_tasks: int, pretrain_steps: int) -> dict[str,
         cfg = config.load(None, GLYPH_RUN)
         r = run.prepare(cfg, Path(tmp) / "run", progress=False)
         train.train(r, train.make_executor(r), progress=False)
-        computer = ShardComputer(r.store, cfg.model, cfg.maml, task_map=cfg.scaling.task_map)
-        weights = train.make_learner(r).weights()
+        computer = factory.local_computer(r.store, cfg.model, cfg.maml, cfg.scaling, name="bench")
+        weights = train.make_learner(r, str(computer.device)).weights()
         mb = cfg.task.meta_batch
         start = time.perf_counter()
         for lo in range(0, train_tasks, mb):

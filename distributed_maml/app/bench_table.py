@@ -14,7 +14,21 @@ def format_table(result: dict[str, Any]) -> str:
     speed = {
         (r["model"], r["meta_batch"], r["inner_steps"], r["first_order"], r["method"]): r["tasks_per_s"] for r in rows
     }
-    head = ["model", "meta-batch", "steps", "order", *methods, "in_process/bare"]
+    gpu = "gpu_graph" in methods and "bare_graph" in methods
+    head = [
+        "model",
+        "meta-batch",
+        "steps",
+        "order",
+        *methods,
+        "in_process/bare",
+        *(["gpu_graph/bare_graph"] if gpu else []),
+    ]
+    vs_bare = {
+        (r["model"], r["meta_batch"], r["inner_steps"], r["first_order"]): r["vs_bare_graph"]
+        for r in rows
+        if r["method"] == "gpu_graph" and "vs_bare_graph" in r
+    }
     lines = [
         f"{result['benchmark']}; {result['machine']['cpus']} CPUs, torch {result['machine']['torch']}",
         " | ".join(head),
@@ -28,6 +42,7 @@ def format_table(result: dict[str, Any]) -> str:
                 [p[0], str(p[1]), str(p[2]), "first" if p[3] else "second"]
                 + ["-" if c is None else f"{c:,.0f}" for c in cols]
                 + ["-" if ratio is None else f"{ratio:.2f}x"]
+                + ([f"{vs_bare[p]:.2f}x" if p in vs_bare else "-"] if gpu else [])
             )
         )
     agree = ", ".join(f"{m} {d:.1e}" for m, d in result["gradients_max_rel_diff"].items())
@@ -46,7 +61,7 @@ def format_table(result: dict[str, Any]) -> str:
         "| -------------------",
     ]
     for r in rows:
-        if r["method"] not in ("loop", "bare", "bare_funcgrad"):
+        if r["method"] not in ("loop", "bare", "bare_funcgrad", "bare_graph"):
             kib = (
                 f"{r['weights_out_bytes'] / 1024:.1f} / {r['gradients_in_bytes'] / 1024:.1f}"
                 if "weights_out_bytes" in r

@@ -50,8 +50,7 @@ from distributed_maml.data.sampler import Sampler, split_shards
 from distributed_maml.data.store import TaskStore
 from distributed_maml.data.writing import build_in_memory
 from distributed_maml.errors import StoreError, UserError
-from distributed_maml.execution import factory
-from distributed_maml.execution.computer import ShardComputer
+from distributed_maml.execution import devices, factory
 from distributed_maml.execution.protocol import Executor
 
 BLOW_UP = 10.0  # a blow-up: a non-finite loss, or one above 10x the best constant guess's loss
@@ -121,7 +120,7 @@ def tune_lr(
         val = train_store()
     else:
         val = generated_held_out(state, VALIDATION_TASKS, shots, seed=state.store.seed + 1_000_003)
-    computer = ShardComputer(val, cfg.model, cfg.maml, task_map=cfg.scaling.task_map)
+    computer = factory.local_computer(val, cfg.model, cfg.maml, cfg.scaling, name="step-size tuning")
     ids = np.arange(min(VALIDATION_TASKS, len(val)))
 
     def score(lr: float) -> float:
@@ -176,7 +175,8 @@ def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int, net: Network)
         spec, forward, initial = models.ParamSpec.of(model), models.functional(model), dict(model.named_parameters())
     else:
         spec, forward, initial = net.network_spec, net.forward, net.weights()
-    learner = Learner(spec, spec.flatten(initial), cfg.optimizer.lr)
+    device = devices.resolve(cfg.scaling).device  # scaling.device: the baseline trains where the run computes
+    learner = Learner(spec, spec.flatten(initial), cfg.optimizer.lr, device=str(device))
     loss = loss_fn(info.kind)
     sampler = Sampler(seed, len(store), cfg.task.meta_batch)
     for step in tqdm(range(steps), desc="pretrained baseline", unit="step", disable=None, leave=False):
@@ -186,9 +186,10 @@ def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int, net: Network)
         if global_labels:
             y = np.take_along_axis(rows["params"].astype(np.int64), y, axis=1)
         y = y.reshape(-1) if info.kind == "classification" else y.reshape(-1, info.output_dim)
-        value = loss(forward(spec.unflatten(learner.flat), as_input(torch.from_numpy(x))), torch.from_numpy(y))
+        x_, y_ = as_input(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device)
+        value = loss(forward(spec.unflatten(learner.flat), x_), y_)
         (g,) = torch.autograd.grad(value, learner.flat)
-        learner.apply(g.numpy())
+        learner.apply(g)
     own = net.weights()
     return {k: (v if v.shape == own[k].shape else own[k]).detach().clone() for k, v in learner.state_dict().items()}
 

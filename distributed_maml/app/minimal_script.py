@@ -48,6 +48,60 @@ def make_step(
     return step, params
 
 
+def make_graph_step(
+    model: torch.nn.Module,
+    inner_steps: int,
+    inner_lr: float,
+    first_order: bool,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    example: tuple[torch.Tensor, ...],
+    meta_lr: float = 1e-3,
+) -> Callable[[tuple[torch.Tensor, ...]], None]:
+    """The `bare_graph` row: make_step's meta-step (meta-gradient + Adam) on a CUDA device,
+    captured once as a CUDA graph, the physical reference for a small-model GPU step. step(batch)
+    copies a batch (CUDA tensors shaped like `example`) into the graph's inputs and replays it;
+    Adam is `capturable` so its step count lives on the device too."""
+    device = example[0].device
+    model = model.to(device)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    opt = torch.optim.Adam(params.values(), lr=meta_lr, capturable=True)
+    static = tuple(t.clone() for t in example)
+
+    def task(p: dict, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
+        for _ in range(inner_steps):
+            g = grad(lambda q: loss(functional_call(model, q, (xs,)), ys))(p)
+            if first_order:
+                g = {k: v.detach() for k, v in g.items()}
+            p = {k: p[k] - inner_lr * g[k] for k in p}
+        return loss(functional_call(model, p, (xq,)), yq)
+
+    def step() -> None:
+        for v in params.values():
+            v.grad = None
+        vmap(task, in_dims=(None, 0, 0, 0, 0))(params, *static).mean().backward()
+        opt.step()
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for v in params.values():  # backward inside the capture allocates .grad from the graph's pool
+        v.grad = None
+    with torch.cuda.graph(graph):
+        vmap(task, in_dims=(None, 0, 0, 0, 0))(params, *static).mean().backward()
+        opt.step()
+
+    def replay(batch: tuple[torch.Tensor, ...]) -> None:
+        for s, b in zip(static, batch):
+            s.copy_(b)
+        graph.replay()
+
+    return replay
+
+
 def standalone(meta_batch: int = 25, inner_steps: int = 1) -> Callable[[], None]:
     """The script on its own: random sinusoid-shaped tasks (1-40-40-1 MLP, 10 + 10 examples), a
     zero-argument meta-step."""

@@ -20,6 +20,7 @@ import torch
 from distributed_maml import config as config_mod
 from distributed_maml import stopping
 from distributed_maml.app import checkpoint, validation
+from distributed_maml.execution import devices
 from distributed_maml.app.runlock import RunLock
 from distributed_maml.config import Config
 from distributed_maml.core import models
@@ -74,7 +75,7 @@ class Run:
         state = checkpoint.RunState(self.cfg, sampler, self.store_ref)
         keep = self.cfg.training.keep_checkpoints
         model, lrs = split_lrs(learner.state_dict())  # model.pt stays a plain state_dict of the network
-        return checkpoint.save(self.dir, step, learner.version, model, learner.optimizer.state_dict(), state, keep, lrs)
+        return checkpoint.save(self.dir, step, learner.version, model, learner.optimizer_state(), state, keep, lrs)
 
     def save_unless_latest(self, learner: Learner, step: int, sampler: Sampler) -> None:
         """`save`, unless `latest` already names step `step` (a stop, a best step and the
@@ -168,6 +169,7 @@ def prepare(
     """A new run: makes its folder, writes config.toml, opens or builds its task store.
     Every check runs before the folder is made, so a refused run leaves nothing behind."""
     new_store: Plan | None = None
+    devices.resolve(cfg.scaling)  # scaling.device = "cuda" on a machine without CUDA: one line, nothing made
     if tasks is not None:
         store_path = Path(tasks).resolve()
         store = TaskStore.open(store_path)
@@ -218,6 +220,7 @@ def resume(run_dir: str | Path, config_path: str | Path | None = None, overrides
             )
     if cfg.training.steps < ckpt.step:
         raise ConfigError(f"training.steps = {cfg.training.steps} is below the checkpoint's step {ckpt.step}")
+    devices.resolve(cfg.scaling)
     ref = ckpt.state.store
     store_path = Path(ref.path)
     if not store_path.exists() and (run_dir / STORE_NAME).exists():  # the run folder was moved

@@ -45,11 +45,12 @@ def make_executor(run: Run) -> Executor:
     return factory.make(run.store, run.cfg.model, run.cfg.maml, run.cfg.scaling)
 
 
-def make_learner(run: Run) -> Learner:
+def make_learner(run: Run, device: str = "cpu") -> Learner:
     """The learner over the meta-parameters: the model's weights, then any learned inner step
-    sizes (Meta-SGD, MAML++'s LSLR), which start at maml.inner_lr."""
+    sizes (Meta-SGD, MAML++'s LSLR), which start at maml.inner_lr; on `device` (the executor's
+    learner_device: an in-process run's GPU, else the CPU)."""
     net = assemble(run.cfg.model, run.cfg.maml, run.store.info, seed=run.cfg.training.seed)
-    learner = Learner.of(net.spec, net.initial(), run.cfg.maml, run.cfg.optimizer.lr)
+    learner = Learner.of(net.spec, net.initial(), run.cfg.maml, run.cfg.optimizer.lr, device)
     if run.start is not None:
         learner.load({**run.start.model, **run.start.inner_lr}, run.start.optimizer, run.start.version)
     return learner
@@ -77,7 +78,7 @@ def train(
 
 def _train(run: Run, executor: Executor, progress: bool, on_validation: OnValidation | None) -> TrainResult:
     cfg = run.cfg.training
-    learner = make_learner(run)
+    learner = make_learner(run, executor.learner_device)
     validation = validation_mod.make(run.cfg, run.store)
     sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
     start = run.start.step if run.start else 0
@@ -87,7 +88,8 @@ def _train(run: Run, executor: Executor, progress: bool, on_validation: OnValida
     executor.watch(run.lost)
     print(
         f"run {run.dir}: {len(run.store)} {run.store.info.family} tasks, {executor.describe()}, "
-        f"steps {start}..{cfg.steps}" + (f", validated on {validation.source}" if validation else ""),
+        f"steps {start}..{cfg.steps}"
+        + (f", validated on {validation.source} on {validation.where}" if validation else ""),
         flush=True,
     )
     with (
@@ -178,7 +180,7 @@ class _Recorder:
         """The validation scores of the learner's weights (step `step`); a step among the
         keep_best best is checkpointed (unless it is already) and recorded in best.json."""
         assert self.validation is not None
-        scores = self.validation.score(self.learner.weights())
+        scores = self.validation.score(self.learner.snapshot())
         value, metric = scores[self.validation.metric], self.validation.metric
         if not self.cfg.keep_best or not math.isfinite(value):
             return scores

@@ -23,7 +23,7 @@ from distributed_maml.data.format import StoreInfo
 from distributed_maml.data.store import TaskStore
 from distributed_maml.data.writing import build_in_memory
 from distributed_maml.errors import ConfigError, StoreError
-from distributed_maml.execution.computer import ShardComputer
+from distributed_maml.execution import factory
 
 Scores = dict[str, float]  # val_loss, val_loss_ci95 (and val_acc, val_acc_ci95)
 
@@ -35,6 +35,7 @@ class Validation:
     score: Callable[[np.ndarray], Scores]
     metric: str  # "val_acc" or "val_loss"
     source: str  # for the run's first line
+    where: str = "cpu"  # the device it scores on (scaling.device), for the run's first line
 
     def rank(self, entry: BestEntry) -> tuple[float, int]:
         """Sort key of a best entry: the best score first (accuracy up, loss down), then the earlier step."""
@@ -95,7 +96,7 @@ def make(cfg: Config, train: TaskStore) -> Validation | None:
         info = train.info
         store = build_in_memory(cfg.task.family, t.eval_tasks, t.seed, info.shots, info.queries, "val", info.ways)
         source = f"{cfg.task.family} val stream"
-    computer = ShardComputer(store, cfg.model, cfg.maml, task_map=cfg.scaling.task_map)
+    computer = factory.local_computer(store, cfg.model, cfg.maml, cfg.scaling, name="validation")
     ids = np.arange(min(t.eval_tasks, len(store)))
     steps, lr = cfg.maml.inner_steps, cfg.maml.inner_lr
     classification = store.info.kind == "classification"
@@ -110,4 +111,4 @@ def make(cfg: Config, train: TaskStore) -> Validation | None:
                 out[name], out[f"{name}_ci95"] = float(mean[0]), float(ci[0])
         return out
 
-    return Validation(score, metric, f"{len(ids)} tasks from the {source}")
+    return Validation(score, metric, f"{len(ids)} tasks from the {source}", where=computer.where)

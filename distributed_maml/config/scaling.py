@@ -7,14 +7,18 @@ import math
 from dataclasses import dataclass
 
 from distributed_maml.config.values import (
+    DEVICES,
     GPU_STEPS,
     MODES,
     PLACEMENTS,
+    PRECISIONS,
     STORE_SHARING,
     TASK_MAPS,
+    Device,
     GpuStep,
     Mode,
     Placement,
+    Precision,
     StoreSharing,
     TaskMap,
     _require,
@@ -25,6 +29,18 @@ from distributed_maml.config.values import (
 class ScalingConfig:
     """[scaling]: where the per-task work runs."""
 
+    device: Device = "auto"
+    """Where the run computes: "auto" (CUDA when the machine has it, else the CPU), "cpu" or
+    "cuda". Honoured by everything that adapts tasks: an in-process run (num_workers = 0, with
+    the learner's weights and Adam's state on the device), validation, `eval`'s curves and
+    baselines, `bench --eval`. Ray workers compute where their slice is: "cuda" gives each
+    worker gpus_per_worker (1 when unset), "cpu" never a GPU. The run's first line says where
+    each part runs."""
+    precision: Precision = "fp32"
+    """Arithmetic of the meta-gradient: "fp32" (exact float32, the default: TF32 off on GPUs),
+    "tf32" (TF32 matmuls and convolutions on Ampere and newer GPUs; the same as fp32 on a CPU)
+    or "bf16" (autocast to bfloat16, weights and Adam in float32). Their measured error against
+    fp32 is in docs/benchmarks.md. Unlike the rest of [scaling], it changes the numbers."""
     num_workers: int = -1
     """Ray worker actors; 0 runs in-process without Ray, -1 sizes the pool to the cluster
     (one worker per GPU when there are GPUs, else one per cpus_per_worker CPUs). A range
@@ -95,6 +111,16 @@ class ScalingConfig:
         _require(
             self.gpu_step in GPU_STEPS,
             f"scaling.gpu_step must be one of {', '.join(GPU_STEPS)}, got {self.gpu_step!r}",
+        )
+        _require(self.device in DEVICES, f"scaling.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        _require(
+            self.device != "cpu" or self.gpus_per_worker == 0,
+            f"scaling.device = 'cpu' contradicts scaling.gpus_per_worker = {self.gpus_per_worker:g}; "
+            "set one of them (device = 'auto' follows gpus_per_worker)",
+        )
+        _require(
+            self.precision in PRECISIONS,
+            f"scaling.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
         _require(self.mode in MODES, f"scaling.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _require(

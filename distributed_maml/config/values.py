@@ -41,6 +41,10 @@ SelectBy = Literal["auto", "val_acc", "val_loss"]
 SELECT_BY: tuple[str, ...] = typing.get_args(SelectBy)
 GpuStep = Literal["graph", "eager"]
 GPU_STEPS: tuple[str, ...] = typing.get_args(GpuStep)
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -75,6 +75,7 @@ class WorkerActor:
         task_map: str = "auto",
         code_paths: tuple[str, ...] = (),
         gpu_step: str = "graph",
+        precision: str = "fp32",
     ) -> None:
         for folder in code_paths:  # where the driver imported user models from, if this node has it
             ensure_on_path(folder)
@@ -87,7 +88,14 @@ class WorkerActor:
             store, self.store_mode = TaskStore.open(source.path), "path"
         self.name = f"worker-{index}"
         self.computer = ShardComputer(
-            store, model_cfg, maml_cfg, device=device, name=self.name, task_map=task_map, gpu_step=gpu_step
+            store,
+            model_cfg,
+            maml_cfg,
+            device=device,
+            name=self.name,
+            task_map=task_map,
+            gpu_step=gpu_step,
+            precision=precision,
         )
         self.version = -1
 
@@ -159,12 +167,16 @@ class WorkerActor:
         learner = None
         if state is not None:
             flat = self.computer.spec.flatten(state[0])
-            learner = Learner.of(self.computer.spec, flat, self.computer.maml_cfg, lr=0.0)  # lr: in the state
+            # NCCL: rank 0 holds the learner on its GPU (the broadcast reads its weights there)
+            where = str(self.computer.device) if dist.get_backend() == "nccl" else "cpu"
+            learner = Learner.of(
+                self.computer.spec, flat, self.computer.maml_cfg, lr=0.0, device=where
+            )  # lr: in the state
             learner.load(*state)
         outcomes = collective_chunk(self.computer, learner, sampler, steps, self.rank, assignment, num_shards)
         if learner is None:
             return outcomes, None
-        return outcomes, (learner.state_dict(), learner.optimizer.state_dict(), learner.version)
+        return outcomes, (learner.state_dict(), learner.optimizer_state(), learner.version)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:

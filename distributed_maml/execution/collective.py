@@ -107,7 +107,7 @@ class CollectiveExecutor(RayExecutor):
             self._check_raylet()
             if self.take_back() or self.members != self.healthy():
                 self._regroup()
-            state = (learner.state_dict(), learner.optimizer.state_dict(), learner.version)
+            state = (learner.state_dict(), learner.optimizer_state(), learner.version)
             rank = {w: r for r, w in enumerate(self.members)}
             owners = self.policy.owners(n)
             assignment = [[i for i in range(n) if rank[owners[i]] == r] for r in range(len(self.members))]

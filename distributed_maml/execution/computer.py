@@ -6,6 +6,7 @@ wraps; keeping it Ray-free keeps it testable and identical at every scale.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from distributed_maml.config import MamlConfig, ModelConfig
 from distributed_maml.core import implicit
+from distributed_maml.core import precision as precision_mod
 from distributed_maml.core.maml import TaskBatch, adaptation_curve, as_input, meta_gradient, varies
 from distributed_maml.core.network import assemble
 from distributed_maml.core.shards import ShardResult
@@ -34,17 +36,14 @@ class ShardComputer:
         name: str = "in-process",
         task_map: str = "auto",
         gpu_step: str = "graph",
+        precision: str = "fp32",
     ) -> None:
         self.store = store
         self.maml_cfg = maml_cfg
         self.proximal = implicit.Proximal.of(maml_cfg)  # how held-out tasks adapt: as the run trained
         self.device = torch.device(device)
-        if self.device.type == "cuda":
-            # PyTorch lets cuDNN convolutions run in TF32 by default (Ampere and newer): ~1e-3
-            # relative error per op, and a second-order conv4 meta-gradient off the CPU's by up to
-            # 3% (measured on an H100). Exact float32 keeps a GPU worker's answer the CPU's.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+        self.precision = precision
+        precision_mod.configure(precision, self.device)  # fp32: TF32 off, a GPU's answer is the CPU's
         # The module is only a template for functional_call: its own parameters are never used.
         net = assemble(model_cfg, maml_cfg, store.info, seed=0, device=self.device)
         self.model, self.spec, self.forward, self.head = net.model, net.spec, net.forward, net.head
@@ -53,7 +52,7 @@ class ShardComputer:
         self.resident = _resident_columns(store, self.device)
         self.graphs: GraphSteps | None = None
         if gpu_step == "graph" and self.device.type == "cuda" and self.task_map == "vmap" and not varies(maml_cfg):
-            self.graphs = GraphSteps(self.forward, store.info.kind, self.spec, maml_cfg, name)
+            self.graphs = GraphSteps(self.forward, store.info.kind, self.spec, maml_cfg, name, self.autocast)
         self.gpu_step = gpu_step
 
     @property
@@ -67,13 +66,38 @@ class ShardComputer:
             return "eager steps (MAML++ schedules change the step)"
         return "eager steps"
 
+    @property
+    def where(self) -> str:
+        """The device (and a precision other than fp32), for first lines and tables."""
+        where = str(self.device)
+        if self.device.type == "cuda":
+            where += f" ({torch.cuda.get_device_name(self.device)})"
+        return where if self.precision == "fp32" else f"{where}, {self.precision}"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context every meta-gradient and curve of this computer runs in (scaling.precision)."""
+        return precision_mod.autocast(self.precision, self.device)
+
+    def flat_weights(self, weights: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The weights as a float32 tensor on the device: a tensor already there is used as it
+        is (a learner on the device hands its own, no host round trip); an array is copied (arrays
+        from Ray's object store are read-only, and the copy is tiny)."""
+        if isinstance(weights, torch.Tensor) and weights.device == self.device:
+            return weights.detach().to(torch.float32)
+        return torch.as_tensor(np.asarray(weights), dtype=torch.float32).to(self.device, copy=True)
+
     def batch(self, ids: np.ndarray) -> TaskBatch:
         """The shard's rows as tensors on the device. On a GPU that holds the whole store, a
         gather there; otherwise a gather from the memory-mapped store and one host-to-device copy
         (images cross as uint8 and become floats on the device)."""
         if self.resident is None:
             return TaskBatch.from_numpy(self.store.rows(ids), self.device)
-        index = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)
+        return self.gather(torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device))
+
+    def gather(self, index: torch.Tensor) -> TaskBatch:
+        """Tasks `index` (a device tensor) of a store resident on the device: device ops only,
+        so a CUDA graph can capture the gather with the step."""
+        assert self.resident is not None, "gather needs the store on the device"
         cols = {c: t.index_select(0, index) for c, t in self.resident.items() if c != "images"}
         if "images" in self.resident:  # the image table lives on the device: gather there
             ns = self.store.info.n_support
@@ -82,12 +106,13 @@ class ShardComputer:
             cols["x_query"] = as_input(self.resident["images"][ids_q])
         return TaskBatch(cols["x_support"], cols["y_support"], cols["x_query"], cols["y_query"])
 
-    def compute(self, weights: np.ndarray, ids: np.ndarray, before: bool = True, version: int = 0) -> ShardResult:
+    def compute(
+        self, weights: np.ndarray | torch.Tensor, ids: np.ndarray, before: bool = True, version: int = 0
+    ) -> ShardResult:
         """The summed meta-gradient of tasks `ids` at `weights` (flat float32) after `version`
         meta-updates; `before`: also the unadapted query metrics (maml.meta_gradient)."""
         start = time.perf_counter()
-        # A copy: arrays from Ray's object store are read-only, and the copy is tiny.
-        flat = torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
+        flat = self.flat_weights(weights)
         params = self.spec.unflatten(flat)
         batch = self.batch(ids)
         kind = self.store.info.kind
@@ -96,27 +121,37 @@ class ShardComputer:
             flat_grad, loss_sum, _ = graphed
             metrics = {"loss_after": loss_sum.item()}
         else:
-            grads, metrics = meta_gradient(
-                self.forward, kind, params, batch, self.maml_cfg, self.task_map, before, version
-            )
+            with self.autocast():
+                grads, metrics = meta_gradient(
+                    self.forward, kind, params, batch, self.maml_cfg, self.task_map, before, version
+                )
             flat_grad = self.spec.flatten(grads)
         grad_sum = flat_grad.detach().to("cpu", torch.float32).numpy()
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
 
     def curve(
-        self, weights: np.ndarray, ids: np.ndarray, steps: Sequence[int], lr: float
+        self, weights: np.ndarray | torch.Tensor, ids: np.ndarray, steps: Sequence[int], lr: float
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Per-task query loss (and accuracy) after each of `steps` inner steps of size lr, for
         tasks `ids` from `weights`: [len(ids), len(steps)] (in chunks of CURVE_CHUNK tasks)."""
-        params = self.spec.unflatten(torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device))
+        params = self.spec.unflatten(self.flat_weights(weights))
         losses, accs = [], []
         for lo in range(0, len(ids), CURVE_CHUNK):
             batch = self.batch(ids[lo : lo + CURVE_CHUNK])
-            loss, acc = adaptation_curve(
-                self.forward, self.store.info.kind, params, batch, steps, lr, self.task_map, self.head, self.proximal
-            )
-            losses.append(loss.cpu().numpy())
-            accs.append(None if acc is None else acc.cpu().numpy())
+            with self.autocast():
+                loss, acc = adaptation_curve(
+                    self.forward,
+                    self.store.info.kind,
+                    params,
+                    batch,
+                    steps,
+                    lr,
+                    self.task_map,
+                    self.head,
+                    self.proximal,
+                )
+            losses.append(loss.float().cpu().numpy())
+            accs.append(None if acc is None else acc.float().cpu().numpy())
         return np.concatenate(losses), (None if accs[0] is None else np.concatenate(accs))
 
 

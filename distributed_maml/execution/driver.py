@@ -65,8 +65,12 @@ def resolve_num_workers(scaling: ScalingConfig) -> int:
 
 
 def auto_gpus(scaling: ScalingConfig) -> ScalingConfig:
-    """With num_workers = -1 and no GPU asked for, a cluster with GPUs gets one worker per GPU."""
-    if scaling.num_workers == -1 and scaling.gpus_per_worker == 0 and ray.cluster_resources().get("GPU", 0) >= 1:
+    """Workers' GPUs when none is asked for: scaling.device = "cuda" gives each one GPU; "auto"
+    with num_workers = -1 on a cluster with GPUs, one worker per GPU; "cpu" none."""
+    if scaling.device == "cpu" or scaling.gpus_per_worker > 0:
+        return scaling
+    auto = scaling.num_workers == -1 and ray.cluster_resources().get("GPU", 0) >= 1
+    if scaling.device == "cuda" or auto:
         return replace(scaling, gpus_per_worker=1.0)
     return scaling
 
@@ -85,6 +89,8 @@ class RayExecutor(Driven):
     """A pool of worker actors, one placement group per slot (placement.Slots); `compute` runs
     one step's shards. Which worker computes which shard, and what a failure means, is the
     failover policy's (failover.Failover); every wait is bounded (raywait)."""
+
+    learner_device = "cpu"  # Ray carries the weights: the learner is where ray.put takes them from
 
     def __init__(
         self, store: Path | np.ndarray, model_cfg: ModelConfig, maml_cfg: MamlConfig, scaling: ScalingConfig
@@ -115,7 +121,7 @@ class RayExecutor(Driven):
             raise
         code = tuple(p for p in [search_path(model_cfg.name)] if p) if is_import_path(model_cfg.name) else ()
         self._args = (model_cfg, maml_cfg, scaling.cpus_per_worker, scaling.gpus_per_worker)
-        self._opts = (scaling.task_map, code, scaling.gpu_step)
+        self._opts = (scaling.task_map, code, scaling.gpu_step, scaling.precision)
         self.workers: list[Any] = [self._spawn(i) if i < first else None for i in range(n)]
         self._info: list[WorkerInfo | None] = [None] * n
         self._started = False

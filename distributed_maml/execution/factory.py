@@ -8,8 +8,28 @@ from pathlib import Path
 
 from distributed_maml.config import MamlConfig, ModelConfig, ScalingConfig
 from distributed_maml.data.store import TaskStore
+from distributed_maml.execution import devices
 from distributed_maml.execution.computer import ShardComputer
 from distributed_maml.execution.protocol import Executor
+
+
+def local_computer(
+    store: TaskStore, model: ModelConfig, maml: MamlConfig, scaling: ScalingConfig, name: str = "in-process"
+) -> ShardComputer:
+    """The ShardComputer of this process on scaling.device (resolved here: "cuda" without CUDA
+    is a one-line error): what an in-process run, validation, `eval`'s curves and baselines
+    and `bench --eval` compute with."""
+    compute = devices.resolve(scaling)
+    return ShardComputer(
+        store,
+        model,
+        maml,
+        device=str(compute.device),
+        name=name,
+        task_map=scaling.task_map,
+        gpu_step=scaling.gpu_step,
+        precision=compute.precision,
+    )
 
 
 def make(store: TaskStore, model: ModelConfig, maml: MamlConfig, scaling: ScalingConfig) -> Executor:
@@ -20,9 +40,7 @@ def make(store: TaskStore, model: ModelConfig, maml: MamlConfig, scaling: Scalin
     if scaling.num_workers == 0:
         from distributed_maml.execution.inprocess import InProcessExecutor
 
-        return InProcessExecutor(
-            ShardComputer(store, model, maml, task_map=scaling.task_map, gpu_step=scaling.gpu_step)
-        )
+        return InProcessExecutor(local_computer(store, model, maml, scaling))
     from distributed_maml.execution.collective import CollectiveExecutor
     from distributed_maml.execution.driver import RayExecutor
 

@@ -16,7 +16,9 @@ step (which also wants the unadapted metrics) runs eagerly. CPU workers always r
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -49,7 +51,14 @@ class GraphedStep:
     """batch_sums for shards of up to `size` tasks shaped like `example`, as one CUDA graph."""
 
     def __init__(
-        self, forward: Forward, kind: str, spec: ParamSpec, cfg: MamlConfig, example: TaskBatch, size: int
+        self,
+        forward: Forward,
+        kind: str,
+        spec: ParamSpec,
+        cfg: MamlConfig,
+        example: TaskBatch,
+        size: int,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         device = example.x_support.device
         self.size = size
@@ -63,10 +72,11 @@ class GraphedStep:
 
         def step() -> tuple[Tensor, Tensor, Tensor]:
             params = spec.unflatten(self.flat)
-            grads, loss_sum, acc_sum = batch_sums(
-                forward, kind, params, self.inputs, cfg, plan, self.weights, accuracy=False
-            )
-            return spec.flatten(grads), loss_sum, acc_sum
+            with autocast():
+                grads, loss_sum, acc_sum = batch_sums(
+                    forward, kind, params, self.inputs, cfg, plan, self.weights, accuracy=False
+                )
+            return spec.flatten(grads), loss_sum.float(), acc_sum.float()
 
         fill_padded(self.inputs, self.weights, example)
         side = torch.cuda.Stream(device)
@@ -91,8 +101,17 @@ class GraphedStep:
 class GraphSteps:
     """A worker's graphs, one per padded size, each checked against eager once."""
 
-    def __init__(self, forward: Forward, kind: str, spec: ParamSpec, cfg: MamlConfig, name: str) -> None:
+    def __init__(
+        self,
+        forward: Forward,
+        kind: str,
+        spec: ParamSpec,
+        cfg: MamlConfig,
+        name: str,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
         self.forward, self.kind, self.spec, self.cfg, self.name = forward, kind, spec, cfg, name
+        self.autocast = autocast
         self.graphs: dict[int, GraphedStep] = {}
         self.failed: str | None = None  # why this worker went back to eager
 
@@ -104,12 +123,13 @@ class GraphSteps:
         size = padded_size(len(batch))
         if size not in self.graphs:
             try:
-                graph = GraphedStep(self.forward, self.kind, self.spec, self.cfg, batch, size)
+                graph = GraphedStep(self.forward, self.kind, self.spec, self.cfg, batch, size, self.autocast)
                 got = graph.run(flat, batch)
                 params = self.spec.unflatten(flat)
-                want = batch_sums(
-                    self.forward, self.kind, params, batch, self.cfg, step_plan(self.cfg, 0), accuracy=False
-                )
+                with self.autocast():
+                    want = batch_sums(
+                        self.forward, self.kind, params, batch, self.cfg, step_plan(self.cfg, 0), accuracy=False
+                    )
                 eager = self.spec.flatten(want[0])
                 diff = float((got[0] - eager).abs().max() / eager.abs().max().clamp_min(1e-30))
                 if not diff <= MAX_REL_DIFF:

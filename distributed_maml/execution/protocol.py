@@ -25,6 +25,7 @@ from distributed_maml.execution.steps import OnStep, Steps
 
 class Executor(Protocol):
     num_shards: int
+    learner_device: str  # where the training loop keeps the learner: "cpu" unless in-process on a GPU
 
     def compute(
         self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True

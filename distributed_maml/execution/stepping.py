@@ -66,7 +66,7 @@ def fan_out_in(
     weights (waiting for the slowest shard), reduced in shard order (`before`: with the unadapted
     metrics, for a logged step). `bench` times this too."""
     shards = split_shards(ids, executor.num_shards)
-    results = executor.compute(learner.weights(), learner.version, shards, before)
+    results = executor.compute(learner.snapshot(), learner.version, shards, before)
     return results, reduce_shards(results)
 
 
@@ -85,7 +85,7 @@ def drive(
             return step - 1
         started = time.perf_counter()
         shards = split_shards(sampler.ids(step - 1), executor.num_shards)
-        results = executor.compute(learner.weights(), learner.version, shards, steps.before(step))
+        results = executor.compute(learner.snapshot(), learner.version, shards, steps.before(step))
         outcome = settle(learner, step, results, started)
         on_step(outcome)
         if not outcome.finite and steps.stop_on_nonfinite:
@@ -120,13 +120,13 @@ def collective_chunk(
         started = time.perf_counter()
         if rank == 0:
             assert learner is not None
-            header[:size] = torch.from_numpy(learner.weights())
+            header[:size] = learner.flat.detach()  # on NCCL the learner is on this GPU: no host copy
             header[size] = float(go)
             header[size + 1] = float(learner.version)  # exact in float32 up to 2**24 updates
         dist.broadcast(header, src=0)
         if header[size].item() == 0.0:
             break
-        weights = header[:size].cpu().numpy()
+        weights = header[:size]  # a tensor: used in place where it already is on the computer's device
         shards = split_shards(sampler.ids(step - 1), num_shards)
         version = int(header[size + 1].item())
         mine = [computer.compute(weights, shards[i], steps.before(step), version) for i in assignment[rank]]
