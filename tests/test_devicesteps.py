@@ -141,7 +141,9 @@ def test_every_computation_gets_the_configured_device(tmp_path, monkeypatch):
         assert want in names, (want, built)
     assert sum(n == "learner" for n, _ in built) >= 2  # the run's learner and the pretrained baseline's
     built_bench_start = len(built)
-    monkeypatch.setattr(bench_eval, "GLYPH_RUN", [*bench_eval.GLYPH_RUN, "model.channels=4", "task.meta_batch=2", "task.num_tasks=8"])
+    monkeypatch.setattr(
+        bench_eval, "GLYPH_RUN", [*bench_eval.GLYPH_RUN, "model.channels=4", "task.meta_batch=2", "task.num_tasks=8"]
+    )
     bench_eval.measure(train_tasks=2, eval_tasks=2, pretrain_steps=1)
     assert any(n == "computer:bench" for n, _ in built[built_bench_start:])
     assert [b for b in built if b[1] != "cpu:0"] == []

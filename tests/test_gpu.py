@@ -59,6 +59,7 @@ def test_glyph_shard_on_gpu_gathers_images_on_the_device(tmp_path):
     np.testing.assert_allclose(gpu.grad_sum, cpu.grad_sum, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("workers, gpus", [(1, 1.0), (2, 0.5)])
 def test_gpu_workers_match_the_cpu_in_process_run(ray_gpu, tmp_path, store_path, workers, gpus):
     reference, _ = train_on(tmp_path / "cpu", store_path, [*BASE, "scaling.num_workers=0"])
@@ -95,3 +96,43 @@ def test_graph_step_matches_the_eager_step(store_path, n):
         assert got.metrics["loss_after"] == pytest.approx(want.metrics["loss_after"], rel=1e-6)
     logged = graph.compute(weights, ids, before=True)
     assert "loss_before" in logged.metrics
+
+
+def test_in_process_run_with_the_learner_on_the_gpu(tmp_path, store_path):
+    """scaling.device = "cuda", in-process: the learner and Adam on the device, unlogged steps
+    replayed as one CUDA graph each. Equal bit for bit to the same run with fused eager steps
+    (the graph replays the eager kernels), and to the host learner's run to float32 rounding."""
+    cfg = [*BASE, "scaling.num_workers=0", "training.steps=9", "training.log_every=4"]
+    graph, ex = train_on(tmp_path / "graph", store_path, [*cfg, "scaling.device=cuda"])
+    assert ex.device_steps is not None and ex.device_steps.fused is not None
+    assert ex.device_steps.fused.graph is not None and ex.device_steps.failed is None  # the graph ran
+    assert "one CUDA graph a step" in ex.describe()
+    eager, _ = train_on(tmp_path / "eager", store_path, [*cfg, "scaling.device=cuda", "scaling.gpu_step=eager"])
+    np.testing.assert_array_equal(graph.weights, eager.weights)
+    host, _ = train_on(tmp_path / "host", store_path, [*cfg, "scaling.device=cpu"])
+    np.testing.assert_allclose(graph.weights, host.weights, rtol=1e-4, atol=1e-5)
+    # the checkpoint written on the GPU resumes on the CPU and goes on as the CPU run does
+    from distributed_maml.app import run, train
+
+    r = run.resume(tmp_path / "graph", None, ["training.steps=12", "scaling.device=cpu"])
+    resumed = train.train(r, train.make_executor(r), progress=False)
+    assert resumed.step == 12 and np.isfinite(resumed.weights).all()
+
+
+@pytest.mark.parametrize("model", ["conv4", "resnet12"])
+def test_conv_graph_step_with_per_task_batchnorm(tmp_path, model):
+    """The CUDA-graph step for conv nets with per-task BatchNorm equals the eager step."""
+    path = tmp_path / "glyphs.arrow"
+    build(path, "glyphs", 40, seed=0, shots=1, queries=5, progress=False)
+    store = TaskStore.open(path)
+    kwargs = {"widths": [8, 16, 32, 64]} if model == "resnet12" else {}
+    cfg = ModelConfig(name=model, channels=16, kwargs=kwargs)
+    maml = MamlConfig(inner_steps=2, inner_lr=0.4)
+    eager = ShardComputer(store, cfg, maml, device="cuda:0", gpu_step="eager")
+    graph = ShardComputer(store, cfg, maml, device="cuda:0", gpu_step="graph")
+    weights = eager.spec.flatten(dict(eager.model.named_parameters())).detach().cpu().numpy()
+    ids = np.arange(0, 40, 2)
+    want = eager.compute(weights, ids, before=False)
+    got = graph.compute(weights, ids, before=False)
+    assert graph.graphs is not None and graph.graphs.failed is None
+    np.testing.assert_allclose(got.grad_sum, want.grad_sum, rtol=1e-5, atol=1e-5 * np.abs(want.grad_sum).max())

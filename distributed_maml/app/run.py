@@ -20,7 +20,6 @@ import torch
 from distributed_maml import config as config_mod
 from distributed_maml import stopping
 from distributed_maml.app import checkpoint, validation
-from distributed_maml.execution import devices
 from distributed_maml.app.runlock import RunLock
 from distributed_maml.config import Config
 from distributed_maml.core import models
@@ -31,6 +30,7 @@ from distributed_maml.data.sampler import Sampler
 from distributed_maml.data.store import TaskStore
 from distributed_maml.data.writing import Plan, check_disk, default_plan, plan, write_batches
 from distributed_maml.errors import CheckpointError, ConfigError, StoreError, with_filename
+from distributed_maml.execution import devices
 
 STORE_NAME = "tasks.arrow"
 # Keys a resume may change: the length and cadence of the run, and where it runs (the answer

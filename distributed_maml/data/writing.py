@@ -265,9 +265,13 @@ def build_in_memory(
     family: str, num_tasks: int, seed: int, shots: int, queries: int, split: str = "test", ways: int = 0
 ) -> TaskStore:
     """The same tasks `build` would write, held in memory (used for held-out evaluation)."""
-    p = plan(family, num_tasks, seed, shots, queries, split, ways)
+    return plan_in_memory(plan(family, num_tasks, seed, shots, queries, split, ways), f"<held-out {family} tasks>")
+
+
+def plan_in_memory(p: Plan, name: str) -> TaskStore:
+    """A plan's store written into memory and opened from there."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, p.info.schema()) as writer:
         for batch in p.batches():
             writer.write_batch(batch)
-    return TaskStore.from_buffer(sink.getvalue(), name=f"<held-out {family} tasks>")
+    return TaskStore.from_buffer(sink.getvalue(), name=name)
