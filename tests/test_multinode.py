@@ -146,13 +146,18 @@ def test_an_elastic_run_starts_at_min_and_grows_to_max_with_the_full_runs_weight
     frees up at step 3 and the third worker joins. A step's shards are always 3, summed in shard
     order: the weights equal a 3-worker run's that never lacked one, bit for bit."""
     full, _ = train_on(tmp_path / "full", store_path, [*BASE, "scaling.num_workers=3"])
+    _idle()  # the reference's CPUs back first: read at once, they looked taken and no hog started
     free = int(ray.available_resources().get("CPU", 0))
+    assert free == 3, ray.available_resources()
     hogs = [_Hog.remote() for _ in range(free - 2)]  # leave room for exactly 2 workers
     ray.get([h.ping.remote() for h in hogs], timeout=60)
+    assert len(hogs) == 1 and ray.available_resources().get("CPU", 0) == 2  # the cluster is constrained
     seen: dict = {}
 
     def hook(ex):
         seen["start"] = list(ex.healthy())
+        seen["placed"] = [w is not None for w in ex.workers]  # min_workers = 2 placed, the third not
+        seen["room"] = ray.available_resources().get("CPU", 0)
         original, calls = ex.compute, {"n": 0}
 
         def compute(weights, version, shards, *rest):
@@ -169,5 +174,6 @@ def test_an_elastic_run_starts_at_min_and_grows_to_max_with_the_full_runs_weight
         ex.compute = compute
 
     grown, ex = train_on(tmp_path / "elastic", store_path, [*BASE, "scaling.num_workers=[2, 3]"], hook)
-    assert seen["start"] == [0, 1] and ex.healthy() == [0, 1, 2] and ex.num_shards == 3
+    assert seen["start"] == [0, 1] and seen["placed"] == [True, True, False] and seen["room"] == 0
+    assert ex.healthy() == [0, 1, 2] and ex.num_shards == 3
     np.testing.assert_array_equal(grown.weights, full.weights)

@@ -53,6 +53,9 @@ def test_resnet12_meta_gradient_vmap_equals_loop_autograd_and_finite_differences
     batch = TaskBatch.from_numpy(glyph_store.rows(np.arange(3)), dtype=torch.float64)
     cfg = config.MamlConfig(inner_steps=2, inner_lr=0.3)
     g_vmap, _ = meta_gradient(forward, "classification", params, batch, cfg, "vmap")
+    # every block's skip connection is in the network: its 1x1 conv and BatchNorm get a gradient
+    shortcut = [k for k in params if ".shortcut." in k]
+    assert len(shortcut) == 4 * 3 and all(float(g_vmap[k].abs().sum()) > 0 for k in shortcut), shortcut
     g_loop, _ = meta_gradient(forward, "classification", params, batch, cfg, "loop")
     oracle = _textbook(m, params, batch, cfg)
     for k in params:
@@ -70,6 +73,18 @@ def test_resnet12_meta_gradient_vmap_equals_loop_autograd_and_finite_differences
         minus = objective({k: params[k] - eps * d[k] for k in params})
         analytic = sum(float((g_vmap[k] * d[k]).sum()) for k in params)
         assert (plus - minus) / (2 * eps) == pytest.approx(analytic, rel=1e-6, abs=1e-8)
+
+
+def test_a_block_adds_its_shortcut_before_the_activation():
+    """A residual block is out(body(x) + shortcut(x)): neither branch alone."""
+    from distributed_maml.core.resnet import Block
+
+    torch.manual_seed(0)
+    block, x = Block(2, 3), torch.randn(4, 2, 8, 8)
+    with torch.no_grad():
+        got = block(x)
+        assert torch.equal(got, block.out(block.body(x) + block.shortcut(x)))
+        assert not torch.allclose(got, block.out(block.body(x)))  # the skip changes the output
 
 
 def test_resnet12_on_vectors_is_one_clear_line():
