@@ -25,7 +25,7 @@ from distributed_maml.app import checkpoint
 
 from .conftest import REPO, train_in_shards
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # its own tier: pytest -m cluster
 
 SCRIPT = REPO / "cluster" / "two-hosts.sh"
 NET, PORT = "10.213.71", 6391

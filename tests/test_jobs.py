@@ -19,7 +19,7 @@ import pytest
 
 from distributed_maml.app import checkpoint
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # its own tier: pytest -m cluster
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_LENGTH = ["--set", "training.steps=100000", "--set", "task.num_tasks=2000", "--set", "training.log_every=1"]

@@ -13,7 +13,7 @@ from ray.cluster_utils import Cluster
 
 from .conftest import train_on
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # its own tier: pytest -m cluster
 
 BASE = ["task.meta_batch=10", "task.num_tasks=60", "training.steps=6", "training.log_every=3", "maml.inner_steps=2"]
 

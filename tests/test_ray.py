@@ -420,6 +420,7 @@ def test_a_slot_that_does_not_answer_the_store_probe_reads_it_from_the_object_st
     np.testing.assert_array_equal(result.weights, undisturbed[0])
 
 
+@pytest.mark.cluster
 def test_a_rank_lost_during_the_rendezvous_reforms_the_group(tmp_path, store_path, undisturbed, monkeypatch):
     """Rank 1 dies between the rendezvous (rank 0's address and port) and the join: the group
     is formed again around the restarted worker, and the run ends with the undisturbed weights."""
@@ -449,6 +450,7 @@ def test_a_rank_lost_during_the_rendezvous_reforms_the_group(tmp_path, store_pat
     np.testing.assert_array_equal(result.weights, undisturbed[0])
 
 
+@pytest.mark.cluster
 def test_a_rank_lost_inside_a_chunk_reruns_the_chunk_from_its_start(tmp_path, store_path, undisturbed):
     """A rank's process exits in the middle of a collective chunk (at its second step: the first
     step's update is already applied on rank 0): the group is restarted and the chunk rerun from

@@ -225,7 +225,11 @@ def straight_ray_run(tmp_path_factory):
 # below (SIGTERM, the harder signal: Ray replaces its handler), the count inside a chunk in the
 # in-process test above and tests/test_sampler_learner.py (the same loop, without timing)
 @pytest.mark.parametrize(
-    "mode, sig", [pytest.param("driver", signal.SIGINT, marks=pytest.mark.slow), ("collective", signal.SIGTERM)]
+    "mode, sig",
+    [
+        pytest.param("driver", signal.SIGINT, marks=pytest.mark.slow),
+        pytest.param("collective", signal.SIGTERM, marks=pytest.mark.cluster),
+    ],
 )
 def test_a_stop_between_logged_steps_with_ray_workers_resumes_bit_identical(tmp_path, mode, sig, straight_ray_run):
     """The same with 2 Ray workers. Driver mode stops after the step in flight (inside the
@@ -237,6 +241,7 @@ def test_a_stop_between_logged_steps_with_ray_workers_resumes_bit_identical(tmp_
 
 
 @pytest.mark.ray
+@pytest.mark.cluster
 def test_sigterm_then_a_dead_raylet_under_a_ray_driver_resume_bit_identical(tmp_path, straight_ray_run):
     """Two Ray workers, stopped by SIGTERM, resumed, the raylet of that resume's local Ray
     SIGKILLed (the driver ends with one line of ours), resumed again: equal to the

@@ -139,6 +139,7 @@ def test_a_sweep_runs_its_trials_as_runs_and_writes_the_best_config(tmp_path):
     assert ev.returncode == 0 and json.loads(ev.stdout)["checkpoint"] == "best", ev.stderr[-2000:]
 
 
+@pytest.mark.cluster  # the second Tune experiment of the module: its own tier
 def test_a_stopped_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     """SIGINT while the second of two trials runs (one at a time): the table, one line, exit 130;
     `tune --resume` finishes the interrupted trial from its run's checkpoint and leaves the
