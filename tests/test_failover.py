@@ -63,3 +63,23 @@ def test_no_healthy_worker_left_is_one_line_that_says_how_to_go_on():
     p = Failover(size=1, max_failures=3, timeout_s=7)
     with pytest.raises(TrainingError, match="no healthy worker left .* silent 7 s.*--resume"):
         p.silent(0, shard=0)
+
+
+def test_shards_go_by_measured_speed_each_worker_at_least_one():
+    from distributed_maml.execution.failover import proportional
+
+    assert proportional(8, [1.0, 1.0]) == [4, 4]
+    assert proportional(8, [2.0, 1.0]) == [5, 3]  # 5.33 / 2.67: the remainder to the most under target
+    assert proportional(8, [100.0, 1.0]) == [7, 1]  # a crawling worker keeps one (its speed stays measured)
+    assert proportional(3, [1.0, 1.0, 1.0, 1.0]) == [1, 1, 1, 0]  # fewer shards than workers
+    assert sum(proportional(13, [3.0, 1.0, 0.5])) == 13
+    p = Failover(size=2, max_failures=3, timeout_s=5)
+    assert p.owners(4) == [0, 1, 0, 1]  # no speeds yet: round robin
+    p.observe(0, tasks=30, seconds=1.0)
+    assert p.owners(4) == [0, 1, 0, 1]  # worker 1 not measured yet
+    p.observe(1, tasks=10, seconds=1.0)
+    assert p.owners(4) == [0, 0, 0, 1]  # 3:1
+    p.observe(1, tasks=50, seconds=1.0)  # an average: 0.5 * 10 + 0.5 * 50 = 30 tasks/s
+    assert p.speeds[1] == 30.0 and p.owners(4) == [0, 0, 1, 1]
+    p.silent(1, shard=2)
+    assert p.owners(4) == [0, 0, 0, 0]  # retired: its shards to the rest

@@ -484,3 +484,66 @@ def test_a_rank_lost_inside_a_chunk_reruns_the_chunk_from_its_start(tmp_path, st
     print(f"collective chunk/collective: {took:.1f} s (undisturbed {undisturbed[1]:.1f} s), restarts {ex.restarts}")
     assert marker.exists() and ex.restarts == 1 and ex.healthy() == [0, 1]
     np.testing.assert_array_equal(result.weights, undisturbed[0])
+
+
+SHARDS8 = [*BASE, "training.log_every=2"]
+
+
+def test_shards_by_speed_give_the_bits_of_any_pool_with_the_same_shards(tmp_path, store_path):
+    """8 shards a step, computed by 2 workers x 4 (worker-1 slowed: it gets fewer of them, its
+    share logged), by 4 x 2, and by 2 x 4 with worker-1 killed while it holds several (each of
+    them computed again once): the in-process run of the same 8 shards, bit for bit."""
+    import json
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 1-CPU worker's arithmetic
+    try:
+        oracle, _ = train_on(
+            tmp_path / "inproc", store_path, [*SHARDS8, "scaling.num_workers=0", "scaling.shards_per_worker=8"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+    def slowed(ex):
+        ex.start()  # the workers up (bounded), then the straggler made
+        ray.get(ex.workers[1].slow_down.remote(per_task_s=0.01), timeout=120)
+
+    slow, ex = train_run(
+        tmp_path, store_path, "slow", 2, ["training.log_every=2", "scaling.shards_per_worker=4"], slowed
+    )
+    assert ex.num_shards == 8 and ex.num_workers == 2
+    last = json.loads((tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()[-1])
+    shares = last["time"]["shares"]
+    assert shares["worker-1"] < shares["worker-0"] and sum(shares.values()) == 8, shares  # the straggler got fewer
+    assert last["time"]["worker_tasks"]["worker-1"] < last["time"]["worker_tasks"]["worker-0"]
+    np.testing.assert_array_equal(slow.weights, oracle.weights)
+
+    four, _ = train_run(tmp_path, store_path, "four", 4, ["training.log_every=2", "scaling.shards_per_worker=2"])
+    np.testing.assert_array_equal(four.weights, oracle.weights)
+
+    sent: list[tuple[int, ...]] = []
+    killed: list[int] = []
+
+    def kill_and_count(ex):
+        original = ex._map
+
+        def counting_map(call, shards):
+            def counted(worker, mine):
+                sent.extend(tuple(int(t) for t in s) for s in mine)
+                return call(worker, mine)
+
+            return original(counted, shards)
+
+        ex._map = counting_map
+        kill_worker_at_steps(1, {4}, killed)(ex)
+
+    lost, ex = train_run(
+        tmp_path, store_path, "lost", 2, ["training.log_every=2", "scaling.shards_per_worker=4"], kill_and_count
+    )
+    assert len(killed) == 1 and ex.failures == [0, 1]
+    counts = {s: sent.count(s) for s in set(sent)}
+    again = [s for s, n in counts.items() if n == 2]
+    assert len(again) >= 2 and all(n in (1, 2) for n in counts.values()), counts  # its shards, each once more
+    np.testing.assert_array_equal(lost.weights, oracle.weights)

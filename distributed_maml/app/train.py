@@ -132,6 +132,16 @@ def _loop(
     return TrainResult(run.dir, cfg.steps, learner.weights(), recorder.record)
 
 
+def _shares(timing: dict[str, Any], shards_per_worker: int) -> str:
+    """ ", Shares: worker-0 5, worker-1 3 (straggler 0.004 s)" for a log line: who computed how many
+    of the step's shards (handed out by speed when shards_per_worker > 1)."""
+    shares = timing.get("shares", {})
+    if shards_per_worker == 1 or len(shares) < 2:
+        return ""
+    who = ", ".join(f"{w} {n}" for w, n in sorted(shares.items()))
+    return f", Shares: {who} (straggler {timing['straggler_s']:.3f} s)"
+
+
 def _chunk_end(first: int, cfg: TrainingConfig, validated: bool) -> int:
     """The first step from `first` on that is logged, checkpointed, validated, or the last."""
     periods = [cfg.log_every] + [p for p in (cfg.checkpoint_every, cfg.eval_every if validated else 0) if p]
@@ -231,6 +241,7 @@ class _Recorder:
                     for k, name in (("val_loss", "Val Loss"), ("val_acc", "Val Accuracy"))
                     if k in record
                 )
+                + _shares(o.timing, self.run.cfg.scaling.shards_per_worker)
             )
         self.record = record
         self.done = o.step

@@ -49,6 +49,12 @@ class ScalingConfig:
     """Elastic start: the run begins once this many workers are placed and grows to num_workers
     as room appears (0: all num_workers must be placed). A step's shards are always
     num_workers, so the weights do not depend on how many workers computed them."""
+    shards_per_worker: int = 1
+    """A step's tasks are cut into num_workers x shards_per_worker fixed shards (in-process:
+    shards_per_worker shards), handed out to the workers by their measured speed: a slow
+    worker computes fewer of them instead of holding the step up. The weights depend on the
+    number of shards only (a run of 4 workers x 2 equals one of 8 x 1, bit for bit), never on
+    who computed which; 1 is one shard per worker, as before."""
     cpus_per_worker: float = 1.0
     """CPUs each worker reserves; its torch thread count is set to match."""
     gpus_per_worker: float = 0.0
@@ -91,6 +97,10 @@ class ScalingConfig:
             self.min_workers == 0 or 1 <= self.min_workers <= self.num_workers,
             f"scaling.min_workers must be 0 (all) or between 1 and num_workers ({self.num_workers}), "
             f"got {self.min_workers}",
+        )
+        _require(
+            isinstance(self.shards_per_worker, int) and self.shards_per_worker >= 1,
+            f"scaling.shards_per_worker must be a whole number >= 1, got {self.shards_per_worker}",
         )
         _require(
             math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,7 @@ class WorkerActor:
             precision=precision,
         )
         self.version = -1
+        self.slowdown: tuple[float, float] | None = None
 
     def compute(
         self, weights: np.ndarray, version: int, shards: list[np.ndarray], before: bool = True
@@ -109,7 +111,20 @@ class WorkerActor:
         if version < self.version:
             raise RuntimeError(f"{self.name} got weights version {version} after {self.version}")
         self.version = version
-        return [self.computer.compute(weights, ids, before, version) for ids in shards]
+        results = [self.computer.compute(weights, ids, before, version) for ids in shards]
+        if self.slowdown is not None:  # a test's or benchmark's straggler (slow_down)
+            factor, per_task_s = self.slowdown
+            for r in results:
+                extra = (factor - 1.0) * r.compute_s + per_task_s * r.count
+                time.sleep(extra)
+                r.compute_s += extra
+        return results
+
+    def slow_down(self, factor: float = 1.0, per_task_s: float = 0.0) -> None:
+        """Test and benchmark hook: from now on each shard takes `factor` times its compute time
+        plus `per_task_s` a task (a slower card, a noisy neighbour; tests/test_ray.py,
+        benchmarks/stragglers.py). Gone when Ray restarts the actor."""
+        self.slowdown = (factor, per_task_s)
 
     def curve(self, weights: np.ndarray, shards: list[np.ndarray], steps: Sequence[int], lr: float) -> list[Any]:
         return [self.computer.curve(weights, ids, steps, lr) for ids in shards]

@@ -99,8 +99,8 @@ class CollectiveExecutor(RayExecutor):
         n = self.num_shards
         if sampler.meta_batch < n:
             raise ConfigError(
-                f"task.meta_batch ({sampler.meta_batch}) must be >= the {n} workers of a collective "
-                "group (every rank computes a shard); raise it, or lower scaling.num_workers"
+                f"task.meta_batch ({sampler.meta_batch}) must be >= the {n} shards of a collective "
+                "group's step (num_workers x shards_per_worker); raise it, or lower scaling.num_workers or shards_per_worker"
             )
         failures = 0
         while True:
@@ -127,6 +127,10 @@ class CollectiveExecutor(RayExecutor):
                     ) from None
                 self._restart()
         learner.load(*end_state)
+        for outcome in outcomes:  # each rank's speed over the chunk hands out the next chunk's shards
+            for name, tasks in outcome.timing["worker_tasks"].items():
+                member = self.members[int(name.rsplit("-", 1)[1])]  # the chunk names ranks worker-<rank>
+                self.policy.observe(member, tasks, outcome.timing["worker_compute_s"][name])
         for outcome in outcomes:
             on_step(outcome)
         return outcomes[-1].step if outcomes else steps.first - 1

@@ -104,7 +104,8 @@ class RayExecutor(Driven):
         self._lost = threading.Lock()  # one report: the other thread waits here while it is written
         scaling = auto_gpus(scaling)
         self.scaling = scaling
-        self.num_shards = n = resolve_num_workers(scaling)
+        self.num_workers = n = resolve_num_workers(scaling)
+        self.num_shards = n * scaling.shards_per_worker  # fixed: the weights depend on this, not on who computes
         bundle = {
             "CPU": scaling.cpus_per_worker,
             **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {}),
@@ -283,9 +284,10 @@ class RayExecutor(Driven):
         pending: dict[Any, tuple[list[int], int]] = {}
 
         def send(idx: list[int]) -> None:
+            owners = self.policy.owners(len(shards))  # by speed; again after a retirement
             by_owner: dict[int, list[int]] = {}
             for i in idx:
-                by_owner.setdefault(self.policy.owner(i), []).append(i)
+                by_owner.setdefault(owners[i], []).append(i)
             for w, mine in by_owner.items():
                 pending[call(self.workers[w], [shards[i] for i in mine])] = (mine, w)
 
@@ -303,8 +305,11 @@ class RayExecutor(Driven):
             for ref in ready:
                 idx, w = pending.pop(ref)
                 try:
-                    for i, r in zip(idx, raywait.result(ref), strict=True):
+                    got = raywait.result(ref)
+                    for i, r in zip(idx, got, strict=True):
                         results[i] = r
+                    if got and isinstance(got[0], ShardResult):  # a training step (not a curve): the worker's speed
+                        self.policy.observe(w, sum(r.count for r in got), sum(r.compute_s for r in got))
                 except RayActorError as e:
                     decision = self.policy.failed(w, idx[0], restarted=self._back(w))
                     if decision.action is Action.MOVE:
@@ -380,10 +385,11 @@ class RayExecutor(Driven):
         info = [self._info[i] for i in self.healthy() if self._info[i] is not None]
         how = "/".join(sorted({i.task_map for i in info})) + ", " + "/".join(sorted({i.step for i in info}))
         gpus = f", {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else ""
-        width = f"{len(info)} of {self.num_shards}" if len(info) < self.num_shards else f"{self.num_shards}"
+        width = f"{len(info)} of {self.num_workers}" if len(info) < self.num_workers else f"{self.num_workers}"
+        shards = f", {self.num_shards} shards a step by speed" if self.num_shards > self.num_workers else ""
         return (
             f"{width} Ray workers ({s.cpus_per_worker:g} CPU{gpus} each, {s.placement}, "
-            f"store via {self.store_mode}, tasks by {how})"
+            f"store via {self.store_mode}, tasks by {how}{shards})"
         )
 
     def close(self) -> None:

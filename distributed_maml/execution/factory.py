@@ -40,7 +40,7 @@ def make(store: TaskStore, model: ModelConfig, maml: MamlConfig, scaling: Scalin
     if scaling.num_workers == 0:
         from distributed_maml.execution.inprocess import InProcessExecutor
 
-        return InProcessExecutor(local_computer(store, model, maml, scaling))
+        return InProcessExecutor(local_computer(store, model, maml, scaling), num_shards=scaling.shards_per_worker)
     from distributed_maml.execution.collective import CollectiveExecutor
     from distributed_maml.execution.driver import RayExecutor
 

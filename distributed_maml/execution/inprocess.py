@@ -23,13 +23,15 @@ class InProcessExecutor:
     device too and the unlogged steps are fused (execution/devicesteps.py); on a CPU the
     driver loop runs every step."""
 
-    num_shards = 1
+    learner_device: str
 
-    def __init__(self, computer: ShardComputer, fused: bool | None = None) -> None:
+    def __init__(self, computer: ShardComputer, fused: bool | None = None, num_shards: int = 1) -> None:
         """`fused`: take fused steps when the learner is on this device (default: on CUDA, as CUDA
         graphs when scaling.gpu_step = "graph"); True on a CPU runs the same fused step eagerly
         (how its arithmetic is tested against the driver loop)."""
         self.computer = computer
+        self.num_shards = num_shards  # scaling.shards_per_worker: the shards of an N-shard Ray run, one after another
+        self.learner_device = str(computer.device)  # where the training loop keeps the learner
         on_cuda = computer.device.type == "cuda"
         self.device_steps = (
             DeviceSteps(computer, capture=on_cuda and computer.gpu_step == "graph")
@@ -37,13 +39,8 @@ class InProcessExecutor:
             else None
         )
 
-    @property
-    def learner_device(self) -> str:
-        """Where the training loop puts the learner: this computer's device."""
-        return str(self.computer.device)
-
     def run_steps(self, learner: Learner, sampler: Sampler, steps: Steps, on_step: OnStep) -> int:
-        fused = self.device_steps is not None and learner.device == self.computer.device
+        fused = self.device_steps is not None and learner.device == self.computer.device and self.num_shards == 1
         if fused and why_not_fused(self.computer) is None:
             return self.device_steps.run_steps(self, learner, sampler, steps, on_step)  # type: ignore[union-attr]
         return drive(self, learner, sampler, steps, on_step)

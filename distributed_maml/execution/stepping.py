@@ -34,14 +34,20 @@ def is_finite(reduced: Reduced) -> bool:
 def timing(results: list[ShardResult], wall_s: float, update_s: float) -> dict[str, Any]:
     """Where a step's time went: mean worker compute, how long the fastest worker idled for the
     slowest (stragglers), what Ray's calls and transfers added, and the learner's update."""
-    compute = [r.compute_s for r in results]
-    slowest = max(range(len(results)), key=lambda i: compute[i])
+    per: dict[str, list[float]] = {}  # worker -> [shards, tasks, compute seconds]: a worker may hold several shards
+    for r in results:
+        acc = per.setdefault(r.worker, [0, 0, 0.0])
+        acc[0], acc[1], acc[2] = acc[0] + 1, acc[1] + r.count, acc[2] + r.compute_s
+    busy = {w: v[2] for w, v in per.items()}
     return {
-        "compute_s": float(np.mean(compute)),
-        "straggler_s": max(compute) - min(compute),
-        "overhead_s": max(0.0, wall_s - max(compute)),
+        "compute_s": float(np.mean(list(busy.values()))),
+        "straggler_s": max(busy.values()) - min(busy.values()),
+        "overhead_s": max(0.0, wall_s - max(busy.values())),
         "update_s": update_s,
-        "slowest_worker": results[slowest].worker,
+        "slowest_worker": max(busy, key=lambda w: busy[w]),
+        "shares": {w: int(v[0]) for w, v in per.items()},  # shards each worker computed this step
+        "worker_tasks": {w: int(v[1]) for w, v in per.items()},
+        "worker_compute_s": busy,
     }
 
 
