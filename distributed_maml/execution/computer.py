@@ -84,7 +84,7 @@ class ShardComputer:
         from Ray's object store are read-only, and the copy is tiny)."""
         if isinstance(weights, torch.Tensor) and weights.device == self.device:
             return weights.detach().to(torch.float32)
-        return torch.as_tensor(np.asarray(weights), dtype=torch.float32).to(self.device, copy=True)
+        return torch.tensor(np.asarray(weights), dtype=torch.float32, device=self.device)
 
     def batch(self, ids: np.ndarray) -> TaskBatch:
         """The shard's rows as tensors on the device. On a GPU that holds the whole store, a
