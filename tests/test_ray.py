@@ -547,3 +547,30 @@ def test_shards_by_speed_give_the_bits_of_any_pool_with_the_same_shards(tmp_path
     again = [s for s, n in counts.items() if n == 2]
     assert len(again) >= 2 and all(n in (1, 2) for n in counts.values()), counts  # its shards, each once more
     np.testing.assert_array_equal(lost.weights, oracle.weights)
+
+
+def test_pools_of_different_slices_in_one_run(tmp_path, store_path):
+    """scaling.pools: one worker of 1 CPU beside two of half a CPU, each its own slot and slice,
+    6 shards a step by speed: the in-process run of the same 6 shards, bit for bit."""
+    import torch
+
+    pools = "scaling.pools=[{num_workers = 1, cpus_per_worker = 1}, {num_workers = 2, cpus_per_worker = 0.5}]"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        oracle, _ = train_on(
+            tmp_path / "inproc", store_path, [*BASE, "scaling.num_workers=0", "scaling.shards_per_worker=6"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    seen = {}
+
+    def hook(ex):
+        seen["describe"] = ex.describe()
+        seen["free"] = ray.available_resources().get("CPU", 0)
+
+    mixed, ex = train_on(tmp_path / "pools", store_path, [*BASE, pools, "scaling.shards_per_worker=2"], hook)
+    assert ex.num_workers == 3 and ex.num_shards == 6
+    assert ex.slots.bundles == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]
+    assert seen["free"] == 2 and "1 x 1 CPU; 2 x 0.5 CPU" in seen["describe"], seen  # 2 of the 4 CPUs reserved
+    np.testing.assert_array_equal(mixed.weights, oracle.weights)

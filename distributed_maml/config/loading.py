@@ -24,7 +24,12 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "a string"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, "a table" if typing.get_origin(tp) is dict else "a list of integers"
+        tp,
+        "a table"
+        if typing.get_origin(tp) is dict
+        else "a list of tables"
+        if typing.get_args(tp)[:1] == (dict[str, Any],)
+        else "a list of integers",
     )
 
 
@@ -42,6 +47,9 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
     elif typing.get_origin(tp) is dict:
         ok = isinstance(value, dict)
         value = dict(value) if ok else value
+    elif typing.get_args(tp)[:1] == (dict[str, Any],):  # tuple[dict, ...]: a list of tables (scaling.pools)
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, dict) for v in value)
+        value = tuple(dict(v) for v in value) if ok else value
     else:  # tuple[int, ...]
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         value = tuple(value) if ok else value

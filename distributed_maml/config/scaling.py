@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from distributed_maml.config.values import (
     DEVICES,
@@ -55,6 +56,13 @@ class ScalingConfig:
     worker computes fewer of them instead of holding the step up. The weights depend on the
     number of shards only (a run of 4 workers x 2 equals one of 8 x 1, bit for bit), never on
     who computed which; 1 is one shard per worker, as before."""
+    pools: tuple[dict[str, Any], ...] = ()
+    """Workers of different slices in one run (mixed hardware: a GPU worker beside CPU
+    workers, whole and fractional GPUs): a list of tables such as
+    `[{num_workers = 1, gpus_per_worker = 1}, {num_workers = 2, cpus_per_worker = 1}]`, each
+    worker computing on its own device (cpus_per_worker and gpus_per_worker default to the
+    section's). num_workers is their sum (leave it -1, or give the sum). Give shards_per_worker
+    > 1 so that the faster workers take more shards. Driver mode."""
     cpus_per_worker: float = 1.0
     """CPUs each worker reserves; its torch thread count is set to match."""
     gpus_per_worker: float = 0.0
@@ -91,7 +99,20 @@ class ScalingConfig:
     to 127.0.0.1 would otherwise send the other hosts to their own loopback). GLOO_SOCKET_IFNAME
     / NCCL_SOCKET_IFNAME in the workers' environment win over both."""
 
+    def slices(self, num_workers: int) -> list[dict[str, float]]:
+        """Each of `num_workers` workers' Ray resources, in worker order: the pools' in turn,
+        else the section's cpus_per_worker and gpus_per_worker for every one."""
+        if not self.pools:
+            return [_bundle(self.cpus_per_worker, self.gpus_per_worker)] * num_workers
+        return [
+            _bundle(p.get("cpus_per_worker", self.cpus_per_worker), p.get("gpus_per_worker", self.gpus_per_worker))
+            for p in self.pools
+            for _ in range(p["num_workers"])
+        ]
+
     def __post_init__(self) -> None:
+        if self.pools:
+            self._check_pools()
         _require(self.num_workers >= -1, f"scaling.num_workers must be >= 0, or -1 for auto, got {self.num_workers}")
         _require(
             self.min_workers == 0 or 1 <= self.min_workers <= self.num_workers,
@@ -153,3 +174,50 @@ class ScalingConfig:
             math.isfinite(self.worker_timeout_s) and self.worker_timeout_s > 0,
             f"scaling.worker_timeout_s must be a number of seconds > 0, got {self.worker_timeout_s}",
         )
+
+    def _check_pools(self) -> None:
+        """scaling.pools, each table checked, and num_workers set to their sum."""
+        keys = ("num_workers", "cpus_per_worker", "gpus_per_worker")
+        total = 0
+        for i, p in enumerate(self.pools):
+            where = f"scaling.pools[{i}]"
+            _require(isinstance(p, dict), f"{where} must be a table {{num_workers = N, ...}}, got {p!r}")
+            unknown = sorted(set(p) - set(keys))
+            _require(
+                not unknown, f"{where} has unknown key {unknown[0] if unknown else ''}; a pool takes {', '.join(keys)}"
+            )
+            n = p.get("num_workers")
+            _require(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+                f"{where}.num_workers must be a whole number >= 1, got {n!r}",
+            )
+            cpus, gpus = p.get("cpus_per_worker", self.cpus_per_worker), p.get("gpus_per_worker", self.gpus_per_worker)
+            _require(
+                isinstance(cpus, (int, float)) and math.isfinite(cpus) and cpus > 0,
+                f"{where}.cpus_per_worker must be > 0, got {cpus!r}",
+            )
+            _require(
+                isinstance(gpus, (int, float))
+                and math.isfinite(gpus)
+                and gpus >= 0
+                and (gpus <= 1 or float(gpus).is_integer()),
+                f"{where}.gpus_per_worker must be >= 0 (a whole number above 1), got {gpus!r}",
+            )
+            _require(
+                self.device != "cpu" or gpus == 0,
+                f"scaling.device = 'cpu' contradicts {where}.gpus_per_worker = {gpus:g}",
+            )
+            total += n
+        _require(
+            self.num_workers in (-1, total),
+            f"scaling.num_workers ({self.num_workers}) must be -1 or the pools' sum ({total}) when scaling.pools is set",
+        )
+        _require(
+            self.mode == "driver",
+            "scaling.pools runs in driver mode (a collective group needs one backend); set scaling.mode = 'driver'",
+        )
+        object.__setattr__(self, "num_workers", total)  # frozen: the one place the sum is set
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}

@@ -106,12 +106,8 @@ class RayExecutor(Driven):
         self.scaling = scaling
         self.num_workers = n = resolve_num_workers(scaling)
         self.num_shards = n * scaling.shards_per_worker  # fixed: the weights depend on this, not on who computes
-        bundle = {
-            "CPU": scaling.cpus_per_worker,
-            **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {}),
-        }
         first = scaling.min_workers or n  # elastic: the rest join as room appears (take_back)
-        self.slots = Slots(n, bundle, scaling.placement, placed=first)
+        self.slots = Slots(scaling.slices(n), scaling.placement, placed=first)  # one slice a worker (pools: mixed)
         self.policy = Failover(n, scaling.max_worker_failures, scaling.worker_timeout_s)
         for w in range(first, n):
             self.policy.retire(w)
@@ -121,7 +117,7 @@ class RayExecutor(Driven):
             self.slots.close()
             raise
         code = tuple(p for p in [search_path(model_cfg.name)] if p) if is_import_path(model_cfg.name) else ()
-        self._args = (model_cfg, maml_cfg, scaling.cpus_per_worker, scaling.gpus_per_worker)
+        self._args = (model_cfg, maml_cfg)
         self._opts = (scaling.task_map, code, scaling.gpu_step, scaling.precision)
         self.workers: list[Any] = [self._spawn(i) if i < first else None for i in range(n)]
         self._info: list[WorkerInfo | None] = [None] * n
@@ -165,10 +161,10 @@ class RayExecutor(Driven):
         self.store_mode = mode
 
     def _spawn(self, i: int) -> Any:
-        s = self.scaling
-        return WorkerActor.options(
-            num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker, scheduling_strategy=self.slots.strategy(i)
-        ).remote(self.source, self.blob, *self._args, i, *self._opts)
+        cpus, gpus = self.slots.bundles[i]["CPU"], self.slots.bundles[i].get("GPU", 0.0)  # this slot's slice
+        return WorkerActor.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=self.slots.strategy(i)).remote(
+            self.source, self.blob, *self._args, cpus, gpus, i, *self._opts
+        )
 
     def start(self) -> None:
         """Waits, bounded, until every worker has started (its store open, its model built). A
@@ -385,12 +381,20 @@ class RayExecutor(Driven):
         info = [self._info[i] for i in self.healthy() if self._info[i] is not None]
         how = "/".join(sorted({i.task_map for i in info})) + ", " + "/".join(sorted({i.step for i in info}))
         gpus = f", {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else ""
+        each = f"{s.cpus_per_worker:g} CPU{gpus} each"
+        if s.pools:  # mixed slices: each pool's count and slice
+            each = "; ".join(
+                f"{p['num_workers']} x {p.get('cpus_per_worker', s.cpus_per_worker):g} CPU"
+                + (
+                    f" {p.get('gpus_per_worker', s.gpus_per_worker):g} GPU"
+                    if p.get("gpus_per_worker", s.gpus_per_worker)
+                    else ""
+                )
+                for p in s.pools
+            )
         width = f"{len(info)} of {self.num_workers}" if len(info) < self.num_workers else f"{self.num_workers}"
         shards = f", {self.num_shards} shards a step by speed" if self.num_shards > self.num_workers else ""
-        return (
-            f"{width} Ray workers ({s.cpus_per_worker:g} CPU{gpus} each, {s.placement}, "
-            f"store via {self.store_mode}, tasks by {how}{shards})"
-        )
+        return f"{width} Ray workers ({each}, {s.placement}, store via {self.store_mode}, tasks by {how}{shards})"
 
     def close(self) -> None:
         self._closed.set()

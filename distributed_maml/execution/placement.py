@@ -37,15 +37,15 @@ PLACEMENT_TIMEOUT_S = 60.0  # a pool that cannot be placed by then never will be
 class Slots:
     """One placement group per worker slot; `strategy(i)` schedules an actor into slot i."""
 
-    def __init__(
-        self, size: int, bundle: dict[str, float], strategy: str, placed: int = 0, timeout_s: float = 0.0
-    ) -> None:
-        """Places slots 0..placed-1 now (all `size` when placed = 0), all or nothing; the others
-        start empty and ask for room later (`request`)."""
-        self.bundle = bundle
+    def __init__(self, bundles: list[dict[str, float]], strategy: str, placed: int = 0, timeout_s: float = 0.0) -> None:
+        """One slot per bundle (a worker's CPUs and GPUs: the same for every slot, or the pools'
+        of scaling.pools). Places slots 0..placed-1 now (all when placed = 0), all or nothing;
+        the others start empty and ask for room later (`request`)."""
+        size = len(bundles)
+        self.bundles = bundles
         self.groups: list[PlacementGroup | None] = [None] * size
         self.nodes: list[str | None] = [None] * size  # where each slot was placed (None: not known)
-        self.enclosing = _enclosing(size, bundle)
+        self.enclosing = _enclosing(bundles)
         if self.enclosing is not None:  # a sweep's trial: its workers' bundles are already reserved
             nodes = placement_group_table(self.enclosing)["bundles_to_node_id"]
             for i in range(size):
@@ -53,20 +53,21 @@ class Slots:
             return
         timeout_s = timeout_s or PLACEMENT_TIMEOUT_S
         size = placed or size
-        pool = placement_group([bundle] * size, strategy=strategy.upper())
+        pool = placement_group(bundles[:size], strategy=strategy.upper())
+        what = _describe(bundles[:size])
         try:
             raywait.get(pool.ready(), timeout_s, "placing the workers")
             nodes = placement_group_table(pool)["bundles_to_node_id"]
         except raywait.ClusterTimeout:
             raise ConfigError(
-                f"cannot place {size} workers of {bundle} on this cluster within {timeout_s:g} s (it has "
+                f"cannot place {what} on this cluster within {timeout_s:g} s (it has "
                 f"{_free(ray.cluster_resources())}); lower scaling.num_workers, cpus_per_worker or gpus_per_worker, "
                 "or add nodes"
             ) from None
         finally:
             remove_placement_group(pool)
         for i in range(size):
-            self.groups[i], self.nodes[i] = self._group(nodes[i]), nodes[i]
+            self.groups[i], self.nodes[i] = self._group(i, nodes[i]), nodes[i]
         deadline = time.monotonic() + timeout_s
         for i, g in enumerate(self.groups[:size]):
             assert g is not None
@@ -75,13 +76,13 @@ class Slots:
             except raywait.ClusterTimeout:
                 self.close()
                 raise ConfigError(
-                    f"worker slot {i} of {bundle} lost its place on node {nodes.get(i)} while the pool was set up "
+                    f"worker slot {i} of {bundles[i]} lost its place on node {nodes.get(i)} while the pool was set up "
                     f"(within {timeout_s:g} s); the cluster changed under the run: try again"
                 ) from None
 
-    def _group(self, node: str | None) -> PlacementGroup:
+    def _group(self, i: int, node: str | None) -> PlacementGroup:
         pin = [{"ray.io/node-id": node}] if node else None
-        return placement_group([self.bundle], strategy="PACK", bundle_label_selector=pin)
+        return placement_group([self.bundles[i]], strategy="PACK", bundle_label_selector=pin)
 
     def strategy(self, i: int) -> PlacementGroupSchedulingStrategy:
         index = 0 if self.enclosing is None else i + 1  # the trial's own bundle is 0
@@ -102,7 +103,7 @@ class Slots:
         if self.enclosing is not None:
             self.groups[i] = self.enclosing
             return self.enclosing.ready()
-        self.groups[i] = self._group(None)
+        self.groups[i] = self._group(i, None)
         return self.groups[i].ready()
 
     def lost(self) -> set[int]:
@@ -115,7 +116,15 @@ class Slots:
             self.release(i)
 
 
-def _enclosing(size: int, bundle: dict[str, float]) -> PlacementGroup | None:
+def _describe(bundles: list[dict[str, float]]) -> str:
+    """'2 workers of {'CPU': 1.0}' or, for pools, each kind with its count."""
+    kinds: dict[str, int] = {}
+    for b in bundles:
+        kinds[str(b)] = kinds.get(str(b), 0) + 1
+    return " and ".join(f"{n} worker{'s' if n > 1 else ''} of {b}" for b, n in kinds.items())
+
+
+def _enclosing(bundles: list[dict[str, float]]) -> PlacementGroup | None:
     """The placement group this process runs in when it reserved a bundle for each worker after
     its own (a `distributed-maml tune` trial: execution/tuning.py asks Tune for [driver, worker
     x size]); None otherwise. Placing new groups there would ask the cluster twice for the
@@ -126,8 +135,8 @@ def _enclosing(size: int, bundle: dict[str, float]) -> PlacementGroup | None:
     if group is None:
         return None
     specs = group.bundle_specs
-    fits = len(specs) >= size + 1 and all(
-        specs[i + 1].get(k, 0) >= v for i in range(size) for k, v in bundle.items() if v
+    fits = len(specs) >= len(bundles) + 1 and all(
+        specs[i + 1].get(k, 0) >= v for i, bundle in enumerate(bundles) for k, v in bundle.items() if v
     )
     return group if fits else None
 

@@ -47,8 +47,7 @@ def _space(dimensions: Sequence[Any]) -> dict[str, Any]:
 def trial_resources(scaling: Any) -> list[dict[str, float]]:
     """A trial's bundles: its driver (one CPU; the run itself when in-process), then one per
     Ray worker, as the run's Slots will use them (placement.py: `_enclosing`)."""
-    worker = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})}
-    return [{"CPU": 1.0}] + [worker] * scaling.num_workers
+    return [{"CPU": 1.0}, *scaling.slices(scaling.num_workers)]
 
 
 def run(
