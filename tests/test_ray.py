@@ -572,5 +572,5 @@ def test_pools_of_different_slices_in_one_run(tmp_path, store_path):
     mixed, ex = train_on(tmp_path / "pools", store_path, [*BASE, pools, "scaling.shards_per_worker=2"], hook)
     assert ex.num_workers == 3 and ex.num_shards == 6
     assert ex.slots.bundles == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]
-    assert seen["free"] == 2 and "1 x 1 CPU; 2 x 0.5 CPU" in seen["describe"], seen  # 2 of the 4 CPUs reserved
+    assert seen["free"] == 2 and "(1 x 1 CPU; 2 x 0.5 CPU, pack" in seen["describe"], seen  # 2 of the 4 CPUs reserved
     np.testing.assert_array_equal(mixed.weights, oracle.weights)

@@ -110,6 +110,16 @@ class ScalingConfig:
             for _ in range(p["num_workers"])
         ]
 
+    def describe_slices(self) -> str:
+        """'1 CPU each', '1 CPU, 0.5 GPU each', or each pool's count and slice: for first lines."""
+        if not self.pools:
+            return f"{_slice(self.cpus_per_worker, self.gpus_per_worker)} each"
+        return "; ".join(
+            f"{p['num_workers']} x "
+            + _slice(p.get("cpus_per_worker", self.cpus_per_worker), p.get("gpus_per_worker", self.gpus_per_worker))
+            for p in self.pools
+        )
+
     def __post_init__(self) -> None:
         if self.pools:
             self._check_pools()
@@ -221,3 +231,7 @@ class ScalingConfig:
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
     return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+
+
+def _slice(cpus: float, gpus: float) -> str:
+    return f"{cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "")

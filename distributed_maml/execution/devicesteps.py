@@ -58,7 +58,8 @@ class FusedStep:
         dev = computer.device
         self.count = float(meta_batch)
         self.ids = torch.zeros(meta_batch, dtype=torch.long, device=dev)  # the step's task ids (graph input)
-        self.inputs: TaskBatch | None = None  # the step's rows when the store is not on the device
+        # the step's rows when the store is not on the device: fixed buffers, filled before each step
+        self.inputs = None if computer.resident is not None else computer.batch(np.zeros(meta_batch, dtype=np.int64))
         self.loss = torch.zeros((), device=dev)  # outputs: the step's mean query loss, finite or not
         self.finite = torch.zeros((), dtype=torch.bool, device=dev)
         self.halted = torch.zeros((), dtype=torch.bool, device=dev)  # a bad step seen under "stop"

@@ -380,21 +380,10 @@ class RayExecutor(Driven):
         self.start()
         info = [self._info[i] for i in self.healthy() if self._info[i] is not None]
         how = "/".join(sorted({i.task_map for i in info})) + ", " + "/".join(sorted({i.step for i in info}))
-        gpus = f", {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else ""
-        each = f"{s.cpus_per_worker:g} CPU{gpus} each"
-        if s.pools:  # mixed slices: each pool's count and slice
-            each = "; ".join(
-                f"{p['num_workers']} x {p.get('cpus_per_worker', s.cpus_per_worker):g} CPU"
-                + (
-                    f" {p.get('gpus_per_worker', s.gpus_per_worker):g} GPU"
-                    if p.get("gpus_per_worker", s.gpus_per_worker)
-                    else ""
-                )
-                for p in s.pools
-            )
         width = f"{len(info)} of {self.num_workers}" if len(info) < self.num_workers else f"{self.num_workers}"
         shards = f", {self.num_shards} shards a step by speed" if self.num_shards > self.num_workers else ""
-        return f"{width} Ray workers ({each}, {s.placement}, store via {self.store_mode}, tasks by {how}{shards})"
+        slices, where = s.describe_slices(), f"{s.placement}, store via {self.store_mode}"
+        return f"{width} Ray workers ({slices}, {where}, tasks by {how}{shards})"
 
     def close(self) -> None:
         self._closed.set()
