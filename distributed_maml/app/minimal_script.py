@@ -25,12 +25,13 @@ def make_step(
     first_order: bool = False,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
     meta_lr: float = 1e-3,
+    capturable: bool = False,
 ) -> tuple[Callable[[tuple[torch.Tensor, ...]], None], dict[str, torch.Tensor]]:
     """(step, params): step(batch) does one meta-update on batch = (xs, ys, xq, yq), each with a
     leading task axis; params are the meta-parameters it updates (their .grad: the last mean
-    meta-gradient)."""
+    meta-gradient). `capturable`: Adam's step count on the device (for a CUDA graph)."""
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
-    opt = torch.optim.Adam(params.values(), lr=meta_lr)
+    opt = torch.optim.Adam(params.values(), lr=meta_lr, capturable=capturable)
 
     def task(p: dict, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
         for _ in range(inner_steps):
@@ -62,37 +63,18 @@ def make_graph_step(
     copies a batch (CUDA tensors shaped like `example`) into the graph's inputs and replays it;
     Adam is `capturable` so its step count lives on the device too."""
     device = example[0].device
-    model = model.to(device)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
-    opt = torch.optim.Adam(params.values(), lr=meta_lr, capturable=True)
+    step, _ = make_step(model.to(device), inner_steps, inner_lr, first_order, loss, meta_lr, capturable=True)
     static = tuple(t.clone() for t in example)
-
-    def task(p: dict, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> torch.Tensor:
-        for _ in range(inner_steps):
-            g = grad(lambda q: loss(functional_call(model, q, (xs,)), ys))(p)
-            if first_order:
-                g = {k: v.detach() for k, v in g.items()}
-            p = {k: p[k] - inner_lr * g[k] for k in p}
-        return loss(functional_call(model, p, (xq,)), yq)
-
-    def step() -> None:
-        for v in params.values():
-            v.grad = None
-        vmap(task, in_dims=(None, 0, 0, 0, 0))(params, *static).mean().backward()
-        opt.step()
 
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
         for _ in range(3):
-            step()
+            step(static)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    for v in params.values():  # backward inside the capture allocates .grad from the graph's pool
-        v.grad = None
-    with torch.cuda.graph(graph):
-        vmap(task, in_dims=(None, 0, 0, 0, 0))(params, *static).mean().backward()
-        opt.step()
+    with torch.cuda.graph(graph):  # zero_grad() sets .grad to None: backward allocates it from the graph's pool
+        step(static)
 
     def replay(batch: tuple[torch.Tensor, ...]) -> None:
         for s, b in zip(static, batch):
