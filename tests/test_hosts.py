@@ -171,7 +171,11 @@ def test_a_host_lost_mid_run_keeps_the_speed_and_the_weights_and_its_worker_come
     summed in shard order, whoever computed them (over 2,000 steps the in-process run, one
     shard, drifts from any two-shard run by float32 rounding; tests/test_multinode.py holds
     short runs to it)."""
-    proc = hosts.train(tmp_path / "lossy", [*RUN, f"scaling.mode={mode}"])
+    # collective: a chunk per 10 steps, not 50 (same weights: chunks do not change the bits). A lost
+    # worker rejoins only at chunk boundaries, one phase each (placed, started, answered), and the
+    # collective run's 1,000 steps after the rejoin took ~10 s at 50: too few boundaries to come back
+    chunks = ["training.log_every=10"] if mode == "collective" else []
+    proc = hosts.train(tmp_path / "lossy", [*RUN, f"scaling.mode={mode}", *chunks])
     try:
         before = _record_steps(proc, tmp_path / "lossy" / "metrics.jsonl", CUT_AT, 120)
         hosts.sh("cut")
