@@ -42,6 +42,10 @@ def _both(kind, forward, params, batch, cfg, task_map, version=5):
     plain, pm = maml.meta_gradient(forward, kind, params, batch, cfg, task_map, before=True, version=version)
     ckpt = dataclasses.replace(cfg, checkpoint_inner=True)
     chk, cm = maml.meta_gradient(forward, kind, params, batch, ckpt, task_map, before=True, version=version)
+    # recomputing each step's weights from the initial ones: the same operations, the same bits
+    again = dataclasses.replace(ckpt, checkpoint_recompute=True)
+    rec, rm = maml.meta_gradient(forward, kind, params, batch, again, task_map, before=True, version=version)
+    assert all(torch.equal(rec[k], chk[k]) for k in chk) and rm == cm
     return plain, chk, pm, cm
 
 
@@ -125,7 +129,7 @@ def test_bench_memory_prints_every_row_and_its_json(capsys):
     assert_user_error(bad, "--backbone must be one of conv4, resnet12")
     from distributed_maml.app import bench_memory
 
-    (row,) = bench_memory.memory_per_task("resnet12", (2,), 2, ("checkpointed",), channels=2)  # --backbone resnet12
+    (row,) = bench_memory.memory_per_task("resnet12", (2,), 2, ("recompute",), channels=2)  # --backbone resnet12
     assert row["model"] == "resnet12-2-5-10-20" and row["mib_per_task"] > 0 and row["tasks_per_s"] > 0
 
 

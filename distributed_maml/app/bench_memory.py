@@ -4,7 +4,8 @@ one): on a CPU the process's peak RSS above what it held before the step, on CUD
 torch.cuda.max_memory_allocated; with the step's time, tasks/s.
 
 Modes: "second" (second order through the unrolled inner loop), "checkpointed"
-(maml.checkpoint_inner: one inner step's graph at a time), "first" (first order), "imaml" (the
+(maml.checkpoint_inner: one inner step's graph at a time), "recompute" (with
+maml.checkpoint_recompute: no step's weights kept either), "first" (first order), "imaml" (the
 implicit meta-gradient, imaml_lambda 1 and 5 conjugate-gradient steps).
 """
 
@@ -24,7 +25,7 @@ from distributed_maml.core.maml import TaskBatch
 from distributed_maml.core.models import build, functional
 from distributed_maml.data.writing import build_in_memory
 
-MODES = ("second", "checkpointed", "first", "imaml")
+MODES = ("second", "checkpointed", "recompute", "first", "imaml")
 BACKBONES = ("conv4", "resnet12")
 
 
@@ -77,7 +78,8 @@ def _memory_setup(
         forward, params = functional(net), {k: v.detach() for k, v in net.named_parameters()}
         batch, kind = TaskBatch.from_numpy(store.rows(np.arange(meta_batch)), device), store.info.kind
     algorithm = "imaml" if mode == "imaml" else "maml"
-    cfg = MamlConfig(steps, lr, mode == "first", algorithm, checkpoint_inner=mode == "checkpointed")
+    chk = {"checkpoint_inner": mode in ("checkpointed", "recompute"), "checkpoint_recompute": mode == "recompute"}
+    cfg = MamlConfig(steps, lr, mode == "first", algorithm, **chk)
     return forward, params, batch, kind, cfg
 
 

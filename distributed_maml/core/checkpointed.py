@@ -29,20 +29,39 @@ Query = Callable[[Params], tuple[Tensor, tuple[Tensor, Tensor]]]  # theta -> (qu
 
 
 def meta_gradient(
-    params: Params, step: Step, query: Query, inner_steps: int, weights: Sequence[float] | None = None
+    params: Params,
+    step: Step,
+    query: Query,
+    inner_steps: int,
+    weights: Sequence[float] | None = None,
+    recompute: bool = False,
 ) -> tuple[Params, Tensor, Tensor]:
     """d/d(params) of the query loss after `inner_steps` steps (or, with `weights`, MAML++'s
     sum of weights[i] x the query loss after step i + 1), for one task; and the final query loss
-    and accuracy. Equal to differentiating through the unrolled loop (tested in float64)."""
-    states = [{k: v.detach() for k, v in params.items()}]
-    for i in range(inner_steps):  # forward: the weights after each step, no graph kept
-        states.append({k: v.detach() for k, v in step(states[-1], i).items()})
-    adjoint, (final, acc) = _query_grad(query, states[-1], 1.0 if weights is None else weights[-1])
+    and accuracy. Equal to differentiating through the unrolled loop (tested in float64).
+    `recompute`: keep only the initial weights and recompute theta_i from them when step i is
+    pulled back (memory flat in K; K(K-1)/2 more steps; the same operations, so the same bits)."""
+    initial = {k: v.detach() for k, v in params.items()}
+
+    def advance(theta: Params, first: int, last: int) -> Params:
+        for i in range(first, last):  # the weights after steps first..last-1, no graph kept
+            theta = {k: v.detach() for k, v in step(theta, i).items()}
+        return theta
+
+    states = [initial]
+    if recompute:
+        final_state = advance(initial, 0, inner_steps)
+    else:
+        for i in range(inner_steps):
+            states.append(advance(states[-1], i, i + 1))
+        final_state = states[-1]
+    adjoint, (final, acc) = _query_grad(query, final_state, 1.0 if weights is None else weights[-1])
     for i in reversed(range(inner_steps)):
-        _, pull = vjp(lambda q, i=i: step(q, i), states[i])  # this step's graph only, rebuilt
+        theta_i = advance(initial, 0, i) if recompute else states[i]
+        _, pull = vjp(lambda q, i=i: step(q, i), theta_i)  # this step's graph only, rebuilt
         (adjoint,) = pull(adjoint)
         if weights is not None and i > 0:  # MAML++: the query loss after step i counts too
-            extra, _ = _query_grad(query, states[i], weights[i - 1])
+            extra, _ = _query_grad(query, theta_i, weights[i - 1])
             adjoint = {k: adjoint[k] + extra[k] for k in adjoint}
     return adjoint, final, acc
 

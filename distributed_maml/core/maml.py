@@ -201,7 +201,9 @@ def _checkpointed_sums(
             return adapt(forward, kind, q, xs, ys, 1, cfg.inner_lr, False, head, first_step=i)
 
         query = _query(forward, kind, xq, yq)
-        g, final, acc = checkpointed.meta_gradient(p, step, query, cfg.inner_steps, plan.weights)
+        g, final, acc = checkpointed.meta_gradient(
+            p, step, query, cfg.inner_steps, plan.weights, recompute=cfg.checkpoint_recompute
+        )
         return (*(g[k] for k in names), final, acc)
 
     return _summed(names, *_per_task(task, params, batch, task_map), weights)
