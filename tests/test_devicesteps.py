@@ -133,6 +133,10 @@ def test_every_computation_gets_the_configured_device(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ShardComputer, "__init__", computer)
     monkeypatch.setattr(learner_mod.Learner, "__init__", learner)
+    # the protocol's sizes cut to what the spy needs: which device each piece is built on
+    monkeypatch.setattr(evaluate, "VALIDATION_TASKS", 4)
+    monkeypatch.setattr(evaluate, "PRETRAINED_LR_GRID", (0.3, 1.0, 3.0))
+    monkeypatch.setattr(bench_eval, "STEPS", (0, 1))
     cfg = [*BASE, "task.num_tasks=0", "training.steps=4", "training.eval_every=2", "training.eval_tasks=10"]
     train_on(tmp_path / "run", None, cfg)
     evaluate.evaluate(tmp_path / "run", steps=(0, 1), num_tasks=6, pretrain_steps=2)
