@@ -56,13 +56,17 @@ def meta_gradient(
             states.append(advance(states[-1], i, i + 1))
         final_state = states[-1]
     adjoint, (final, acc) = _query_grad(query, final_state, 1.0 if weights is None else weights[-1])
+    del final_state
     for i in reversed(range(inner_steps)):
-        theta_i = advance(initial, 0, i) if recompute else states[i]
-        _, pull = vjp(lambda q, i=i: step(q, i), theta_i)  # this step's graph only, rebuilt
+        theta_i = advance(initial, 0, i) if recompute else states.pop(i)
+        out, pull = vjp(lambda q, i=i: step(q, i), theta_i)  # this step's graph only, rebuilt
+        del out
         (adjoint,) = pull(adjoint)
+        del pull  # freed before the next step is rebuilt: one step's graph alive at a time, not two
         if weights is not None and i > 0:  # MAML++: the query loss after step i counts too
             extra, _ = _query_grad(query, theta_i, weights[i - 1])
             adjoint = {k: adjoint[k] + extra[k] for k in adjoint}
+        del theta_i
     return adjoint, final, acc
 
 

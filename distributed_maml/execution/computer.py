@@ -17,7 +17,15 @@ from torch import nn
 from distributed_maml.config import MamlConfig, ModelConfig
 from distributed_maml.core import implicit
 from distributed_maml.core import precision as precision_mod
-from distributed_maml.core.maml import TaskBatch, adaptation_curve, as_input, meta_gradient, varies
+from distributed_maml.core.maml import (
+    TaskBatch,
+    adaptation_curve,
+    as_input,
+    batch_sums,
+    meta_gradient,
+    step_plan,
+    varies,
+)
 from distributed_maml.core.network import assemble
 from distributed_maml.core.shards import ShardResult
 from distributed_maml.data.store import TaskStore
@@ -128,6 +136,20 @@ class ShardComputer:
             flat_grad = self.spec.flatten(grads)
         grad_sum = flat_grad.detach().to("cpu", torch.float32).numpy()
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
+
+    def sums(self, flat: torch.Tensor, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """An unlogged step's shard with nothing read back: the flat summed meta-gradient and the
+        query-loss sum, on the device (a CUDA graph's outputs where this computer has graphs:
+        valid until its next call). What `compute(before=False)` returns, before the host copy."""
+        graphed = None if self.graphs is None else self.graphs.run(flat, batch)
+        if graphed is not None:
+            return graphed[0], graphed[1]
+        with self.autocast():
+            grads, loss_sum, _ = batch_sums(
+                self.forward, self.store.info.kind, self.spec.unflatten(flat), batch, self.maml_cfg,
+                step_plan(self.maml_cfg, 0), None, self.task_map, False,
+            )  # fmt: skip
+        return self.spec.flatten(grads).float(), loss_sum
 
     def curve(
         self, weights: np.ndarray | torch.Tensor, ids: np.ndarray, steps: Sequence[int], lr: float

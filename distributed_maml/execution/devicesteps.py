@@ -36,6 +36,7 @@ from distributed_maml.core.learner import Learner
 from distributed_maml.core.maml import TaskBatch, batch_sums, step_plan, varies
 from distributed_maml.data.sampler import Sampler
 from distributed_maml.execution.computer import ShardComputer
+from distributed_maml.execution.masked import MaskedUpdate
 from distributed_maml.execution.stepping import drive
 from distributed_maml.execution.steps import OnStep, StepOutcome, Steps
 
@@ -62,13 +63,9 @@ class FusedStep:
         self.inputs = None if computer.resident is not None else computer.batch(np.zeros(meta_batch, dtype=np.int64))
         self.loss = torch.zeros((), device=dev)  # outputs: the step's mean query loss, finite or not
         self.finite = torch.zeros((), dtype=torch.bool, device=dev)
-        self.halted = torch.zeros((), dtype=torch.bool, device=dev)  # a bad step seen under "stop"
         self.plan = step_plan(computer.maml_cfg, 0)
-        _init_state(learner)
-        self.state = [learner.flat, *_state_tensors(learner)]
-        self.saved = [t.detach().clone() for t in self.state]
-        self.grad = torch.zeros_like(learner.flat)  # a fixed buffer the graph writes (held here: the
-        # learner's own .grad is reset by a logged step's update, the graph's address must live on)
+        self.update = MaskedUpdate(learner, stop)
+        self.halted = self.update.halted
         self.graph: torch.cuda.CUDAGraph | None = None
         if capture:
             self._capture()
@@ -80,34 +77,21 @@ class FusedStep:
         return self.inputs
 
     def _step(self) -> None:
-        learner, c = self.learner, self.computer
-        with torch.no_grad():
-            for s, t in zip(self.saved, self.state, strict=True):
-                s.copy_(t)
-        learner.flat.grad = self.grad
-        params = c.spec.unflatten(learner.flat.detach())
+        c = self.computer
+        params = c.spec.unflatten(self.learner.flat.detach())
         with c.autocast():
             grads, loss_sum, _ = batch_sums(
                 c.forward, c.store.info.kind, params, self._batch(), c.maml_cfg, self.plan, accuracy=False
             )
         with torch.no_grad():
-            mean = c.spec.flatten(grads).float() / self.count
             loss = loss_sum.float() / self.count
-            finite = torch.isfinite(mean).all() & torch.isfinite(loss)
-            self.grad.copy_(mean)
-            learner.optimizer.step()
-            keep = finite & ~self.halted  # apply the step only where it is good (and not halted)
-            for s, t in zip(self.saved, self.state, strict=True):
-                t.copy_(torch.where(keep, t, s))
-            if self.stop:
-                self.halted |= ~finite
+            finite = self.update.apply(c.spec.flatten(grads).float() / self.count, loss)
             self.loss.copy_(loss)
             self.finite.copy_(finite)
-        learner.flat.grad = None  # as Learner.apply leaves it
 
     def _capture(self) -> None:
         dev = self.computer.device
-        before = [t.detach().clone() for t in self.state]
+        before = [t.detach().clone() for t in self.update.state]
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
@@ -118,7 +102,7 @@ class FusedStep:
         with torch.cuda.graph(self.graph):
             self._step()
         with torch.no_grad():  # the warm-up changed the weights: put them back
-            for t, b in zip(self.state, before, strict=True):
+            for t, b in zip(self.update.state, before, strict=True):
                 t.copy_(b)
             self.halted.fill_(False)
 
@@ -141,24 +125,6 @@ def _fill(dst: TaskBatch | None, src: TaskBatch) -> TaskBatch:
     for d, s in zip(dst.tensors(), src.tensors(), strict=True):
         d.copy_(s)
     return dst
-
-
-def _init_state(learner: Learner) -> None:
-    """Adam's state made now (zeros, step 0: what its first step would make), so the graph
-    captures the tensors every later step updates."""
-    opt = learner.optimizer
-    if isinstance(opt, torch.optim.Adam) and not opt.state[learner.flat]:
-        capturable = opt.defaults.get("capturable", False)
-        opt.state[learner.flat] = {
-            "step": torch.zeros((), dtype=torch.float32, device=learner.device if capturable else "cpu"),
-            "exp_avg": torch.zeros_like(learner.flat, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(learner.flat, memory_format=torch.preserve_format),
-        }
-
-
-def _state_tensors(learner: Learner) -> list[Tensor]:
-    state = learner.optimizer.state.get(learner.flat, {})
-    return [state[k] for k in ("step", "exp_avg", "exp_avg_sq") if isinstance(state.get(k), Tensor)]
 
 
 class DeviceSteps:

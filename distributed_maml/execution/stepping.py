@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,33 +21,14 @@ from distributed_maml import stopping
 from distributed_maml.core.learner import Learner
 from distributed_maml.core.shards import Reduced, ShardResult, reduce_shards
 from distributed_maml.data.sampler import Sampler, split_shards
+from distributed_maml.execution import collectivesteps
 from distributed_maml.execution.computer import ShardComputer
 from distributed_maml.execution.protocol import Executor
-from distributed_maml.execution.steps import OnStep, StepOutcome, Steps
+from distributed_maml.execution.steps import OnStep, StepOutcome, Steps, timing
 
 
 def is_finite(reduced: Reduced) -> bool:
     return bool(np.isfinite(reduced.grad).all()) and all(math.isfinite(v) for v in reduced.metrics.values())
-
-
-def timing(results: list[ShardResult], wall_s: float, update_s: float) -> dict[str, Any]:
-    """Where a step's time went: mean worker compute, how long the fastest worker idled for the
-    slowest (stragglers), what Ray's calls and transfers added, and the learner's update."""
-    per: dict[str, list[float]] = {}  # worker -> [shards, tasks, compute seconds]: a worker may hold several shards
-    for r in results:
-        acc = per.setdefault(r.worker, [0, 0, 0.0])
-        acc[0], acc[1], acc[2] = acc[0] + 1, acc[1] + r.count, acc[2] + r.compute_s
-    busy = {w: v[2] for w, v in per.items()}
-    return {
-        "compute_s": float(np.mean(list(busy.values()))),
-        "straggler_s": max(busy.values()) - min(busy.values()),
-        "overhead_s": max(0.0, wall_s - max(busy.values())),
-        "update_s": update_s,
-        "slowest_worker": max(busy, key=lambda w: busy[w]),
-        "shares": {w: int(v[0]) for w, v in per.items()},  # shards each worker computed this step
-        "worker_tasks": {w: int(v[1]) for w, v in per.items()},
-        "worker_compute_s": busy,
-    }
 
 
 def settle(learner: Learner, step: int, results: list[ShardResult], started: float) -> StepOutcome:
@@ -121,8 +101,14 @@ def collective_chunk(
     width = max(len(a) for a in assignment)  # every rank sends as many rows (gather needs equal sizes)
     header = torch.empty(size + 2, dtype=torch.float32, device=comm)  # weights, go on (1) or stop (0), version
     outcomes: list[StepOutcome] = []
-    go = True
-    for step in steps:
+    go, rest = True, list(steps)
+    unlogged = [s for s in steps if not steps.before(s)]
+    if unlogged and collectivesteps.eligible(computer):  # nothing read back until the chunk ends
+        outcomes, halted = collectivesteps.unlogged_steps(
+            computer, learner, sampler, unlogged, rank, assignment, num_shards, steps.stop_on_nonfinite, comm
+        )
+        go, rest = not halted, [s for s in steps if steps.before(s)]
+    for step in rest:
         started = time.perf_counter()
         if rank == 0:
             assert learner is not None

@@ -1,0 +1,97 @@
+"""The collective loop's unlogged steps with nothing read back (execution/collectivesteps.py),
+Ray-free: a one-rank gloo group holding all three shards of each step, against the driver
+loop over the same three shards, and against the collective loop's per-step path. Same
+weights bit for bit, same Adam state, the same steps reported, on a clean store and on one
+whose task turns a step non-finite in mid-chunk (stop ends there, skip drops it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed_maml.config import MamlConfig, ModelConfig
+from distributed_maml.core.learner import Learner
+from distributed_maml.core.network import assemble
+from distributed_maml.data.sampler import Sampler
+from distributed_maml.data.store import TaskStore
+from distributed_maml.execution import collectivesteps
+from distributed_maml.execution.computer import ShardComputer
+from distributed_maml.execution.inprocess import InProcessExecutor
+from distributed_maml.execution.stepping import collective_chunk, drive
+from distributed_maml.execution.steps import Steps
+
+from .test_devicesteps import POISONED_STEP, poisoned_store
+
+SHARDS = 3  # 8 tasks a step: shards of 3, 3 and 2
+CHUNKS = [(1, 5), (6, 10), (11, 12)]  # log_every 5
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path_factory.mktemp('pg')}/rendezvous", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def run(store_path, how: str, stop: bool, monkeypatch):
+    """12 steps in the chunks above: "driver" (stepping.drive), "per-step" (the collective loop
+    with the device path switched off) or "device"; the learner and every reported step."""
+    maml = MamlConfig(inner_steps=2)
+    store = TaskStore.open(store_path)
+    computer = ShardComputer(store, ModelConfig(), maml)
+    learner = Learner.of(computer.spec, assemble(ModelConfig(), maml, store.info, seed=0).initial(), maml, 1e-3)
+    sampler = Sampler(0, len(store), 8)
+    calls: list[list[int]] = []
+    original = collectivesteps.unlogged_steps
+
+    def spy(computer, learner, sampler, steps, *rest):
+        calls.append(list(steps))
+        return original(computer, learner, sampler, steps, *rest)
+
+    monkeypatch.setattr(collectivesteps, "unlogged_steps", spy)
+    monkeypatch.setattr(collectivesteps, "eligible", lambda c: how == "device")
+    seen = []
+    for first, last in CHUNKS:
+        steps = Steps(first, last, True, stop)
+        if how == "driver":
+            drive(InProcessExecutor(computer, num_shards=SHARDS), learner, sampler, steps, seen.append)
+        else:
+            seen.extend(collective_chunk(computer, learner, sampler, steps, 0, [list(range(SHARDS))], SHARDS))
+        if seen and not seen[-1].finite and stop:
+            break
+    assert (calls != []) == (how == "device"), calls  # the path under test ran, and only there
+    return learner, seen
+
+
+@pytest.mark.parametrize("poisoned, policy", [(False, "stop"), (True, "stop"), (True, "skip")])
+def test_device_path_equals_the_driver_and_the_per_step_path(tmp_path, store_path, group, monkeypatch, poisoned, policy):
+    path = poisoned_store(tmp_path / "poisoned.arrow") if poisoned else store_path
+    stop = policy == "stop"
+    got = {how: run(path, how, stop, monkeypatch) for how in ("driver", "per-step", "device")}
+    ref_learner, ref_seen = got["driver"]
+    bad = [o.step for o in ref_seen if not o.finite]
+    assert bad == ([POISONED_STEP] if poisoned else []), bad  # the fault happened (or not) where meant
+    if poisoned and stop:
+        assert ref_seen[-1].step == POISONED_STEP
+    for how in ("per-step", "device"):
+        learner, seen = got[how]
+        assert [(o.step, o.finite, o.count) for o in seen] == [(o.step, o.finite, o.count) for o in ref_seen], how
+        loss = [o.metrics["loss_after"] for o in seen]
+        np.testing.assert_array_equal(loss, [o.metrics["loss_after"] for o in ref_seen], err_msg=how)  # NaN = NaN
+        assert learner.version == ref_learner.version
+        np.testing.assert_array_equal(learner.weights(), ref_learner.weights())
+        a, b = learner.optimizer.state_dict()["state"][0], ref_learner.optimizer.state_dict()["state"][0]
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq", "step")), how
+
+
+def test_device_path_reports_each_ranks_share_and_time(store_path, group, monkeypatch):
+    learner, seen = run(store_path, "device", True, monkeypatch)
+    unlogged = [o for o in seen if o.step not in (5, 10, 12)]
+    assert len(unlogged) == 9
+    for o in unlogged:
+        assert o.timing["shares"] == {"worker-0": SHARDS} and o.timing["worker_tasks"] == {"worker-0": 8}
+        assert o.timing["worker_compute_s"]["worker-0"] > 0
