@@ -37,13 +37,14 @@ def group(tmp_path_factory):
     dist.destroy_process_group()
 
 
-def run(store_path, how: str, stop: bool, monkeypatch):
+def run(store_path, how: str, stop: bool, monkeypatch, device: str = "cpu"):
     """12 steps in the chunks above: "driver" (stepping.drive), "per-step" (the collective loop
     with the device path switched off) or "device"; the learner and every reported step."""
     maml = MamlConfig(inner_steps=2)
     store = TaskStore.open(store_path)
-    computer = ShardComputer(store, ModelConfig(), maml)
-    learner = Learner.of(computer.spec, assemble(ModelConfig(), maml, store.info, seed=0).initial(), maml, 1e-3)
+    computer = ShardComputer(store, ModelConfig(), maml, device=device)
+    initial = assemble(ModelConfig(), maml, store.info, seed=0).initial()
+    learner = Learner.of(computer.spec, initial, maml, 1e-3, device=device)
     sampler = Sampler(0, len(store), 8)
     calls: list[list[int]] = []
     original = collectivesteps.unlogged_steps

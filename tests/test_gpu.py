@@ -136,3 +136,29 @@ def test_conv_graph_step_with_per_task_batchnorm(tmp_path, model):
     got = graph.compute(weights, ids, before=False)
     assert graph.graphs is not None and graph.graphs.failed is None
     np.testing.assert_allclose(got.grad_sum, want.grad_sum, rtol=1e-5, atol=1e-5 * np.abs(want.grad_sum).max())
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_collective_device_path_on_nccl_equals_the_per_step_path(tmp_path, monkeypatch, policy):
+    """A one-rank NCCL group on this GPU: the chunk's unlogged steps with nothing read back
+    (collectivesteps) give the per-step path's weights and Adam state bit for bit, with a NaN
+    task in mid-chunk (the learner on the GPU in both)."""
+    import torch.distributed as dist
+
+    from .test_collectivesteps import run
+    from .test_devicesteps import POISONED_STEP, poisoned_store
+
+    path = poisoned_store(tmp_path / "poisoned.arrow")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        ref, ref_seen = run(path, "per-step", policy == "stop", monkeypatch, device="cuda:0")
+        got, seen = run(path, "device", policy == "stop", monkeypatch, device="cuda:0")
+    finally:
+        dist.destroy_process_group()
+    assert [o.step for o in ref_seen if not o.finite] == [POISONED_STEP]  # the fault happened
+    assert [(o.step, o.finite) for o in seen] == [(o.step, o.finite) for o in ref_seen]
+    assert got.device.type == "cuda"
+    np.testing.assert_array_equal(got.weights(), ref.weights())
+    a, b = got.optimizer.state_dict()["state"][0], ref.optimizer.state_dict()["state"][0]
+    assert all(torch.equal(a[k].cpu(), b[k].cpu()) for k in ("exp_avg", "exp_avg_sq", "step"))

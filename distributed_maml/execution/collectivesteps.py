@@ -99,6 +99,9 @@ def unlogged_steps(
     gathered = [torch.empty_like(rows) for _ in assignment] if rank == 0 else None
     holder = {i: (r, k) for r, a in enumerate(assignment) for k, i in enumerate(a)}  # shard -> (rank, row)
     update = MaskedUpdate(learner, stop) if learner is not None else None
+    # the counts as a device tensor, made once: dividing by a tensor is a true division on CUDA
+    # too (by a Python number it is a multiplication by the inverse: not the host loop's bits)
+    divisors = torch.tensor(counts, dtype=torch.float32).to(comm)
     losses: list[Tensor] = []
     finite: list[Tensor] = []
     clock = _Clock(computer.device)
@@ -123,7 +126,7 @@ def unlogged_steps(
                 total += gathered[r][k, :size]
                 loss += gathered[r][k, size].double()
             loss = loss / counts[j]
-            finite.append(update.apply(total / float(counts[j]), loss).clone())
+            finite.append(update.apply(total / divisors[j], loss).clone())
             losses.append(loss)
     seconds = torch.tensor(clock.seconds(), dtype=torch.float64).to(comm)
     every = [torch.empty_like(seconds) for _ in assignment] if rank == 0 else None
