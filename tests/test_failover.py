@@ -83,3 +83,26 @@ def test_shards_go_by_measured_speed_each_worker_at_least_one():
     assert p.speeds[1] == 30.0 and p.owners(4) == [0, 0, 1, 1]
     p.silent(1, shard=2)
     assert p.owners(4) == [0, 0, 0, 0]  # retired: its shards to the rest
+
+
+def test_a_gpu_pool_beside_cpu_pools_gives_each_worker_its_slice_and_device(monkeypatch):
+    """scaling.pools = [1 x 1 GPU, 2 x 1 CPU]: the slots' Ray bundles and each worker's device,
+    in worker order; a GPU slice on a node whose torch sees no CUDA is one line naming the
+    worker, not a CPU worker holding GPU shards. (A real GPU beside CPUs: tests/test_gpu.py.)"""
+    import torch
+
+    from distributed_maml.config import ScalingConfig
+    from distributed_maml.execution.actor import slice_device
+
+    pools = [{"num_workers": 1, "gpus_per_worker": 1}, {"num_workers": 2, "cpus_per_worker": 1}]
+    scaling = ScalingConfig(pools=pools)
+    assert scaling.num_workers == 3
+    slices = scaling.slices(3)
+    assert slices == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}], slices
+    assert scaling.describe_slices() == "1 x 1 CPU, 1 GPU; 2 x 1 CPU", scaling.describe_slices()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [slice_device(s.get("GPU", 0.0), f"worker-{i}") for i, s in enumerate(slices)] == ["cuda:0", "cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^worker-0 holds 1 GPU but torch .* sees no CUDA device; .*gpus_per_worker = 0"):
+        slice_device(1.0, "worker-0")
+    assert slice_device(0.0, "worker-1") == "cpu"

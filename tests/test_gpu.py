@@ -75,6 +75,23 @@ def test_gpu_workers_match_the_cpu_in_process_run(ray_gpu, tmp_path, store_path,
     np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.ray
+def test_a_gpu_pool_beside_a_cpu_pool_in_one_run(ray_gpu, tmp_path, store_path):
+    """scaling.pools: one worker on the GPU, one on a CPU, 4 shards a step handed out by speed:
+    each computes on its own device, and the weights are the CPU run's to float32 tolerance."""
+    reference, _ = train_on(tmp_path / "cpu", store_path, [*BASE, "scaling.num_workers=0"])
+    seen = {}
+    pools = "scaling.pools=[{num_workers = 1, gpus_per_worker = 1}, {num_workers = 1, cpus_per_worker = 1}]"
+    result, ex = train_on(
+        tmp_path / "mixed",
+        store_path,
+        [*BASE, pools, "scaling.shards_per_worker=2"],
+        hook=lambda ex: seen.update(info=ex.worker_info()),
+    )
+    assert [i.device for i in seen["info"]] == ["cuda:0", "cpu"] and ex.num_shards == 4
+    np.testing.assert_allclose(result.weights, reference.weights, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("n", [100, 64, 1000])
 def test_graph_step_matches_the_eager_step(store_path, n):
     """An unlogged step replayed from a CUDA graph (padded to a power of two) gives the eager

@@ -60,6 +60,21 @@ class StoreSource:
     size: int
 
 
+def slice_device(gpus: float, name: str) -> str:
+    """Where a worker of this slice computes: its GPU when the slice has one (Ray narrows
+    CUDA_VISIBLE_DEVICES to the actor's GPU, so it is always cuda:0), else the CPU. A slice with
+    a GPU on a node whose torch sees none is an error, never a silent CPU worker: in a pool of
+    mixed slices it would hold GPU shards at a CPU's pace."""
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{name} holds {gpus:g} GPU but torch {torch.__version__} on its node sees no CUDA device; "
+            "install a CUDA build of PyTorch there, or give its pool gpus_per_worker = 0"
+        )
+    return "cuda:0"
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"health": 1})
 class WorkerActor:
     """Owns a CPU or GPU slice; computes shards with the Ray-free ShardComputer."""
@@ -81,8 +96,7 @@ class WorkerActor:
         for folder in code_paths:  # where the driver imported user models from, if this node has it
             ensure_on_path(folder)
         torch.set_num_threads(max(1, int(cpus)))  # no oversubscription: threads = the CPU slice
-        # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always cuda:0.
-        device = "cuda:0" if gpus > 0 else "cpu"
+        device = slice_device(gpus, f"worker-{index}")
         if blob is not None:
             store, self.store_mode = TaskStore.from_buffer(blob, name=f"{source.path} (object store)"), "object_store"
         else:
