@@ -29,7 +29,7 @@ step bench_gpu "${BENCH_TIMEOUT:-170}" bench --methods bare_graph,gpu_eager,gpu_
 # Item 4: conv4 at speed (default grid), precision errors, ResNet-12's checkpointed memory at width 64.
 step conv4 "${CONV4_TIMEOUT:-120}" bench --conv4 --channels 64 --queries 15 --meta-batches 4,32,256 --seconds 0.5
 step precision 60 bench --precision --seconds 0.3 --json
-step resnet12_memory 60 bench --memory --backbone resnet12 --channels 64 --modes checkpointed,second --inner-steps 1,5,10 --meta-batch 2
+step resnet12_memory 90 bench --memory --backbone resnet12 --channels 64 --modes second,checkpointed,recompute --inner-steps 1,5,10 --meta-batch 2
 # Item 5: the paper's mini-ImageNet setting, projected to 60,000 meta-steps.
 step paper 60 bench --paper --steps 50 --json
 if [ -n "${RAY_PART:-}" ] && "$PY" -c "import ray" 2>/dev/null; then
