@@ -22,14 +22,14 @@ step() {  # step NAME TIMEOUT_S ARGS...: runs `python -m distributed_maml ARGS`,
 { nvidia-smi -L; nproc; "$PY" -c "import torch, pyarrow; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), 'pyarrow', pyarrow.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
 # The gpu-marked tests that need no Ray: graph step = eager step, the learner on the device = the
 # host learner, conv4 and ResNet-12 graphs, the fused step's stop/skip (the CPU tests run here too).
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not ray" tests/test_gpu.py tests/test_devicesteps.py \
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not ray" tests/test_gpu.py tests/test_devicesteps.py \
   2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 # Item 3: bare_graph / gpu_eager / gpu_graph, both MLPs, meta-batch 25, 1,000, 16,384, 1 and 5 inner steps, both orders.
 step bench_gpu "${BENCH_TIMEOUT:-170}" bench --methods bare_graph,gpu_eager,gpu_graph --seconds "${BENCH_SECONDS:-0.35}" --json
 # Item 4: conv4 at speed (default grid), precision errors, ResNet-12's checkpointed memory at width 64.
 step conv4 "${CONV4_TIMEOUT:-120}" bench --conv4 --channels 64 --queries 15 --meta-batches 4,32,256 --seconds 0.5
 step precision 60 bench --precision --seconds 0.3 --json
-step resnet12_memory 90 bench --memory --backbone resnet12 --channels 64 --modes second,checkpointed,recompute --inner-steps 1,5,10 --meta-batch 2
+step resnet12_memory 60 bench --memory --backbone resnet12 --channels 64 --modes second,checkpointed,recompute --inner-steps 1,5,10 --meta-batch 2
 # Item 5: the paper's mini-ImageNet setting, projected to 60,000 meta-steps.
 step paper 60 bench --paper --steps 50 --json
 if [ -n "${RAY_PART:-}" ] && "$PY" -c "import ray" 2>/dev/null; then
