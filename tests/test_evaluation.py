@@ -225,6 +225,7 @@ def test_meta_sgd_runs_are_evaluated_with_their_learned_step_sizes(tmp_path):
     assert "inner_lr.pt is missing" in gone.stderr and "Traceback" not in gone.stderr
 
 
+@pytest.mark.slow  # a learning demonstration (18 s): the default suite's share goes to correctness
 def test_digits_demonstration_beats_scratch(digits, tmp_path):
     """jobs/digits.toml at 5 shots: after the trained number of inner steps (5), MAML's
     initialisation classifies unseen digit classes better than the run's random one."""
