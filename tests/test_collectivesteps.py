@@ -37,10 +37,10 @@ def group(tmp_path_factory):
     dist.destroy_process_group()
 
 
-def run(store_path, how: str, stop: bool, monkeypatch, device: str = "cpu"):
+def run(store_path, how: str, stop: bool, monkeypatch, device: str = "cpu", algorithm: str = "maml"):
     """12 steps in the chunks above: "driver" (stepping.drive), "per-step" (the collective loop
     with the device path switched off) or "device"; the learner and every reported step."""
-    maml = MamlConfig(inner_steps=2)
+    maml = MamlConfig(inner_steps=2, algorithm=algorithm)
     store = TaskStore.open(store_path)
     computer = ShardComputer(store, ModelConfig(), maml, device=device)
     initial = assemble(ModelConfig(), maml, store.info, seed=0).initial()
@@ -96,3 +96,14 @@ def test_device_path_reports_each_ranks_share_and_time(store_path, group, monkey
     for o in unlogged:
         assert o.timing["shares"] == {"worker-0": SHARDS} and o.timing["worker_tasks"] == {"worker-0": 8}
         assert o.timing["worker_compute_s"]["worker-0"] > 0
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "imaml"])
+def test_device_path_equals_the_driver_for_reptiles_sgd_and_imaml(store_path, group, monkeypatch, algorithm):
+    """Reptile's learner is plain SGD (no optimizer state to mask), iMAML's sums are implicit:
+    both through the device path give the driver loop's weights bit for bit."""
+    ref, ref_seen = run(store_path, "driver", True, monkeypatch, algorithm=algorithm)
+    got, seen = run(store_path, "device", True, monkeypatch, algorithm=algorithm)
+    assert [(o.step, o.finite) for o in seen] == [(o.step, o.finite) for o in ref_seen] and len(seen) == 12
+    np.testing.assert_array_equal(got.weights(), ref.weights())
+    assert not np.array_equal(got.weights(), run(store_path, "driver", True, monkeypatch, algorithm="maml")[0].weights())
