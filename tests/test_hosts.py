@@ -112,7 +112,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     return err
 
 
-STEPS, CUT_AT, REJOIN_AT = 2000, 200, 1000
+# STEPS: the run must outlast host B's return by the time a worker needs to come back (the node
+# registers, its slot is placed, a new actor imports torch: ~10 s). At 2,000 steps that held while a
+# step took ~8 ms; at ~4 ms (a quieter machine) the run ended first, in both modes.
+STEPS, CUT_AT, REJOIN_AT = 6000, 200, 1000
 SHORT = 300  # the collective run's length: the undisturbed run keeps this step's checkpoint too
 RUN = [f"training.steps={STEPS}", "training.log_every=50", "scaling.num_workers=2", *SMALL]
 
@@ -162,13 +165,13 @@ def _record_steps(
 def test_a_host_lost_mid_run_keeps_the_speed_and_the_weights_and_its_worker_comes_back(
     hosts, undisturbed, tmp_path, mode
 ):
-    """Host B's link is cut at step 300. Its worker goes silent, is retired after
+    """Host B's link is cut at step CUT_AT. Its worker goes silent, is retired after
     worker_timeout_s, and the run goes on with one worker. Ray declares the node dead ~5 s later;
     the run must keep its speed past that moment (it fell 30x when the pool's placement group was
     left to Ray: its GCS rescheduled the lost bundle in a tight loop). Then host B comes back as a
     new node: the retired slot is placed there again and takes its shards back. The weights equal
     the undisturbed driver-mode run's bit for bit: the shards of a step are the sampler's and are
-    summed in shard order, whoever computed them (over 2,000 steps the in-process run, one
+    summed in shard order, whoever computed them (over STEPS steps the in-process run, one
     shard, drifts from any two-shard run by float32 rounding; tests/test_multinode.py holds
     short runs to it)."""
     # collective: a chunk per 10 steps, not 50 (same weights: chunks do not change the bits). A lost
