@@ -69,7 +69,9 @@ def run(store_path, how: str, stop: bool, monkeypatch, device: str = "cpu", algo
 
 
 @pytest.mark.parametrize("poisoned, policy", [(False, "stop"), (True, "stop"), (True, "skip")])
-def test_device_path_equals_the_driver_and_the_per_step_path(tmp_path, store_path, group, monkeypatch, poisoned, policy):
+def test_device_path_equals_the_driver_and_the_per_step_path(
+    tmp_path, store_path, group, monkeypatch, poisoned, policy
+):
     path = poisoned_store(tmp_path / "poisoned.arrow") if poisoned else store_path
     stop = policy == "stop"
     got = {how: run(path, how, stop, monkeypatch) for how in ("driver", "per-step", "device")}
@@ -106,4 +108,6 @@ def test_device_path_equals_the_driver_for_reptiles_sgd_and_imaml(store_path, gr
     got, seen = run(store_path, "device", True, monkeypatch, algorithm=algorithm)
     assert [(o.step, o.finite) for o in seen] == [(o.step, o.finite) for o in ref_seen] and len(seen) == 12
     np.testing.assert_array_equal(got.weights(), ref.weights())
-    assert not np.array_equal(got.weights(), run(store_path, "driver", True, monkeypatch, algorithm="maml")[0].weights())
+    assert not np.array_equal(
+        got.weights(), run(store_path, "driver", True, monkeypatch, algorithm="maml")[0].weights()
+    )

@@ -103,6 +103,8 @@ def test_a_gpu_pool_beside_cpu_pools_gives_each_worker_its_slice_and_device(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [slice_device(s.get("GPU", 0.0), f"worker-{i}") for i, s in enumerate(slices)] == ["cuda:0", "cpu", "cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"^worker-0 holds 1 GPU but torch .* sees no CUDA device; .*gpus_per_worker = 0"):
+    with pytest.raises(
+        RuntimeError, match=r"^worker-0 holds 1 GPU but torch .* sees no CUDA device; .*gpus_per_worker = 0"
+    ):
         slice_device(1.0, "worker-0")
     assert slice_device(0.0, "worker-1") == "cpu"

@@ -52,11 +52,13 @@ from distributed_maml.core.inner import (
 )
 from distributed_maml.core.models import Forward
 
+# fmt: off
 __all__ = [  # the inner loop's pieces re-exported from core/inner.py, then this module's own
     "Params", "TaskBatch", "as_input", "map_tasks", "loss_fn", "task_losses", "adapt", "LR_PREFIX", "PER_ELEMENT",
     "PER_STEP", "split_lrs", "learned_lr_shapes", "meta_spec", "with_learned_lrs", "head_of", "StepPlan",
     "adaptation_curve", "batch_sums", "meta_gradient", "metrics_before", "step_plan", "varies",
 ]
+# fmt: on
 
 
 @dataclass(frozen=True)
