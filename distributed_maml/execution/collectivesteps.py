@@ -10,7 +10,7 @@ kernels. Here, for the steps of a chunk that are not logged:
 - each rank computes its shards with `ShardComputer.sums` (a CUDA graph where it has one) on the
   tasks of a device tensor of ids copied once for the chunk, and packs the sums on the device;
 - rank 0 gathers the packed rows, adds them in shard order (the driver's order: the same bits),
-  and updates through devicesteps.MaskedUpdate: a non-finite step is never applied and, under
+  and updates through masked.MaskedUpdate: a non-finite step is never applied and, under
   on_nonfinite = "stop", nor is any after it; the other ranks compute those steps in vain
   (the logged step at the chunk's end then tells them to stop, as the per-step loop does);
 - each rank's compute time is taken by CUDA events (the host runs ahead of the device) or the
@@ -87,7 +87,7 @@ def unlogged_steps(
     size, mine = computer.spec.numel, assignment[rank]
     width = max(len(a) for a in assignment)
     shards = [split_shards(sampler.ids(s - 1), num_shards) for s in steps]
-    counts = [sum(len(x) for x in step) for step in shards]
+    count = sampler.meta_batch  # every step's tasks
     views: list[list[Tensor]] = []
     if computer.resident is not None and mine:  # this rank's ids of the whole chunk cross to the device once
         sizes = [len(step[i]) for step in shards for i in mine]
@@ -99,9 +99,9 @@ def unlogged_steps(
     gathered = [torch.empty_like(rows) for _ in assignment] if rank == 0 else None
     holder = {i: (r, k) for r, a in enumerate(assignment) for k, i in enumerate(a)}  # shard -> (rank, row)
     update = MaskedUpdate(learner, stop) if learner is not None else None
-    # the counts as a device tensor, made once: dividing by a tensor is a true division on CUDA
+    # the count as a device tensor, made once: dividing by a tensor is a true division on CUDA
     # too (by a Python number it is a multiplication by the inverse: not the host loop's bits)
-    divisors = torch.tensor(counts, dtype=torch.float32).to(comm)
+    divisor = torch.tensor(float(count), dtype=torch.float32).to(comm)
     losses: list[Tensor] = []
     finite: list[Tensor] = []
     clock = _Clock(computer.device)
@@ -125,8 +125,8 @@ def unlogged_steps(
                 r, k = holder[i]
                 total += gathered[r][k, :size]
                 loss += gathered[r][k, size].double()
-            loss = loss / counts[j]
-            finite.append(update.apply(total / divisors[j], loss).clone())
+            loss = loss / count
+            finite.append(update.apply(total / divisor, loss).clone())
             losses.append(loss)
     seconds = torch.tensor(clock.seconds(), dtype=torch.float64).to(comm)
     every = [torch.empty_like(seconds) for _ in assignment] if rank == 0 else None
@@ -146,7 +146,7 @@ def unlogged_steps(
         }
         ok = bool(got_finite[j])
         learner.version += ok
-        outcomes.append(StepOutcome(step, counts[j], {"loss_after": got_loss[j]}, ok, wall, timing_of(per, wall, 0.0)))
+        outcomes.append(StepOutcome(step, count, {"loss_after": got_loss[j]}, ok, wall, timing_of(per, wall, 0.0)))
         if not ok and stop:
             return outcomes, True
     return outcomes, False

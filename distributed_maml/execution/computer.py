@@ -140,7 +140,8 @@ class ShardComputer:
     def sums(self, flat: torch.Tensor, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """An unlogged step's shard with nothing read back: the flat summed meta-gradient and the
         query-loss sum, on the device (a CUDA graph's outputs where this computer has graphs:
-        valid until its next call). What `compute(before=False)` returns, before the host copy."""
+        valid until its next call). For tasks mapped by vmap (collectivesteps.eligible) the very
+        sums `compute(before=False)` returns, before the host copy."""
         graphed = None if self.graphs is None else self.graphs.run(flat, batch)
         if graphed is not None:
             return graphed[0], graphed[1]
