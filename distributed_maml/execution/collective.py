@@ -55,7 +55,7 @@ class CollectiveExecutor(RayExecutor):
         restarts the group, which forms again around the workers that come back."""
         try:
             self._form_group()
-        except RayActorError:
+        except (RayActorError, _GroupLost):
             self._restart()
 
     def _form_group(self) -> None:
@@ -64,6 +64,9 @@ class CollectiveExecutor(RayExecutor):
         self.start()
         members = self.healthy()
         timeout = self.scaling.worker_timeout_s
+        pids = self._pids(members, timeout + START_GRACE_S)
+        if pids is None:
+            raise _GroupLost("a worker did not answer before the group formed")
         address, port = raywait.get(
             self.workers[members[0]].rendezvous.remote(), timeout + START_GRACE_S, "the collective group's address"
         )
@@ -75,6 +78,11 @@ class CollectiveExecutor(RayExecutor):
         try:
             answers = raywait.get(joins, timeout + START_GRACE_S, f"forming the collective group at {address}:{port}")
         except (RayTaskError, raywait.ClusterTimeout) as e:
+            # A member that died or restarted after the rendezvous makes the others fail their
+            # join too (a peer's address refuses): that is a lost rank, not a network to fix.
+            lost = self._lost_joining(members, pids, joins, timeout + START_GRACE_S)
+            if lost is not None:
+                raise _GroupLost(f"worker-{lost} was lost while the group formed") from None
             ips = ", ".join(f"worker-{w} on {getattr(self._info[w], 'ip', '?')}" for w in members)
             raise TrainingError(
                 f"the collective group could not form at {address}:{port} ({ips}): {_first_line(e)}; every node must "
@@ -84,6 +92,27 @@ class CollectiveExecutor(RayExecutor):
             ) from None
         self.backend = answers[0][0]
         self.members = members
+
+    def _lost_joining(self, members: list[int], pids: list[int], joins: list[Any], timeout_s: float) -> int | None:
+        """The member lost while the group formed, if one was: its join ends in an actor error
+        (the joins all end within their timeout), or it answers with a new process id or not at all."""
+        deadline = time.monotonic() + timeout_s
+        for w, ref in zip(members, joins, strict=True):
+            if raywait.done([ref], max(0.0, deadline - time.monotonic())):
+                try:
+                    raywait.result(ref)
+                except RayActorError:
+                    return w
+                except RayTaskError:
+                    pass
+        return next((w for w, pid in zip(members, pids, strict=True) if self._pids([w], 2 * POLL_S) != [pid]), None)
+
+    def _pids(self, members: list[int], timeout_s: float) -> list[int] | None:
+        """The members' process ids (a restarted worker has a new one); None if one does not answer."""
+        try:
+            return raywait.get([self.workers[w].ping.remote() for w in members], timeout_s, "the workers' process ids")
+        except (RayActorError, raywait.ClusterTimeout):
+            return None
 
     def _regroup(self) -> None:
         """The group forms again around the healthy workers (one came back or left)."""
@@ -170,9 +199,12 @@ class CollectiveExecutor(RayExecutor):
             try:
                 self._form_group()
                 return
-            except RayActorError:
+            except (RayActorError, _GroupLost) as e:
                 if attempt == 2:
-                    raise
+                    raise TrainingError(
+                        f"the collective group lost a member each of 3 times it formed (last: {_first_line(e)}); "
+                        "see the worker logs above, then continue with --resume"
+                    ) from None
                 time.sleep(0.5)
 
     def _restarted(self, w: int) -> bool:
