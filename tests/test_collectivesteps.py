@@ -111,3 +111,69 @@ def test_device_path_equals_the_driver_for_reptiles_sgd_and_imaml(store_path, gr
     assert not np.array_equal(
         got.weights(), run(store_path, "driver", True, monkeypatch, algorithm="maml")[0].weights()
     )
+
+
+SLOW_S = 0.1  # rank 1's extra seconds per shard
+
+
+def _rank_main(rank: int, init: str, store_path: str, out) -> None:
+    """One rank of a two-rank gloo group running four unlogged steps on the device path, a
+    shard each; rank 1 takes SLOW_S longer per shard (a slower card). Rank 0 puts the steps'
+    timings on `out`."""
+    import time
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        maml = MamlConfig(inner_steps=2)
+        store = TaskStore.open(store_path)
+        computer = ShardComputer(store, ModelConfig(), maml)
+        assert collectivesteps.eligible(computer)
+        if rank == 1:
+            sums = computer.sums
+
+            def slow(*args):
+                time.sleep(SLOW_S)
+                return sums(*args)
+
+            computer.sums = slow  # type: ignore[method-assign]
+        learner = None
+        if rank == 0:
+            initial = assemble(ModelConfig(), maml, store.info, seed=0).initial()
+            learner = Learner.of(computer.spec, initial, maml, 1e-3)
+        steps = Steps(1, 4, False, True)  # none logged: all four on the device path
+        outcomes = collective_chunk(computer, learner, Sampler(0, len(store), 8), steps, rank, [[0], [1]], 2)
+        if rank == 0:
+            out.put([o.timing for o in outcomes])
+        dist.barrier()  # neither rank tears the group down under the other
+    finally:
+        dist.destroy_process_group()
+
+
+def test_device_path_times_each_rank_by_its_own_clock(tmp_path, store_path):
+    """Two ranks at different speeds: each step reports rank 1's compute time as rank 1's (not
+    rank 0's), so shards by speed sees the slow rank in collective mode and moves shards off it.
+    Two real processes (a group needs one per rank), no Ray."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    ranks = [
+        ctx.Process(target=_rank_main, args=(r, str(tmp_path / "rendezvous"), str(store_path), out)) for r in (0, 1)
+    ]
+    for p in ranks:
+        p.start()
+    try:
+        timings = out.get(timeout=120)
+    finally:
+        for p in ranks:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    assert len(timings) == 4
+    for t in timings:
+        busy = t["worker_compute_s"]
+        assert busy["worker-1"] >= SLOW_S, busy  # the slow rank's own time
+        assert busy["worker-0"] < busy["worker-1"] - SLOW_S / 2, busy  # not rank 0's time, nor the step's
+        assert t["slowest_worker"] == "worker-1" and t["straggler_s"] >= SLOW_S / 2, t

@@ -6,6 +6,8 @@ import pytest
 from distributed_maml import config
 from distributed_maml.errors import ConfigError
 
+from .conftest import assert_user_error, cli_in_process
+
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
@@ -147,6 +149,81 @@ def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         config.load(None, [override] if isinstance(override, str) else list(override))
     assert needle in str(e.value)
+
+
+# [scaling]'s newer keys (shards by speed, the device, the precision, pools), each bad value with
+# its whole line: a check loosened (shards_per_worker = 0 accepted, a pool's fractional GPU
+# above 1 let through) or a message gone vague fails here.
+SCALING_BAD = [
+    (("scaling.shards_per_worker=0",), "scaling.shards_per_worker must be a whole number >= 1, got 0"),
+    (("scaling.shards_per_worker=-2",), "scaling.shards_per_worker must be a whole number >= 1, got -2"),
+    (("scaling.shards_per_worker=1.5",), "scaling.shards_per_worker must be an integer, got 1.5"),
+    (("scaling.device=tpu",), "scaling.device must be one of auto, cpu, cuda, got 'tpu'"),
+    (
+        ("scaling.device=cpu", "scaling.gpus_per_worker=1"),
+        "scaling.device = 'cpu' contradicts scaling.gpus_per_worker = 1; set one of them",
+    ),
+    (("scaling.precision=fp16",), "scaling.precision must be one of fp32, tf32, bf16, got 'fp16'"),
+    (("scaling.pools=3",), "scaling.pools must be a list of tables, got 3"),
+    (("scaling.pools=[{num_workers = 0}]",), "scaling.pools[0].num_workers must be a whole number >= 1, got 0"),
+    (("scaling.pools=[{num_workers = true}]",), "scaling.pools[0].num_workers must be a whole number >= 1, got True"),
+    (
+        ("scaling.pools=[{num_workers = 1}, {num_workers = 1, gpus = 1}]",),
+        "scaling.pools[1] has unknown key gpus; a pool takes num_workers, cpus_per_worker, gpus_per_worker",
+    ),
+    (
+        ("scaling.pools=[{num_workers = 1, cpus_per_worker = 0}]",),
+        "scaling.pools[0].cpus_per_worker must be > 0, got 0",
+    ),
+    (
+        ("scaling.pools=[{num_workers = 1, gpus_per_worker = 1.5}]",),
+        "scaling.pools[0].gpus_per_worker must be >= 0 (a whole number above 1), got 1.5",
+    ),
+    (
+        ("scaling.pools=[{num_workers = 1, gpus_per_worker = -1}]",),
+        "scaling.pools[0].gpus_per_worker must be >= 0 (a whole number above 1), got -1",
+    ),
+    (
+        ("scaling.pools=[{num_workers = 1}, {num_workers = 2}]", "scaling.num_workers=5"),
+        "scaling.num_workers (5) must be -1 or the pools' sum (3) when scaling.pools is set",
+    ),
+    (("scaling.pools=[{num_workers = 1}]", "scaling.mode=collective"), "scaling.pools runs in driver mode"),
+    (
+        ("scaling.pools=[{num_workers = 1, gpus_per_worker = 1}]", "scaling.device=cpu"),
+        "scaling.device = 'cpu' contradicts scaling.pools[0].gpus_per_worker = 1",
+    ),
+    (
+        ("scaling.min_workers=5", "scaling.num_workers=2"),
+        "scaling.min_workers must be 0 (all) or between 1 and num_workers (2), got 5",
+    ),
+    (("scaling.worker_timeout_s=0",), "scaling.worker_timeout_s must be a number of seconds > 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("overrides, line", SCALING_BAD, ids=[" ".join(o) for o, _ in SCALING_BAD])
+def test_bad_scaling_values_are_one_whole_line(tmp_path, capsys, overrides, line):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, list(overrides))
+    assert str(e.value).startswith(line), str(e.value)
+    out = tmp_path / "run"
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = cli_in_process(capsys, "train", *sets, "--output-dir", out, "--no-progress")
+    assert_user_error(proc, line)
+    assert not out.exists()
+
+
+def test_good_scaling_values_are_taken():
+    s = config.load(
+        None,
+        [
+            "scaling.shards_per_worker=4",
+            "scaling.precision=bf16",
+            "scaling.device=cuda",
+            "scaling.pools=[{num_workers = 1, gpus_per_worker = 0.5, cpus_per_worker = 2}, {num_workers = 2}]",
+        ],
+    ).scaling
+    assert (s.shards_per_worker, s.precision, s.device, s.num_workers) == (4, "bf16", "cuda", 3)
+    assert s.slices(3) == [{"CPU": 2.0, "GPU": 0.5}, {"CPU": 1.0}, {"CPU": 1.0}]
 
 
 def test_toml_syntax_error_names_the_file(tmp_path):

@@ -58,8 +58,17 @@ def test_fused_steps_equal_the_driver_loop(tmp_path, store_path):
 POISONED_STEP = 7  # an unlogged step in the middle of the chunk 6..10 (log_every 5)
 
 
-def poisoned_store(path, num_tasks: int = 64, meta_batch: int = 8):
-    """A seed store whose one task, drawn first at step POISONED_STEP, has NaN features."""
+def poisoned_store(
+    path,
+    num_tasks: int = 64,
+    meta_batch: int = 8,
+    step: int = POISONED_STEP,
+    family: str = "seed",
+    column: str = "x_support",
+    value: float = np.nan,
+):
+    """A `family` store whose one task, drawn first at `step`, has `column` all `value` (NaN
+    features by default: a non-finite loss and gradient)."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
@@ -67,26 +76,42 @@ def poisoned_store(path, num_tasks: int = 64, meta_batch: int = 8):
     from distributed_maml.data.writing import build
 
     clean = path.with_suffix(".clean.arrow")
-    build(clean, "seed", num_tasks, seed=0, progress=False)
+    build(clean, family, num_tasks, seed=0, progress=False)
     table = ipc.open_file(pa.memory_map(str(clean))).read_all()
-    bad = int(Sampler(0, num_tasks, meta_batch).ids(POISONED_STEP - 1)[0])
-    x = table.column("x_support").combine_chunks()
+    bad = int(Sampler(0, num_tasks, meta_batch).ids(step - 1)[0])
+    x = table.column(column).combine_chunks()
     values = x.values.to_numpy(zero_copy_only=False).copy()
     width = x.type.list_size
-    values[bad * width : (bad + 1) * width] = np.nan
+    values[bad * width : (bad + 1) * width] = value
     poisoned = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), width)
-    table = table.set_column(0, pa.field("x_support", x.type, nullable=False), poisoned)
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, pa.field(column, x.type, nullable=False), poisoned)
     with ipc.new_file(str(path), table.schema) as w:
         w.write_table(table)
     return path
 
 
+# A step made non-finite two ways: NaN features (loss and gradient NaN), or a query target of
+# 1e19 on a sinusoid (the squared error overflows: the loss is inf while every gradient entry
+# stays finite, ~1e24; a finiteness check that reads the gradient only lets Adam take it).
+POISONS = {
+    "nan-features": ({}, []),
+    "inf-loss-finite-gradient": (
+        {"family": "sinusoid", "column": "y_query", "value": 1e19},
+        ["task.family=sinusoid", "model.name=sinusoid_mlp"],
+    ),
+}
+
+
+@pytest.mark.parametrize("poison", sorted(POISONS))
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_fused_steps_handle_a_non_finite_step_as_the_driver_loop(tmp_path, policy):
-    """A task with NaN features first drawn at an unlogged step in mid-chunk: "stop" ends at
-    that step with the same saved weights, "skip" drops the same steps, same final weights."""
-    store = poisoned_store(tmp_path / "poisoned.arrow")
-    cfg = [*BASE, f"training.on_nonfinite={policy}"]
+def test_fused_steps_handle_a_non_finite_step_as_the_driver_loop(tmp_path, policy, poison):
+    """A task that makes a step non-finite, first drawn at an unlogged step in mid-chunk: "stop"
+    ends at that step with the same saved weights, "skip" drops the same steps, same final
+    weights."""
+    store_kw, sets = POISONS[poison]
+    store = poisoned_store(tmp_path / "poisoned.arrow", **store_kw)
+    cfg = [*BASE, *sets, f"training.on_nonfinite={policy}"]
     outcomes = {}
     for name, hook in (("ref", None), ("fused", fused)):
         try:
@@ -109,6 +134,58 @@ def test_fused_steps_handle_a_non_finite_step_as_the_driver_loop(tmp_path, polic
         assert outcomes["ref"][2] > 0  # steps were skipped
         assert outcomes["fused"][2] == outcomes["ref"][2]
         np.testing.assert_array_equal(outcomes["fused"][1], outcomes["ref"][1])
+
+
+def test_fused_steps_after_a_skipped_first_step_start_adams_state_as_the_driver_loop(tmp_path, monkeypatch):
+    """The training loop logs step 1 through the driver loop, so the fused path meets an Adam
+    with no state only when step 1 was not applied: on_nonfinite = "skip" with a bad first step
+    (or a resume of such a run). The fused steps then make Adam's state themselves
+    (masked._init_state) and must equal the driver loop, whose Adam makes it lazily."""
+    from distributed_maml.execution.devicesteps import FusedStep
+
+    store = poisoned_store(tmp_path / "poisoned.arrow", step=1)  # drawn again at steps 12 and 19 (fused)
+    cfg = [*BASE, "training.on_nonfinite=skip", "training.steps=20"]
+    fresh: list[bool] = []  # per FusedStep made: whether Adam had no state yet
+    made = FusedStep.__init__
+
+    def spy(self, computer, learner, *rest):
+        fresh.append(not learner.optimizer.state)
+        made(self, computer, learner, *rest)
+
+    monkeypatch.setattr(FusedStep, "__init__", spy)
+    ref, _ = train_on(tmp_path / "ref", store, cfg)
+    got, _ = train_on(tmp_path / "fused", store, cfg, hook=fused)
+    first = json.loads((tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["skipped_steps"] == 1  # the fault: step 1 was not applied
+    assert fresh and fresh[0], fresh  # the fused path met Adam without state, as meant
+    assert ref.last_metrics["skipped_steps"] == got.last_metrics["skipped_steps"] == 3  # steps 1, 12 and 19
+    np.testing.assert_array_equal(got.weights, ref.weights)
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "step_20" / "optimizer.pt", weights_only=True)
+    b = torch.load(tmp_path / "fused" / "checkpoints" / "step_20" / "optimizer.pt", weights_only=True)
+    for k in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(a["state"][0][k], b["state"][0][k]), k
+
+
+def test_a_finite_gradient_with_a_non_finite_loss_is_never_applied():
+    """MaskedUpdate (the fused step's and the collective device path's update) reads the loss
+    as well as the gradient: a step whose loss is inf leaves the weights and Adam's state as
+    they were, and under "stop" so does every step after it."""
+    from distributed_maml.config import MamlConfig
+    from distributed_maml.core.learner import Learner
+    from distributed_maml.core.models import ParamSpec
+    from distributed_maml.execution.masked import MaskedUpdate
+
+    learner = Learner.of(ParamSpec(("w",), ((3,),)), torch.zeros(3), MamlConfig(), lr=0.1)
+    update = MaskedUpdate(learner, stop=True)
+    grad = torch.tensor([1.0, -2.0, 0.5])
+    assert bool(update.apply(grad, torch.tensor(0.3)))  # a good step: applied
+    before = [t.clone() for t in update.state]
+    assert not bool(update.apply(grad, torch.tensor(float("inf"))))  # finite gradient, inf loss
+    assert not bool(update.apply(grad, torch.tensor(float("nan"))))
+    assert all(torch.equal(a, b) for a, b in zip(update.state, before, strict=True))
+    assert bool(update.halted)  # "stop": nothing after it is applied either
+    assert bool(update.apply(grad, torch.tensor(0.3)))  # finite, but halted
+    assert all(torch.equal(a, b) for a, b in zip(update.state, before, strict=True))
 
 
 def test_every_computation_gets_the_configured_device(tmp_path, monkeypatch):
@@ -181,3 +258,41 @@ def test_bf16_meta_gradient_is_close_to_fp32(store_path):
     assert b.dtype == np.float32
     rel = np.abs(a - b).max() / np.abs(a).max()
     assert 0 < rel < 0.1, rel
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_a_stop_inside_a_fused_chunk_reports_the_last_step_applied(tmp_path, store_path, monkeypatch, stop_after):
+    """SIGTERM while the fused path runs the unlogged steps 6..9 (log_every 5): the chunk ends
+    after the step in flight, the run saves and reports that step (not one past it), and its
+    weights are the driver loop's at that step, bit for bit. On a GPU the fused path is the
+    default in-process loop: a Ctrl-C there must never save a step that was not applied."""
+    import signal
+
+    from distributed_maml import stopping
+    from distributed_maml.app import checkpoint
+    from distributed_maml.execution.devicesteps import FusedStep
+
+    runs: list[int] = []  # the fused steps run
+    original = FusedStep.run
+
+    def run(self, ids):
+        original(self, ids)
+        runs.append(1)
+        if len(runs) == 3 + stop_after:  # steps 2..4 are the first chunk's unlogged ones; then `stop_after` of 6..9
+            stopping._handle(signal.SIGTERM, None)  # what the handler does on the signal
+
+    monkeypatch.setattr(FusedStep, "run", run)
+    try:
+        with pytest.raises(stopping.Stopped, match=r"stopped at step (\d+)") as e:
+            train_on(tmp_path / "fused", store_path, BASE, hook=fused)
+    finally:
+        stopping.reset()
+    stopped = 5 + stop_after
+    assert f"stopped at step {stopped};" in str(e.value)
+    assert len(runs) == 3 + stop_after  # the fault happened where meant: no fused step after the stop
+    saved = checkpoint.load(checkpoint.latest(tmp_path / "fused"))
+    assert saved.step == stopped
+    ref, _ = train_on(tmp_path / "ref", store_path, [*BASE, f"training.steps={stopped}"])
+    want = torch.load(tmp_path / "ref" / "checkpoints" / f"step_{stopped}" / "model.pt", weights_only=True)
+    assert all(torch.equal(saved.model[k], want[k]) for k in want)
+    assert saved.version == stopped  # every step applied, none more

@@ -59,7 +59,7 @@ class ShardComputer:
         self.task_map = choose_task_map(self.model, self.device, task_map)
         self.resident = _resident_columns(store, self.device)
         self.graphs: GraphSteps | None = None
-        if gpu_step == "graph" and self.device.type == "cuda" and self.task_map == "vmap" and not varies(maml_cfg):
+        if why_eager(gpu_step, self.device, self.task_map, maml_cfg) is None:
             self.graphs = GraphSteps(self.forward, store.info.kind, self.spec, maml_cfg, name, self.autocast)
         self.gpu_step = gpu_step
 
@@ -68,11 +68,8 @@ class ShardComputer:
         """How this worker runs a step, for the run's first line."""
         if self.graphs is not None:
             return "eager steps (graph failed)" if self.graphs.failed else "CUDA-graph steps"
-        if self.gpu_step == "graph" and self.device.type != "cuda":
-            return "eager steps (graphs need CUDA)"
-        if self.gpu_step == "graph" and varies(self.maml_cfg):
-            return "eager steps (MAML++ schedules change the step)"
-        return "eager steps"
+        why = why_eager(self.gpu_step, self.device, self.task_map, self.maml_cfg)
+        return "eager steps" if self.gpu_step != "graph" else f"eager steps ({why})"
 
     @property
     def where(self) -> str:
@@ -176,6 +173,20 @@ class ShardComputer:
             losses.append(loss.float().cpu().numpy())
             accs.append(None if acc is None else acc.float().cpu().numpy())
         return np.concatenate(losses), (None if accs[0] is None else np.concatenate(accs))
+
+
+def why_eager(gpu_step: str, device: torch.device, task_map: str, maml_cfg: MamlConfig) -> str | None:
+    """Why a computer's unlogged steps run eagerly; None: each is a captured CUDA graph (the one
+    place this is decided: the computer's graphs and the run's first line both ask here)."""
+    if gpu_step != "graph":
+        return "scaling.gpu_step = 'eager'"
+    if device.type != "cuda":
+        return "graphs need CUDA"
+    if task_map != "vmap":
+        return "tasks by loop"  # a per-task loop's shapes change from task to task
+    if varies(maml_cfg):
+        return "MAML++ schedules change the step"
+    return None
 
 
 def choose_task_map(model: nn.Module, device: torch.device, setting: str) -> str:
