@@ -23,6 +23,10 @@ class CheckpointError(UserError):
     """A run folder or checkpoint is missing, incomplete or does not match the request."""
 
 
+class InputError(UserError):
+    """A user's own task (a support or query set, a request) does not fit the meta-model."""
+
+
 class TrainingError(UserError):
     """Training cannot go on (a non-finite loss, no healthy worker left)."""
 

@@ -20,10 +20,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+TOP = {"distributed_maml", "distributed_maml.api"}  # the public surface: the package's top and api.py
+
+
 def layer(module: str) -> int:
-    """0 for the base modules, 5 for `python -m distributed_maml` (the entry point above all)."""
+    """0 for the base modules, 5 for `python -m distributed_maml` and the public surface (the
+    package's own names, api.py), which stand above all."""
     parts = module.split(".")
-    if parts[-1] == "__main__":
+    if parts[-1] == "__main__" or module in TOP:
         return 5
     return LAYERS.get(parts[1], 0) if len(parts) > 1 else 0
 
@@ -90,6 +94,7 @@ def test_every_import_goes_down_the_layers():
 def test_an_upward_import_is_found():
     assert layer("distributed_maml.core.maml") > layer("distributed_maml.data.store") > layer("distributed_maml.errors")
     assert layer("distributed_maml.app.cli") > layer("distributed_maml.execution.driver")
+    assert layer("distributed_maml") > layer("distributed_maml.app.runs")  # the public surface on top
 
 
 def test_no_module_is_over_400_lines():
@@ -102,7 +107,7 @@ def test_no_module_is_over_400_lines():
 
 
 if __name__ == "__main__":  # docs/architecture.md's table: which layer imports which
-    names = {0: "base", 1: "data", 2: "core", 3: "execution", 4: "app", 5: "__main__"}
+    names = {0: "base", 1: "data", 2: "core", 3: "execution", 4: "app", 5: "api, __main__"}
     edges: dict[int, set[int]] = {}
     for m, deps in graph().items():
         edges.setdefault(layer(m), set()).update(layer(n) for n in deps if layer(n) != layer(m))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distributed_maml import stopping
-from distributed_maml.app import bench_cli
+from distributed_maml.app import bench_cli, use_cli
 from distributed_maml.errors import UserError, os_error_line
 
 
@@ -143,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("run", type=Path)
 
     bench_cli.add_parser(sub)
+    use_cli.add_parsers(sub)
     return p
 
 
@@ -150,24 +151,15 @@ DEFAULT_SHOTS = {"seed": (5, 15), "sinusoid": (10, 10), "glyphs": (1, 15)}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from distributed_maml import config
-    from distributed_maml.app import run, train
+    from distributed_maml.app import runs
 
     if args.val_tasks:  # absolute: a resume from another folder finds it
         args.overrides = [*args.overrides, f"task.val_store={str(args.val_tasks.resolve())!r}"]
-    if args.resume:
-        if args.output_dir or args.tasks:
-            raise UserError("--resume continues a run in place; drop --output-dir and --tasks")
-        r = run.resume(args.resume, args.config, args.overrides)
-    else:
-        cfg = config.load(args.config, args.overrides)
-        r = run.prepare(cfg, args.output_dir, args.tasks, progress=not args.no_progress)
-    executor = train.make_executor(r)
-    try:
-        result = train.train(r, executor, progress=not args.no_progress)
-    finally:
-        executor.close()
-    print(f"done: {result.step} steps; checkpoint {r.dir / 'checkpoints' / ('step_' + str(result.step))}")
+    result = runs.train(
+        args.config, args.overrides, args.output_dir, args.tasks, args.resume, progress=not args.no_progress
+    )
+    latest = result.latest
+    print(f"done: {latest.step} steps; checkpoint {result.path / 'checkpoints' / latest.name}")
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -296,7 +288,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    writes = args.command == "train" or (args.command == "tasks" and args.tasks_cmd == "build")
+    # a signal stops these at a safe point (serve: its loop shuts the service down)
+    writes = args.command in ("train", "serve") or (args.command == "tasks" and args.tasks_cmd == "build")
     command = {
         "train": cmd_train,
         "tune": cmd_tune,
@@ -304,9 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tasks": cmd_tasks,
         "plot": cmd_plot,
         "bench": bench_cli.cmd_bench,
+        "adapt": use_cli.cmd_adapt,
+        "export": use_cli.cmd_export,
+        "serve": use_cli.cmd_serve,
     }
     try:
-        with stopping.handling() if writes else contextlib.nullcontext():  # a signal stops these at a safe point
+        with stopping.handling() if writes else contextlib.nullcontext():
             command[args.command](args)
     except UserError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds

@@ -24,6 +24,7 @@ core/inner.py and re-exported here.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from torch import Tensor
 from torch.func import grad
 
 from distributed_maml.config import MamlConfig
-from distributed_maml.core import checkpointed, implicit
+from distributed_maml.core import adaptation, checkpointed, implicit
 from distributed_maml.core.inner import (
     LR_PREFIX,
     PER_ELEMENT,
@@ -369,13 +370,11 @@ def adaptation_curve(
 
     def curve(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         losses, accs = [], []
-        prox = proximal and proximal.iterate(lambda q: loss(forward(q, xs), ys), p, lr, steps[-1])
-        for step in range(steps[-1] + 1):
-            if step:
-                p = next(prox) if prox else adapt(forward, kind, p, xs, ys, 1, lr, True, head, first_step=step - 1)
+        iterates = adaptation.inner_iterates(forward, kind, p, xs, ys, steps[-1], lr, head, proximal)
+        for step, q in enumerate(itertools.chain([p], iterates)):  # the API's inner loop: the same bits
             if step not in steps:
                 continue
-            out = forward(split_lrs(p)[0], xq)
+            out = forward(split_lrs(q)[0], xq)
             losses.append(loss(out, yq))
             accs.append((out.argmax(-1) == yq).to(out.dtype).mean() if classification else losses[-1])
         return torch.stack(losses), torch.stack(accs)

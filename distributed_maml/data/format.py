@@ -67,6 +67,19 @@ class StoreInfo:
     """Images layout: one image's (C, H, W)."""
     num_images: int = 0
     """Images layout: rows of the image table."""
+    features: tuple[str, ...] = ()
+    """Table-built stores: the feature columns, in the model's input order."""
+    feature_mean: tuple[float, ...] = ()
+    """Table-built stores: each feature's mean over the table, subtracted before the model sees it."""
+    feature_std: tuple[float, ...] = ()
+    """Table-built stores: each feature's standard deviation (1 where constant), divided by after
+    the mean: a user's own rows (`adapt`, `serve`) are standardised the same way."""
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> StoreInfo:
+        """The info from its JSON form (a store's metadata, an export's card): lists back to tuples."""
+        tuples = ("classes", "image_shape", "features", "feature_mean", "feature_std")
+        return cls(**{**raw, **{k: tuple(raw.get(k, ())) for k in tuples}})
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -217,9 +230,7 @@ def _parse_info(schema: pa.Schema, name: str) -> StoreInfo:
                 f"{name} has task-store format version {version}; this distributed-maml reads versions "
                 f"{', '.join(map(str, sorted(FORMAT_VERSIONS.values())))}: rebuild it with `distributed-maml tasks build`"
             )
-        info = StoreInfo(
-            **{**raw, "classes": tuple(raw.get("classes", ())), "image_shape": tuple(raw.get("image_shape", ()))}
-        )
+        info = StoreInfo.from_json(raw)
     except StoreError:
         raise
     except (KeyError, TypeError, ValueError) as e:

@@ -211,7 +211,17 @@ def build_from_table(
     tasks = table_mod.load(table, label_column, ways, shots, queries, split, test_fraction, seed, val_fraction)
     family = Family("table", "classification", tasks.features.shape[1], ways, ways, tasks.generate)
     info = family_info(
-        family, num_tasks, seed, shots, queries, split, source=str(Path(table).resolve()), classes=tasks.class_names
+        family,
+        num_tasks,
+        seed,
+        shots,
+        queries,
+        split,
+        source=str(Path(table).resolve()),
+        classes=tasks.class_names,
+        features=tasks.feature_names,
+        feature_mean=tasks.mean,
+        feature_std=tasks.std,
     )
     write_batches(out, info, generate_batches(info, progress=True, family=family), overwrite)
     return info

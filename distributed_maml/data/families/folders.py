@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,7 +54,8 @@ def find_classes(root: Path, class_depth: int) -> list[tuple[str, list[Path]]]:
     return out
 
 
-def _decode(path: Path, size: int, grayscale: bool) -> np.ndarray | None:
+def decode(path: Path | BinaryIO, size: int, grayscale: bool) -> np.ndarray | None:
+    """One image (a file, or its bytes) as uint8 [C, S, S], converted and resized as stores are built; None if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -103,7 +105,7 @@ def load(
     for name, files in tqdm(classes, desc="reading classes", unit="class", disable=None):
         decoded = []
         for f in files:
-            a = _decode(f, image_size, grayscale)
+            a = decode(f, image_size, grayscale)
             if a is None:
                 if strict:
                     raise StoreError(f"{f} is not a readable image (drop --strict to skip such files)")

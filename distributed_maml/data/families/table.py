@@ -54,6 +54,9 @@ class TableTasks:
     class_ids: np.ndarray  # per class of this split: its index among the table's sorted labels
     class_names: tuple[str, ...]
     ways: int
+    feature_names: tuple[str, ...] = ()
+    mean: tuple[float, ...] = ()  # the standardisation applied to `features`
+    std: tuple[float, ...] = ()
 
     def generate(self, rng: np.random.Generator, count: int, shots: int, queries: int) -> dict[str, np.ndarray]:
         n = shots + queries
@@ -102,7 +105,8 @@ def load(
     names, labels = np.unique(
         np.asarray(table[label_column].to_numpy(zero_copy_only=False)).astype(str), return_inverse=True
     )
-    x = ((x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)).astype(np.float32)
+    mean, std = x.mean(0), np.where(x.std(0) > 0, x.std(0), 1.0)
+    x = ((x - mean) / std).astype(np.float32)
     classes = split_classes(len(names), ways, test_fraction, seed, "the table", val_fraction)[split]
     index = [np.flatnonzero(labels == c) for c in classes]
     short = [names[c] for c, i in zip(classes, index) if len(i) < shots + queries]
@@ -111,4 +115,13 @@ def load(
             f"class(es) {', '.join(short)} of table {path} have fewer than shots + queries = "
             f"{shots + queries} examples; lower --shots or --queries"
         )
-    return TableTasks(x, index, classes.astype(np.int64), tuple(str(names[c]) for c in classes), ways)
+    return TableTasks(
+        x,
+        index,
+        classes.astype(np.int64),
+        tuple(str(names[c]) for c in classes),
+        ways,
+        tuple(feature_cols),
+        tuple(float(v) for v in mean),
+        tuple(float(v) for v in std),
+    )
