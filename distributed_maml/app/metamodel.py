@@ -198,6 +198,10 @@ class MetaModel:
             raise InputError(f"{what}: examples hold NaN or infinite values")
         if self.info.features:
             a = self.standardize(a)
+        elif len(self.example_shape) == 3 and a.dtype.kind in "ui":  # pixel values, as images are stored
+            if a.min() < 0 or a.max() > 255:
+                raise InputError(f"{what}: integer pixels must be in 0..255 (or give floats in [0, 1])")
+            a = a.astype(np.uint8)
         elif a.dtype != np.uint8:
             a = a.astype(np.float32)
         return as_input(torch.from_numpy(np.ascontiguousarray(a)).to(self.device))

@@ -227,6 +227,7 @@ def build(settings: ServeSettings) -> Any:
                             "task_id": item.task_id,
                             "cached": item.support is None,
                             "steps": adapted[i].steps,
+                            "batch": len(items),  # requests adapted and scored together with this one
                             **by_index[i].to_json(),
                         }
                     )

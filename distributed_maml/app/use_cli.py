@@ -91,11 +91,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from distributed_maml.execution.driver import connect
 
     connect()
+    stopping.install()  # connecting to Ray replaced the SIGTERM handler
     try:
         url = serving.start(settings, args.host, args.port)
         serving.wait_ready(url)
+        stopping.install()  # and Serve's start may have: SIGTERM and Ctrl-C shut the service down
         print(f"serving {meta.describe()} at {url}/adapt ({url}/docs); Ctrl-C stops", flush=True)
-        stopping.install()  # connecting to Ray replaced the SIGTERM handler
         while not stopping.requested():
             time.sleep(0.2)
         print("stopping the service", flush=True)
