@@ -93,6 +93,8 @@ def test_kuberay_manifests_parse_and_run_this_project():
             cluster_spec = d["spec"]["rayClusterSpec"]
         elif d["kind"] == "RayCluster":
             cluster_spec = d["spec"]
+        elif d["kind"] == "RayService":
+            cluster_spec = d["spec"]["rayClusterConfig"]
         else:
             continue
         # token auth on (the operator puts RAY_AUTH_MODE=token and the token on every container)
@@ -103,6 +105,44 @@ def test_kuberay_manifests_parse_and_run_this_project():
             assert c["image"].startswith("ghcr.io/your-org/distributed-maml")
             assert all("hostPort" not in p for p in c.get("ports", [])), name
             assert any(m["mountPath"] == "/mnt/runs" for m in c["volumeMounts"])
+
+
+def _serve_configs() -> list[tuple[str, dict]]:
+    out = [("jobs/serve.yaml", yaml.safe_load((CLUSTER.parent / "jobs" / "serve.yaml").read_text()))]
+    for name, d in _manifests():
+        if d["kind"] == "RayService":
+            out.append((name, yaml.safe_load(d["spec"]["serveConfigV2"])))
+    return out
+
+
+def test_serve_configs_pass_serves_schema_and_build_the_app(tmp_path, monkeypatch):
+    """jobs/serve.yaml and the RayService's serveConfigV2 pass Ray Serve's own schema, and their
+    args build the app (ServeSettings): beyond loopback only with a token file, and http_options
+    binds where `host` says."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from distributed_maml.app import serving
+    from distributed_maml.errors import UserError
+
+    configs = _serve_configs()
+    assert [n for n, _ in configs] == ["jobs/serve.yaml", "rayservice.yaml"]
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123\n")
+    for name, cfg in configs:
+        ServeDeploySchema.model_validate(cfg)
+        (app,) = cfg["applications"]
+        assert app["import_path"] == "distributed_maml.app.serving:app_builder", name
+        args = dict(app["args"])
+        assert args["host"] == cfg["http_options"]["host"], name
+        if "token_file" in args:
+            args["token_file"] = str(token)
+        settings = serving.ServeSettings.from_args(args)
+        assert settings.source == args["source"] and (settings.token is not None) == ("token_file" in args)
+        if not serving.is_loopback(args["host"]):  # beyond loopback: a token, or no app
+            with pytest.raises(UserError, match="give --token-file"):
+                serving.ServeSettings.from_args({k: v for k, v in args.items() if k != "token_file"})
+    with pytest.raises(UserError, match="serve config args"):
+        serving.ServeSettings.from_args({"source": "x", "replicaz": 2})
 
 
 def test_dockerfile_installs_the_project():

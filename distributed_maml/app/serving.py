@@ -44,7 +44,7 @@ class ServeSettings:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     max_batch: int = 64
-    batch_wait_s: float = 0.005
+    batch_wait_s: float = 0.0  # 0: a batch is what queued while the last one ran (no wait at low load)
     batched: bool = True
     cache_size: int = 1024
     token: str | None = None
@@ -195,7 +195,7 @@ def build(settings: ServeSettings) -> Any:
             except RequestError as e:
                 return JSONResponse({"error": e.line}, e.status)
 
-        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)  # both set from the settings in __init__
         async def run_batch(self, items: list[AdaptRequest]) -> list[Any]:
             return self.compute(items)
 

@@ -38,7 +38,12 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--cpus-per-replica", type=float, default=1.0)
     s.add_argument("--gpus-per-replica", type=float, default=0.0, help="> 0: each replica adapts on its GPU slice")
     s.add_argument("--max-batch", type=int, default=64, help="requests adapted together (64)")
-    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (5 ms)")
+    s.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long a batch waits to fill (0: it takes what queued while the last batch ran)",
+    )
     s.add_argument("--no-batch", action="store_true", help="adapt each request alone")
     s.add_argument("--cache-size", type=int, default=1024, help="adapted tasks kept per replica by task_id (1024)")
 
