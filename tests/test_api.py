@@ -238,3 +238,18 @@ def test_a_corrupt_or_foreign_export_is_one_line(runs, tmp_path, capsys):
         "not a distributed-maml run",
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_the_api_train_is_the_cli_train_bit_for_bit(tmp_path):
+    """dm.train and `distributed-maml train` (which calls it) make the same run; the metrics
+    table reads back what the log holds (pandas where installed)."""
+    sets = [*COMMON, "training.steps=6", "training.eval_every=3", "training.eval_tasks=10"]
+    api = dm.train(None, sets, output_dir=tmp_path / "api", progress=False)
+    proc = run_cli("train", "--output-dir", tmp_path / "cli", "--no-progress", *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr
+    assert f"done: 6 steps; checkpoint {tmp_path / 'cli' / 'checkpoints' / 'step_6'}" in proc.stdout
+    a = torch.load(api.latest.path / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "cli" / "checkpoints" / "step_6" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    frame = dm.open_run(tmp_path / "cli").metrics_dataframe()
+    assert list(frame["step"]) == [1, 3, 5, 6] and frame["val_acc"].notna().sum() == 2

@@ -192,7 +192,8 @@ def test_every_computation_gets_the_configured_device(tmp_path, monkeypatch):
     """A spy on ShardComputer and the Learner: with scaling.device resolving to a device of its
     own ("cpu:0", distinguishable from the default "cpu"), training, validation, eval's curves,
     its step-size tuning, its pretrained baseline and bench --eval are all built on it."""
-    from distributed_maml.app import bench_eval, evaluate
+    from distributed_maml.app import evaluate
+    from distributed_maml.app.bench import evaluation as bench_eval
     from distributed_maml.core import learner as learner_mod
 
     spied = torch.device("cpu", 0)

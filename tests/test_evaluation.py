@@ -276,7 +276,7 @@ def test_cli_eval_passes_every_flag(monkeypatch, tmp_path):
 
 def test_bench_eval_times_every_phase_of_the_protocol_against_training(monkeypatch, capsys):
     """`bench --eval` at a toy size: the eval's phases, the training time, and their ratio."""
-    from distributed_maml.app import bench_eval
+    from distributed_maml.app.bench import evaluation as bench_eval
 
     monkeypatch.setattr(evaluate, "VALIDATION_TASKS", 4)
     monkeypatch.setattr(bench_eval, "measure", _tiny(bench_eval.measure))

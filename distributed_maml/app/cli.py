@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distributed_maml import stopping
-from distributed_maml.app import bench_cli, use_cli
+from distributed_maml.app import use_cli
+from distributed_maml.app.bench import cli as bench_cli
 from distributed_maml.errors import UserError, os_error_line
 
 

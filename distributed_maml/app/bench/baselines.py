@@ -5,7 +5,7 @@
 - `funcgrad_meta_gradient`: vmap over tasks with the OUTER gradient by torch.func.grad as well
   (the `bare_funcgrad` row; `bench`'s bare row until issue 19: a functorch level around the whole
   step costs ~25% at meta-batch 25, so it made a slow yardstick).
-- The bare row itself is app/minimal_script.py: torch.func inside vmap, `.backward()` outside.
+- The bare row itself is app/bench/minimal_script.py: torch.func inside vmap, `.backward()` outside.
 """
 
 from __future__ import annotations

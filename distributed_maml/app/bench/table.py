@@ -50,7 +50,7 @@ def format_table(result: dict[str, Any]) -> str:
     for r in rows:
         if "script_alone_ms" in r:
             lines.append(
-                f"bare row vs app/minimal_script.py on its own, meta-batch {r['meta_batch']}: {r['step_ms']:.2f} vs "
+                f"bare row vs app/bench/minimal_script.py on its own, meta-batch {r['meta_batch']}: {r['step_ms']:.2f} vs "
                 f"{r['script_alone_ms']:.2f} ms/step ({r['step_ms'] / r['script_alone_ms']:.2f}x)"
             )
     lines.append("")

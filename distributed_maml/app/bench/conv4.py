@@ -1,6 +1,6 @@
 """`bench --conv4`: conv4 on 5-way 1-shot glyph tasks, the worker's two task maps (vmap and the
 per-task loop, the same gradients) at first and second order, and the peak memory per task of
-the second-order vmap step at 1, 5 and 10 inner steps (app/bench_memory.py).
+the second-order vmap step at 1, 5 and 10 inner steps (app/bench/memory.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from distributed_maml.app.bench_memory import available_bytes, memory_per_task
-from distributed_maml.app.timing import conv4_problem, time_call
+from distributed_maml.app.bench.memory import available_bytes, memory_per_task
+from distributed_maml.app.bench.timing import conv4_problem, time_call
 from distributed_maml.config import MamlConfig
 from distributed_maml.core.maml import meta_gradient
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distributed_maml.app.timing import time_call
+from distributed_maml.app.bench.timing import time_call
 from distributed_maml.config import MamlConfig, ModelConfig
 from distributed_maml.data.writing import build_in_memory
 from distributed_maml.execution.computer import ShardComputer

@@ -2,11 +2,11 @@
 
 Every method computes the same meta-gradient of a meta-batch of tasks on one CPU thread, then
 Adam: `loop` (the textbook per-task loop), `bare` (the minimal torch.func script,
-app/minimal_script.py), `bare_funcgrad` (the same with the outer gradient by torch.func.grad),
+app/bench/minimal_script.py), `bare_funcgrad` (the same with the outer gradient by torch.func.grad),
 `in_process` (the project's path: store -> executor -> reduction -> Adam), and Ray workers.
 `bare`, `bare_funcgrad` and `in_process` are timed in interleaved rounds (best of each), so
 their ratio does not depend on what else the machine did meanwhile. Prints a table and one JSON
-line. `bench --conv4`: app/bench_conv4.py; `bench --memory`: app/bench_memory.py.
+line. `bench --conv4`: app/bench/conv4.py; `bench --memory`: app/bench/memory.py.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from distributed_maml.app import minimal_script
-from distributed_maml.app.baselines import funcgrad_meta_gradient, loop_meta_gradient
-from distributed_maml.app.bench_memory import memory_per_task
-from distributed_maml.app.bench_table import format_table
-from distributed_maml.app.timing import MODELS, time_call, time_interleaved
+from distributed_maml.app.bench import minimal_script
+from distributed_maml.app.bench.baselines import funcgrad_meta_gradient, loop_meta_gradient
+from distributed_maml.app.bench.memory import memory_per_task
+from distributed_maml.app.bench.table import format_table
+from distributed_maml.app.bench.timing import MODELS, time_call, time_interleaved
 from distributed_maml.config import MamlConfig, ModelConfig, ScalingConfig
 from distributed_maml.core import maml
 from distributed_maml.core.learner import Learner
@@ -133,7 +133,7 @@ class _Problem:
         return step
 
     def script_step(self) -> Callable[[int], None]:
-        """The bare row: app/minimal_script.py's step on this problem's tasks."""
+        """The bare row: app/bench/minimal_script.py's step on this problem's tasks."""
         step, _ = minimal_script.make_step(
             self.model, self.cfg.inner_steps, self.cfg.inner_lr, self.cfg.first_order, minimal_loss(self.kind)
         )

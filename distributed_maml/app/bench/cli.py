@@ -1,4 +1,4 @@
-"""The `bench` command's arguments and dispatch (app/bench*.py hold the benchmarks)."""
+"""The `bench` command's arguments and dispatch (app/bench/ hold the benchmarks)."""
 
 from __future__ import annotations
 
@@ -64,39 +64,39 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from distributed_maml.app import bench, bench_conv4, bench_eval, bench_memory
+    from distributed_maml.app.bench import conv4, evaluation, memory, methods
 
     if args.paper:
-        from distributed_maml.app import bench_paper
+        from distributed_maml.app.bench import paper
 
         if args.steps is not None and args.steps < 1:
             raise UserError(f"--steps must be >= 1, got {args.steps}")
-        bench_paper.paper_main(args.steps, args.json)
+        paper.paper_main(args.steps, args.json)
     elif args.precision:
-        from distributed_maml.app import bench_precision
+        from distributed_maml.app.bench import precision
 
-        bench_precision.precision_main(args.seconds, args.json)
+        precision.precision_main(args.seconds, args.json)
     elif args.memory:
         modes = tuple(m for m in args.modes.split(",") if m)
-        if not modes or any(m not in bench_memory.MODES for m in modes):
-            raise UserError(f"--modes must be some of {','.join(bench_memory.MODES)}, got {args.modes!r}")
+        if not modes or any(m not in memory.MODES for m in modes):
+            raise UserError(f"--modes must be some of {','.join(memory.MODES)}, got {args.modes!r}")
         steps = tuple(args.inner_steps or (1, 5, 10, 25, 50))
         if min(steps) < 1 or args.meta_batch < 1 or args.channels < 1 or (args.memory_gb or 1) <= 0:
             raise UserError("--inner-steps, --meta-batch and --channels must be >= 1 and --memory-gb > 0")
-        if args.backbone not in bench_memory.BACKBONES:
-            raise UserError(f"--backbone must be one of {', '.join(bench_memory.BACKBONES)}, got {args.backbone!r}")
-        bench_memory.memory_main(steps, modes, args.meta_batch, args.channels, args.memory_gb, args.backbone)
+        if args.backbone not in memory.BACKBONES:
+            raise UserError(f"--backbone must be one of {', '.join(memory.BACKBONES)}, got {args.backbone!r}")
+        memory.memory_main(steps, modes, args.meta_batch, args.channels, args.memory_gb, args.backbone)
     elif args.eval:
-        bench_eval.eval_main(args.quick, args.json)
+        evaluation.eval_main(args.quick, args.json)
     elif args.algorithms:
-        bench.algorithms_main(args.seconds, args.json)
+        methods.algorithms_main(args.seconds, args.json)
     elif args.conv4:
         if args.channels < 1 or args.queries < 1:
             raise UserError(f"--channels and --queries must be >= 1, got {args.channels} and {args.queries}")
-        bench_conv4.conv4_main(
+        conv4.conv4_main(
             tuple(args.meta_batches or (4, 32, 256)), args.channels, args.queries, args.seconds, args.threads
         )
     else:
         if args.seconds <= 0 or (args.workers is not None and args.workers < 0):
             raise UserError(f"--seconds must be > 0 and --workers >= 0, got {args.seconds} and {args.workers}")
-        bench.main(args.seconds, args.quick, args.workers, args.json, args.methods)
+        methods.main(args.seconds, args.quick, args.workers, args.json, args.methods)

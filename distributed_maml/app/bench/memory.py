@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distributed_maml.app.timing import MODELS, conv4_problem, resnet12_widths
+from distributed_maml.app.bench.timing import MODELS, conv4_problem, resnet12_widths
 from distributed_maml.config import MamlConfig, ModelConfig
 from distributed_maml.core.maml import TaskBatch
 from distributed_maml.core.models import build, functional
@@ -37,7 +37,7 @@ def available_bytes(device: str) -> int:
 
 _MEMORY_PROBE = """
 import gc, json, sys, time, torch
-from distributed_maml.app.bench_memory import _memory_setup
+from distributed_maml.app.bench.memory import _memory_setup
 from distributed_maml.core.maml import meta_gradient
 model, mb, channels, queries, steps, mode, device = json.loads(sys.argv[1])
 forward, params, batch, kind, cfg = _memory_setup(model, mb, channels, queries, steps, mode, device)

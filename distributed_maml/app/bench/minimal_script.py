@@ -4,7 +4,7 @@ This is what a researcher writes in ten lines (the issue-19 recipe): the model t
 `torch.func.functional_call`, the inner SGD steps by `torch.func.grad` inside `torch.func.vmap`
 over tasks, then `.mean().backward()` on the vmapped query losses (plain autograd for the outer
 gradient) and `torch.optim.Adam`. `bench` times it beside its own `bare` row and the project's
-path; `python -m distributed_maml.app.minimal_script` times it alone on random sinusoid-shaped
+path; `python -m distributed_maml.app.bench.minimal_script` times it alone on random sinusoid-shaped
 tasks. Keep it free of project imports: it is the yardstick, and a copy-paste away from a user.
 """
 
