@@ -253,3 +253,20 @@ def test_the_api_train_is_the_cli_train_bit_for_bit(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     frame = dm.open_run(tmp_path / "cli").metrics_dataframe()
     assert list(frame["step"]) == [1, 3, 5, 6] and frame["val_acc"].notna().sum() == 2
+
+
+def test_loading_an_export_never_unpickles(runs, tmp_path, monkeypatch):
+    """dm.load reads safetensors and JSON only: with every unpickler made to fail, it still loads."""
+    import pickle
+
+    exported = dm.export(runs["imaml"][0], tmp_path / "e")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an export load unpickled something")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    meta = dm.load(exported, device="cpu")
+    assert meta.config.maml.algorithm == "imaml" and meta.kind == "classification"

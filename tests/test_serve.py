@@ -166,7 +166,9 @@ def _bad_requests(rows) -> list[tuple[bytes, int, str]]:
         (json.dumps({**good, "extra": 1}).encode(), 422, "unknown field(s) extra"),
         (json.dumps({"query": good["query"]}).encode(), 422, "neither 'support' nor a 'task_id'"),
         (b"x" * (9 * 2**20), 413, "at most 8388608"),
-    ]
+        (json.dumps({**good, "support": {**good["support"], "x": (rows["x_support"][2] * 1e30).tolist()}}).encode(),
+         422, "adaptation diverged"),
+    ]  # fmt: skip
 
 
 def test_every_bad_input_gets_its_4xx_while_good_requests_succeed(maml_app):

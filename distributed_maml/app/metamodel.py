@@ -49,6 +49,11 @@ class Prediction:
     probabilities: np.ndarray | None
     classes: tuple[Any, ...] | None
 
+    def finite(self) -> bool:
+        """Whether every output is a finite number (an adaptation can diverge on wild inputs)."""
+        values = self.labels if self.probabilities is None else self.probabilities
+        return bool(np.isfinite(values).all())
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"predictions": self.labels.tolist()}
         if self.probabilities is not None:

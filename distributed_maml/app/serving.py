@@ -30,6 +30,7 @@ from distributed_maml.app.adaptrequest import REQUEST_SCHEMA, AdaptRequest, Limi
 from distributed_maml.errors import UserError
 
 APP_NAME = "distributed-maml"
+DIVERGED = "adaptation diverged (non-finite outputs): check the examples' scale, or send fewer steps"
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,10 @@ class ServeSettings:
 def read_token(path: str | Path) -> str:
     """The bearer token in a file (its first line); one line if it is missing or empty."""
     try:
-        token = Path(path).read_text().strip().splitlines()[0].strip() if Path(path).read_text().strip() else ""
+        lines = Path(path).read_text().strip().splitlines()
     except OSError as e:
         raise UserError(f"--token-file {path}: {e.strerror}") from None
+    token = lines[0].strip() if lines else ""
     if len(token) < 16:
         raise UserError(f"--token-file {path} must hold a token of at least 16 characters on its first line")
     return token
@@ -217,7 +219,9 @@ def build(settings: ServeSettings) -> Any:
             preds = self.meta.predict_many([adapted[i] for i in ready], [items[i].query for i in ready])
             by_index = dict(zip(ready, preds, strict=True))
             for i, item in enumerate(items):
-                if i in by_index:
+                if i in by_index and not by_index[i].finite():
+                    out.append(JSONResponse({"error": DIVERGED}, 422))
+                elif i in by_index:
                     if item.task_id is not None and item.support is not None and self.settings.cache_size:
                         self._remember(item.task_id, adapted[i])
                     elif item.task_id in self.cache:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distributed_maml.errors import InputError
+
 
 def add_parsers(sub: Any) -> None:
     a = sub.add_parser("adapt", help="adapt a run (or an export) to your own support set; predict your queries")
@@ -53,12 +55,16 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     from distributed_maml.app.export import load_any
 
     if args.out.suffix.lower() not in usertask.OUT_SUFFIXES:
-        raise usertask.InputError(f"--out {args.out} must end in {' or '.join(usertask.OUT_SUFFIXES)}")
+        raise InputError(f"--out {args.out} must end in {' or '.join(usertask.OUT_SUFFIXES)}")
     meta = load_any(args.run, args.checkpoint, args.device)
     xs, ys = usertask.read_support(meta, args.support, args.label_column)
     xq, names = usertask.read_queries(meta, args.query, args.label_column)
     adapted = meta.adapt(xs, ys, args.steps)
     prediction = meta.predict_many([adapted], [xq])[0]
+    if not prediction.finite():
+        raise InputError(
+            f"adaptation diverged on {args.support} (non-finite outputs): check the examples' scale, or lower --steps"
+        )
     usertask.write_predictions(args.out, names, prediction)
     classes = f" into {len(adapted.classes)} classes" if adapted.classes else ""
     print(f"wrote {args.out}: {len(names)} predictions{classes} after {adapted.steps} inner steps ({meta.describe()})")

@@ -122,7 +122,11 @@ class StoreInfo:
     @property
     def fingerprint(self) -> str:
         """A short digest of everything the metadata says (a replaced store shows here)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        meta = asdict(self)
+        for key in ("features", "feature_mean", "feature_std"):  # added later: a store without them keeps its digest
+            if not meta[key]:
+                del meta[key]
+        return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def row_nbytes(self) -> int:
