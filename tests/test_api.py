@@ -207,6 +207,7 @@ def test_a_task_with_fewer_classes_than_outputs_never_predicts_the_missing_ones(
         (("--out", "pred.txt"), "must end in .csv or .parquet"),
         (("--steps", "-1"), "steps must be in [0, 1000]"),
         (("--checkpoint", "step_999"), "has no checkpoint step_999"),
+        (("--out", "no/such/folder/p.csv"), "--out no/such/folder/p.csv cannot be written"),
     ],
 )
 def test_bad_adapt_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, monkeypatch, args, needle):
@@ -270,3 +271,39 @@ def test_loading_an_export_never_unpickles(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     meta = dm.load(exported, device="cpu")
     assert meta.config.maml.algorithm == "imaml" and meta.kind == "classification"
+
+
+def test_a_table_runs_raw_rows_are_standardised_as_its_store_was(tmp_path):
+    """A run trained on a table takes the user's raw rows: standardised with the training table's
+    statistics (kept in the store's metadata), they are the store's own inputs bit for bit; and
+    `adapt` reads the feature columns the run trained on by name, in any column order."""
+    from distributed_maml import data
+    from distributed_maml.data.families import table as table_mod
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(3.0, 2.0, size=(120, 4)) * np.array([1, 10, 100, 0.1])
+    labels = np.repeat(np.arange(6), 20)
+    cols = {f"f{k}": raw[:, k] for k in range(4)}
+    pq.write_table(pa.table({**cols, "kind": labels}), tmp_path / "t.parquet")
+    store = tmp_path / "train.arrow"
+    data.build_from_table(tmp_path / "t.parquet", store, "kind", 2, 3, 3, 20, "train", 0, 0.3)
+    run = dm.train(None, [*COMMON, "task.family=table", "task.shots=3", "task.queries=3", "model.name=mlp",
+                          "training.steps=2", "training.eval_every=0", "task.num_tasks=0"],
+                   output_dir=tmp_path / "run", tasks=store, progress=False)  # fmt: skip
+    meta = run.meta_model(device="cpu")
+    assert meta.info.features == ("f0", "f1", "f2", "f3")
+    want = table_mod.load(tmp_path / "t.parquet", "kind", 2, 3, 3, "train", 0.3, 0).features  # the store's inputs
+    np.testing.assert_array_equal(meta.standardize(raw), want)
+    # the support table with its columns shuffled and an extra one: read by name
+    first = np.flatnonzero(labels < 2)
+    shuffled = {"note": np.zeros(len(first)), "f2": raw[first, 2], "kind": labels[first], "f0": raw[first, 0],
+                "f3": raw[first, 3], "f1": raw[first, 1]}  # fmt: skip
+    pq.write_table(pa.table(shuffled), tmp_path / "s.parquet")
+    pq.write_table(pa.table({f"f{k}": raw[first, k] for k in range(4)}), tmp_path / "q.parquet")
+    out = tmp_path / "p.parquet"
+    proc = run_cli("adapt", "--run", run.path, "--support", tmp_path / "s.parquet", "--query", tmp_path / "q.parquet",
+                   "--out", out, "--label-column", "kind")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    expect = meta.predict(raw[first], labels[first], raw[first])
+    got = pq.read_table(out)
+    np.testing.assert_array_equal(np.column_stack([got["p_0"], got["p_1"]]), expect.probabilities)

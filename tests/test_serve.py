@@ -240,6 +240,12 @@ def test_serving_beyond_loopback_without_a_token_is_one_line(runs, tmp_path, cap
     short.write_text("abc\n")
     proc = cli_in_process(capsys, "serve", "--run", runs["maml"][0], "--host", "0.0.0.0", "--token-file", short)
     assert_user_error(proc, "at least 16 characters")
+    with socket.socket() as busy:  # a port in use: one line before Ray starts
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        proc = cli_in_process(capsys, "serve", "--run", runs["maml"][0], "--port", port)
+        assert_user_error(proc, f"cannot serve on 127.0.0.1:{port}", "choose another --port")
 
 
 @pytest.mark.cluster

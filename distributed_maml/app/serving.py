@@ -108,6 +108,18 @@ def check_binding(host: str, token: str | None) -> None:
         )
 
 
+def check_port(host: str, port: int) -> None:
+    """One line if host:port cannot be bound (in use, or not this machine's address)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot serve on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+
+
 def build(settings: ServeSettings) -> Any:
     """The Serve application of these settings (for serve.run)."""
     from fastapi import FastAPI, Request
@@ -263,6 +275,7 @@ def start(settings: ServeSettings, host: str, port: int) -> str:
     from ray import serve
 
     check_binding(host, settings.token)
+    check_port(host, port)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build(settings), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{host if ':' not in host else f'[{host}]'}:{port}"

@@ -84,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     token = serving.read_token(args.token_file) if args.token_file else None
     serving.check_binding(args.host, token)  # before Ray starts
+    serving.check_port(args.host, args.port)
     settings = serving.ServeSettings(
         source=str(args.run.resolve()),
         checkpoint=args.checkpoint,

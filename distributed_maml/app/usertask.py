@@ -122,5 +122,8 @@ def write_predictions(path: Path, names: list[str], prediction: Prediction) -> N
 
             pq.write_table(table, tmp)
         os.replace(tmp, path)
+    except (OSError, pa.ArrowException) as e:  # pyarrow names its temporary file: name the one asked for
+        reason = str(e).split("Detail: ")[-1]  # "[errno 2] No such file or directory"
+        raise InputError(f"--out {path} cannot be written ({reason}); give a path in a folder you may write") from None
     finally:
         tmp.unlink(missing_ok=True)
