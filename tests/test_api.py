@@ -307,3 +307,13 @@ def test_a_table_runs_raw_rows_are_standardised_as_its_store_was(tmp_path):
     expect = meta.predict(raw[first], labels[first], raw[first])
     got = pq.read_table(out)
     np.testing.assert_array_equal(np.column_stack([got["p_0"], got["p_1"]]), expect.probabilities)
+
+
+def test_the_package_top_offers_exactly_the_api_names():
+    """`distributed_maml.X` loads api.X on first use (the top stays free of torch): the two lists agree."""
+    import distributed_maml.api as api
+
+    assert set(dm.__all__) - {"__version__"} == set(api.__all__)
+    assert all(getattr(dm, name) is getattr(api, name) for name in api.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        dm.nope  # noqa: B018
