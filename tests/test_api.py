@@ -317,3 +317,22 @@ def test_the_package_top_offers_exactly_the_api_names():
     assert all(getattr(dm, name) is getattr(api, name) for name in api.__all__)
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         dm.nope  # noqa: B018
+
+
+def test_a_run_trained_by_ray_workers_adapts_in_this_process(runs):
+    """The meta-model of a run whose [scaling] names Ray workers, a collective group or pools
+    adapts here, on this process's device: the run's scaling is where it trained, not where it adapts."""
+    from distributed_maml import config
+
+    run_dir, store = runs["maml"]
+    ckpt_model = dm.open_run(run_dir).meta_model(device="cpu")
+    rows = _tasks(store)
+    want = ckpt_model.predict(rows["x_support"][0], rows["y_support"][0], rows["x_query"][0])
+    for sets in (
+        ["scaling.num_workers=4", "scaling.mode=collective"],
+        ["scaling.num_workers=-1", "scaling.pools=[{num_workers = 2, gpus_per_worker = 0.5}]"],
+    ):
+        cfg = config.from_dict(config.apply_overrides(ckpt_model.config.to_dict(), sets))
+        meta = dm.MetaModel(cfg, ckpt_model.info, ckpt_model.meta, device="cpu")
+        got = meta.predict(rows["x_support"][0], rows["y_support"][0], rows["x_query"][0])
+        assert _same(got, want), sets

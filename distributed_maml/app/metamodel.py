@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distributed_maml.config import Config
+from distributed_maml.config import Config, ScalingConfig
 from distributed_maml.core import implicit
 from distributed_maml.core import precision as precision_mod
 from distributed_maml.core.adaptation import adapt_tasks, task_outputs
@@ -99,7 +99,8 @@ class MetaModel:
         device: str = "auto",
         source: str = "",
     ) -> None:
-        compute = devices.resolve(replace(config.scaling, device=device, num_workers=0))
+        # where this process adapts: the run's precision, on `device` (not the run's workers, pools or mode)
+        compute = devices.resolve(ScalingConfig(device=device, precision=config.scaling.precision, num_workers=0))
         self.config, self.info, self.device, self.source = config, info, compute.device, source
         self.precision = compute.precision
         self.network = assemble(config.model, config.maml, info, seed=config.training.seed, device=self.device)
