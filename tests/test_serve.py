@@ -96,30 +96,35 @@ def post(url: str, payload, **kw) -> requests.Response:
     return requests.post(f"{url}/adapt", data=data, timeout=60, **kw)
 
 
-def test_served_predictions_equal_the_api_for_every_family(ray_serve, runs, tmp_path):  # noqa: F811
-    """Each family's export served; its held-out tasks sent at once from 12 clients: batched
+# plain MAML and conv4 with per-task BatchNorm in the default tier; the other families (the same
+# code path, other inner loops) in the slow one, which .ci/run runs too
+SERVED = [pytest.param(f, marks=[] if f in ("maml", "conv4-bn") else [pytest.mark.slow]) for f in sorted(FAMILIES)]
+
+
+@pytest.mark.parametrize("family", SERVED)
+def test_served_predictions_equal_the_api_for_every_family(ray_serve, runs, tmp_path, family):  # noqa: F811
+    """The family's export served; its held-out tasks sent at once from 12 clients: batched
     (some answer names a batch of several), and every answer equals the API's bit for bit."""
-    for family in sorted(FAMILIES):
-        run_dir, store = runs[family]
-        exported = dm.export(run_dir, tmp_path / family)
-        deploy(ray_serve, exported, batch_wait_s=0.05)
-        meta = dm.load(exported, device="cpu")
-        rows = _tasks(store)
-        images = len(meta.example_shape) == 3
-        payloads = [body(rows, i, png=images and i % 2 == 0) for i in range(HELD_OUT)]
-        with ThreadPoolExecutor(HELD_OUT) as pool:
-            answers = list(pool.map(lambda p: post(ray_serve, p), payloads))
-        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-        got = [a.json() for a in answers]
-        assert max(g["batch"] for g in got) > 1, (family, [g["batch"] for g in got])  # requests were batched
-        for i, g in enumerate(got):
-            with one_thread():  # as the replica computes (cpus_per_replica = 1): a conv's bits follow the threads
-                want = meta.predict(rows["x_support"][i], rows["y_support"][i], rows["x_query"][i])
-            if want.probabilities is None:
-                np.testing.assert_array_equal(np.asarray(g["predictions"], dtype=np.float32), want.labels)
-            else:
-                np.testing.assert_array_equal(np.asarray(g["probabilities"], dtype=np.float32), want.probabilities)
-                assert g["predictions"] == want.labels.tolist() and tuple(g["classes"]) == want.classes
+    run_dir, store = runs[family]
+    exported = dm.export(run_dir, tmp_path / family)
+    deploy(ray_serve, exported, batch_wait_s=0.05)
+    meta = dm.load(exported, device="cpu")
+    rows = _tasks(store)
+    images = len(meta.example_shape) == 3
+    payloads = [body(rows, i, png=images and i % 2 == 0) for i in range(HELD_OUT)]
+    with ThreadPoolExecutor(HELD_OUT) as pool:
+        answers = list(pool.map(lambda p: post(ray_serve, p), payloads))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    got = [a.json() for a in answers]
+    assert max(g["batch"] for g in got) > 1, (family, [g["batch"] for g in got])  # requests were batched
+    for i, g in enumerate(got):
+        with one_thread():  # as the replica computes (cpus_per_replica = 1): a conv's bits follow the threads
+            want = meta.predict(rows["x_support"][i], rows["y_support"][i], rows["x_query"][i])
+        if want.probabilities is None:
+            np.testing.assert_array_equal(np.asarray(g["predictions"], dtype=np.float32), want.labels)
+        else:
+            np.testing.assert_array_equal(np.asarray(g["probabilities"], dtype=np.float32), want.probabilities)
+            assert g["predictions"] == want.labels.tolist() and tuple(g["classes"]) == want.classes
 
 
 @pytest.fixture(scope="module")
