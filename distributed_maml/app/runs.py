@@ -71,15 +71,17 @@ class RunResult:
     @property
     def checkpoints(self) -> list[CheckpointRef]:
         """Every checkpoint folder the run keeps, oldest first."""
-        scores = {e.step: (e.metric, e.value) for e in checkpoint.read_best(self.path)}
+        scores = self._scores()
         folders = (p for p in (self.path / "checkpoints").glob("step_*") if p.is_dir())
-        refs = [CheckpointRef(p.name, int(p.name[5:]), p, scores.get(int(p.name[5:]))) for p in folders]
-        return sorted(refs, key=lambda r: r.step)
+        return sorted((self._ref(p, scores) for p in folders), key=lambda r: r.step)
 
-    def _ref(self, path: Path) -> CheckpointRef:
-        scores = {e.step: (e.metric, e.value) for e in checkpoint.read_best(self.path)}
+    def _scores(self) -> dict[int, tuple[str, float]]:
+        """best.json's validated steps: step -> (metric, value), read once per question."""
+        return {e.step: (e.metric, e.value) for e in checkpoint.read_best(self.path)}
+
+    def _ref(self, path: Path, scores: dict[int, tuple[str, float]] | None = None) -> CheckpointRef:
         step = int(path.name[5:])
-        return CheckpointRef(path.name, step, path, scores.get(step))
+        return CheckpointRef(path.name, step, path, (self._scores() if scores is None else scores).get(step))
 
     @property
     def latest(self) -> CheckpointRef:
