@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from distributed_maml.core import implicit
-from distributed_maml.core.inner import Params, adapt, loss_fn, map_tasks, split_lrs
+from distributed_maml.core.inner import Params, adapt, bind, loss_fn, map_tasks, split_lrs
 from distributed_maml.core.models import Forward
 
 
@@ -41,6 +41,7 @@ def inner_iterates(
     test time: plain steps of `lr` or the learned sizes in `params`, `head` only for ANIL, or
     iMAML's `proximal` steps from `lr`)."""
     loss = loss_fn(kind)
+    forward = bind(forward, ys)  # a padded support set's BatchNorm: its real examples only
     prox = proximal and proximal.iterate(lambda q: loss(forward(q, xs), ys), params, lr, steps)
     for step in range(1, steps + 1):
         params = next(prox) if prox else adapt(forward, kind, params, xs, ys, 1, lr, True, head, first_step=step - 1)

@@ -71,21 +71,79 @@ def map_tasks(fn: Callable[..., tuple[Tensor, ...]], task_map: str) -> TaskMap:
 
 
 def loss_fn(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """One task's mean loss: cross-entropy (labels) or squared error (targets)."""
+    """One task's mean loss: cross-entropy (labels) or squared error (targets). Padded labels
+    (see `padded`) are understood: the mean is over the task's real examples only."""
     return cross_entropy if kind == "classification" else squared_error
+
+
+# A padded episode (variable ways and shots, data/episodes.py) carries its masks in its labels,
+# so every loss, accuracy and BatchNorm of every algorithm sees them without a new argument:
+# classification labels int [N, 2] = (label, the task's ways; 0 on a padded example), regression
+# targets float [N, O + 1] = (targets, 1 for a real example, 0 for a padded one). A fixed-shape
+# batch keeps plain labels and runs exactly today's ops (the choice is made on shapes, when traced).
+
+
+def padded(out: Tensor, y: Tensor) -> bool:
+    """Whether `y` carries a padded episode's masks (labels [N, 2] or targets [N, O + 1])."""
+    return y.dim() == out.dim() and (not y.is_floating_point() or y.shape[-1] == out.shape[-1] + 1)
+
+
+def example_weight(y: Tensor) -> Tensor:
+    """1 for a real example, 0 for a padded one, from padded labels or targets: [N]."""
+    return (y[..., 1] > 0).to(torch.float32) if not y.is_floating_point() else y[..., -1]
+
+
+def class_masked(out: Tensor, y: Tensor) -> Tensor:
+    """Padded labels: the outputs of classes past the task's ways set to -inf, so a padded class
+    takes no probability and is never predicted; plain labels: the outputs unchanged."""
+    if not padded(out, y) or y.is_floating_point():
+        return out
+    ways = y[..., 1].amax()
+    return out.masked_fill(torch.arange(out.shape[-1], device=out.device) >= ways, float("-inf"))
 
 
 def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
     """F.cross_entropy's value, as log_softmax and a gather: under vmap and grad F's version
     decomposes into masked ops for ignore_index, which we never use (~15% of a 5-way loss's
     meta-gradient, and what kept the seed MLP's step at the minimal script's speed)."""
+    if padded(out, y):
+        w = (y[..., 1] > 0).to(out.dtype)
+        logp = class_masked(out, y).log_softmax(-1).gather(-1, y[..., :1]).squeeze(-1)
+        return -(logp * w).sum() / w.sum()
     return -out.log_softmax(-1).gather(-1, y.unsqueeze(-1)).mean()
 
 
 def squared_error(out: Tensor, y: Tensor) -> Tensor:
     """F.mse_loss's value; under vmap and grad its backward decomposes in Python, this one
     does not (~6% of the loss's meta-gradient)."""
+    if padded(out, y):
+        w = y[..., -1]
+        return ((out - y[..., :-1]).square().mean(-1) * w).sum() / w.sum()
     return (out - y).square().mean()
+
+
+def accuracy(out: Tensor, y: Tensor) -> Tensor:
+    """One task's accuracy (over its real examples, never predicting a padded class)."""
+    if padded(out, y):
+        w = (y[..., 1] > 0).to(out.dtype)
+        return ((class_masked(out, y).argmax(-1) == y[..., 0]).to(out.dtype) * w).sum() / w.sum()
+    return (out.argmax(-1) == y).to(out.dtype).mean()
+
+
+MASK_KEYS = "mask_keys"  # a Forward's attribute: the buffers that take a padded set's example weights
+
+
+def bind(forward: Forward, y: Tensor) -> Forward:
+    """`forward` for the examples labelled `y`: for a padded set and a model with per-task
+    BatchNorm, its statistics over the set's real examples only (the weights go in as the
+    BatchNorm buffers named by the forward's MASK_KEYS); otherwise `forward` itself."""
+    keys = getattr(forward, MASK_KEYS, ())
+    # padded labels are int [N, 2]; targets are not told apart here, so a regression model with
+    # per-task BatchNorm is refused variable shapes (data/episodes.py)
+    if not keys or y.is_floating_point() or y.dim() != 2:
+        return forward
+    w = example_weight(y)
+    return lambda p, x: forward({**p, **dict.fromkeys(keys, w.to(x.dtype))}, x)
 
 
 def task_losses(kind: str, out: Tensor, y: Tensor) -> Tensor:

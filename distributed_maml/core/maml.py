@@ -42,6 +42,7 @@ from distributed_maml.core.inner import (
     TaskBatch,
     adapt,
     as_input,
+    bind,
     head_of,
     learned_lr_shapes,
     loss_fn,
@@ -50,6 +51,9 @@ from distributed_maml.core.inner import (
     split_lrs,
     task_losses,
     with_learned_lrs,
+)
+from distributed_maml.core.inner import (
+    accuracy as accuracy_of,
 )
 from distributed_maml.core.models import Forward
 
@@ -102,16 +106,17 @@ def _objective(
     def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
         objective: Tensor | float = 0.0
         adapted = p
+        fs, fq = bind(forward, ys), bind(forward, yq)  # a padded set's BatchNorm: its real examples
         for i in range(cfg.inner_steps):
-            adapted = adapt(forward, kind, adapted, xs, ys, 1, cfg.inner_lr, plan.first_order, head, first_step=i)
+            adapted = adapt(fs, kind, adapted, xs, ys, 1, cfg.inner_lr, plan.first_order, head, first_step=i)
             if plan.weights is not None and i < cfg.inner_steps - 1:
-                objective = objective + plan.weights[i] * loss(forward(split_lrs(adapted)[0], xq), yq)
-        out = forward(split_lrs(adapted)[0], xq)
+                objective = objective + plan.weights[i] * loss(fq(split_lrs(adapted)[0], xq), yq)
+        out = fq(split_lrs(adapted)[0], xq)
         final = loss(out, yq)
         total = final if plan.weights is None else objective + plan.weights[-1] * final
         if not accuracy:
             return total, final.detach()
-        return total, final.detach(), (out.argmax(-1) == yq).to(out.dtype).mean().detach()
+        return total, final.detach(), accuracy_of(out, yq).detach()
 
     return task_objective
 
@@ -181,8 +186,10 @@ def _checkpointed_sums(
     names = list(params)
 
     def task(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
+        fs = bind(forward, ys)
+
         def step(q: Params, i: int) -> Params:
-            return adapt(forward, kind, q, xs, ys, 1, cfg.inner_lr, False, head, first_step=i)
+            return adapt(fs, kind, q, xs, ys, 1, cfg.inner_lr, False, head, first_step=i)
 
         query = _query(forward, kind, xq, yq)
         g, final, acc = checkpointed.meta_gradient(
@@ -207,8 +214,9 @@ def _imaml_sums(
     names = list(params)
 
     def task(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
+        fs = bind(forward, ys)
         g, final, acc = implicit.meta_gradient(
-            lambda q: loss(forward(q, xs), ys),
+            lambda q: loss(fs(q, xs), ys),
             _query(forward, kind, xq, yq),
             p,
             cfg.imaml_lambda,
@@ -240,9 +248,9 @@ def _reptile_sums(
     names = list(params)
 
     def task(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
-        phi = adapt(forward, kind, p, xs, ys, cfg.inner_steps, cfg.inner_lr, first_order=True)
-        out = forward(phi, xq)
-        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
+        phi = adapt(bind(forward, ys), kind, p, xs, ys, cfg.inner_steps, cfg.inner_lr, first_order=True)
+        out = bind(forward, yq)(phi, xq)
+        acc = accuracy_of(out, yq) if classification else out.new_zeros(())
         return (*(p[k] - phi[k].detach() for k in names), loss(out, yq).detach(), acc.detach())
 
     return _summed(names, *_per_task(task, params, batch, task_map), weights)
@@ -253,11 +261,12 @@ def _query(
 ) -> Callable[[Params], tuple[Tensor, tuple[Tensor, Tensor]]]:
     """One task's query loss at the given (meta-)parameters, with (loss, accuracy) as metrics."""
     loss = loss_fn(kind)
+    fq = bind(forward, yq)
 
     def query(q: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        out = forward(split_lrs(q)[0], xq)
+        out = fq(split_lrs(q)[0], xq)
         value = loss(out, yq)
-        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if kind == "classification" else out.new_zeros(())
+        acc = accuracy_of(out, yq) if kind == "classification" else out.new_zeros(())
         return value, (value.detach(), acc.detach())
 
     return query
@@ -334,8 +343,8 @@ def metrics_before(forward: Forward, kind: str, params: Params, batch: TaskBatch
     classification = kind == "classification"
 
     def unadapted(p: Params, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-        out = forward(split_lrs(p)[0], xq)  # per task: a BatchNorm model sees this task's examples only
-        acc = (out.argmax(-1) == yq).to(out.dtype).mean() if classification else out.new_zeros(())
+        out = bind(forward, yq)(split_lrs(p)[0], xq)  # per task: a BatchNorm model sees this task's examples only
+        acc = accuracy_of(out, yq) if classification else out.new_zeros(())
         return loss(out, yq), acc
 
     with torch.no_grad():
@@ -371,12 +380,13 @@ def adaptation_curve(
     def curve(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         losses, accs = [], []
         iterates = adaptation.inner_iterates(forward, kind, p, xs, ys, steps[-1], lr, head, proximal)
+        fq = bind(forward, yq)
         for step, q in enumerate(itertools.chain([p], iterates)):  # the API's inner loop: the same bits
             if step not in steps:
                 continue
-            out = forward(split_lrs(q)[0], xq)
+            out = fq(split_lrs(q)[0], xq)
             losses.append(loss(out, yq))
-            accs.append((out.argmax(-1) == yq).to(out.dtype).mean() if classification else losses[-1])
+            accs.append(accuracy_of(out, yq) if classification else losses[-1])
         return torch.stack(losses), torch.stack(accs)
 
     frozen = {k: v.detach() for k, v in params.items()}

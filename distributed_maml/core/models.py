@@ -73,13 +73,23 @@ class TaskBatchNorm(nn.Module):
         super().__init__()
         self.num_features, self.eps = num_features, eps
         self.weight, self.bias = weight, bias
+        # A padded episode's example weights [N] (1 real, 0 padding), swapped in per call by
+        # core/inner.bind: the statistics are then over the real examples only.
+        self.example_weight: torch.Tensor | None
+        self.register_buffer("example_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = [0, *range(2, x.dim())]  # every axis but the channels: this batch's statistics
         # The variance as the mean square of the centred batch: x.var over these axes reduces
         # across strides and took 3.6x as long as this whole forward (75 glyphs, 32 channels)
-        centred = x - x.mean(dims, keepdim=True)
-        scale = torch.rsqrt(centred.square().mean(dims, keepdim=True) + self.eps)
+        if self.example_weight is None:
+            centred = x - x.mean(dims, keepdim=True)
+            scale = torch.rsqrt(centred.square().mean(dims, keepdim=True) + self.eps)
+        else:
+            w = self.example_weight.to(x.dtype).view(-1, *(1,) * (x.dim() - 1))
+            count = w.sum() * (x[0, 0].numel())  # real examples times the positions of one channel
+            centred = x - (x * w).sum(dims, keepdim=True) / count
+            scale = torch.rsqrt((centred.square() * w).sum(dims, keepdim=True) / count + self.eps)
         shape = (1, -1, *(1,) * (x.dim() - 2))
         if self.weight is not None:
             scale = scale * self.weight.view(shape)  # per channel: folded in before the big multiply
@@ -247,4 +257,10 @@ def functional(model: nn.Module) -> Forward:
             return x
 
         return forward
-    return lambda params, x: torch.func.functional_call(model, params, (x,))
+    def call(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, params, (x,))
+
+    # the buffers that take a padded episode's example weights (core/inner.bind)
+    norms = [n for n, m in model.named_modules() if isinstance(m, TaskBatchNorm)]
+    call.mask_keys = tuple(f"{n}.example_weight" if n else "example_weight" for n in norms)  # type: ignore[attr-defined]
+    return call

@@ -1,0 +1,276 @@
+"""Episodes drawn on the fly: a task is a pure function of (the store's seed, the task id).
+
+An on-the-fly store (layout "stream", data/format.py) holds its examples once (an image table,
+a table's standardised rows) or nothing at all (a generated family), and no task rows. Task
+`id` (any integer in [0, 2**63)) is drawn by `draw_episode` from its own counter-based RNG,
+
+    rng = numpy.random.Generator(numpy.random.Philox(key=[seed, id]))
+
+in this order (every draw uniform, bounds inclusive):
+
+1. the shape: ways w in task.ways, queries per class q in task.queries, then shots per class
+   s_1..s_w, each in task.shots (an imbalanced support set, as Meta-Dataset's); when their sum
+   passes task.max_support each is scaled down to floor(s_c * max_support / sum), at least 1;
+2. the examples: a store of examples picks w distinct classes (numpy `choice` without
+   replacement; label i is the i-th class picked), then for each class in that order s_c + q
+   distinct examples of it (the first s_c to the support set); a generated family calls its
+   own generate(rng, 1, max(s), q) and keeps, for each of w classes picked among its ways, the
+   first s_c support examples of that class and its q queries (regression: s_1 points, q queries).
+
+Nothing is stateful, so a resumed run, any worker or `eval` draws the same bits, and opening a
+store costs the same at 10^3 or 10^18 task ids.
+
+A batch of episodes of different shapes is padded to its largest (see `pad`), with its masks
+in its labels (core/inner.py: classification labels [N, 2] = (label, ways; 0 on padding),
+regression targets [N, O + 1] = (targets, weight)): a padded example weighs nothing, a padded
+class is never predicted, and per-task BatchNorm takes its statistics over real examples. A
+store whose episodes all have one shape (lo = hi everywhere) gives plain, unpadded batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from distributed_maml.errors import StoreError
+
+TASK_IDS = 2**63 - 1  # an on-the-fly store's default id space: [0, 2**63 - 1)
+Bounds = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """The shapes a store's episodes take: inclusive (lo, hi) bounds per class, and the support
+    set's cap (0: none beyond ways x shots)."""
+
+    ways: Bounds
+    shots: Bounds
+    queries: Bounds
+    max_support: int = 0
+
+    @classmethod
+    def fixed_shape(cls, ways: int, shots: int, queries: int) -> EpisodeSpec:
+        return cls((ways, ways), (shots, shots), (queries, queries))
+
+    @classmethod
+    def from_tuple(cls, t: tuple[int, ...]) -> EpisodeSpec:
+        return cls((t[0], t[1]), (t[2], t[3]), (t[4], t[5]), t[6])
+
+    def to_tuple(self) -> tuple[int, ...]:
+        return (*self.ways, *self.shots, *self.queries, self.max_support)
+
+    @property
+    def fixed(self) -> bool:
+        """Every episode has the same shape: batches need no padding."""
+        lo_hi = (self.ways, self.shots, self.queries)
+        return all(lo == hi for lo, hi in lo_hi) and (not self.max_support or self.max_support >= self.support_max)
+
+    @property
+    def support_max(self) -> int:
+        """The largest support set an episode can have."""
+        most = self.ways[1] * self.shots[1]
+        return min(most, self.max_support) if self.max_support else most
+
+    @property
+    def query_max(self) -> int:
+        return self.ways[1] * self.queries[1]
+
+    def check(self, regression: bool, where: str = "task") -> None:
+        """Bounds in order and >= 1, ways >= 2 (1 for regression), the cap >= the most ways."""
+        for name, (lo, hi) in (("ways", self.ways), ("shots", self.shots), ("queries", self.queries)):
+            if not 1 <= lo <= hi:
+                raise StoreError(f"{where}.{name} must be n or [lo, hi] with 1 <= lo <= hi, got [{lo}, {hi}]")
+        if regression and self.ways != (1, 1):
+            raise StoreError(f"{where}.ways must be 1 for a regression family, got {list(self.ways)}")
+        if not regression and self.ways[0] < 2:
+            raise StoreError(f"{where}.ways must be >= 2 for classification, got {list(self.ways)}")
+        if self.max_support and self.max_support < self.ways[1]:
+            raise StoreError(
+                f"{where}.max_support = {self.max_support} is below the most ways ({self.ways[1]}): every class "
+                "needs a support example; raise it or lower the ways"
+            )
+
+    def describe(self) -> str:
+        def one(b: Bounds) -> str:
+            return str(b[0]) if b[0] == b[1] else f"{b[0]}-{b[1]}"
+
+        cap = f", support <= {self.max_support}" if self.max_support else ""
+        return f"{one(self.ways)}-way {one(self.shots)}-shot, {one(self.queries)} queries{cap}"
+
+
+def task_rng(seed: int, task_id: int) -> np.random.Generator:
+    """Task `task_id`'s own generator: Philox keyed by (seed, id); no state shared across tasks."""
+    return np.random.Generator(np.random.Philox(key=np.array([seed, task_id], dtype=np.uint64)))
+
+
+def draw_shape(rng: np.random.Generator, spec: EpisodeSpec) -> tuple[int, np.ndarray, int]:
+    """(ways, shots per class [ways], queries per class): the first draws of an episode."""
+    ways = int(rng.integers(spec.ways[0], spec.ways[1] + 1))
+    queries = int(rng.integers(spec.queries[0], spec.queries[1] + 1))
+    shots = rng.integers(spec.shots[0], spec.shots[1] + 1, size=ways)
+    total = int(shots.sum())
+    if spec.max_support and total > spec.max_support:
+        shots = np.maximum(1, shots * spec.max_support // total)
+    return ways, shots.astype(np.int64), queries
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the sampler needs to sort a step's episodes by shape: (seed, spec), picklable."""
+
+    seed: int
+    spec: EpisodeSpec
+
+    def of(self, ids: np.ndarray) -> np.ndarray:
+        """Each task's (ways, support size, query size): int64 [len(ids), 3]."""
+        out = np.empty((len(ids), 3), dtype=np.int64)
+        for i, t in enumerate(ids):
+            w, s, q = draw_shape(task_rng(self.seed, int(t)), self.spec)
+            out[i] = (w, s.sum(), w * q)
+        return out
+
+    def sort(self, ids: np.ndarray) -> np.ndarray:
+        """`ids` ordered by shape (ways, then support, then query size; stable): contiguous shards
+        then hold episodes of similar shape, and each pads to little more than its own."""
+        if self.spec.fixed or len(ids) < 2:
+            return ids
+        s = self.of(ids)
+        return ids[np.lexsort((s[:, 2], s[:, 1], s[:, 0]))]
+
+
+@dataclass(frozen=True)
+class Examples:
+    """One source's examples, grouped by class: x [N, ...] (uint8 images or float32 rows) and
+    labels [N] (non-decreasing class indices)."""
+
+    x: np.ndarray
+    labels: np.ndarray
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        counts = np.bincount(self.labels, minlength=int(self.labels.max()) + 1 if len(self.labels) else 0)
+        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), counts
+
+    def check(self, spec: EpisodeSpec, where: str) -> None:
+        _, counts = self.bounds()
+        if len(counts) < spec.ways[1]:
+            raise StoreError(f"{where} has {len(counts)} classes: too few for {spec.ways[1]}-way episodes; lower the ways")
+        need = spec.shots[1] + spec.queries[1]
+        if counts.min() < need:
+            raise StoreError(
+                f"{where}: class {int(counts.argmin())} has {counts.min()} examples, fewer than the most shots + queries "
+                f"({need}); lower them"
+            )
+
+
+Episode = dict[str, np.ndarray]  # x_support [S, ...], y_support [S] or [S, O], x_query, y_query
+
+
+class Drawer:
+    """Draws episodes by task id from `examples` or from a family's `generate`."""
+
+    def __init__(
+        self,
+        seed: int,
+        spec: EpisodeSpec,
+        kind: str,
+        examples: Examples | None = None,
+        generate: Callable[..., dict[str, np.ndarray]] | None = None,
+        family_ways: int = 1,
+    ) -> None:
+        assert (examples is None) != (generate is None), "a drawer draws from examples or from a family"
+        self.seed, self.spec, self.kind = seed, spec, kind
+        self.examples, self.generate, self.family_ways = examples, generate, family_ways
+        self.shapes = Shapes(seed, spec)
+        self._bounds = examples.bounds() if examples is not None else None
+
+    def episode(self, task_id: int) -> Episode:
+        rng = task_rng(self.seed, task_id)
+        ways, shots, queries = draw_shape(rng, self.spec)
+        if self.examples is not None:
+            return self._from_examples(rng, ways, shots, queries)
+        return self._from_family(rng, ways, shots, queries)
+
+    def _from_examples(self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int) -> Episode:
+        assert self.examples is not None and self._bounds is not None
+        starts, counts = self._bounds
+        classes = rng.choice(len(counts), ways, replace=False)
+        support, query = [], []
+        for c, s in zip(classes, shots, strict=True):
+            picks = starts[c] + rng.choice(counts[c], int(s) + queries, replace=False)
+            support.append(picks[:s])
+            query.append(picks[s:])
+        labels = np.arange(ways, dtype=np.int64)
+        x = self.examples.x
+        return {
+            "x_support": x[np.concatenate(support)],
+            "y_support": np.repeat(labels, shots),
+            "x_query": x[np.concatenate(query)],
+            "y_query": np.repeat(labels, queries),
+        }
+
+    def _from_family(self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int) -> Episode:
+        assert self.generate is not None
+        raw = {k: v[0] for k, v in self.generate(rng, 1, int(shots.max()), queries).items()}
+        if self.kind == "regression":
+            n = int(shots[0])
+            return {"x_support": raw["x_support"][:n], "y_support": raw["y_support"][:n],
+                    "x_query": raw["x_query"], "y_query": raw["y_query"]}  # fmt: skip
+        if ways == self.family_ways and self.spec.fixed:  # the family's own episode, untouched
+            return {k: raw[k] for k in ("x_support", "y_support", "x_query", "y_query")}
+        classes = rng.choice(self.family_ways, ways, replace=False)
+        out: dict[str, list[np.ndarray]] = {"x_support": [], "y_support": [], "x_query": [], "y_query": []}
+        for label, (c, s) in enumerate(zip(classes, shots, strict=True)):
+            for part, n in (("support", int(s)), ("query", queries)):
+                keep = np.flatnonzero(raw[f"y_{part}"] == c)[:n]
+                out[f"x_{part}"].append(raw[f"x_{part}"][keep])
+                out[f"y_{part}"].append(np.full(len(keep), label, dtype=np.int64))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The episodes of `ids` as one batch: stacked as they are when the spec is fixed, else
+        padded to the batch's largest shape with the masks in the labels (`pad`)."""
+        episodes = [self.episode(int(t)) for t in np.asarray(ids, dtype=np.int64)]
+        if self.spec.fixed:
+            return {k: np.stack([e[k] for e in episodes]) for k in ("x_support", "y_support", "x_query", "y_query")}
+        return pad(episodes, self.kind)
+
+
+def pad(episodes: list[Episode], kind: str) -> dict[str, np.ndarray]:
+    """Episodes of different shapes as one batch, padded with zeros to the largest support and
+    query sets; labels [T, N, 2] = (label, the task's ways; 0 on padding) for classification,
+    targets [T, N, O + 1] = (targets, 1 real / 0 padding) for regression."""
+    out = {}
+    for part in ("support", "query"):
+        xs, ys = [e[f"x_{part}"] for e in episodes], [e[f"y_{part}"] for e in episodes]
+        n = max(len(x) for x in xs)
+        x = np.zeros((len(xs), n, *xs[0].shape[1:]), dtype=xs[0].dtype)
+        if kind == "classification":
+            y = np.zeros((len(ys), n, 2), dtype=np.int64)
+        else:
+            y = np.zeros((len(ys), n, ys[0].shape[-1] + 1), dtype=np.float32)
+        for t, (xt, yt) in enumerate(zip(xs, ys, strict=True)):
+            x[t, : len(xt)] = xt
+            if kind == "classification":
+                ways = int(episodes[t]["y_support"].max()) + 1
+                y[t, : len(yt)] = np.stack([yt, np.full_like(yt, ways)], axis=-1)
+            else:
+                y[t, : len(yt), :-1] = yt
+                y[t, : len(yt), -1] = 1.0
+        out[f"x_{part}"], out[f"y_{part}"] = x, y
+    return out
+
+
+def unpad(rows: dict[str, np.ndarray], t: int, kind: str) -> Episode:
+    """Task `t` of a padded batch as it was drawn (the oracle's view: real examples only)."""
+    out = {}
+    for part in ("support", "query"):
+        y = rows[f"y_{part}"][t]
+        if kind == "classification":
+            keep = y[:, 1] > 0
+            out[f"x_{part}"], out[f"y_{part}"] = rows[f"x_{part}"][t][keep], y[keep, 0]
+        else:
+            keep = y[:, -1] > 0
+            out[f"x_{part}"], out[f"y_{part}"] = rows[f"x_{part}"][t][keep], y[keep, :-1]
+    return out
