@@ -257,6 +257,7 @@ def functional(model: nn.Module) -> Forward:
             return x
 
         return forward
+
     def call(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(model, params, (x,))
 

@@ -155,7 +155,9 @@ class Examples:
     def check(self, spec: EpisodeSpec, where: str) -> None:
         _, counts = self.bounds()
         if len(counts) < spec.ways[1]:
-            raise StoreError(f"{where} has {len(counts)} classes: too few for {spec.ways[1]}-way episodes; lower the ways")
+            raise StoreError(
+                f"{where} has {len(counts)} classes: too few for {spec.ways[1]}-way episodes; lower the ways"
+            )
         need = spec.shots[1] + spec.queries[1]
         if counts.min() < need:
             raise StoreError(
