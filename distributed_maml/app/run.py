@@ -25,10 +25,11 @@ from distributed_maml.config import Config
 from distributed_maml.core import models
 from distributed_maml.core.learner import Learner
 from distributed_maml.core.maml import as_input, split_lrs
+from distributed_maml.data.episodes import TASK_IDS
 from distributed_maml.data.format import StoreInfo
 from distributed_maml.data.sampler import Sampler
 from distributed_maml.data.store import TaskStore
-from distributed_maml.data.writing import Plan, check_disk, default_plan, plan, write_batches
+from distributed_maml.data.writing import Plan, check_disk, default_plan, episodes_of, plan, plan_stream, write_batches
 from distributed_maml.errors import CheckpointError, ConfigError, StoreError, with_filename
 from distributed_maml.execution import devices
 
@@ -134,6 +135,11 @@ def _new_run_dir(output_dir: str | Path | None, cfg: Config) -> Path:
     return path
 
 
+def _bounds(b: tuple[int, int]) -> str:
+    """A (lo, hi) bound as the config writes it: n, or [lo, hi]."""
+    return str(b[0]) if b[0] == b[1] else f"[{b[0]}, {b[1]}]"
+
+
 def _check_store(store: TaskStore, cfg: Config) -> None:
     info = store.info
     if info.family != cfg.task.family:
@@ -141,15 +147,19 @@ def _check_store(store: TaskStore, cfg: Config) -> None:
             f"{store.name} holds {info.family!r} tasks but task.family = {cfg.task.family!r}; "
             f"set --set task.family={info.family} or use a {cfg.task.family} store"
         )
-    if (info.shots, info.queries) != (cfg.task.shots, cfg.task.queries):
+    spec, t = info.spec, cfg.task
+    if (spec.shots, spec.queries) != (t.bounds("shots"), t.bounds("queries")):
         raise StoreError(
-            f"{store.name} has {info.shots} shots and {info.queries} queries but the config says "
-            f"task.shots = {cfg.task.shots}, task.queries = {cfg.task.queries}; make them agree"
+            f"{store.name} has {_bounds(spec.shots)} shots and {_bounds(spec.queries)} queries but the config says "
+            f"task.shots = {_bounds(t.bounds('shots'))}, task.queries = {_bounds(t.bounds('queries'))}; make them agree"
         )
-    if cfg.task.ways and cfg.task.ways != info.ways:
+    if t.bounds("ways") not in ((0, 0), spec.ways):
         raise StoreError(
-            f"{store.name} holds {info.ways}-way tasks but task.ways = {cfg.task.ways}; make them agree (0 = the store's)"
+            f"{store.name} holds {_bounds(spec.ways)}-way tasks but task.ways = {_bounds(t.bounds('ways'))}; "
+            "make them agree (0 = the store's)"
         )
+    if t.max_support and t.max_support != spec.max_support:
+        raise StoreError(f"{store.name} caps support sets at {spec.max_support} but task.max_support = {t.max_support}")
     if info.split in ("test", "val"):
         raise StoreError(f"{store.name} is a held-out ({info.split}) store; train on a store built with --split train")
 
@@ -178,7 +188,10 @@ def prepare(
         validation.check(cfg, store.info)
     else:
         t = cfg.task
-        if t.num_tasks:
+        if t.drawn:  # an on-the-fly store: the family's examples once (or nothing), no task rows
+            spec = episodes_of(t.family, t.bounds("ways"), t.bounds("shots"), t.bounds("queries"), t.max_support)
+            new_store = plan_stream(t.family, spec, cfg.training.seed, "train", t.num_tasks or TASK_IDS)
+        elif t.num_tasks:
             new_store = plan(t.family, t.num_tasks, cfg.training.seed, t.shots, t.queries, "train", t.ways)
         else:
             steps, seed = cfg.training.steps, cfg.training.seed

@@ -80,7 +80,7 @@ def _train(run: Run, executor: Executor, progress: bool, on_validation: OnValida
     cfg = run.cfg.training
     learner = make_learner(run, executor.learner_device)
     validation = validation_mod.make(run.cfg, run.store)
-    sampler = Sampler(cfg.seed, len(run.store), run.cfg.task.meta_batch)
+    sampler = Sampler.of(run.store, cfg.seed, run.cfg.task.meta_batch)
     start = run.start.step if run.start else 0
     if run.start is None:  # step 0 on disk at once: a run stopped or failed before its first checkpoint resumes
         run.save(learner, 0, sampler)

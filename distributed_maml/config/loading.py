@@ -23,6 +23,8 @@ from distributed_maml.config.sections import SECTIONS, Config
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "a string"
+    if tp == int | tuple[int, int]:
+        return "an integer or [lo, hi]"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp,
         "a table"
@@ -44,6 +46,13 @@ def _coerce(where: str, tp: Any, value: Any) -> Any:
         value = float(value) if ok else value
     elif tp is str or typing.get_origin(tp) is typing.Literal:  # a Literal's values: checked by its section
         ok = isinstance(value, str)
+    elif tp == int | tuple[int, int]:  # task.ways / shots / queries: n or [lo, hi]
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        )
+        value = tuple(value) if ok and not isinstance(value, int) else value
     elif typing.get_origin(tp) is dict:
         ok = isinstance(value, dict)
         value = dict(value) if ok else value

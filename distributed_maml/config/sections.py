@@ -40,12 +40,21 @@ class TaskConfig:
     regression), "glyphs" (procedural handwritten-character images, N-way K-shot), "table" or
     "images" (stores built with `tasks build --from-table` / `--from-images`, passed with --tasks),
     or "package.module:Family" (your own generator, see README)."""
-    ways: int = 0
-    """Classes per task for families that choose (glyphs); 0 = the family's or store's own."""
-    shots: int = 5
-    """Support examples per class (classification) or support points (regression)."""
-    queries: int = 15
-    """Query examples per class (classification) or query points (regression)."""
+    ways: int | tuple[int, int] = 0
+    """Classes per task for families that choose (glyphs); 0 = the family's or store's own;
+    [lo, hi]: each episode draws its ways (tasks drawn on the fly, data/episodes.py)."""
+    shots: int | tuple[int, int] = 5
+    """Support examples per class (classification) or support points (regression); [lo, hi]:
+    each class of each episode draws its own (an imbalanced support set)."""
+    queries: int | tuple[int, int] = 15
+    """Query examples per class (classification) or query points (regression); [lo, hi]: each
+    episode draws its own."""
+    max_support: int = 0
+    """Variable episodes: the most support examples an episode has (each class's shots scaled
+    down to fit, at least 1); 0 = no cap beyond ways x shots."""
+    on_the_fly: bool = False
+    """`train` builds an on-the-fly store: the family's examples once (or nothing), each task drawn
+    from (training.seed, its id), 2**63 - 1 ids, no cap and no epochs. Implied by any range above."""
     meta_batch: int = 32
     """Tasks per meta-step."""
     num_tasks: int = 0
@@ -61,12 +70,43 @@ class TaskConfig:
             self.family in FAMILIES or is_import_path(self.family),
             f"task.family must be one of {', '.join(FAMILIES)} or package.module:Family, got {self.family!r}",
         )
-        _require(self.ways >= 0, f"task.ways must be >= 0 (0 = the family's own), got {self.ways}")
-        _require(self.ways != 1, "task.ways must be >= 2 for classification (0 = the family's own), got 1")
-        _require(self.shots >= 1, f"task.shots must be >= 1, got {self.shots}")
-        _require(self.queries >= 1, f"task.queries must be >= 1, got {self.queries}")
+        for name in ("ways", "shots", "queries"):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                _require(
+                    len(value) == 2 and 1 <= value[0] <= value[1],
+                    f"task.{name} must be n or [lo, hi] with 1 <= lo <= hi, got {list(value)}",
+                )
+        ways = self.bounds("ways")
+        _require(ways[0] >= 0, f"task.ways must be >= 0 (0 = the family's own), got {self.ways}")
+        _require(ways[0] != 1, f"task.ways must be >= 2 for classification (0 = the family's own), got {self.ways}")
+        _require(self.bounds("shots")[0] >= 1, f"task.shots must be >= 1, got {self.shots}")
+        _require(self.bounds("queries")[0] >= 1, f"task.queries must be >= 1, got {self.queries}")
+        _require(
+            self.max_support == 0 or self.max_support >= max(2, ways[1]),
+            f"task.max_support must be 0 (no cap) or at least the most ways, got {self.max_support}",
+        )
         _require(self.meta_batch >= 1, f"task.meta_batch must be >= 1, got {self.meta_batch}")
         _require(self.num_tasks >= 0, f"task.num_tasks must be >= 0 (0 = steps x meta_batch), got {self.num_tasks}")
+
+    def bounds(self, name: str) -> tuple[int, int]:
+        """task.ways / shots / queries as (lo, hi) (a single value n: (n, n))."""
+        value = getattr(self, name)
+        return (value, value) if isinstance(value, int) else value
+
+    @property
+    def varies(self) -> bool:
+        """Episodes of different shapes: a range with lo < hi, or a support cap."""
+        return self.max_support > 0 or any(lo < hi for lo, hi in map(self.bounds, ("ways", "shots", "queries")))
+
+    @property
+    def drawn(self) -> bool:
+        """`train` builds an on-the-fly store (tasks from (seed, id))."""
+        return (
+            self.on_the_fly
+            or self.varies
+            or any(isinstance(getattr(self, n), tuple) for n in ("ways", "shots", "queries"))
+        )
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ An on-the-fly store (layout "stream", data/format.py) holds its examples once (a
 a table's standardised rows) or nothing at all (a generated family), and no task rows. Task
 `id` (any integer in [0, 2**63)) is drawn by `draw_episode` from its own counter-based RNG,
 
-    rng = numpy.random.Generator(numpy.random.Philox(key=[seed, id]))
+    rng = numpy.random.Generator(numpy.random.Philox(key=[seed, id], counter=[0, 0, 0, split]))
+
+(split: 0 train, 1 test, 2 all, 3 val; a generated family's held-out tasks come from their own
+split's counter, an image or table store's from its own classes)
 
 in this order (every draw uniform, bounds inclusive):
 
@@ -36,6 +39,7 @@ import numpy as np
 
 from distributed_maml.errors import StoreError
 
+SPLIT_NUMBERS = {"train": 0, "test": 1, "all": 2, "val": 3}  # a task's Philox counter starts at its split's
 TASK_IDS = 2**63 - 1  # an on-the-fly store's default id space: [0, 2**63 - 1)
 Bounds = tuple[int, int]
 
@@ -100,9 +104,11 @@ class EpisodeSpec:
         return f"{one(self.ways)}-way {one(self.shots)}-shot, {one(self.queries)} queries{cap}"
 
 
-def task_rng(seed: int, task_id: int) -> np.random.Generator:
-    """Task `task_id`'s own generator: Philox keyed by (seed, id); no state shared across tasks."""
-    return np.random.Generator(np.random.Philox(key=np.array([seed, task_id], dtype=np.uint64)))
+def task_rng(seed: int, task_id: int, split: int = 0) -> np.random.Generator:
+    """Task `task_id`'s own generator: Philox keyed by (seed, id), its counter starting at the
+    split's number; no state shared across tasks."""
+    key = np.array([seed, task_id], dtype=np.uint64)
+    return np.random.Generator(np.random.Philox(key=key, counter=np.array([0, 0, 0, split], dtype=np.uint64)))
 
 
 def draw_shape(rng: np.random.Generator, spec: EpisodeSpec) -> tuple[int, np.ndarray, int]:
@@ -122,12 +128,13 @@ class Shapes:
 
     seed: int
     spec: EpisodeSpec
+    split: int = 0
 
     def of(self, ids: np.ndarray) -> np.ndarray:
         """Each task's (ways, support size, query size): int64 [len(ids), 3]."""
         out = np.empty((len(ids), 3), dtype=np.int64)
         for i, t in enumerate(ids):
-            w, s, q = draw_shape(task_rng(self.seed, int(t)), self.spec)
+            w, s, q = draw_shape(task_rng(self.seed, int(t), self.split), self.spec)
             out[i] = (w, s.sum(), w * q)
         return out
 
@@ -180,15 +187,17 @@ class Drawer:
         examples: Examples | None = None,
         generate: Callable[..., dict[str, np.ndarray]] | None = None,
         family_ways: int = 1,
+        split: int = 0,
     ) -> None:
         assert (examples is None) != (generate is None), "a drawer draws from examples or from a family"
         self.seed, self.spec, self.kind = seed, spec, kind
         self.examples, self.generate, self.family_ways = examples, generate, family_ways
-        self.shapes = Shapes(seed, spec)
+        self.split = split
+        self.shapes = Shapes(seed, spec, split)
         self._bounds = examples.bounds() if examples is not None else None
 
     def episode(self, task_id: int) -> Episode:
-        rng = task_rng(self.seed, task_id)
+        rng = task_rng(self.seed, task_id, self.split)
         ways, shots, queries = draw_shape(rng, self.spec)
         if self.examples is not None:
             return self._from_examples(rng, ways, shots, queries)

@@ -4,6 +4,10 @@ Two layouts, named in the schema metadata with the shapes, family, seed and form
 
 - "vectors" (format 1): fixed-size-list columns ``x_support``, ``y_support``, ``x_query``,
   ``y_query``, ``params``: every task carries its own examples.
+- "stream" (format 3): no task rows: a task is drawn on the fly from (the store's seed, its id)
+  by data/episodes.py. The file holds the examples once (``example``: uint8 images or float32
+  rows, ``label``: int32 classes, grouped) or, for a generated family, nothing but its metadata;
+  ``episodes`` in the metadata bounds the ways, shots and queries of its episodes.
 - "images" (format 2): the image table is stored ONCE, as the Arrow dictionary of the
   ``image_ids`` column (values: struct<image: uint8[C*H*W], label: int32>, one entry per image
   with its class); a task row holds the int32 indices of its support then query images, plus
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from distributed_maml.data.episodes import EpisodeSpec
 from distributed_maml.data.families import Family
 from distributed_maml.data.families.images import ImageTable
 from distributed_maml.errors import StoreError
@@ -33,7 +38,8 @@ ROWS_PER_BATCH = 16384  # at most; fewer for large rows so a batch stays near BA
 BATCH_BYTES = 64 * 2**20
 FORMAT = "distributed-maml-taskstore"
 FORMAT_VERSION = 1  # the vectors layout
-FORMAT_VERSIONS = {"vectors": 1, "images": 2}
+FORMAT_VERSIONS = {"vectors": 1, "images": 2, "stream": 3}
+STREAM_COLUMNS = ("example", "label")
 COLUMNS = ("x_support", "y_support", "x_query", "y_query", "params")
 IMAGE_COLUMNS = ("image_ids", "y_support", "y_query", "params")
 SPLITS = ("train", "val", "test")
@@ -74,34 +80,56 @@ class StoreInfo:
     feature_std: tuple[float, ...] = ()
     """Table-built stores: each feature's standard deviation (1 where constant), divided by after
     the mean: a user's own rows (`adapt`, `serve`) are standardised the same way."""
+    episodes: tuple[int, ...] = ()
+    """Stream layout: the episodes' bounds (EpisodeSpec.to_tuple: ways, shots, queries as lo, hi,
+    then max_support); `ways`, `shots` and `queries` above are then the largest."""
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> StoreInfo:
         """The info from its JSON form (a store's metadata, an export's card): lists back to tuples."""
-        tuples = ("classes", "image_shape", "features", "feature_mean", "feature_std")
+        tuples = ("classes", "image_shape", "features", "feature_mean", "feature_std", "episodes")
         return cls(**{**raw, **{k: tuple(raw.get(k, ())) for k in tuples}})
 
     @property
     def example_shape(self) -> tuple[int, ...]:
         """One model input's shape: (C, H, W) for images, (input_dim,) for vectors."""
-        return self.image_shape if self.layout == "images" else (self.input_dim,)
+        return self.image_shape if self.image_shape else (self.input_dim,)
 
     @property
     def columns(self) -> tuple[str, ...]:
+        if self.layout == "stream":
+            return STREAM_COLUMNS if self.num_images else ()
         return IMAGE_COLUMNS if self.layout == "images" else COLUMNS
 
     @property
+    def on_the_fly(self) -> bool:
+        """Tasks drawn from (seed, id) (data/episodes.py), not stored."""
+        return self.layout == "stream"
+
+    @property
+    def spec(self) -> EpisodeSpec:
+        """The shapes of this store's episodes (fixed for a materialized store)."""
+        if self.episodes:
+            return EpisodeSpec.from_tuple(self.episodes)
+        return EpisodeSpec.fixed_shape(self.ways, self.shots, self.queries)
+
+    @property
     def n_support(self) -> int:
-        return self.ways * self.shots
+        """Support examples per task (variable episodes: the most)."""
+        return self.spec.support_max if self.episodes else self.ways * self.shots
 
     @property
     def n_query(self) -> int:
-        return self.ways * self.queries
+        return self.spec.query_max if self.episodes else self.ways * self.queries
 
     def shape(self, column: str) -> tuple[int, ...]:
         """The per-task shape of a column (x_*: as gathered for the model)."""
         if column == "image_ids":
             return (self.n_support + self.n_query,)
+        if column == "example":
+            return self.example_shape
+        if column == "label":
+            return ()
         n = self.n_support if column.endswith("support") else self.n_query
         if column.startswith("x_"):
             return (n, *self.example_shape)
@@ -117,13 +145,22 @@ class StoreInfo:
     def dtype(self, column: str) -> pa.DataType:
         if column == "image_ids":
             return pa.dictionary(pa.int32(), self.image_type())
+        if column == "example":
+            return pa.uint8() if self.image_shape else pa.float32()
+        if column == "label":
+            return pa.int32()
         return pa.int64() if column.startswith("y_") and self.kind == "classification" else pa.float32()
 
     @property
     def fingerprint(self) -> str:
         """A short digest of everything the metadata says (a replaced store shows here)."""
         meta = asdict(self)
-        for key in ("features", "feature_mean", "feature_std"):  # added later: a store without them keeps its digest
+        for key in (
+            "features",
+            "feature_mean",
+            "feature_std",
+            "episodes",
+        ):  # added later: a store without them keeps its digest
             if not meta[key]:
                 del meta[key]
         return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -136,11 +173,20 @@ class StoreInfo:
 
     @property
     def nbytes(self) -> int:
-        """What the file will take: every row, plus the image table once."""
+        """What the file will take: every row, plus the image table once (a stream store: its
+        examples only)."""
+        if self.layout == "stream":
+            return self.num_images * (int(np.prod(self.example_shape)) * (1 if self.image_shape else 4) + 4)
         images = self.num_images * (int(np.prod(self.image_shape)) + 4) if self.layout == "images" else 0
         return self.row_nbytes * self.num_tasks + images
 
     def schema(self) -> pa.Schema:
+        if self.layout == "stream":
+            fields = [pa.field("label", pa.int32(), nullable=False)] if self.num_images else []
+            if self.num_images:
+                size = int(np.prod(self.example_shape))
+                fields.insert(0, pa.field("example", pa.list_(self.dtype("example"), size), nullable=False))
+            return pa.schema(fields, metadata={"format": FORMAT, "info": json.dumps(asdict(self))})
         fields = [
             pa.field(c, pa.list_(self.dtype(c), int(np.prod(self.shape(c)))), nullable=False) for c in self.columns
         ]
@@ -242,6 +288,12 @@ def _parse_info(schema: pa.Schema, name: str) -> StoreInfo:
     bad_images = info.layout == "images" and (
         len(info.image_shape) != 3 or min(info.image_shape) < 1 or info.num_images < 1 or info.kind != "classification"
     )
+    if info.layout == "stream":
+        try:
+            bad_images = len(info.episodes) != 7 or info.num_tasks < 1
+            info.spec.check(info.kind == "regression", "the store's")
+        except StoreError:
+            bad_images = True
     if (
         info.kind not in ("classification", "regression")
         or min(info.input_dim, info.output_dim, info.ways) < 1

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from distributed_maml.data.episodes import SPLIT_NUMBERS, Drawer, Examples
 from distributed_maml.data.format import COLUMNS, StoreInfo, _parse_info
 from distributed_maml.errors import StoreError
 
@@ -25,6 +26,12 @@ class TaskStore:
         self.name = name
         self._source = source  # keeps the mapping (or buffer) alive as long as the views are
         self.info = _parse_info(reader.schema, name)
+        self.drawer: Drawer | None = None  # an on-the-fly store's: tasks drawn from (seed, id)
+        if self.info.on_the_fly:
+            self._batches: list[dict[str, np.ndarray]] = []
+            self.images = self.image_labels = None
+            self.drawer = _drawer(reader, self.info, name)
+            return
         self._batches = _load_batches(reader, self.info, name)
         self.images, self.image_labels = (
             _image_table(reader, self.info, name) if self.info.layout == "images" else (None, None)
@@ -64,9 +71,11 @@ class TaskStore:
         return np.frombuffer(self._source, dtype=np.uint8)
 
     def task(self, task_id: int) -> dict[str, np.ndarray]:
-        """One task's arrays: views into the store, no copy."""
+        """One task's arrays: views into the store, no copy (on the fly: drawn)."""
         if not 0 <= task_id < len(self):
             raise IndexError(f"task id {task_id} out of range for {self.name} ({len(self)} tasks)")
+        if self.drawer is not None:
+            return {k: v[0] for k, v in self.rows(np.array([task_id]), COLUMNS).items()}
         b, o = divmod(task_id, self.info.rows_per_batch)
         return {c: a[o] for c, a in self._batches[b].items()}
 
@@ -85,6 +94,10 @@ class TaskStore:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
             raise IndexError(f"task ids out of range for {self.name} ({len(self)} tasks)")
+        if self.drawer is not None:  # drawn, not read: padded when the episodes vary
+            drawn = self.drawer.rows(ids)
+            drawn["params"] = np.zeros((len(ids), 0), dtype=np.float32)
+            return {c: drawn[c] for c in columns}
         images = self.info.layout == "images"
         # an images store reads the rows' indices and gathers x_* from its image table
         want = [c for c in columns if not c.startswith("x_")] + ["image_ids"] if images else list(columns)
@@ -168,11 +181,40 @@ def _image_table(reader: pa.ipc.RecordBatchFileReader, info: StoreInfo, name: st
     return pixels.reshape((info.num_images, *info.image_shape)), labels
 
 
+def _drawer(reader: pa.ipc.RecordBatchFileReader, info: StoreInfo, name: str) -> Drawer:
+    """An on-the-fly store's drawer: over its examples (views into the mapping), or over its
+    generated family's `generate` (resolved by name: the store holds nothing else)."""
+    from distributed_maml.data.families import Family, resolve  # the families import this layer's base
+
+    spec, split = info.spec, SPLIT_NUMBERS[info.split]
+    if not info.num_images:
+        family = resolve(info.family)
+        if not isinstance(family, Family):
+            raise StoreError(f"{name} names family {info.family}, which needs its examples in the store; rebuild it")
+        return Drawer(info.seed, spec, info.kind, generate=family.generate, family_ways=family.ways, split=split)
+    try:
+        if reader.num_record_batches != 1:
+            raise ValueError(f"{reader.num_record_batches} record batches, expected 1")
+        batch = reader.get_batch(0)
+        x = batch.column("example").values.to_numpy(zero_copy_only=True)
+        labels = batch.column("label").to_numpy(zero_copy_only=True)
+        x = x.reshape((info.num_images, *info.example_shape))
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError, KeyError) as e:
+        raise StoreError(f"{name} has unreadable examples: {e}; rebuild it") from None
+    if len(labels) != info.num_images or (len(labels) and (labels.min() < 0 or (np.diff(labels) < 0).any())):
+        raise StoreError(f"{name} has examples out of order or a wrong count (corrupt?); rebuild it")
+    return Drawer(info.seed, spec, info.kind, examples=Examples(x, labels), split=split)
+
+
 def describe(store: TaskStore, path: str | Path | None = None) -> dict[str, Any]:
     """A summary for `tasks info`: images, classes and tasks, shapes, size."""
     info = asdict(store.info)
     classes = info.pop("classes")
     out: dict[str, Any] = {"path": str(path or store.name), **info, "num_classes": len(classes)}
+    if store.info.on_the_fly:
+        out["tasks"] = f"drawn on the fly from (seed, id), ids 0..{store.info.num_tasks - 1}"
+        out["episodes"] = store.info.spec.describe()
+        out["num_examples"] = out.pop("num_images")
     out["classes"] = classes if len(classes) <= 20 else [*classes[:10], f"... {len(classes) - 10} more"]
     out["columns"] = {c: list(store.info.shape(c)) for c in store.info.columns}
     if path is not None:

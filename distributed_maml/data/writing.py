@@ -16,11 +16,13 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from distributed_maml import stopping
+from distributed_maml.data.episodes import TASK_IDS, EpisodeSpec, Examples
 from distributed_maml.data.families import Family, ImageFamily, check_generated, folders, resolve
 from distributed_maml.data.families import table as table_mod
 from distributed_maml.data.families.images import ImageTable, check_class_split
 from distributed_maml.data.format import (
     BUILD_SPLITS,
+    FORMAT_VERSIONS,
     SPLITS,
     StoreInfo,
     _record_batch,
@@ -45,11 +47,19 @@ _SPLIT_STREAM = {
 
 
 def generate_batches(
-    info: StoreInfo, progress: bool = False, family: Family | None = None, table: ImageTable | None = None
+    info: StoreInfo,
+    progress: bool = False,
+    family: Family | None = None,
+    table: ImageTable | None = None,
+    examples: Examples | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The store's record batches; batch i draws from its own seeded stream, so any slice of
     the store can be regenerated alone. Vector stores draw from `family`, image stores from
     `table`."""
+    if info.on_the_fly:  # no task rows: the examples once (one batch), or nothing for a family
+        if examples is not None:
+            yield stream_batch(info, examples)
+        return
     n_batches = -(-info.num_tasks // info.rows_per_batch)
     quiet = None if progress and n_batches >= 4 else True  # None: a bar on terminals only
     dictionary = image_dictionary(info, table) if table is not None else None
@@ -73,9 +83,11 @@ class Plan:
     info: StoreInfo
     family: Family | None = None
     table: ImageTable | None = None
+    examples: Examples | None = None
+    """An on-the-fly store's examples (None: a generated family's, which holds none)."""
 
     def batches(self, progress: bool = False) -> Iterator[pa.RecordBatch]:
-        return generate_batches(self.info, progress, self.family, self.table)
+        return generate_batches(self.info, progress, self.family, self.table, self.examples)
 
 
 def plan(family: str, num_tasks: int, seed: int, shots: int, queries: int, split: str, ways: int = 0) -> Plan:
@@ -285,3 +297,63 @@ def plan_in_memory(p: Plan, name: str) -> TaskStore:
         for batch in p.batches():
             writer.write_batch(batch)
     return TaskStore.from_buffer(sink.getvalue(), name=name)
+
+
+# ---- on-the-fly stores (layout "stream"): examples once, tasks drawn from (seed, id) ----------
+
+
+def stream_batch(info: StoreInfo, examples: Examples) -> pa.RecordBatch:
+    """An on-the-fly store's one record batch: its examples and their classes."""
+    size = int(np.prod(info.example_shape))
+    flat = pa.array(np.ascontiguousarray(examples.x).reshape(-1), type=info.dtype("example"))
+    cols = [pa.FixedSizeListArray.from_arrays(flat, size), pa.array(examples.labels.astype(np.int32), pa.int32())]
+    return pa.RecordBatch.from_arrays(cols, schema=info.schema())
+
+
+def as_stream(info: StoreInfo, spec: EpisodeSpec, num_tasks: int, examples: Examples | None) -> StoreInfo:
+    """`info` (a materialized store's, at the spec's largest shape) as an on-the-fly store's."""
+    if not 1 <= num_tasks <= TASK_IDS:
+        raise StoreError(f"--num-tasks of an on-the-fly store must be in [1, 2**63 - 1], got {num_tasks}")
+    if examples is not None:
+        examples.check(spec, f"the {info.split} classes of {info.family}")
+    classification = info.kind == "classification"
+    return replace(
+        info,
+        layout="stream",
+        format_version=FORMAT_VERSIONS["stream"],
+        episodes=spec.to_tuple(),
+        num_tasks=num_tasks,
+        num_params=0,
+        num_images=0 if examples is None else len(examples.x),
+        output_dim=spec.ways[1] if classification and examples is not None else info.output_dim,
+        rows_per_batch=1,
+    )
+
+
+def plan_stream(family: str, spec: EpisodeSpec, seed: int, split: str, num_tasks: int = TASK_IDS) -> Plan:
+    """An on-the-fly store of a built-in or user family: an image family's table of `split`
+    (its examples once), a vector family's nothing but its name."""
+    fam = resolve(family)
+    spec.check(fam.kind == "regression", "task")
+    check_build_args(1, spec.shots[1], spec.queries[1], split, seed)
+    if isinstance(fam, ImageFamily):
+        if split not in SPLITS:
+            raise StoreError(f"--split must be one of {', '.join(SPLITS)} for {family}, got {split!r}")
+        table = fam.table(split)
+        examples = Examples(table.images, table.labels)
+        base = image_info(family, table, 1, seed, spec.ways[1], spec.shots[1], spec.queries[1], split)
+        return Plan(as_stream(base, spec, num_tasks, examples), examples=examples)
+    if fam.kind == "classification" and spec.ways[1] > fam.ways:
+        raise StoreError(f"task family {family} has {fam.ways} ways; its episodes take at most that many (task.ways)")
+    base = family_info(fam, 1, seed, spec.shots[1], spec.queries[1], split)
+    return Plan(as_stream(base, spec, num_tasks, None), family=fam)
+
+
+def episodes_of(
+    family: str, ways: tuple[int, int], shots: tuple[int, int], queries: tuple[int, int], max_support: int = 0
+) -> EpisodeSpec:
+    """The episodes `task.*` asks of a family (ways (0, 0): the family's own)."""
+    if ways == (0, 0):
+        w = resolve(family).ways
+        ways = (w, w)
+    return EpisodeSpec(ways, shots, queries, max_support)

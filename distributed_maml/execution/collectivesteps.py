@@ -39,7 +39,7 @@ from distributed_maml.execution.steps import StepOutcome, timing_of
 
 def eligible(computer: ShardComputer) -> bool:
     """Whether this computer's unlogged steps can run without the host (see the module doc)."""
-    return computer.task_map == "vmap" and not varies(computer.maml_cfg)
+    return computer.task_map == "vmap" and not varies(computer.maml_cfg) and not computer.shapes_vary
 
 
 class _Clock:

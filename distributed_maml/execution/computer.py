@@ -59,16 +59,21 @@ class ShardComputer:
         self.task_map = choose_task_map(self.model, self.device, task_map)
         self.resident = _resident_columns(store, self.device)
         self.graphs: GraphSteps | None = None
-        if why_eager(gpu_step, self.device, self.task_map, maml_cfg) is None:
+        if why_eager(gpu_step, self.device, self.task_map, maml_cfg, self.shapes_vary) is None:
             self.graphs = GraphSteps(self.forward, store.info.kind, self.spec, maml_cfg, name, self.autocast)
         self.gpu_step = gpu_step
+
+    @property
+    def shapes_vary(self) -> bool:
+        """The store's episodes differ in shape: each batch is padded to its own largest."""
+        return not self.store.info.spec.fixed
 
     @property
     def step_kind(self) -> str:
         """How this worker runs a step, for the run's first line."""
         if self.graphs is not None:
             return "eager steps (graph failed)" if self.graphs.failed else "CUDA-graph steps"
-        why = why_eager(self.gpu_step, self.device, self.task_map, self.maml_cfg)
+        why = why_eager(self.gpu_step, self.device, self.task_map, self.maml_cfg, self.shapes_vary)
         return "eager steps" if self.gpu_step != "graph" else f"eager steps ({why})"
 
     @property
@@ -175,7 +180,9 @@ class ShardComputer:
         return np.concatenate(losses), (None if accs[0] is None else np.concatenate(accs))
 
 
-def why_eager(gpu_step: str, device: torch.device, task_map: str, maml_cfg: MamlConfig) -> str | None:
+def why_eager(
+    gpu_step: str, device: torch.device, task_map: str, maml_cfg: MamlConfig, shapes_vary: bool = False
+) -> str | None:
     """Why a computer's unlogged steps run eagerly; None: each is a captured CUDA graph (the one
     place this is decided: the computer's graphs and the run's first line both ask here)."""
     if gpu_step != "graph":
@@ -186,6 +193,8 @@ def why_eager(gpu_step: str, device: torch.device, task_map: str, maml_cfg: Maml
         return "tasks by loop"  # a per-task loop's shapes change from task to task
     if varies(maml_cfg):
         return "MAML++ schedules change the step"
+    if shapes_vary:
+        return "episodes of variable shape"  # a padded batch's shape changes from step to step
     return None
 
 
@@ -207,7 +216,7 @@ def _resident_columns(store: TaskStore, device: torch.device) -> dict[str, torch
     free memory: per step it then moves only task ids, not rows (at meta-batch 65,536 of the
     seed family that is 118 MB a step otherwise, which would dominate the step). An image store
     puts its image table there too (uint8: Omniglot ~25 MB, mini-ImageNet ~1.3 GB)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or store.info.on_the_fly:  # an on-the-fly store has no rows to hold
         return None
     columns = store.model_columns()
     nbytes = sum(a.nbytes for c in columns for a in store.column_chunks(c))

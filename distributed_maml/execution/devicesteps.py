@@ -47,6 +47,8 @@ def why_not_fused(computer: ShardComputer) -> str | None:
         return "tasks by loop"
     if varies(computer.maml_cfg):
         return "MAML++ schedules change the step"
+    if computer.shapes_vary:
+        return "episodes of variable shape"  # fused steps reuse one input buffer of one shape
     return None
 
 
