@@ -44,11 +44,12 @@ from distributed_maml.core.learner import Learner
 from distributed_maml.core.maml import as_input, loss_fn
 from distributed_maml.core.models import ParamSpec
 from distributed_maml.core.network import Network, assemble
+from distributed_maml.data import episodes
 from distributed_maml.data.families import FROM_FILES, resolve
-from distributed_maml.data.format import COLUMNS
+from distributed_maml.data.format import COLUMNS, StoreInfo
 from distributed_maml.data.sampler import Sampler, split_shards
 from distributed_maml.data.store import TaskStore
-from distributed_maml.data.writing import build_in_memory
+from distributed_maml.data.writing import build_in_memory, held_out
 from distributed_maml.errors import StoreError, UserError
 from distributed_maml.execution import devices, factory
 from distributed_maml.execution.protocol import Executor
@@ -97,6 +98,8 @@ def generated_held_out(state: RunState, num_tasks: int, shots: int | None, seed:
     """Fresh tasks of the run's family from the held-out stream (`seed` picks the tasks);
     regression tasks get as many query points as shots."""
     cfg = state.config
+    if state.sampler.order == "keyed":  # an on-the-fly run: episodes as it drew them, from the test split
+        return held_out(TaskStore.open(state.store.path).info, num_tasks, seed, "test", shots)
     k = shots or cfg.task.shots
     queries = k if resolve(cfg.task.family).kind == "regression" else cfg.task.queries
     ways = state.store.ways or cfg.task.ways
@@ -169,7 +172,7 @@ def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int, net: Network)
     the task labels or targets as given, from `net`'s initialisation."""
     info = store.info
     global_labels = info.kind == "classification" and len(info.classes) > info.ways
-    if global_labels:
+    if global_labels:  # (an on-the-fly store's params: each label's class, padded with class 0)
         wide = replace(info, output_dim=len(info.classes), ways=len(info.classes))
         model = models.build(cfg.model, wide, seed=seed)
         spec, forward, initial = models.ParamSpec.of(model), models.functional(model), dict(model.named_parameters())
@@ -178,13 +181,14 @@ def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int, net: Network)
     device = devices.resolve(cfg.scaling).device  # scaling.device: the baseline trains where the run computes
     learner = Learner(spec, spec.flatten(initial), cfg.optimizer.lr, device=str(device))
     loss = loss_fn(info.kind)
-    sampler = Sampler(seed, len(store), cfg.task.meta_batch)
+    sampler = Sampler.of(store, seed, cfg.task.meta_batch)
     for step in tqdm(range(steps), desc="pretrained baseline", unit="step", disable=None, leave=False):
         rows = store.rows(sampler.ids(step), columns=(*COLUMNS[:4], "params"))
-        x = np.concatenate([rows["x_support"], rows["x_query"]], 1).reshape(-1, *info.example_shape)
-        y = np.concatenate([rows["y_support"], rows["y_query"]], 1)
+        x = np.concatenate([rows["x_support"], rows["x_query"]], 1)
+        y, keep = _real(np.concatenate([rows["y_support"], rows["y_query"]], 1), info)  # padded episodes: real examples
         if global_labels:
             y = np.take_along_axis(rows["params"].astype(np.int64), y, axis=1)
+        x, y = x[keep], y[keep]
         y = y.reshape(-1) if info.kind == "classification" else y.reshape(-1, info.output_dim)
         x_, y_ = as_input(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device)
         value = loss(forward(spec.unflatten(learner.flat), x_), y_)
@@ -237,8 +241,32 @@ def blow_up_bound(store: TaskStore, n: int) -> float:
     info = store.info
     if info.kind == "classification":
         return BLOW_UP * float(np.log(info.ways))
-    y = store.rows(np.arange(n), columns=("y_query",))["y_query"]
-    return BLOW_UP * float(np.mean(np.square(y, dtype=np.float64)))
+    y, keep = _real(store.rows(np.arange(n), columns=("y_query",))["y_query"], info)
+    return BLOW_UP * float(np.mean(np.square(y[keep], dtype=np.float64)))
+
+
+def _real(y: np.ndarray, info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's plain labels or targets and which examples are real (padded episodes)."""
+    if info.kind == "classification":
+        return episodes.real(y, info.kind)
+    return episodes.real_targets(y, info.output_dim)
+
+
+def ways_buckets(store: TaskStore, n: int, most: int = 4) -> dict[str, np.ndarray]:
+    """Tasks 0..n-1 of an on-the-fly store whose ways vary, by ways: up to `most` buckets of
+    equal width over the store's range ("5-9": a mask over the tasks); {} otherwise."""
+    spec = store.info.spec
+    if store.drawer is None or spec.ways[0] == spec.ways[1]:
+        return {}
+    ways = store.drawer.shapes.of(np.arange(n))[:, 0]
+    lo, hi = spec.ways
+    edges = np.unique(np.linspace(lo, hi + 1, min(most, hi - lo + 1) + 1).round().astype(int))
+    out = {}
+    for a, b in zip(edges[:-1], edges[1:], strict=False):
+        mask = (ways >= a) & (ways < b)
+        if mask.any():
+            out[f"{a}-{b - 1}" if b - 1 > a else str(a)] = mask
+    return out
 
 
 def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int], bound: float) -> dict[str, Any]:
@@ -314,13 +342,20 @@ def evaluate(
     try:
         evaluated_by = executor.describe()  # while its workers are up (Ray asks them)
         results = {}
+        buckets = ways_buckets(store, n)
         for name, p in inits.items():  # an init without learned step sizes adapts at its lr everywhere
             params = maml_mod.with_learned_lrs(cfg.maml, p, lrs[name])
             shown = "learned" if name == "maml" and ckpt.inner_lr else lrs[name]
-            results[name] = {
-                "inner_lr": shown,
-                **summarize(*curves(executor, spec, params, n, scored, lrs[name]), cols, bound),
-            }
+            losses, accs = curves(executor, spec, params, n, scored, lrs[name])
+            results[name] = {"inner_lr": shown, **summarize(losses, accs, cols, bound)}
+            if buckets:  # variable episodes: the same numbers by ways
+                results[name]["by_ways"] = {
+                    label: {
+                        "num_tasks": int(m.sum()),
+                        **summarize(losses[m], None if accs is None else accs[m], cols, bound),
+                    }
+                    for label, m in buckets.items()
+                }
     finally:
         executor.close()
     clock.lap("curves")
@@ -334,6 +369,7 @@ def evaluate(
         "num_tasks": n,
         "shots": info.shots,
         "queries": info.queries,
+        **({"episodes": info.spec.describe()} if info.on_the_fly else {}),
         "blow_up_bound": bound,
         "steps": idx,
         "evaluated_by": evaluated_by,
@@ -362,8 +398,9 @@ class _Clock:
 
 def format_table(result: dict[str, Any]) -> str:
     head = (
-        f"{result['num_tasks']} held-out {result['family']} tasks, {result['shots']} shots, {result['queries']} "
-        f"queries, inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']} "
+        f"{result['num_tasks']} held-out {result['family']} tasks, "
+        + (result.get("episodes") or f"{result['shots']} shots, {result['queries']} queries")
+        + f", inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']} "
         f"({result.get('checkpoint', 'latest')}); "
         f"{result['evaluated_by']}; blow-up: loss non-finite or > {result['blow_up_bound']:.3g}"
     )
@@ -392,4 +429,18 @@ def format_table(result: dict[str, Any]) -> str:
             rows.append(row)
     widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows)])
+    table = [head, line(cols), line(["-" * w for w in widths]), *map(line, rows)]
+    return "\n".join(table + _by_ways(result))
+
+
+def _by_ways(result: dict[str, Any]) -> list[str]:
+    """Variable episodes: each init's score after the most inner steps, by ways bucket."""
+    if "by_ways" not in result:
+        return []
+    metric = "accuracy_mean" if "accuracy_mean" in result else "loss_mean"
+    inits = [("maml", result), *result.get("baselines", {}).items()]
+    out = [f"by ways ({metric.split('_')[0]} after {result['steps'][-1]} inner steps):"]
+    for label, r in result["by_ways"].items():
+        cells = [f"{name} {i['by_ways'][label][metric][-1]:.4f}" for name, i in inits if label in i.get("by_ways", {})]
+        out.append(f"  {label:>7}-way ({r['num_tasks']} tasks): " + ", ".join(cells))
+    return out

@@ -21,7 +21,7 @@ from distributed_maml.config import Config
 from distributed_maml.data.families import FROM_FILES
 from distributed_maml.data.format import StoreInfo
 from distributed_maml.data.store import TaskStore
-from distributed_maml.data.writing import build_in_memory
+from distributed_maml.data.writing import build_in_memory, held_out
 from distributed_maml.errors import ConfigError, StoreError
 from distributed_maml.execution import factory
 
@@ -94,7 +94,10 @@ def make(cfg: Config, train: TaskStore) -> Validation | None:
         return None
     else:
         info = train.info
-        store = build_in_memory(cfg.task.family, t.eval_tasks, t.seed, info.shots, info.queries, "val", info.ways)
+        if info.on_the_fly:
+            store = held_out(info, t.eval_tasks, t.seed, "val")
+        else:
+            store = build_in_memory(cfg.task.family, t.eval_tasks, t.seed, info.shots, info.queries, "val", info.ways)
         source = f"{cfg.task.family} val stream"
     computer = factory.local_computer(store, cfg.model, cfg.maml, cfg.scaling, name="validation")
     ids = np.arange(min(t.eval_tasks, len(store)))

@@ -173,7 +173,8 @@ class Examples:
             )
 
 
-Episode = dict[str, np.ndarray]  # x_support [S, ...], y_support [S] or [S, O], x_query, y_query
+Episode = dict[str, np.ndarray]  # x_support [S, ...], y_support [S] or [S, O], x_query, y_query, params
+SETS = ("x_support", "y_support", "x_query", "y_query")
 
 
 class Drawer:
@@ -219,6 +220,7 @@ class Drawer:
             "y_support": np.repeat(labels, shots),
             "x_query": x[np.concatenate(query)],
             "y_query": np.repeat(labels, queries),
+            "params": classes.astype(np.float32),  # label i's class in the store (pretraining's labels)
         }
 
     def _from_family(self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int) -> Episode:
@@ -227,9 +229,9 @@ class Drawer:
         if self.kind == "regression":
             n = int(shots[0])
             return {"x_support": raw["x_support"][:n], "y_support": raw["y_support"][:n],
-                    "x_query": raw["x_query"], "y_query": raw["y_query"]}  # fmt: skip
+                    "x_query": raw["x_query"], "y_query": raw["y_query"], "params": raw["params"]}  # fmt: skip
         if ways == self.family_ways and self.spec.fixed:  # the family's own episode, untouched
-            return {k: raw[k] for k in ("x_support", "y_support", "x_query", "y_query")}
+            return {k: raw[k] for k in ("x_support", "y_support", "x_query", "y_query", "params")}
         classes = rng.choice(self.family_ways, ways, replace=False)
         out: dict[str, list[np.ndarray]] = {"x_support": [], "y_support": [], "x_query": [], "y_query": []}
         for label, (c, s) in enumerate(zip(classes, shots, strict=True)):
@@ -237,22 +239,26 @@ class Drawer:
                 keep = np.flatnonzero(raw[f"y_{part}"] == c)[:n]
                 out[f"x_{part}"].append(raw[f"x_{part}"][keep])
                 out[f"y_{part}"].append(np.full(len(keep), label, dtype=np.int64))
-        return {k: np.concatenate(v) for k, v in out.items()}
+        return {**{k: np.concatenate(v) for k, v in out.items()}, "params": np.zeros(0, dtype=np.float32)}
 
     def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The episodes of `ids` as one batch: stacked as they are when the spec is fixed, else
         padded to the batch's largest shape with the masks in the labels (`pad`)."""
         episodes = [self.episode(int(t)) for t in np.asarray(ids, dtype=np.int64)]
         if self.spec.fixed:
-            return {k: np.stack([e[k] for e in episodes]) for k in ("x_support", "y_support", "x_query", "y_query")}
+            return {k: np.stack([e[k] for e in episodes]) for k in (*SETS, "params")}
         return pad(episodes, self.kind)
 
 
 def pad(episodes: list[Episode], kind: str) -> dict[str, np.ndarray]:
     """Episodes of different shapes as one batch, padded with zeros to the largest support and
     query sets; labels [T, N, 2] = (label, the task's ways; 0 on padding) for classification,
-    targets [T, N, O + 1] = (targets, 1 real / 0 padding) for regression."""
-    out = {}
+    targets [T, N, O + 1] = (targets, 1 real / 0 padding) for regression; params (each label's
+    class) padded with zeros to the most ways."""
+    width = max(len(e["params"]) for e in episodes)
+    out = {"params": np.zeros((len(episodes), width), dtype=np.float32)}
+    for t, e in enumerate(episodes):
+        out["params"][t, : len(e["params"])] = e["params"]
     for part in ("support", "query"):
         xs, ys = [e[f"x_{part}"] for e in episodes], [e[f"y_{part}"] for e in episodes]
         n = max(len(x) for x in xs)
@@ -285,3 +291,19 @@ def unpad(rows: dict[str, np.ndarray], t: int, kind: str) -> Episode:
             keep = y[:, -1] > 0
             out[f"x_{part}"], out[f"y_{part}"] = rows[f"x_{part}"][t][keep], y[keep, :-1]
     return out
+
+
+def real(y: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Plain labels or targets of a (possibly padded) batch [T, N, ...], and which are real:
+    (y without its mask column, bool [T, N])."""
+    padded = y.ndim == 3 if kind == "classification" else False
+    if kind == "classification":
+        return (y[..., 0], y[..., 1] > 0) if padded else (y, np.ones(y.shape, dtype=bool))
+    return y, np.ones(y.shape[:2], dtype=bool)
+
+
+def real_targets(y: np.ndarray, output_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Regression targets [T, N, O] of a batch, padded ([T, N, O + 1]) or not, and which are real."""
+    if y.shape[-1] == output_dim + 1:
+        return y[..., :-1], y[..., -1] > 0
+    return y, np.ones(y.shape[:2], dtype=bool)

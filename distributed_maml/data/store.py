@@ -96,7 +96,6 @@ class TaskStore:
             raise IndexError(f"task ids out of range for {self.name} ({len(self)} tasks)")
         if self.drawer is not None:  # drawn, not read: padded when the episodes vary
             drawn = self.drawer.rows(ids)
-            drawn["params"] = np.zeros((len(ids), 0), dtype=np.float32)
             return {c: drawn[c] for c in columns}
         images = self.info.layout == "images"
         # an images store reads the rows' indices and gathers x_* from its image table

@@ -357,3 +357,15 @@ def episodes_of(
         w = resolve(family).ways
         ways = (w, w)
     return EpisodeSpec(ways, shots, queries, max_support)
+
+
+def held_out(info: StoreInfo, num_tasks: int, seed: int, split: str, shots: int | None = None) -> TaskStore:
+    """Held-out episodes like an on-the-fly run's (`info`: its training store's) from `split`,
+    in memory: the first `num_tasks` ids of the split's own draw (a fixed set, ids 0..n-1), the
+    episodes' shapes as trained; `shots` fixes the support (regression: the queries too)."""
+    spec = info.spec
+    if shots is not None:
+        queries = (shots, shots) if info.kind == "regression" else spec.queries
+        spec = replace(spec, shots=(shots, shots), queries=queries)
+    name = f"<held-out {info.family} episodes ({split})>"
+    return plan_in_memory(plan_stream(info.family, spec, seed, split, num_tasks), name)
