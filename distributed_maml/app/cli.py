@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from distributed_maml import stopping
 from distributed_maml.app import use_cli
@@ -108,7 +109,24 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--strict", action="store_true", help="with --from-images: an unreadable image is an error, not skipped"
     )
-    b.add_argument("--ways", type=int, default=None, help="classes per task (--from-table/--from-images: 5; glyphs: 5)")
+    b.add_argument(
+        "--ways",
+        type=bounds,
+        default=None,
+        help="classes per task, n or lo:hi (--on-the-fly) (--from-table/--from-images: 5; glyphs: 5)",
+    )
+    b.add_argument(
+        "--on-the-fly",
+        action="store_true",
+        help="hold the examples once and no task rows: each task is drawn from (--seed, its id), no cap "
+        "(lo:hi ranges of ways/shots/queries need it)",
+    )
+    b.add_argument(
+        "--max-support",
+        type=int,
+        default=0,
+        help="with --on-the-fly: the most support examples of an episode (0: no cap)",
+    )
     b.add_argument(
         "--test-fraction",
         type=float,
@@ -122,11 +140,18 @@ def parser() -> argparse.ArgumentParser:
         help="with --from-table/--from-images: share of classes for meta-validation (--classes-split val); give "
         "every build of the data the same value so train leaves them out (default 0: no val classes)",
     )
-    b.add_argument("--num-tasks", type=int, required=True)
+    b.add_argument("--num-tasks", type=int, help="tasks to write (--on-the-fly: task ids, default 2**63 - 1)")
     b.add_argument("--out", type=Path, required=True, help="the .arrow file to write")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--shots", type=int, default=None, help="support examples per class/points (seed 5, sinusoid 10)")
-    b.add_argument("--queries", type=int, default=None, help="query examples per class/points (seed 15, sinusoid 10)")
+    b.add_argument(
+        "--shots", type=bounds, default=None, help="support examples per class/points, n or lo:hi (seed 5, sinusoid 10)"
+    )
+    b.add_argument(
+        "--queries",
+        type=bounds,
+        default=None,
+        help="query examples per class/points, n or lo:hi (seed 15, sinusoid 10)",
+    )
     b.add_argument(
         "--split",
         "--classes-split",
@@ -146,6 +171,19 @@ def parser() -> argparse.ArgumentParser:
     bench_cli.add_parser(sub)
     use_cli.add_parsers(sub)
     return p
+
+
+def bounds(text: str) -> tuple[int, int]:
+    """--ways / --shots / --queries: "n" or "lo:hi"."""
+    try:
+        parts = [int(v) for v in text.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise argparse.ArgumentTypeError(f"expected n or lo:hi with 1 <= lo <= hi, got {text!r}")
+    return parts[0], parts[1]
 
 
 DEFAULT_SHOTS = {"seed": (5, 15), "sinusoid": (10, 10), "glyphs": (1, 15)}
@@ -206,15 +244,49 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_tasks(args: argparse.Namespace) -> None:
     from distributed_maml import data
 
-    if args.tasks_cmd == "build" and args.from_table and args.from_images:
+    if args.tasks_cmd == "info":
+        d = data.describe(data.TaskStore.open(args.path), args.path)
+        print(json.dumps(d) if args.json else "\n".join(f"{k}: {v}" for k, v in d.items()))
+        return
+    if args.from_table and args.from_images:
         raise UserError("give one of --from-table and --from-images")
-    if args.tasks_cmd == "build" and args.from_images:
+    if not (args.family or args.from_table or args.from_images):
+        raise UserError("tasks build needs --family seed|sinusoid|glyphs, --from-table FILE or --from-images DIR")
+    family = args.family or ""
+    default_shots, default_queries = DEFAULT_SHOTS.get(family, (1, 15) if args.from_images else (5, 15))
+    ways, shots, queries = (
+        (args.ways or (0, 0)),
+        (args.shots or (default_shots,) * 2),
+        args.queries or (default_queries,) * 2,
+    )
+    if args.from_table or args.from_images:
+        ways = args.ways or (5, 5)
+    spec = None
+    if args.on_the_fly or args.max_support or any(lo < hi for lo, hi in (ways, shots, queries)):
+        if not args.on_the_fly:
+            raise UserError("ranges (lo:hi) and --max-support draw tasks on the fly: add --on-the-fly")
+        spec = data.episodes_of(family, ways, shots, queries, args.max_support) if family else None
+        if spec is None:
+            spec = data.EpisodeSpec(ways, shots, queries, args.max_support)
+    elif args.num_tasks is None:
+        raise UserError("tasks build needs --num-tasks N (or --on-the-fly: tasks drawn from (seed, id), no cap)")
+    if spec is not None:
+        info = _build_on_the_fly(args, spec)
+        what = f"{info.family} episodes ({spec.describe()})"
+        held = f"{info.num_images} examples" if info.num_images else "no examples (the family generates them)"
+        print(
+            f"wrote {args.out}: {what}, drawn on the fly from (seed {info.seed}, id), ids 0..{info.num_tasks - 1}; "
+            f"holds {held}, {Path(args.out).stat().st_size / 2**20:.1f} MiB"
+        )
+        return
+    w, k, q = ways[0], shots[0], queries[0]
+    if args.from_images:
         info, summary = data.build_from_images(
             args.from_images,
             args.out,
-            args.ways or 5,
-            args.shots or 1,
-            args.queries or 15,
+            w,
+            k,
+            q,
             args.num_tasks,
             args.image_size,
             args.split,
@@ -227,23 +299,23 @@ def cmd_tasks(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             val_fraction=args.val_fraction,
         )
-        c, h, w = info.image_shape
+        c, h, wd = info.image_shape
         print(
             f"wrote {args.out}: {info.num_tasks} {info.ways}-way {info.shots}-shot tasks over {info.num_images} "
-            f"images ({c}x{h}x{w}) of {len(info.classes)} {info.split} classes from {args.from_images}; skipped "
+            f"images ({c}x{h}x{wd}) of {len(info.classes)} {info.split} classes from {args.from_images}; skipped "
             f"{summary.unreadable} unreadable file(s), dropped {summary.classes_dropped} class(es) with fewer than "
             f"{info.shots + info.queries} images; {Path(args.out).stat().st_size / 2**20:.1f} MiB"
         )
-    elif args.tasks_cmd == "build" and args.from_table:
+    elif args.from_table:
         if not args.label_column:
             raise UserError("--from-table needs --label-column NAME")
         info = data.build_from_table(
             args.from_table,
             args.out,
             args.label_column,
-            args.ways or 5,
-            args.shots or 5,
-            args.queries or 15,
+            w,
+            k,
+            q,
             args.num_tasks,
             args.split,
             args.seed,
@@ -255,29 +327,41 @@ def cmd_tasks(args: argparse.Namespace) -> None:
             f"wrote {args.out}: {info.num_tasks} {info.ways}-way {info.shots}-shot tasks from {args.from_table} "
             f"({info.split} classes: {', '.join(info.classes)})"
         )
-    elif args.tasks_cmd == "build":
-        if not args.family:
-            raise UserError("tasks build needs --family seed|sinusoid|glyphs, --from-table FILE or --from-images DIR")
-        shots, queries = DEFAULT_SHOTS.get(args.family, (5, 15))
+    else:
         info = data.build(
-            args.out,
-            args.family,
-            args.num_tasks,
-            args.seed,
-            args.shots or shots,
-            args.queries or queries,
-            args.split,
-            overwrite=args.overwrite,
-            ways=args.ways or 0,
+            args.out, family, args.num_tasks, args.seed, k, q, args.split, overwrite=args.overwrite, ways=w
         )
         images = f" over {info.num_images} images of {len(info.classes)} classes" if info.layout == "images" else ""
         print(
             f"wrote {args.out}: {info.num_tasks} {info.family} tasks{images} ({info.split}, seed {info.seed}), "
             f"{Path(args.out).stat().st_size / 2**20:.1f} MiB"
         )
-    else:
-        d = data.describe(data.TaskStore.open(args.path), args.path)
-        print(json.dumps(d) if args.json else "\n".join(f"{k}: {v}" for k, v in d.items()))
+
+
+def _build_on_the_fly(args: argparse.Namespace, spec: Any) -> Any:
+    """`tasks build --on-the-fly`: a family's, a table's or an image folder's on-the-fly store."""
+    from distributed_maml import data
+
+    num_tasks = args.num_tasks or data.TASK_IDS
+    if args.from_table:
+        if not args.label_column:
+            raise UserError("--from-table needs --label-column NAME")
+        return data.build_from_table(
+            args.from_table, args.out, args.label_column, *spec.ways[1:], *spec.shots[1:], *spec.queries[1:],
+            num_tasks, args.split, args.seed, args.test_fraction, overwrite=args.overwrite,
+            val_fraction=args.val_fraction, spec=spec,
+        )  # fmt: skip
+    if args.from_images:
+        info, _ = data.build_from_images(
+            args.from_images, args.out, spec.ways[1], spec.shots[1], spec.queries[1], num_tasks, args.image_size,
+            args.split, args.seed, args.test_fraction, grayscale=args.grayscale, rotations=tuple(args.rotations),
+            class_depth=args.class_depth, strict=args.strict, overwrite=args.overwrite,
+            val_fraction=args.val_fraction, spec=spec,
+        )  # fmt: skip
+        return info
+    p = data.plan_stream(args.family, spec, args.seed, args.split, num_tasks)
+    data.write_batches(args.out, p.info, p.batches(), args.overwrite)
+    return p.info
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ from distributed_maml.app.validation import Validation
 from distributed_maml.config import TrainingConfig
 from distributed_maml.core.learner import Learner
 from distributed_maml.core.network import assemble
+from distributed_maml.data.format import StoreInfo
 from distributed_maml.data.sampler import Sampler
 from distributed_maml.errors import TrainingError, os_error_line
 from distributed_maml.execution import factory
@@ -87,7 +88,7 @@ def _train(run: Run, executor: Executor, progress: bool, on_validation: OnValida
     stopping.install()  # again: connecting to Ray replaced the SIGTERM handler
     executor.watch(run.lost)
     print(
-        f"run {run.dir}: {len(run.store)} {run.store.info.family} tasks, {executor.describe()}, "
+        f"run {run.dir}: {_tasks_line(run.store.info)}, {executor.describe()}, "
         f"steps {start}..{cfg.steps}"
         + (f", validated on {validation.source} on {validation.where}" if validation else ""),
         flush=True,
@@ -130,6 +131,13 @@ def _loop(
         if step == last and periodic:
             run.save_unless_latest(learner, step, sampler)  # a best step may have saved it already
     return TrainResult(run.dir, cfg.steps, learner.weights(), recorder.record)
+
+
+def _tasks_line(info: StoreInfo) -> str:
+    """The run's tasks for its first line."""
+    if not info.on_the_fly:
+        return f"{info.num_tasks} {info.family} tasks"
+    return f"{info.family} episodes drawn on the fly ({info.spec.describe()}; {info.num_tasks:.3g} ids)"
 
 
 def _shares(timing: dict[str, Any], shards_per_worker: int) -> str:

@@ -1,6 +1,7 @@
 """Tasks: the Arrow task store (format, building, reading), the task families that fill it,
 and the sampler that picks each meta-step's tasks. Imports only the package's base modules."""
 
+from distributed_maml.data.episodes import TASK_IDS, EpisodeSpec
 from distributed_maml.data.format import COLUMNS, StoreInfo, image_info
 from distributed_maml.data.store import TaskStore, describe
 from distributed_maml.data.writing import (
@@ -8,12 +9,18 @@ from distributed_maml.data.writing import (
     build_from_images,
     build_from_table,
     build_in_memory,
+    episodes_of,
     generate_batches,
+    plan_stream,
     write_batches,
 )
 
 __all__ = [
     "COLUMNS",
+    "TASK_IDS",
+    "EpisodeSpec",
+    "episodes_of",
+    "plan_stream",
     "StoreInfo",
     "TaskStore",
     "build",

@@ -211,9 +211,11 @@ def build_from_table(
     test_fraction: float = 0.3,
     overwrite: bool = False,
     val_fraction: float = 0.0,
+    spec: EpisodeSpec | None = None,
 ) -> StoreInfo:
     """Episodic N-way K-shot tasks from a table (see data/families/table.py); the classes of the
-    train and test splits are disjoint for the same seed and test_fraction."""
+    train and test splits are disjoint for the same seed and test_fraction. `spec`: an on-the-fly
+    store of the split's rows (ways, shots, queries: the spec's largest), episodes drawn by id."""
     check_build_args(num_tasks, shots, queries, split, seed)
     if split == "all":
         raise StoreError("--classes-split all is for --from-images; tables are split into train, val and test here")
@@ -235,6 +237,14 @@ def build_from_table(
         feature_mean=tasks.mean,
         feature_std=tasks.std,
     )
+    if spec is not None:
+        spec.check(False, "the table's episodes")
+        index = np.concatenate(tasks.class_index)
+        labels = np.repeat(np.arange(len(tasks.class_index)), [len(i) for i in tasks.class_index])
+        examples = Examples(tasks.features[index], labels.astype(np.int32))
+        info = as_stream(info, spec, num_tasks, examples)
+        write_batches(out, info, generate_batches(info, examples=examples), overwrite)
+        return info
     write_batches(out, info, generate_batches(info, progress=True, family=family), overwrite)
     return info
 
@@ -256,6 +266,7 @@ def build_from_images(
     strict: bool = False,
     overwrite: bool = False,
     val_fraction: float = 0.0,
+    spec: EpisodeSpec | None = None,
 ) -> tuple[StoreInfo, Any]:
     """Episodic N-way K-shot image tasks from class folders (see data/families/folders.py); returns the
     info and the loader's summary (skipped files, dropped classes)."""
@@ -279,6 +290,12 @@ def build_from_images(
         val_fraction,
     )
     info = image_info("images", table, num_tasks, seed, ways, shots, queries, split, source=str(Path(root).resolve()))
+    if spec is not None:  # on the fly: the image table once, episodes drawn by id
+        spec.check(False, "the image folder's episodes")
+        examples = Examples(table.images, table.labels)
+        info = as_stream(info, spec, num_tasks, examples)
+        write_batches(out, info, generate_batches(info, examples=examples), overwrite)
+        return info, summary
     write_batches(out, info, generate_batches(info, True, table=table), overwrite)
     return info, summary
 
