@@ -1,0 +1,241 @@
+"""On-the-fly stores: a task is the documented function of (seed, id), the keyed sampler is a
+bijection of up to 2**63 - 1 ids, a run on variable episodes trains, resumes bit-identical and
+evaluates by ways, and the CLI builds and describes such stores (one line on bad input)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from distributed_maml import config
+from distributed_maml.app import checkpoint, run, train
+from distributed_maml.data import TaskStore, episodes
+from distributed_maml.data.families import FAMILIES
+from distributed_maml.data.sampler import ROUNDS, Sampler, _mix, keyed_permutation
+from distributed_maml.data.writing import plan_stream, write_batches
+
+from .conftest import assert_user_error, run_cli
+
+GLYPH_SPEC = episodes.EpisodeSpec(ways=(3, 6), shots=(1, 4), queries=(1, 3), max_support=16)
+
+
+def _write(tmp_path, family, spec, name="s.arrow", seed=7, split="train", num_tasks=episodes.TASK_IDS):
+    p = plan_stream(family, spec, seed, split, num_tasks)
+    return write_batches(tmp_path / name, p.info, p.batches(), overwrite=False)
+
+
+# -- the task as a function of (seed, id) -----------------------------------------------------
+
+
+def _documented_image_episode(x, labels, seed, task_id, spec):
+    """The module doc's definition, written out: Philox(key=[seed, id]), shape, classes, examples."""
+    rng = np.random.Generator(np.random.Philox(key=np.array([seed, task_id], dtype=np.uint64)))
+    ways = rng.integers(spec.ways[0], spec.ways[1] + 1)
+    queries = rng.integers(spec.queries[0], spec.queries[1] + 1)
+    shots = rng.integers(spec.shots[0], spec.shots[1] + 1, size=ways)
+    if shots.sum() > spec.max_support:
+        shots = np.maximum(1, shots * spec.max_support // shots.sum())
+    counts = np.bincount(labels)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    classes = rng.choice(len(counts), ways, replace=False)
+    xs, ys, xq, yq = [], [], [], []
+    for i, (c, s) in enumerate(zip(classes, shots)):
+        picks = starts[c] + rng.choice(counts[c], s + queries, replace=False)
+        xs += list(x[picks[:s]])
+        xq += list(x[picks[s:]])
+        ys += [i] * s
+        yq += [i] * queries
+    return np.array(xs), np.array(ys), np.array(xq), np.array(yq)
+
+
+def test_an_image_episode_is_the_documented_function_of_seed_and_id(tmp_path):
+    path = _write(tmp_path, "glyphs", GLYPH_SPEC)
+    store = TaskStore.open(path)
+    table = FAMILIES["glyphs"].table("train")
+    for task_id in (0, 12345, 2**62 + 17):
+        xs, ys, xq, yq = _documented_image_episode(table.images, table.labels, 7, task_id, GLYPH_SPEC)
+        got = episodes.unpad(store.rows(np.array([task_id])), 0, "classification")
+        assert np.array_equal(got["x_support"], xs) and np.array_equal(got["y_support"], ys)
+        assert np.array_equal(got["x_query"], xq) and np.array_equal(got["y_query"], yq)
+
+
+def test_a_fixed_shape_family_episode_is_the_family_s_own_draw(tmp_path):
+    spec = episodes.EpisodeSpec.fixed_shape(2, 3, 4)
+    store = TaskStore.open(_write(tmp_path, "seed", spec))
+    rows = store.rows(np.array([5, 2**40]))
+    for i, task_id in enumerate((5, 2**40)):
+        rng = episodes.task_rng(7, task_id)
+        episodes.draw_shape(rng, spec)  # the shape's draws come first, even when fixed
+        want = FAMILIES["seed"].generate(rng, 1, 3, 4)
+        for k in ("x_support", "y_support", "x_query", "y_query"):
+            assert np.array_equal(rows[k][i], want[k][0])
+    assert rows["y_support"].shape == (2, 6)  # plain labels: no padding when the shape is fixed
+
+
+def test_held_out_splits_draw_other_episodes_and_a_reopened_store_the_same(tmp_path):
+    spec = episodes.EpisodeSpec((1, 1), (2, 8), (3, 5))
+    a = TaskStore.open(_write(tmp_path, "sinusoid", spec, "a.arrow"))
+    b = TaskStore.open(_write(tmp_path, "sinusoid", spec, "b.arrow", split="test"))
+    again = TaskStore.open(tmp_path / "a.arrow")
+    ids = np.arange(6)
+    ra, rb, r2 = a.rows(ids), b.rows(ids), again.rows(ids)
+    assert all(np.array_equal(ra[k], r2[k]) for k in ra)
+    assert not np.array_equal(ra["x_query"][:, :3], rb["x_query"][:, :3])
+    assert (tmp_path / "a.arrow").stat().st_size < 4096  # a generated family's store: metadata only
+
+
+# -- the keyed sampler --------------------------------------------------------------------------
+
+
+def _inverse(ids: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """The keyed permutation undone (Feistel rounds backwards, cycle-walking backwards)."""
+    bits = max(2, (n - 1).bit_length())
+    bits += bits % 2
+    half, mask = np.uint64(bits // 2), np.uint64((1 << (bits // 2)) - 1)
+    keys = np.random.SeedSequence([seed, epoch, 0xFE15]).generate_state(ROUNDS, np.uint64)
+
+    def back(x):
+        left, right = x >> half, x & mask
+        for k in keys[::-1]:
+            left, right = right ^ (_mix(left ^ k) & mask), left
+        return (left << half) | right
+
+    with np.errstate(over="ignore"):
+        out = back(np.asarray(ids, dtype=np.uint64))
+        walk = out >= np.uint64(n)
+        while walk.any():
+            out[walk] = back(out[walk])
+            walk = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 1000, 1023, 1025])
+def test_the_keyed_permutation_is_a_bijection(n):
+    ids = keyed_permutation(np.arange(n, dtype=np.uint64), n, 3, 1)
+    assert sorted(ids.tolist()) == list(range(n))
+    assert not np.array_equal(ids, keyed_permutation(np.arange(n, dtype=np.uint64), n, 3, 2)) or n < 3
+
+
+@pytest.mark.parametrize("n", [10**9, 2**63 - 1])
+def test_a_run_over_huge_id_spaces_never_repeats_a_task(n):
+    """Every position maps to one id in [0, n) that maps back to it: no two steps share a task."""
+    rng = np.random.default_rng(0)
+    positions = np.unique(np.concatenate([np.arange(200_000), rng.integers(0, n, 200_000)]))
+    ids = keyed_permutation(positions.astype(np.uint64), n, 11, 0)
+    assert ids.min() >= 0 and ids.max() < n
+    assert len(np.unique(ids)) == len(ids)
+    assert np.array_equal(_inverse(ids, n, 11, 0), positions)
+
+
+def test_the_sampler_visits_every_id_once_per_epoch_and_sorts_a_step_by_shape(tmp_path):
+    small = TaskStore.open(_write(tmp_path, "glyphs", GLYPH_SPEC, num_tasks=30))
+    s = Sampler.of(small, 4, 10)
+    assert s.order == "keyed" and s.shapes is not None
+    for epoch in range(3):
+        seen = np.concatenate([s.ids(epoch * 3 + k) for k in range(3)])
+        assert sorted(seen.tolist()) == list(range(30))
+    shapes = s.shapes.of(s.ids(4))
+    keys = [tuple(r) for r in shapes]
+    assert keys == sorted(keys)  # contiguous shards hold episodes of similar shape
+    assert Sampler(**s.state()).order == "keyed"
+
+
+# -- runs -----------------------------------------------------------------------------------------
+
+SMALL = [
+    "task.family=glyphs",
+    "task.ways=[2, 4]",
+    "task.shots=[1, 3]",
+    "task.queries=2",
+    "task.meta_batch=6",
+    "model.name=mlp",
+    "model.hidden=[16]",
+    "maml.inner_steps=1",
+    "training.log_every=2",
+    "scaling.num_workers=0",
+]
+
+
+def _train(tmp, name, steps, resume=False):
+    if resume:
+        r = run.resume(tmp / name, overrides=[f"training.steps={steps}"])
+    else:
+        r = run.prepare(config.load(None, [*SMALL, f"training.steps={steps}"]), tmp / name, progress=False)
+    ex = train.make_executor(r)
+    try:
+        return train.train(r, ex, progress=False)
+    finally:
+        ex.close()
+
+
+def test_a_variable_episode_run_resumes_bit_identical(tmp_path):
+    _train(tmp_path, "straight", 6)
+    _train(tmp_path, "stopped", 3)
+    _train(tmp_path, "stopped", 6, resume=True)
+    a = checkpoint.load(checkpoint.latest(tmp_path / "straight"))
+    b = checkpoint.load(checkpoint.latest(tmp_path / "stopped"))
+    assert a.step == b.step == 6
+    for k in a.model:
+        assert np.array_equal(a.model[k].numpy(), b.model[k].numpy()), k
+    store = TaskStore.open(tmp_path / "straight" / run.STORE_NAME)
+    assert store.info.on_the_fly and store.info.output_dim == 4
+    assert (tmp_path / "straight" / run.STORE_NAME).stat().st_size < 30 * 2**20  # the glyph table, no task rows
+    logged = {
+        name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("straight", "stopped")
+    }
+    assert [x["step"] for x in logged["stopped"]] == [1, 2, 3, 4, 6]
+    assert logged["stopped"][-1]["meta_loss"] == logged["straight"][-1]["meta_loss"]
+
+
+def test_a_store_whose_episodes_differ_from_the_config_is_one_line(tmp_path):
+    path = _write(tmp_path, "glyphs", GLYPH_SPEC)
+    cfg = config.load(None, [*SMALL, "training.steps=2"])
+    with pytest.raises(Exception) as e:
+        run.prepare(cfg, tmp_path / "r", tasks=path, progress=False)
+    assert "shots" in str(e.value) and "[1, 4]" in str(e.value) and not (tmp_path / "r").exists()
+
+
+def test_cli_builds_describes_trains_and_evaluates_on_the_fly(tmp_path):
+    out = tmp_path / "g.arrow"
+    r = run_cli(
+        "tasks", "build", "--family", "glyphs", "--on-the-fly", "--ways", "2:4", "--shots", "1:3",
+        "--queries", "2", "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0 and "drawn on the fly" in r.stdout, r.stderr
+    info = json.loads(run_cli("tasks", "info", str(out), "--json").stdout)
+    assert info["layout"] == "stream" and info["episodes"] == "2-4-way 1-3-shot, 2 queries"
+    sets = [f"--set={s}" for s in [*SMALL, "training.steps=4"]]
+    r = run_cli("train", "--tasks", str(out), "--output-dir", str(tmp_path / "run"), "--no-progress", *sets)
+    assert r.returncode == 0, r.stderr
+    assert "glyphs episodes drawn on the fly (2-4-way 1-3-shot, 2 queries" in r.stdout
+    r = run_cli("eval", "--run", str(tmp_path / "run"), "--num-tasks", "12", "--steps", "0,1", "--no-baselines")
+    assert r.returncode == 0, r.stderr
+    assert "2-4-way 1-3-shot" in r.stdout and "by ways" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--family", "glyphs", "--ways", "5:3", "--on-the-fly"], "expected n or lo:hi"),
+        (["--family", "glyphs", "--ways", "3:5"], "add --on-the-fly"),
+        (["--family", "seed", "--ways", "2:5", "--on-the-fly"], "at most that many"),
+        (["--family", "glyphs", "--on-the-fly", "--ways", "3:9", "--max-support", "4"], "max_support"),
+        (["--family", "glyphs"], "--num-tasks"),
+    ],
+)
+def test_bad_on_the_fly_builds_are_one_line(tmp_path, args, message):
+    out = tmp_path / "x.arrow"
+    r = run_cli("tasks", "build", *args, "--out", str(out))
+    assert_user_error(r, message)
+    assert not out.exists()
+
+
+def test_a_corrupt_on_the_fly_store_is_one_line(tmp_path):
+    path = _write(tmp_path, "glyphs", GLYPH_SPEC)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    r = run_cli("tasks", "info", str(path))
+    assert_user_error(r, "truncated or corrupt")
