@@ -128,6 +128,19 @@ def parser() -> argparse.ArgumentParser:
         help="with --on-the-fly: the most support examples of an episode (0: no cap)",
     )
     b.add_argument(
+        "--sources",
+        type=sources_arg,
+        metavar="NAME=STORE[:WEIGHT],...",
+        help="with --on-the-fly: one store over several on-the-fly stores of examples; each episode picks its "
+        "source by weight (default 1), e.g. a=a.arrow:0.7,b=b.arrow:0.3",
+    )
+    b.add_argument(
+        "--class-range",
+        type=bounds_from_zero,
+        metavar="LO:HI",
+        help="with --on-the-fly and an image family: only classes LO..HI-1 of the split (an 'alphabet')",
+    )
+    b.add_argument(
         "--test-fraction",
         type=float,
         default=0.3,
@@ -184,6 +197,33 @@ def bounds(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
         raise argparse.ArgumentTypeError(f"expected n or lo:hi with 1 <= lo <= hi, got {text!r}")
     return parts[0], parts[1]
+
+
+def bounds_from_zero(text: str) -> tuple[int, int]:
+    """--class-range: "lo:hi", 0 <= lo < hi."""
+    try:
+        lo, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        lo = hi = -1
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"expected lo:hi with 0 <= lo < hi, got {text!r}")
+    return lo, hi
+
+
+def sources_arg(text: str) -> list[tuple[str, str, float]]:
+    """--sources: NAME=STORE[:WEIGHT],... as (name, path, weight)."""
+    out = []
+    for item in text.split(","):
+        name, eq, rest = item.partition("=")
+        path, _, weight = rest.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            path, value = rest, 1.0
+        if not eq or not name or not path:
+            raise argparse.ArgumentTypeError(f"expected NAME=STORE[:WEIGHT],..., got {item!r}")
+        out.append((name, path, value))
+    return out
 
 
 DEFAULT_SHOTS = {"seed": (5, 15), "sinusoid": (10, 10), "glyphs": (1, 15)}
@@ -250,6 +290,9 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         return
     if args.from_table and args.from_images:
         raise UserError("give one of --from-table and --from-images")
+    if args.sources:
+        _build_sources(args)
+        return
     if not (args.family or args.from_table or args.from_images):
         raise UserError("tasks build needs --family seed|sinusoid|glyphs, --from-table FILE or --from-images DIR")
     family = args.family or ""
@@ -338,6 +381,30 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         )
 
 
+def _build_sources(args: argparse.Namespace) -> None:
+    """`tasks build --sources`: one on-the-fly store over several."""
+    from distributed_maml import data
+    from distributed_maml.data.writing import plan_sources
+
+    if not args.on_the_fly or args.family or args.from_table or args.from_images:
+        raise UserError("--sources combines on-the-fly stores: give it with --on-the-fly and no --family/--from-*")
+    stores = [data.TaskStore.open(path) for _, path, _ in args.sources]
+    spec = None
+    if args.ways or args.shots or args.queries or args.max_support:
+        first = stores[0].info.spec
+        spec = data.EpisodeSpec(
+            args.ways or first.ways, args.shots or first.shots, args.queries or first.queries, args.max_support
+        )
+    names, weights = [n for n, _, _ in args.sources], [w for _, _, w in args.sources]
+    p = plan_sources(stores, names, weights, spec, args.seed, args.num_tasks or data.TASK_IDS)
+    data.write_batches(args.out, p.info, p.batches(), args.overwrite)
+    mix = ", ".join(f"{n} {w:g}" for n, w in zip(names, weights, strict=True))
+    print(
+        f"wrote {args.out}: {p.info.family} episodes ({p.info.spec.describe()}) from {len(names)} sources ({mix}), "
+        f"{p.info.num_images} examples, drawn on the fly from (seed {p.info.seed}, id)"
+    )
+
+
 def _build_on_the_fly(args: argparse.Namespace, spec: Any) -> Any:
     """`tasks build --on-the-fly`: a family's, a table's or an image folder's on-the-fly store."""
     from distributed_maml import data
@@ -359,7 +426,7 @@ def _build_on_the_fly(args: argparse.Namespace, spec: Any) -> Any:
             val_fraction=args.val_fraction, spec=spec,
         )  # fmt: skip
         return info
-    p = data.plan_stream(args.family, spec, args.seed, args.split, num_tasks)
+    p = data.plan_stream(args.family, spec, args.seed, args.split, num_tasks, args.class_range)
     data.write_batches(args.out, p.info, p.batches(), args.overwrite)
     return p.info
 

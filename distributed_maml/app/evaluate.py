@@ -99,7 +99,14 @@ def generated_held_out(state: RunState, num_tasks: int, shots: int | None, seed:
     regression tasks get as many query points as shots."""
     cfg = state.config
     if state.sampler.order == "keyed":  # an on-the-fly run: episodes as it drew them, from the test split
-        return held_out(TaskStore.open(state.store.path).info, num_tasks, seed, "test", shots)
+        info = TaskStore.open(state.store.path).info
+        if info.sources:
+            raise UserError(
+                f"a run on several sources ({', '.join(info.sources)}) is evaluated on a test store of the same "
+                "sources: build each with --split test, combine them with `tasks build --on-the-fly --sources ...`, "
+                "and pass it with --tasks"
+            )
+        return held_out(info, num_tasks, seed, "test", shots)
     k = shots or cfg.task.shots
     queries = k if resolve(cfg.task.family).kind == "regression" else cfg.task.queries
     ways = state.store.ways or cfg.task.ways
@@ -119,7 +126,7 @@ def tune_lr(
     PRETRAINED_LR_GRID x the run's inner_lr on VALIDATION_TASKS tasks that are not the
     evaluation's (fresh held-out tasks from another seed; for file-built stores, the run's own
     meta-training tasks), scored by the mean query loss after `max_steps` steps."""
-    if cfg.task.family in FROM_FILES:
+    if cfg.task.family in FROM_FILES or cfg.task.sources:  # (several sources: no held-out draw of their own)
         val = train_store()
     else:
         val = generated_held_out(state, VALIDATION_TASKS, shots, seed=state.store.seed + 1_000_003)
@@ -252,6 +259,15 @@ def _real(y: np.ndarray, info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
     return episodes.real_targets(y, info.output_dim)
 
 
+def source_groups(store: TaskStore, n: int) -> dict[str, np.ndarray]:
+    """Tasks 0..n-1 of a store of several sources, by source (name: a mask); {} otherwise."""
+    names = store.info.sources
+    if store.drawer is None or not names:
+        return {}
+    of = store.drawer.sources_of(np.arange(n))
+    return {name: of == i for i, name in enumerate(names) if (of == i).any()}
+
+
 def ways_buckets(store: TaskStore, n: int, most: int = 4) -> dict[str, np.ndarray]:
     """Tasks 0..n-1 of an on-the-fly store whose ways vary, by ways: up to `most` buckets of
     equal width over the store's range ("5-9": a mask over the tasks); {} otherwise."""
@@ -342,20 +358,21 @@ def evaluate(
     try:
         evaluated_by = executor.describe()  # while its workers are up (Ray asks them)
         results = {}
-        buckets = ways_buckets(store, n)
+        groups = {"by_ways": ways_buckets(store, n), "by_source": source_groups(store, n)}
         for name, p in inits.items():  # an init without learned step sizes adapts at its lr everywhere
             params = maml_mod.with_learned_lrs(cfg.maml, p, lrs[name])
             shown = "learned" if name == "maml" and ckpt.inner_lr else lrs[name]
             losses, accs = curves(executor, spec, params, n, scored, lrs[name])
             results[name] = {"inner_lr": shown, **summarize(losses, accs, cols, bound)}
-            if buckets:  # variable episodes: the same numbers by ways
-                results[name]["by_ways"] = {
-                    label: {
-                        "num_tasks": int(m.sum()),
-                        **summarize(losses[m], None if accs is None else accs[m], cols, bound),
+            for key, masks in groups.items():  # variable episodes, several sources: the same numbers by group
+                if masks:
+                    results[name][key] = {
+                        label: {
+                            "num_tasks": int(m.sum()),
+                            **summarize(losses[m], None if accs is None else accs[m], cols, bound),
+                        }
+                        for label, m in masks.items()
                     }
-                    for label, m in buckets.items()
-                }
     finally:
         executor.close()
     clock.lap("curves")
@@ -434,13 +451,16 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _by_ways(result: dict[str, Any]) -> list[str]:
-    """Variable episodes: each init's score after the most inner steps, by ways bucket."""
-    if "by_ways" not in result:
-        return []
+    """Variable episodes and several sources: each init's score after the most inner steps, by
+    ways bucket and by source."""
     metric = "accuracy_mean" if "accuracy_mean" in result else "loss_mean"
     inits = [("maml", result), *result.get("baselines", {}).items()]
-    out = [f"by ways ({metric.split('_')[0]} after {result['steps'][-1]} inner steps):"]
-    for label, r in result["by_ways"].items():
-        cells = [f"{name} {i['by_ways'][label][metric][-1]:.4f}" for name, i in inits if label in i.get("by_ways", {})]
-        out.append(f"  {label:>7}-way ({r['num_tasks']} tasks): " + ", ".join(cells))
+    out = []
+    for key, what, suffix in (("by_ways", "ways", "-way"), ("by_source", "source", "")):
+        if key not in result:
+            continue
+        out.append(f"by {what} ({metric.split('_')[0]} after {result['steps'][-1]} inner steps):")
+        for label, r in result[key].items():
+            cells = [f"{name} {i[key][label][metric][-1]:.4f}" for name, i in inits if label in i.get(key, {})]
+            out.append(f"  {label:>7}{suffix} ({r['num_tasks']} tasks): " + ", ".join(cells))
     return out

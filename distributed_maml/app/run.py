@@ -25,11 +25,20 @@ from distributed_maml.config import Config
 from distributed_maml.core import models
 from distributed_maml.core.learner import Learner
 from distributed_maml.core.maml import as_input, split_lrs
-from distributed_maml.data.episodes import TASK_IDS
+from distributed_maml.data.episodes import TASK_IDS, EpisodeSpec
 from distributed_maml.data.format import StoreInfo
 from distributed_maml.data.sampler import Sampler
 from distributed_maml.data.store import TaskStore
-from distributed_maml.data.writing import Plan, check_disk, default_plan, episodes_of, plan, plan_stream, write_batches
+from distributed_maml.data.writing import (
+    Plan,
+    check_disk,
+    default_plan,
+    episodes_of,
+    plan,
+    plan_sources,
+    plan_stream,
+    write_batches,
+)
 from distributed_maml.errors import CheckpointError, ConfigError, StoreError, with_filename
 from distributed_maml.execution import devices
 
@@ -135,6 +144,25 @@ def _new_run_dir(output_dir: str | Path | None, cfg: Config) -> Path:
     return path
 
 
+def _sources_plan(cfg: Config) -> Plan:
+    """task.sources combined (their examples side by side), checked against task.*."""
+    t = cfg.task
+    listed = t.source_list()
+    stores = [TaskStore.open(path) for _, path, _ in listed]
+    first = stores[0].info.spec
+    ways = t.bounds("ways") if t.bounds("ways") != (0, 0) else first.ways
+    spec = EpisodeSpec(ways, t.bounds("shots"), t.bounds("queries"), t.max_support)
+    names, weights = [n for n, _, _ in listed], [w for _, _, w in listed]
+    p = plan_sources(stores, names, weights, spec, cfg.training.seed, t.num_tasks or TASK_IDS)
+    if p.info.family != t.family:
+        raise StoreError(
+            f"task.sources hold {p.info.family!r} examples but task.family = {t.family!r}; make them agree"
+        )
+    if p.info.split != "train":
+        raise StoreError(f"task.sources are {p.info.split} stores; train on stores built with --split train")
+    return p
+
+
 def _bounds(b: tuple[int, int]) -> str:
     """A (lo, hi) bound as the config writes it: n, or [lo, hi]."""
     return str(b[0]) if b[0] == b[1] else f"[{b[0]}, {b[1]}]"
@@ -188,7 +216,9 @@ def prepare(
         validation.check(cfg, store.info)
     else:
         t = cfg.task
-        if t.drawn:  # an on-the-fly store: the family's examples once (or nothing), no task rows
+        if t.sources:  # several on-the-fly stores as one: each episode's source drawn by weight
+            new_store = _sources_plan(cfg)
+        elif t.drawn:  # an on-the-fly store: the family's examples once (or nothing), no task rows
             spec = episodes_of(t.family, t.bounds("ways"), t.bounds("shots"), t.bounds("queries"), t.max_support)
             new_store = plan_stream(t.family, spec, cfg.training.seed, "train", t.num_tasks or TASK_IDS)
         elif t.num_tasks:

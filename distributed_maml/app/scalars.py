@@ -55,6 +55,9 @@ class Scalars:
                     for part, seconds in value.items():
                         if isinstance(seconds, int | float):
                             self.writer.add_scalar(f"time/{part}", seconds, step)
+                elif "@" in name and isinstance(value, int | float):  # a source's: source/<name>/<metric>
+                    metric, _, source = name.partition("@")
+                    self.writer.add_scalar(f"source/{source}/{metric}", value, step)
                 elif name != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                     group = "val" if name.startswith("val_") else GROUPS.get(name, "train")
                     self.writer.add_scalar(f"{group}/{name}", value, step)

@@ -140,6 +140,22 @@ def _tasks_line(info: StoreInfo) -> str:
     return f"{info.family} episodes drawn on the fly ({info.spec.describe()}; {info.num_tasks:.3g} ids)"
 
 
+def _by_source(record: dict[str, Any]) -> str:
+    """ ", By source: alpha 0.412 (62%), beta 0.530 (38%)": a logged step's query loss (accuracy for
+    classification) on each source's tasks, and the source's share of the step."""
+    metric = "acc_after" if "acc_after" in record else "loss_after"
+    names = [k.partition("@")[2] for k in record if k.startswith("tasks@")]
+    if not names:
+        return ""
+    parts = [
+        f"{n} {record[f'{metric}@{n}']:.3f} ({100 * record[f'tasks@{n}']:.0f}%)"
+        if f"{metric}@{n}" in record
+        else f"{n} -"
+        for n in names
+    ]
+    return ", By source: " + ", ".join(parts)
+
+
 def _shares(timing: dict[str, Any], shards_per_worker: int) -> str:
     """ ", Shares: worker-0 5, worker-1 3 (straggler 0.004 s)" for a log line: who computed how many
     of the step's shards (handed out by speed when shards_per_worker > 1)."""
@@ -250,6 +266,7 @@ class _Recorder:
                     if k in record
                 )
                 + _shares(o.timing, self.run.cfg.scaling.shards_per_worker)
+                + _by_source(record)
             )
         self.record = record
         self.done = o.step

@@ -90,7 +90,7 @@ def make(cfg: Config, train: TaskStore) -> Validation | None:
         return None
     if val_store is not None:
         store, source = val_store, cfg.task.val_store
-    elif cfg.task.family in FROM_FILES:
+    elif cfg.task.family in FROM_FILES or train.info.sources:  # several sources: validated by task.val_store only
         return None
     else:
         info = train.info

@@ -52,6 +52,11 @@ class TaskConfig:
     max_support: int = 0
     """Variable episodes: the most support examples an episode has (each class's shots scaled
     down to fit, at least 1); 0 = no cap beyond ways x shots."""
+    sources: tuple[dict[str, Any], ...] = ()
+    """[[task.sources]]: several on-the-fly stores of examples (`tasks build --on-the-fly`), each
+    {store = "a.arrow", weight = 1.0, name = "a"}: `train` combines them into its store, each
+    episode drawn from one source picked by weight; metrics.jsonl, TensorBoard and `eval` report
+    each source (name: the store's file stem by default)."""
     on_the_fly: bool = False
     """`train` builds an on-the-fly store: the family's examples once (or nothing), each task drawn
     from (training.seed, its id), 2**63 - 1 ids, no cap and no epochs. Implied by any range above."""
@@ -82,12 +87,36 @@ class TaskConfig:
         _require(ways[0] != 1, f"task.ways must be >= 2 for classification (0 = the family's own), got {self.ways}")
         _require(self.bounds("shots")[0] >= 1, f"task.shots must be >= 1, got {self.shots}")
         _require(self.bounds("queries")[0] >= 1, f"task.queries must be >= 1, got {self.queries}")
+        for i, src in enumerate(self.sources):
+            bad = sorted(set(src) - {"store", "weight", "name"})
+            _require(
+                not bad,
+                f"task.sources[{i}] has unknown key {bad[0] if bad else ''}; a source takes store, weight, name",
+            )
+            _require(
+                isinstance(src.get("store"), str) and src["store"], f'task.sources[{i}] needs store = "path.arrow"'
+            )
+            w = src.get("weight", 1.0)
+            _require(
+                isinstance(w, int | float) and not isinstance(w, bool) and w > 0,
+                f"task.sources[{i}].weight must be a number > 0, got {w!r}",
+            )
+            _require(isinstance(src.get("name", ""), str), f"task.sources[{i}].name must be a string")
+        _require(len(self.sources) != 1, "task.sources needs two or more stores; train on one with --tasks")
         _require(
             self.max_support == 0 or self.max_support >= max(2, ways[1]),
             f"task.max_support must be 0 (no cap) or at least the most ways, got {self.max_support}",
         )
         _require(self.meta_batch >= 1, f"task.meta_batch must be >= 1, got {self.meta_batch}")
         _require(self.num_tasks >= 0, f"task.num_tasks must be >= 0 (0 = steps x meta_batch), got {self.num_tasks}")
+
+    def source_list(self) -> list[tuple[str, str, float]]:
+        """task.sources as (name, store, weight), names defaulting to the stores' file stems."""
+        out = []
+        for src in self.sources:
+            stem = src["store"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            out.append((src.get("name") or stem, src["store"], float(src.get("weight", 1.0))))
+        return out
 
     def bounds(self, name: str) -> tuple[int, int]:
         """task.ways / shots / queries as (lo, hi) (a single value n: (n, n))."""
@@ -105,6 +134,7 @@ class TaskConfig:
         return (
             self.on_the_fly
             or self.varies
+            or bool(self.sources)
             or any(isinstance(getattr(self, n), tuple) for n in ("ways", "shots", "queries"))
         )
 

@@ -61,7 +61,7 @@ from distributed_maml.core.models import Forward
 __all__ = [  # the inner loop's pieces re-exported from core/inner.py, then this module's own
     "Params", "TaskBatch", "as_input", "map_tasks", "loss_fn", "task_losses", "adapt", "LR_PREFIX", "PER_ELEMENT",
     "PER_STEP", "split_lrs", "learned_lr_shapes", "meta_spec", "with_learned_lrs", "head_of", "StepPlan",
-    "adaptation_curve", "batch_sums", "meta_gradient", "metrics_before", "step_plan", "varies",
+    "adaptation_curve", "batch_sums", "batch_vectors", "by_group", "meta_gradient", "metrics_before", "step_plan", "varies",
 ]
 # fmt: on
 
@@ -137,6 +137,23 @@ def batch_sums(
     loss sum and accuracy sum over the batch's tasks, each task counted `weights[t]` times (a
     padding task, weight 0, adds exactly nothing). Without `accuracy` the plain MAML path
     returns 0 for the accuracy sum (an unlogged step does not report it)."""
+    grads, losses, accs = batch_vectors(forward, kind, params, batch, cfg, plan, weights, task_map, accuracy)
+    return grads, losses.sum(), accs.sum()
+
+
+def batch_vectors(
+    forward: Forward,
+    kind: str,
+    params: Params,
+    batch: TaskBatch,
+    cfg: MamlConfig,
+    plan: StepPlan,
+    weights: Tensor | None = None,
+    task_map: str = "vmap",
+    accuracy: bool = True,
+) -> tuple[Params, Tensor, Tensor]:
+    """batch_sums with each task's (weighted) final query loss and accuracy kept apart: [T] each
+    (per-source metrics sum them by source)."""
     if cfg.algorithm == "reptile":
         return _reptile_sums(forward, kind, params, batch, cfg, weights, task_map)
     if cfg.checkpoint_inner and not plan.first_order:
@@ -149,8 +166,8 @@ def batch_sums(
         totals, *metrics = map_tasks(objective, task_map)(p, *batch.tensors())
         if weights is not None:
             totals, metrics = totals * weights, [m * weights for m in metrics]
-        acc_sum = metrics[1].sum() if len(metrics) > 1 else totals.new_zeros(())
-        return totals.sum(), (metrics[0].sum(), acc_sum)
+        accs = metrics[1] if len(metrics) > 1 else torch.zeros_like(metrics[0])
+        return totals.sum(), (metrics[0], accs)
 
     return outer_grad(batch_objective, params)
 
@@ -285,11 +302,11 @@ def _summed(
     names: list[str], per_task: list[Tensor], losses: Tensor, accs: Tensor, weights: Tensor | None
 ) -> tuple[Params, Tensor, Tensor]:
     """Per-task outputs ([T, ...] each) summed over the tasks, each task counted weights[t]
-    times (a padding task, weight 0, adds exactly nothing)."""
+    times (a padding task, weight 0, adds exactly nothing); losses and accuracies stay per task."""
     if weights is not None:
         per_task = [t * weights.view(-1, *[1] * (t.dim() - 1)) for t in per_task]
         losses, accs = losses * weights, accs * weights
-    return {k: t.sum(0) for k, t in zip(names, per_task, strict=True)}, losses.sum(), accs.sum()
+    return {k: t.sum(0) for k, t in zip(names, per_task, strict=True)}, losses, accs
 
 
 def meta_gradient(
@@ -301,6 +318,7 @@ def meta_gradient(
     task_map: str = "vmap",
     before: bool = True,
     version: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> tuple[Params, dict[str, float]]:
     """The SUM over the batch's tasks of the per-task meta-gradients, and metric sums.
 
@@ -309,12 +327,14 @@ def meta_gradient(
     training loop asks for it on logged steps only) acc_after for classification and
     loss_before / acc_before, the query metrics of the initial weights: one more forward pass (at
     meta-batch 25 it was 15% of a sinusoid step). `version` (the meta-updates applied so far)
-    places the step on MAML++'s schedules (step_plan).
+    places the step on MAML++'s schedules (step_plan). `groups` (one name per task, e.g. its
+    source): also loss_after@name, acc_after@name and tasks@name, summed over that group's tasks.
     """
     plan = step_plan(cfg, version)
     light = cfg.algorithm in ("reptile", "imaml") or (cfg.checkpoint_inner and not plan.first_order)
     if task_map == "vmap" or light:  # Reptile, iMAML and the checkpointed path keep no graph across tasks
-        grads, loss_after, acc_after = batch_sums(forward, kind, params, batch, cfg, plan, None, task_map, before)
+        grads, loss_vec, acc_vec = batch_vectors(forward, kind, params, batch, cfg, plan, None, task_map, before)
+        loss_after, acc_after = loss_vec.sum(), acc_vec.sum()
     else:  # one task at a time: the memory of one task's graph, gradients summed in task order
         objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])), before)
 
@@ -325,16 +345,35 @@ def meta_gradient(
         per_task = grad(one_task, has_aux=True)
         grads = {k: torch.zeros_like(v) for k, v in params.items()}
         loss_after = acc_after = torch.zeros((), device=batch.x_query.device)
+        losses, accs = [], []
         for i in range(len(batch)):
             g, (task_loss, acc) = per_task(params, *(t[i] for t in batch.tensors()))
             grads = {k: grads[k] + g[k] for k in grads}
             loss_after, acc_after = loss_after + task_loss, acc_after + acc
+            losses.append(task_loss)
+            accs.append(acc)
+        loss_vec, acc_vec = torch.stack(losses), torch.stack(accs)
     metrics = {"loss_after": loss_after.item()}
     if kind == "classification" and before:  # accuracy: on logged steps only
         metrics["acc_after"] = acc_after.item()
+    if groups is not None:
+        metrics.update(by_group(groups, loss_vec, acc_vec if kind == "classification" and before else None))
     if before:
         metrics.update(metrics_before(forward, kind, params, batch, task_map))
     return grads, metrics
+
+
+def by_group(groups: Sequence[str], losses: Tensor, accs: Tensor | None) -> dict[str, float]:
+    """Per-task losses (and accuracies) summed by group: loss_after@g, acc_after@g, tasks@g."""
+    values = losses.detach().cpu().tolist()
+    hits = accs.detach().cpu().tolist() if accs is not None else None
+    out: dict[str, float] = {}
+    for i, g in enumerate(groups):
+        out[f"tasks@{g}"] = out.get(f"tasks@{g}", 0.0) + 1.0
+        out[f"loss_after@{g}"] = out.get(f"loss_after@{g}", 0.0) + values[i]
+        if hits is not None:
+            out[f"acc_after@{g}"] = out.get(f"acc_after@{g}", 0.0) + hits[i]
+    return out
 
 
 def metrics_before(forward: Forward, kind: str, params: Params, batch: TaskBatch, task_map: str) -> dict[str, float]:

@@ -40,4 +40,19 @@ def reduce_shards(results: Sequence[ShardResult]) -> Reduced:
         total += r.grad_sum
         for k, v in r.metrics.items():
             sums[k] = sums.get(k, 0.0) + v
-    return Reduced(total / np.float32(count), count, {k: v / count for k, v in sums.items()})
+    return Reduced(total / np.float32(count), count, _means(sums, count))
+
+
+def _means(sums: dict[str, float], count: int) -> dict[str, float]:
+    """Metric sums as means over the step's tasks; a group's (`loss_after@g`: a source's) over
+    that group's tasks (`tasks@g`, reported as its share of the step)."""
+    out = {}
+    for k, v in sums.items():
+        metric, at, group = k.partition("@")
+        if not at:
+            out[k] = v / count
+        elif metric == "tasks":
+            out[k] = v / count
+        elif sums.get(f"tasks@{group}"):
+            out[k] = v / sums[f"tasks@{group}"]
+    return out

@@ -15,7 +15,8 @@ in this order (every draw uniform, bounds inclusive):
    s_1..s_w, each in task.shots (an imbalanced support set, as Meta-Dataset's); when their sum
    passes task.max_support each is scaled down to floor(s_c * max_support / sum), at least 1;
 2. the examples: a store of examples picks w distinct classes (numpy `choice` without
-   replacement; label i is the i-th class picked), then for each class in that order s_c + q
+   replacement; label i is the i-th class picked; a store of several sources first picks the
+   source, `choice` with p = the normalised weights, then w of that source's classes), then for each class in that order s_c + q
    distinct examples of it (the first s_c to the support set); a generated family calls its
    own generate(rng, 1, max(s), q) and keeps, for each of w classes picked among its ways, the
    first s_c support examples of that class and its q queries (regression: s_1 points, q queries).
@@ -189,6 +190,7 @@ class Drawer:
         generate: Callable[..., dict[str, np.ndarray]] | None = None,
         family_ways: int = 1,
         split: int = 0,
+        sources: tuple[tuple[float, int], ...] = (),
     ) -> None:
         assert (examples is None) != (generate is None), "a drawer draws from examples or from a family"
         self.seed, self.spec, self.kind = seed, spec, kind
@@ -196,6 +198,10 @@ class Drawer:
         self.split = split
         self.shapes = Shapes(seed, spec, split)
         self._bounds = examples.bounds() if examples is not None else None
+        # several sources: (weight, classes) each; source i's classes follow source i - 1's
+        weights = np.array([w for w, _ in sources], dtype=np.float64)
+        self._weights = weights / weights.sum() if sources else None
+        self._first_class = np.concatenate([[0], np.cumsum([c for _, c in sources])]).astype(np.int64)
 
     def episode(self, task_id: int) -> Episode:
         rng = task_rng(self.seed, task_id, self.split)
@@ -204,10 +210,33 @@ class Drawer:
             return self._from_examples(rng, ways, shots, queries)
         return self._from_family(rng, ways, shots, queries)
 
+    @property
+    def num_sources(self) -> int:
+        return 0 if self._weights is None else len(self._weights)
+
+    def _source(self, rng: np.random.Generator) -> int:
+        """Several sources: the episode's, by weight (drawn right after its shape)."""
+        assert self._weights is not None
+        return int(rng.choice(len(self._weights), p=self._weights))
+
+    def sources_of(self, ids: np.ndarray) -> np.ndarray:
+        """Each task's source index (int64 [len(ids)]): the shape's draws, then the source's."""
+        out = np.empty(len(ids), dtype=np.int64)
+        for i, t in enumerate(np.asarray(ids, dtype=np.int64)):
+            rng = task_rng(self.seed, int(t), self.split)
+            draw_shape(rng, self.spec)
+            out[i] = self._source(rng)
+        return out
+
     def _from_examples(self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int) -> Episode:
         assert self.examples is not None and self._bounds is not None
         starts, counts = self._bounds
-        classes = rng.choice(len(counts), ways, replace=False)
+        if self._weights is None:
+            classes = rng.choice(len(counts), ways, replace=False)
+        else:  # the source by weight, then `ways` of its classes
+            src = self._source(rng)
+            first, n = self._first_class[src], self._first_class[src + 1] - self._first_class[src]
+            classes = first + rng.choice(n, ways, replace=False)
         support, query = [], []
         for c, s in zip(classes, shots, strict=True):
             picks = starts[c] + rng.choice(counts[c], int(s) + queries, replace=False)

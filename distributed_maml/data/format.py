@@ -83,11 +83,27 @@ class StoreInfo:
     episodes: tuple[int, ...] = ()
     """Stream layout: the episodes' bounds (EpisodeSpec.to_tuple: ways, shots, queries as lo, hi,
     then max_support); `ways`, `shots` and `queries` above are then the largest."""
+    sources: tuple[str, ...] = ()
+    """Stream layout from several stores (`tasks build --sources`, task.sources): their names; each
+    episode picks one by `source_weights`, its classes then among that source's only."""
+    source_weights: tuple[float, ...] = ()
+    source_classes: tuple[int, ...] = ()
+    """Classes per source: source i's are the next source_classes[i] labels of the examples."""
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> StoreInfo:
         """The info from its JSON form (a store's metadata, an export's card): lists back to tuples."""
-        tuples = ("classes", "image_shape", "features", "feature_mean", "feature_std", "episodes")
+        tuples = (
+            "classes",
+            "image_shape",
+            "features",
+            "feature_mean",
+            "feature_std",
+            "episodes",
+            "sources",
+            "source_weights",
+            "source_classes",
+        )
         return cls(**{**raw, **{k: tuple(raw.get(k, ())) for k in tuples}})
 
     @property
@@ -155,12 +171,16 @@ class StoreInfo:
     def fingerprint(self) -> str:
         """A short digest of everything the metadata says (a replaced store shows here)."""
         meta = asdict(self)
+        # added later: a store without them keeps its digest
         for key in (
             "features",
             "feature_mean",
             "feature_std",
             "episodes",
-        ):  # added later: a store without them keeps its digest
+            "sources",
+            "source_weights",
+            "source_classes",
+        ):
             if not meta[key]:
                 del meta[key]
         return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -290,7 +310,11 @@ def _parse_info(schema: pa.Schema, name: str) -> StoreInfo:
     )
     if info.layout == "stream":
         try:
-            bad_images = len(info.episodes) != 7 or info.num_tasks < 1
+            n = len(info.sources)
+            bad_sources = n > 0 and (
+                len(info.source_weights) != n or len(info.source_classes) != n or not info.num_images
+            )
+            bad_images = len(info.episodes) != 7 or info.num_tasks < 1 or bad_sources
             info.spec.check(info.kind == "regression", "the store's")
         except StoreError:
             bad_images = True

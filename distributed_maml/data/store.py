@@ -202,7 +202,12 @@ def _drawer(reader: pa.ipc.RecordBatchFileReader, info: StoreInfo, name: str) ->
         raise StoreError(f"{name} has unreadable examples: {e}; rebuild it") from None
     if len(labels) != info.num_images or (len(labels) and (labels.min() < 0 or (np.diff(labels) < 0).any())):
         raise StoreError(f"{name} has examples out of order or a wrong count (corrupt?); rebuild it")
-    return Drawer(info.seed, spec, info.kind, examples=Examples(x, labels), split=split)
+    sources = tuple(zip(info.source_weights, info.source_classes, strict=True))
+    if sources and sum(info.source_classes) != int(labels[-1]) + 1:
+        raise StoreError(
+            f"{name} has {int(labels[-1]) + 1} classes but its sources say {sum(info.source_classes)}; rebuild it"
+        )
+    return Drawer(info.seed, spec, info.kind, examples=Examples(x, labels), split=split, sources=sources)
 
 
 def describe(store: TaskStore, path: str | Path | None = None) -> dict[str, Any]:

@@ -347,16 +347,28 @@ def as_stream(info: StoreInfo, spec: EpisodeSpec, num_tasks: int, examples: Exam
     )
 
 
-def plan_stream(family: str, spec: EpisodeSpec, seed: int, split: str, num_tasks: int = TASK_IDS) -> Plan:
+def plan_stream(
+    family: str,
+    spec: EpisodeSpec,
+    seed: int,
+    split: str,
+    num_tasks: int = TASK_IDS,
+    classes: tuple[int, int] | None = None,
+) -> Plan:
     """An on-the-fly store of a built-in or user family: an image family's table of `split`
-    (its examples once), a vector family's nothing but its name."""
+    (its examples once; `classes`: only its classes lo..hi-1, e.g. one "alphabet" of glyphs), a
+    vector family's nothing but its name."""
     fam = resolve(family)
     spec.check(fam.kind == "regression", "task")
     check_build_args(1, spec.shots[1], spec.queries[1], split, seed)
+    if classes is not None and not isinstance(fam, ImageFamily):
+        raise StoreError(f"--classes picks classes of an image family's split; {family} generates its tasks")
     if isinstance(fam, ImageFamily):
         if split not in SPLITS:
             raise StoreError(f"--split must be one of {', '.join(SPLITS)} for {family}, got {split!r}")
         table = fam.table(split)
+        if classes is not None:
+            table = _class_range(table, classes, f"the {split} classes of {family}")
         examples = Examples(table.images, table.labels)
         base = image_info(family, table, 1, seed, spec.ways[1], spec.shots[1], spec.queries[1], split)
         return Plan(as_stream(base, spec, num_tasks, examples), examples=examples)
@@ -386,3 +398,72 @@ def held_out(info: StoreInfo, num_tasks: int, seed: int, split: str, shots: int 
         spec = replace(spec, shots=(shots, shots), queries=queries)
     name = f"<held-out {info.family} episodes ({split})>"
     return plan_in_memory(plan_stream(info.family, spec, seed, split, num_tasks), name)
+
+
+def _class_range(table: ImageTable, classes: tuple[int, int], where: str) -> ImageTable:
+    """Classes lo..hi-1 of `table` (lo:hi with hi past the last class is an error)."""
+    lo, hi = classes
+    if not 0 <= lo < hi <= table.num_classes:
+        raise StoreError(f"--classes {lo}:{hi} is outside {where} (0:{table.num_classes}); pick lo:hi within it")
+    keep = (table.labels >= lo) & (table.labels < hi)
+    return ImageTable(table.images[keep], table.labels[keep] - lo, table.class_names[lo:hi])
+
+
+def plan_sources(
+    stores: list[TaskStore], names: list[str], weights: list[float], spec: EpisodeSpec | None, seed: int, num_tasks: int
+) -> Plan:
+    """One on-the-fly store over several (`task.sources`, `tasks build --sources`): their examples
+    side by side (source i's classes after source i - 1's), each episode's source drawn by
+    weight. The sources hold examples of one shape (a one-line error names the odd one out);
+    `spec`: the episodes (None: the first source's)."""
+    if len(stores) < 2:
+        raise StoreError("several sources need at least two stores; train on one store with --tasks")
+    if len(set(names)) != len(names):
+        raise StoreError(f"source names must differ, got {', '.join(names)}")
+    first = stores[0].info
+    for store, name, weight in zip(stores, names, weights, strict=True):
+        info = store.info
+        if store.drawer is None or store.drawer.examples is None or info.sources:
+            raise StoreError(
+                f"source {name} ({store.name}) is not an on-the-fly store of examples; build it with "
+                "`distributed-maml tasks build --on-the-fly` from an image family, --from-images or --from-table"
+            )
+        if (info.example_shape, info.kind, bool(info.image_shape)) != (
+            first.example_shape,
+            first.kind,
+            bool(first.image_shape),
+        ):
+            raise StoreError(
+                f"source {name} holds examples of shape {info.example_shape}, source {names[0]} of {first.example_shape}; "
+                "build every source at one size (--image-size)"
+            )
+        if not weight > 0:
+            raise StoreError(f"source {name} has weight {weight}; weights must be > 0")
+    spec = spec or first.spec
+    spec.check(False, "task")
+    parts = [s.drawer.examples for s in stores if s.drawer is not None and s.drawer.examples is not None]
+    for name, part in zip(names, parts, strict=True):
+        part.check(spec, f"source {name}")
+    counts = [int(p.labels.max()) + 1 for p in parts]
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    examples = Examples(
+        np.concatenate([p.x for p in parts]),
+        np.concatenate([p.labels + o for p, o in zip(parts, offsets, strict=True)]).astype(np.int32),
+    )
+    splits = {s.info.split for s in stores}
+    if len(splits) > 1:
+        raise StoreError(f"the sources mix splits ({', '.join(sorted(splits))}); combine train stores, or test stores")
+    families = {s.info.family for s in stores}
+    family = families.pop() if len(families) == 1 else ("images" if first.image_shape else "table")
+    classes = tuple(f"{n}/{c}" for s, n in zip(stores, names, strict=True) for c in s.info.classes)
+    base = replace(first, family=family, seed=seed, split=splits.pop(), classes=classes, source="")
+    info = as_stream(base, spec, num_tasks, None)
+    info = replace(
+        info,
+        num_images=len(examples.x),
+        output_dim=spec.ways[1],
+        sources=tuple(names),
+        source_weights=tuple(float(w) for w in weights),
+        source_classes=tuple(counts),
+    )
+    return Plan(info, examples=examples)

@@ -131,13 +131,24 @@ class ShardComputer:
             flat_grad, loss_sum, _ = graphed
             metrics = {"loss_after": loss_sum.item()}
         else:
+            groups = self.sources_of(ids) if before else None  # several sources: metrics by source, when logged
             with self.autocast():
                 grads, metrics = meta_gradient(
-                    self.forward, kind, params, batch, self.maml_cfg, self.task_map, before, version
+                    self.forward, kind, params, batch, self.maml_cfg, self.task_map, before, version, groups
                 )
+            if groups is not None:  # every source's keys on every shard (the collective loop packs them by name)
+                zeros = {f"{m}@{n}": 0.0 for n in self.store.info.sources for m in ("tasks", "loss_after", "acc_after")}
+                metrics = {**{k: v for k, v in zeros.items() if kind == "classification" or "acc" not in k}, **metrics}
             flat_grad = self.spec.flatten(grads)
         grad_sum = flat_grad.detach().to("cpu", torch.float32).numpy()
         return ShardResult(grad_sum, len(ids), metrics, time.perf_counter() - start, self.name)
+
+    def sources_of(self, ids: np.ndarray) -> list[str] | None:
+        """Each task's source name (a store of several sources), else None."""
+        drawer, names = self.store.drawer, self.store.info.sources
+        if drawer is None or not names:
+            return None
+        return [names[i] for i in drawer.sources_of(np.asarray(ids))]
 
     def sums(self, flat: torch.Tensor, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """An unlogged step's shard with nothing read back: the flat summed meta-gradient and the
