@@ -239,3 +239,128 @@ def test_a_corrupt_on_the_fly_store_is_one_line(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     r = run_cli("tasks", "info", str(path))
     assert_user_error(r, "truncated or corrupt")
+
+
+# -- several sources ------------------------------------------------------------------------------
+
+
+def _alphabets(tmp_path, split="train", ranges=((0, 600), (600, 1200))):
+    spec = episodes.EpisodeSpec((3, 5), (1, 3), (2, 2))
+    paths = []
+    for i, r in enumerate(ranges):
+        p = plan_stream("glyphs", spec, 0, split, classes=r)
+        paths.append(write_batches(tmp_path / f"{split}{i}.arrow", p.info, p.batches(), overwrite=False))
+    return paths
+
+
+def test_each_episode_takes_its_classes_from_one_source_picked_by_weight(tmp_path):
+    from distributed_maml.data.writing import plan_sources
+
+    a, b = (TaskStore.open(p) for p in _alphabets(tmp_path))
+    p = plan_sources([a, b], ["a", "b"], [3.0, 1.0], None, 9, episodes.TASK_IDS)
+    path = write_batches(tmp_path / "mixed.arrow", p.info, p.batches(), overwrite=False)
+    mixed = TaskStore.open(path)
+    ids = np.arange(4000)
+    src = mixed.drawer.sources_of(ids)
+    assert abs((src == 0).mean() - 0.75) < 0.03  # the weights, normalised
+    rows = mixed.rows(ids[:40], ("x_support", "y_support", "x_query", "y_query", "params"))
+    first_b = 600  # source b's classes follow source a's 600
+    for t in range(40):  # every class of an episode is its source's, and its images are that class's
+        ways = rows["y_support"][t][:, 1].max()
+        classes = rows["params"][t][:ways]
+        assert len(set(classes)) == ways and ((classes >= first_b) == (src[t] == 1)).all()
+    image = rows["x_support"][0][0]
+    cls = int(rows["params"][0][rows["y_support"][0][0][0]])
+    owner = a if cls < first_b else b
+    local = cls - (0 if cls < first_b else first_b)
+    pool = owner.drawer.examples.x[owner.drawer.examples.labels == local]
+    assert any(np.array_equal(image, x) for x in pool)
+
+
+def test_sources_of_another_shape_or_split_are_one_line(tmp_path):
+    from distributed_maml.data.writing import plan_sources
+    from distributed_maml.errors import StoreError
+
+    a = TaskStore.open(_alphabets(tmp_path)[0])
+    odd = TaskStore.open(_write(tmp_path, "sinusoid", episodes.EpisodeSpec((1, 1), (2, 3), (2, 2))))
+    with pytest.raises(StoreError, match="not an on-the-fly store of examples"):
+        plan_sources([a, odd], ["a", "s"], [1, 1], None, 0, 10)
+    test = TaskStore.open(_alphabets(tmp_path, "test", ((0, 150),))[0])
+    with pytest.raises(StoreError, match="mix splits"):
+        plan_sources([a, test], ["a", "t"], [1, 1], None, 0, 10)
+
+
+def test_per_source_metrics_are_the_per_task_metrics_grouped():
+    """meta_gradient's loss_after@source sums exactly that source's tasks (the per-task loop)."""
+    import torch
+
+    from distributed_maml.core import maml, models
+    from distributed_maml.core.shards import ShardResult, reduce_shards
+
+    drawer = episodes.Drawer(3, GLYPH_SPEC, "classification", examples=_tiny_examples())
+    forward = models.functional(torch.nn.Sequential(torch.nn.Linear(6, 6)))
+    params = {k: v.detach() for k, v in torch.nn.Sequential(torch.nn.Linear(6, 6)).named_parameters()}
+    rows = drawer.rows(np.arange(8))
+    batch = maml.TaskBatch.from_numpy(rows)
+    cfg = config.MamlConfig(inner_steps=1, inner_lr=0.2)
+    groups = ["a", "b", "a", "a", "b", "a", "b", "b"]
+    _, m = maml.meta_gradient(forward, "classification", params, batch, cfg, groups=groups)
+    singles = [
+        maml.meta_gradient(
+            forward, "classification", params, maml.TaskBatch(*(t[i : i + 1] for t in batch.tensors())), cfg
+        )[1]
+        for i in range(8)
+    ]
+    for g in "ab":
+        idx = [i for i, x in enumerate(groups) if x == g]
+        assert m[f"tasks@{g}"] == len(idx)
+        assert m[f"loss_after@{g}"] == pytest.approx(sum(singles[i]["loss_after"] for i in idx), rel=1e-6)
+        assert m[f"acc_after@{g}"] == pytest.approx(sum(singles[i]["acc_after"] for i in idx), rel=1e-6)
+    reduced = reduce_shards([ShardResult(np.zeros(1, np.float32), 8, m)])
+    assert reduced.metrics["tasks@a"] == 0.5
+    assert reduced.metrics["loss_after@a"] == pytest.approx(m["loss_after@a"] / 4)
+
+
+def _tiny_examples():
+    rng = np.random.default_rng(1)
+    return episodes.Examples(rng.normal(size=(60, 6)).astype(np.float32), np.repeat(np.arange(6), 10).astype(np.int32))
+
+
+def test_a_run_on_two_sources_reports_each_and_evaluates_by_source(tmp_path):
+    a, b = _alphabets(tmp_path)
+    cfg = config.load(
+        None,
+        [
+            *[s for s in SMALL if not s.startswith(("task.ways", "task.shots"))],
+            "task.ways=[3, 5]",
+            "task.shots=[1, 3]",
+            f'task.sources=[{{store="{a}", name="alpha", weight=2}}, {{store="{b}", name="beta"}}]',
+            "training.steps=4",
+        ],
+    )
+    r = run.prepare(cfg, tmp_path / "run", progress=False)
+    ex = train.make_executor(r)
+    try:
+        train.train(r, ex, progress=False)
+    finally:
+        ex.close()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    assert last["tasks@alpha"] + last["tasks@beta"] == pytest.approx(1.0)
+    share = last["tasks@alpha"]
+    assert last["acc_after"] == pytest.approx(share * last["acc_after@alpha"] + (1 - share) * last["acc_after@beta"])
+    at, bt = _alphabets(tmp_path, "test", ((0, 150), (150, 300)))
+    out = tmp_path / "test.arrow"
+    built = run_cli("tasks", "build", "--on-the-fly", "--sources", f"alpha={at},beta={bt}", "--out", str(out))
+    assert built.returncode == 0, built.stderr
+    r = run_cli("eval", "--run", str(tmp_path / "run"), "--tasks", str(out), "--num-tasks", "16", "--steps", "1",
+                "--no-baselines", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    by = result["by_source"]
+    assert set(by) == {"alpha", "beta"} and by["alpha"]["num_tasks"] + by["beta"]["num_tasks"] == 16
+    n = {k: v["num_tasks"] for k, v in by.items()}
+    mean = sum(by[k]["accuracy_mean"][0] * n[k] for k in by) / 16
+    assert mean == pytest.approx(result["accuracy_mean"][0])
+    r = run_cli("eval", "--run", str(tmp_path / "run"), "--num-tasks", "16", "--no-baselines")
+    assert_user_error(r, "several sources", "--tasks")
