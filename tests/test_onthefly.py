@@ -364,3 +364,36 @@ def test_a_run_on_two_sources_reports_each_and_evaluates_by_source(tmp_path):
     assert mean == pytest.approx(result["accuracy_mean"][0])
     r = run_cli("eval", "--run", str(tmp_path / "run"), "--num-tasks", "16", "--no-baselines")
     assert_user_error(r, "several sources", "--tasks")
+
+
+def test_a_bucketed_shard_gives_the_per_task_loop_s_meta_gradient(tmp_path):
+    """ShardComputer.compute cuts a large shard of mixed episodes into buckets of similar shape:
+    the summed meta-gradient and metrics are the per-task loop's over the unpadded episodes."""
+    import torch
+
+    from distributed_maml.core import maml
+    from distributed_maml.execution.computer import ShardComputer, buckets
+
+    spec = episodes.EpisodeSpec((3, 12), (1, 8), (2, 8), max_support=60)
+    st = TaskStore.open(_write(tmp_path, "glyphs", spec))
+    computer = ShardComputer(st, config.ModelConfig(name="mlp", hidden=(16,)), config.MamlConfig(inner_steps=1))
+    ids = Sampler.of(st, 0, 64).ids(0)
+    assert len(buckets(ids, st.drawer.shapes)) > 1
+    weights = computer.spec.flatten(dict(computer.model.named_parameters())).detach().numpy()
+    got = computer.compute(weights, ids, before=True)
+    params = computer.spec.unflatten(torch.tensor(weights))
+    rows = st.rows(ids)
+    want = torch.zeros(computer.spec.numel)
+    loss = acc = 0.0
+    for t in range(len(ids)):
+        one = episodes.unpad(rows, t, "classification")
+        ways = int(one["y_support"].max()) + 1
+        batch = maml.TaskBatch.from_numpy({k: v[None] for k, v in one.items()})
+        g, m = maml.meta_gradient(
+            lambda p, x, w=ways: computer.forward(p, x)[..., :w], "classification", params, batch, computer.maml_cfg
+        )
+        want += computer.spec.flatten(g)
+        loss, acc = loss + m["loss_after"], acc + m["acc_after"]
+    np.testing.assert_allclose(got.grad_sum, want.numpy(), rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert got.metrics["loss_after"] == pytest.approx(loss, rel=1e-5)
+    assert got.metrics["acc_after"] == pytest.approx(acc, rel=1e-5)
