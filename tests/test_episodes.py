@@ -124,6 +124,12 @@ def test_mixed_regression_episodes_equal_the_per_task_loop(variant):
     check_against_loop(mlp(1, 1), "regression", drawer, variant, 1)
 
 
+@pytest.mark.parametrize("variant", ["maml", "meta-sgd", "imaml"])
+def test_conv4_by_the_loop_task_map_computes_each_episode_unpadded(variant):
+    drawer = episodes.Drawer(4, SPEC, "classification", examples=image_examples())
+    check_against_loop(conv(5), "classification", drawer, variant, 5, task_map="loop")
+
+
 def test_the_loop_task_map_pads_the_same_way():
     drawer = episodes.Drawer(3, SPEC, "classification", examples=vector_examples())
     check_against_loop(mlp(6, 5), "classification", drawer, "maml", 5, task_map="loop")

@@ -100,13 +100,7 @@ def generated_held_out(state: RunState, num_tasks: int, shots: int | None, seed:
     cfg = state.config
     if state.sampler.order == "keyed":  # an on-the-fly run: episodes as it drew them, from the test split
         info = TaskStore.open(state.store.path).info
-        if info.sources:
-            raise UserError(
-                f"a run on several sources ({', '.join(info.sources)}) is evaluated on a test store of the same "
-                "sources: build each with --split test, combine them with `tasks build --on-the-fly --sources ...`, "
-                "and pass it with --tasks"
-            )
-        return held_out(info, num_tasks, seed, "test", shots)
+        return held_out(info, num_tasks, seed, "test", shots, cfg.task.source_list())
     k = shots or cfg.task.shots
     queries = k if resolve(cfg.task.family).kind == "regression" else cfg.task.queries
     ways = state.store.ways or cfg.task.ways
@@ -126,7 +120,7 @@ def tune_lr(
     PRETRAINED_LR_GRID x the run's inner_lr on VALIDATION_TASKS tasks that are not the
     evaluation's (fresh held-out tasks from another seed; for file-built stores, the run's own
     meta-training tasks), scored by the mean query loss after `max_steps` steps."""
-    if cfg.task.family in FROM_FILES or cfg.task.sources:  # (several sources: no held-out draw of their own)
+    if cfg.task.family in FROM_FILES or any(s.store for s in cfg.task.source_list()):  # no held-out draw of their own
         val = train_store()
     else:
         val = generated_held_out(state, VALIDATION_TASKS, shots, seed=state.store.seed + 1_000_003)

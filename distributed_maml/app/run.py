@@ -26,6 +26,7 @@ from distributed_maml.core import models
 from distributed_maml.core.learner import Learner
 from distributed_maml.core.maml import as_input, split_lrs
 from distributed_maml.data.episodes import TASK_IDS, EpisodeSpec
+from distributed_maml.data.families import resolve
 from distributed_maml.data.format import StoreInfo
 from distributed_maml.data.sampler import Sampler
 from distributed_maml.data.store import TaskStore
@@ -35,7 +36,7 @@ from distributed_maml.data.writing import (
     default_plan,
     episodes_of,
     plan,
-    plan_sources,
+    plan_from_sources,
     plan_stream,
     write_batches,
 )
@@ -148,12 +149,12 @@ def _sources_plan(cfg: Config) -> Plan:
     """task.sources combined (their examples side by side), checked against task.*."""
     t = cfg.task
     listed = t.source_list()
-    stores = [TaskStore.open(path) for _, path, _ in listed]
-    first = stores[0].info.spec
-    ways = t.bounds("ways") if t.bounds("ways") != (0, 0) else first.ways
+    ways = t.bounds("ways")
+    if ways == (0, 0):  # the first source's: a store's own, or its family's
+        first = listed[0]
+        ways = TaskStore.open(first.store).info.spec.ways if first.store else (resolve(first.family).ways,) * 2
     spec = EpisodeSpec(ways, t.bounds("shots"), t.bounds("queries"), t.max_support)
-    names, weights = [n for n, _, _ in listed], [w for _, _, w in listed]
-    p = plan_sources(stores, names, weights, spec, cfg.training.seed, t.num_tasks or TASK_IDS)
+    p = plan_from_sources(listed, spec, cfg.training.seed, "train", t.num_tasks or TASK_IDS)
     if p.info.family != t.family:
         raise StoreError(
             f"task.sources hold {p.info.family!r} examples but task.family = {t.family!r}; make them agree"

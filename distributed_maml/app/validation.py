@@ -90,12 +90,14 @@ def make(cfg: Config, train: TaskStore) -> Validation | None:
         return None
     if val_store is not None:
         store, source = val_store, cfg.task.val_store
-    elif cfg.task.family in FROM_FILES or train.info.sources:  # several sources: validated by task.val_store only
+    elif cfg.task.family in FROM_FILES or any(
+        s.store for s in cfg.task.source_list()
+    ):  # store sources: task.val_store only
         return None
     else:
         info = train.info
         if info.on_the_fly:
-            store = held_out(info, t.eval_tasks, t.seed, "val")
+            store = held_out(info, t.eval_tasks, t.seed, "val", sources=cfg.task.source_list())
         else:
             store = build_in_memory(cfg.task.family, t.eval_tasks, t.seed, info.shots, info.queries, "val", info.ways)
         source = f"{cfg.task.family} val stream"

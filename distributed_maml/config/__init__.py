@@ -9,6 +9,7 @@ from distributed_maml.config.sections import (
     ModelConfig,
     OptimizerConfig,
     ScalingConfig,
+    Source,
     TaskConfig,
     TrainingConfig,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "ScalingConfig",
+    "Source",
     "TaskConfig",
     "TrainingConfig",
     "apply_overrides",

@@ -32,6 +32,19 @@ from distributed_maml.config.values import (
 
 
 @dataclass(frozen=True)
+class Source:
+    """One of task.sources: an on-the-fly store (`store`), or an image family's classes (`family`,
+    with `part` = (i, n): the i-th of n equal parts of each split's classes, an "alphabet", so
+    held-out and validation episodes come from the same part of the test and val classes)."""
+
+    name: str
+    weight: float
+    store: str = ""
+    family: str = ""
+    part: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """[task]: which tasks, and how many per meta-step."""
 
@@ -53,10 +66,11 @@ class TaskConfig:
     """Variable episodes: the most support examples an episode has (each class's shots scaled
     down to fit, at least 1); 0 = no cap beyond ways x shots."""
     sources: tuple[dict[str, Any], ...] = ()
-    """[[task.sources]]: several on-the-fly stores of examples (`tasks build --on-the-fly`), each
-    {store = "a.arrow", weight = 1.0, name = "a"}: `train` combines them into its store, each
-    episode drawn from one source picked by weight; metrics.jsonl, TensorBoard and `eval` report
-    each source (name: the store's file stem by default)."""
+    """[[task.sources]]: several sources of examples, each {family = "glyphs", part = [0, 2]} (an
+    image family's classes, optionally the i-th of n equal parts of each split's) or {store =
+    "a.arrow"} (an on-the-fly store), with weight (1) and name: `train` combines them into its
+    store, each episode drawn from one source picked by weight; metrics.jsonl, TensorBoard and
+    `eval` report each source. Family sources give validation and held-out episodes of their own."""
     on_the_fly: bool = False
     """`train` builds an on-the-fly store: the family's examples once (or nothing), each task drawn
     from (training.seed, its id), 2**63 - 1 ids, no cap and no epochs. Implied by any range above."""
@@ -88,13 +102,28 @@ class TaskConfig:
         _require(self.bounds("shots")[0] >= 1, f"task.shots must be >= 1, got {self.shots}")
         _require(self.bounds("queries")[0] >= 1, f"task.queries must be >= 1, got {self.queries}")
         for i, src in enumerate(self.sources):
-            bad = sorted(set(src) - {"store", "weight", "name"})
+            bad = sorted(set(src) - {"store", "family", "part", "weight", "name"})
             _require(
                 not bad,
-                f"task.sources[{i}] has unknown key {bad[0] if bad else ''}; a source takes store, weight, name",
+                f"task.sources[{i}] has unknown key {bad[0] if bad else ''}; a source takes store or family "
+                "(and part), weight, name",
             )
             _require(
-                isinstance(src.get("store"), str) and src["store"], f'task.sources[{i}] needs store = "path.arrow"'
+                (isinstance(src.get("store"), str) and bool(src["store"]))
+                != (isinstance(src.get("family"), str) and bool(src["family"])),
+                f'task.sources[{i}] needs one of store = "path.arrow" or family = "glyphs"',
+            )
+            part = src.get("part", [0, 1])
+            _require(
+                "store" not in src or "part" not in src,
+                f"task.sources[{i}].part splits a family's classes; a store is taken whole",
+            )
+            _require(
+                isinstance(part, list | tuple)
+                and len(part) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in part)
+                and 0 <= part[0] < part[1],
+                f"task.sources[{i}].part must be [i, n] with 0 <= i < n (the i-th of n equal parts), got {part!r}",
             )
             w = src.get("weight", 1.0)
             _require(
@@ -110,12 +139,14 @@ class TaskConfig:
         _require(self.meta_batch >= 1, f"task.meta_batch must be >= 1, got {self.meta_batch}")
         _require(self.num_tasks >= 0, f"task.num_tasks must be >= 0 (0 = steps x meta_batch), got {self.num_tasks}")
 
-    def source_list(self) -> list[tuple[str, str, float]]:
-        """task.sources as (name, store, weight), names defaulting to the stores' file stems."""
+    def source_list(self) -> list[Source]:
+        """task.sources, typed (names default to the store's file stem, or family-part)."""
         out = []
         for src in self.sources:
-            stem = src["store"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
-            out.append((src.get("name") or stem, src["store"], float(src.get("weight", 1.0))))
+            store, family = src.get("store", ""), src.get("family", "")
+            part = tuple(src["part"]) if "part" in src else None
+            default = store.rsplit("/", 1)[-1].rsplit(".", 1)[0] if store else family + (f"-{part[0]}" if part else "")
+            out.append(Source(src.get("name") or default, float(src.get("weight", 1.0)), store, family, part))  # type: ignore[arg-type]
         return out
 
     def bounds(self, name: str) -> tuple[int, int]:

@@ -64,10 +64,23 @@ def map_tasks(fn: Callable[..., tuple[Tensor, ...]], task_map: str) -> TaskMap:
         return vmapped
 
     def looped(p: Params, *tensors: Tensor) -> tuple[Tensor, ...]:
-        outs = [fn(p, *(t[i] for t in tensors)) for i in range(tensors[0].shape[0])]
+        outs = [fn(p, *trimmed([t[i] for t in tensors])) for i in range(tensors[0].shape[0])]
         return tuple(torch.stack(o) for o in zip(*outs, strict=True))
 
     return looped
+
+
+def trimmed(task: list[Tensor]) -> list[Tensor]:
+    """One task's tensors with a padded classification set (labels [N, 2], see `padded`) cut to
+    its real examples (a prefix): a task mapped alone computes no padding. Same result: the
+    masks of what is left are all ones."""
+    out = list(task)
+    for i in range(1, len(out)):
+        x, y = out[i - 1], out[i]
+        if not y.is_floating_point() and y.dim() == 2 and y.shape[-1] == 2 and x.shape[0] == y.shape[0]:
+            n = int((y[:, 1] > 0).sum())
+            out[i - 1], out[i] = x[:n], y[:n]
+    return out
 
 
 def loss_fn(kind: str) -> Callable[[Tensor, Tensor], Tensor]:

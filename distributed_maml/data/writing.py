@@ -16,6 +16,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from distributed_maml import stopping
+from distributed_maml.config import Source
 from distributed_maml.data.episodes import TASK_IDS, EpisodeSpec, Examples
 from distributed_maml.data.families import Family, ImageFamily, check_generated, folders, resolve
 from distributed_maml.data.families import table as table_mod
@@ -354,6 +355,7 @@ def plan_stream(
     split: str,
     num_tasks: int = TASK_IDS,
     classes: tuple[int, int] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Plan:
     """An on-the-fly store of a built-in or user family: an image family's table of `split`
     (its examples once; `classes`: only its classes lo..hi-1, e.g. one "alphabet" of glyphs), a
@@ -361,12 +363,16 @@ def plan_stream(
     fam = resolve(family)
     spec.check(fam.kind == "regression", "task")
     check_build_args(1, spec.shots[1], spec.queries[1], split, seed)
-    if classes is not None and not isinstance(fam, ImageFamily):
-        raise StoreError(f"--classes picks classes of an image family's split; {family} generates its tasks")
+    if (classes or part) is not None and not isinstance(fam, ImageFamily):
+        raise StoreError(
+            f"a class range or part picks classes of an image family's split; {family} generates its tasks"
+        )
     if isinstance(fam, ImageFamily):
         if split not in SPLITS:
             raise StoreError(f"--split must be one of {', '.join(SPLITS)} for {family}, got {split!r}")
         table = fam.table(split)
+        if part is not None:  # the i-th of n equal parts of this split's classes
+            classes = (part[0] * table.num_classes // part[1], (part[0] + 1) * table.num_classes // part[1])
         if classes is not None:
             table = _class_range(table, classes, f"the {split} classes of {family}")
         examples = Examples(table.images, table.labels)
@@ -388,15 +394,31 @@ def episodes_of(
     return EpisodeSpec(ways, shots, queries, max_support)
 
 
-def held_out(info: StoreInfo, num_tasks: int, seed: int, split: str, shots: int | None = None) -> TaskStore:
+def held_out(
+    info: StoreInfo,
+    num_tasks: int,
+    seed: int,
+    split: str,
+    shots: int | None = None,
+    sources: list[Source] | None = None,
+) -> TaskStore:
     """Held-out episodes like an on-the-fly run's (`info`: its training store's) from `split`,
     in memory: the first `num_tasks` ids of the split's own draw (a fixed set, ids 0..n-1), the
-    episodes' shapes as trained; `shots` fixes the support (regression: the queries too)."""
+    episodes' shapes as trained; `shots` fixes the support (regression: the queries too). A run on
+    several `sources` (all families: each its part of the split's classes) draws from them alike."""
     spec = info.spec
     if shots is not None:
         queries = (shots, shots) if info.kind == "regression" else spec.queries
         spec = replace(spec, shots=(shots, shots), queries=queries)
     name = f"<held-out {info.family} episodes ({split})>"
+    if info.sources:
+        if not sources or any(s.store for s in sources):
+            raise StoreError(
+                f"a run on several sources ({', '.join(info.sources)}) with store sources has no {split} episodes of "
+                f"its own: build each source with --split {split}, combine them with `tasks build --on-the-fly "
+                "--sources ...`, and pass it (eval: --tasks; validation: task.val_store)"
+            )
+        return plan_in_memory(plan_from_sources(sources, spec, seed, split, num_tasks), name)
     return plan_in_memory(plan_stream(info.family, spec, seed, split, num_tasks), name)
 
 
@@ -467,3 +489,19 @@ def plan_sources(
         source_classes=tuple(counts),
     )
     return Plan(info, examples=examples)
+
+
+def plan_from_sources(
+    sources: list[Source], spec: EpisodeSpec | None, seed: int, split: str, num_tasks: int = TASK_IDS
+) -> Plan:
+    """task.sources as one on-the-fly store of `split`: a family source drawn from that split's
+    classes (its part), a store source opened as it is (held out only by a store of its own)."""
+    stores = []
+    for src in sources:
+        if src.store:
+            stores.append(TaskStore.open(src.store))
+            continue
+        first = spec or EpisodeSpec.fixed_shape(resolve(src.family).ways, 1, 1)
+        p = plan_stream(src.family, first, seed, split, num_tasks, part=src.part)
+        stores.append(plan_in_memory(p, f"<{src.name}: {src.family} {split} classes>"))
+    return plan_sources(stores, [s.name for s in sources], [s.weight for s in sources], spec, seed, num_tasks)
