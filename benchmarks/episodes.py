@@ -37,9 +37,10 @@ import torch  # noqa: E402
 from distributed_maml.config import MamlConfig, ModelConfig  # noqa: E402
 from distributed_maml.core import maml, models  # noqa: E402
 from distributed_maml.data import episodes  # noqa: E402
+from distributed_maml.data.onthefly import plan_stream  # noqa: E402
 from distributed_maml.data.sampler import Sampler, split_shards  # noqa: E402
 from distributed_maml.data.store import TaskStore  # noqa: E402
-from distributed_maml.data.writing import plan_stream, write_batches  # noqa: E402
+from distributed_maml.data.writing import write_batches  # noqa: E402
 from distributed_maml.execution.computer import ShardComputer, buckets  # noqa: E402
 
 SIZES = (10**3, 10**6, 10**9)

@@ -13,8 +13,9 @@ from distributed_maml import config
 from distributed_maml.app import checkpoint, run, train
 from distributed_maml.data import TaskStore, episodes
 from distributed_maml.data.families import FAMILIES
+from distributed_maml.data.onthefly import plan_stream
 from distributed_maml.data.sampler import ROUNDS, Sampler, _mix, keyed_permutation
-from distributed_maml.data.writing import plan_stream, write_batches
+from distributed_maml.data.writing import write_batches
 
 from .conftest import assert_user_error, run_cli
 
@@ -254,7 +255,7 @@ def _alphabets(tmp_path, split="train", ranges=((0, 600), (600, 1200))):
 
 
 def test_each_episode_takes_its_classes_from_one_source_picked_by_weight(tmp_path):
-    from distributed_maml.data.writing import plan_sources
+    from distributed_maml.data.onthefly import plan_sources
 
     a, b = (TaskStore.open(p) for p in _alphabets(tmp_path))
     p = plan_sources([a, b], ["a", "b"], [3.0, 1.0], None, 9, episodes.TASK_IDS)
@@ -278,7 +279,7 @@ def test_each_episode_takes_its_classes_from_one_source_picked_by_weight(tmp_pat
 
 
 def test_sources_of_another_shape_or_split_are_one_line(tmp_path):
-    from distributed_maml.data.writing import plan_sources
+    from distributed_maml.data.onthefly import plan_sources
     from distributed_maml.errors import StoreError
 
     a = TaskStore.open(_alphabets(tmp_path)[0])

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_maml import config, data
-from distributed_maml.app import checkpoint, evaluate, run, train
+from distributed_maml.app import checkpoint, evaltable, evaluate, run, train
 from distributed_maml.data.families import glyphs
 from distributed_maml.data.families.images import split_classes
 
@@ -103,7 +103,7 @@ def test_best_is_the_argmax_of_the_logged_validation_accuracy_and_eval_takes_it(
 
     res = evaluate.evaluate(out, steps=(1,), num_tasks=20, baselines=False, workers=0)
     assert (res["checkpoint"], res["checkpoint_step"]) == ("best", ranked[0]["step"])
-    assert f"checkpoint step {ranked[0]['step']} (best)" in evaluate.format_table(res)
+    assert f"checkpoint step {ranked[0]['step']} (best)" in evaltable.format_table(res)
     latest = evaluate.evaluate(out, steps=(1,), num_tasks=20, baselines=False, workers=0, which="latest")
     assert (latest["checkpoint"], latest["checkpoint_step"]) == ("latest", 30)
     assert (out / "eval" / "eval-1shots-step_30.json").exists()  # a checkpoint by name keeps its own file

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distributed_maml.app import checkpoint
+from distributed_maml.app import checkpoint, evaltable
 from distributed_maml.app.checkpoint import RunState
 from distributed_maml.config import Config
 from distributed_maml.core import maml as maml_mod
@@ -47,9 +47,10 @@ from distributed_maml.core.network import Network, assemble
 from distributed_maml.data import episodes
 from distributed_maml.data.families import FROM_FILES, resolve
 from distributed_maml.data.format import COLUMNS, StoreInfo
+from distributed_maml.data.onthefly import held_out
 from distributed_maml.data.sampler import Sampler, split_shards
 from distributed_maml.data.store import TaskStore
-from distributed_maml.data.writing import build_in_memory, held_out
+from distributed_maml.data.writing import build_in_memory
 from distributed_maml.errors import StoreError, UserError
 from distributed_maml.execution import devices, factory
 from distributed_maml.execution.protocol import Executor
@@ -253,32 +254,6 @@ def _real(y: np.ndarray, info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
     return episodes.real_targets(y, info.output_dim)
 
 
-def source_groups(store: TaskStore, n: int) -> dict[str, np.ndarray]:
-    """Tasks 0..n-1 of a store of several sources, by source (name: a mask); {} otherwise."""
-    names = store.info.sources
-    if store.drawer is None or not names:
-        return {}
-    of = store.drawer.sources_of(np.arange(n))
-    return {name: of == i for i, name in enumerate(names) if (of == i).any()}
-
-
-def ways_buckets(store: TaskStore, n: int, most: int = 4) -> dict[str, np.ndarray]:
-    """Tasks 0..n-1 of an on-the-fly store whose ways vary, by ways: up to `most` buckets of
-    equal width over the store's range ("5-9": a mask over the tasks); {} otherwise."""
-    spec = store.info.spec
-    if store.drawer is None or spec.ways[0] == spec.ways[1]:
-        return {}
-    ways = store.drawer.shapes.of(np.arange(n))[:, 0]
-    lo, hi = spec.ways
-    edges = np.unique(np.linspace(lo, hi + 1, min(most, hi - lo + 1) + 1).round().astype(int))
-    out = {}
-    for a, b in zip(edges[:-1], edges[1:], strict=False):
-        mask = (ways >= a) & (ways < b)
-        if mask.any():
-            out[f"{a}-{b - 1}" if b - 1 > a else str(a)] = mask
-    return out
-
-
 def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int], bound: float) -> dict[str, Any]:
     """The table's numbers at columns `steps` of per-task curves whose column 0 is the
     unadapted loss (the reference for "got worse")."""
@@ -352,7 +327,7 @@ def evaluate(
     try:
         evaluated_by = executor.describe()  # while its workers are up (Ray asks them)
         results = {}
-        groups = {"by_ways": ways_buckets(store, n), "by_source": source_groups(store, n)}
+        groups = {"by_ways": evaltable.ways_buckets(store, n), "by_source": evaltable.source_groups(store, n)}
         for name, p in inits.items():  # an init without learned step sizes adapts at its lr everywhere
             params = maml_mod.with_learned_lrs(cfg.maml, p, lrs[name])
             shown = "learned" if name == "maml" and ckpt.inner_lr else lrs[name]
@@ -405,56 +380,3 @@ class _Clock:
         now = time.perf_counter()
         self.laps[name] = now - self.last
         self.last = now
-
-
-def format_table(result: dict[str, Any]) -> str:
-    head = (
-        f"{result['num_tasks']} held-out {result['family']} tasks, "
-        + (result.get("episodes") or f"{result['shots']} shots, {result['queries']} queries")
-        + f", inner lr {result['inner_lr']}, checkpoint step {result['checkpoint_step']} "
-        f"({result.get('checkpoint', 'latest')}); "
-        f"{result['evaluated_by']}; blow-up: loss non-finite or > {result['blow_up_bound']:.3g}"
-    )
-    classification = "accuracy_mean" in result
-    cols = ["init", "inner steps", "query loss (95% CI)", "median", "blow-ups", "got worse"] + (
-        ["accuracy (95% CI)"] if classification else []
-    )
-    rows = []
-    for name, r in [("maml", result), *result.get("baselines", {}).items()]:
-        if "inner_lr_tuning" in r:
-            grid = {"extended": ", grid extended", "edge": ", best on the grid's edge"}.get(
-                r["inner_lr_tuning"]["grid"], ""
-            )
-            name = f"{name} (lr {r['inner_lr']:g}, tuned{grid})"
-        for i, k in enumerate(result["steps"]):
-            row = [
-                name,
-                str(k),
-                f"{r['loss_mean'][i]:.4f} ± {r['loss_ci95'][i]:.4f}",
-                f"{r['loss_median'][i]:.4f}",
-                f"{100 * r['blow_up_fraction'][i]:.1f}%",
-                f"{100 * r['worse_fraction'][i]:.1f}%",
-            ]
-            if classification:
-                row.append(f"{r['accuracy_mean'][i]:.4f} ± {r['accuracy_ci95'][i]:.4f}")
-            rows.append(row)
-    widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    table = [head, line(cols), line(["-" * w for w in widths]), *map(line, rows)]
-    return "\n".join(table + _by_ways(result))
-
-
-def _by_ways(result: dict[str, Any]) -> list[str]:
-    """Variable episodes and several sources: each init's score after the most inner steps, by
-    ways bucket and by source."""
-    metric = "accuracy_mean" if "accuracy_mean" in result else "loss_mean"
-    inits = [("maml", result), *result.get("baselines", {}).items()]
-    out = []
-    for key, what, suffix in (("by_ways", "ways", "-way"), ("by_source", "source", "")):
-        if key not in result:
-            continue
-        out.append(f"by {what} ({metric.split('_')[0]} after {result['steps'][-1]} inner steps):")
-        for label, r in result[key].items():
-            cells = [f"{name} {i[key][label][metric][-1]:.4f}" for name, i in inits if label in i.get(key, {})]
-            out.append(f"  {label:>7}{suffix} ({r['num_tasks']} tasks): " + ", ".join(cells))
-    return out

@@ -185,7 +185,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     cfg = config_mod.load(run_dir / "config.toml")
     latest = run_dir / "checkpoints" / "latest"
     if cfg.task.family == "sinusoid" and latest.exists():
-        made.append(sinusoid_tasks(run_dir, out / "sinusoid-tasks.png", shots=cfg.task.shots))  # the run's K
+        shots = cfg.task.bounds("shots")[1]  # the run's K (variable episodes: the most)
+        made.append(sinusoid_tasks(run_dir, out / "sinusoid-tasks.png", shots=shots))
     if latest.exists():
         store_path = Path(checkpoint.load(checkpoint.latest(run_dir)).state.store.path)
         if store_path.exists():

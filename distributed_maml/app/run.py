@@ -28,18 +28,10 @@ from distributed_maml.core.maml import as_input, split_lrs
 from distributed_maml.data.episodes import TASK_IDS, EpisodeSpec
 from distributed_maml.data.families import resolve
 from distributed_maml.data.format import StoreInfo
+from distributed_maml.data.onthefly import episodes_of, plan_from_sources, plan_stream
 from distributed_maml.data.sampler import Sampler
 from distributed_maml.data.store import TaskStore
-from distributed_maml.data.writing import (
-    Plan,
-    check_disk,
-    default_plan,
-    episodes_of,
-    plan,
-    plan_from_sources,
-    plan_stream,
-    write_batches,
-)
+from distributed_maml.data.writing import Plan, check_disk, default_plan, plan, write_batches
 from distributed_maml.errors import CheckpointError, ConfigError, StoreError, with_filename
 from distributed_maml.execution import devices
 

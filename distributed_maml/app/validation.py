@@ -20,8 +20,9 @@ from distributed_maml.app.evaluate import mean_ci95
 from distributed_maml.config import Config
 from distributed_maml.data.families import FROM_FILES
 from distributed_maml.data.format import StoreInfo
+from distributed_maml.data.onthefly import held_out
 from distributed_maml.data.store import TaskStore
-from distributed_maml.data.writing import build_in_memory, held_out
+from distributed_maml.data.writing import build_in_memory
 from distributed_maml.errors import ConfigError, StoreError
 from distributed_maml.execution import factory
 

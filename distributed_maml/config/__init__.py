@@ -9,10 +9,10 @@ from distributed_maml.config.sections import (
     ModelConfig,
     OptimizerConfig,
     ScalingConfig,
-    Source,
     TaskConfig,
     TrainingConfig,
 )
+from distributed_maml.config.task import Source
 from distributed_maml.config.values import (
     ALGORITHMS,
     FAMILIES,

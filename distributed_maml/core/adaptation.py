@@ -15,14 +15,15 @@ inner loop's loss and are never predicted.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
 from distributed_maml.core import implicit
-from distributed_maml.core.inner import Params, adapt, bind, loss_fn, map_tasks, split_lrs
+from distributed_maml.core.inner import Params, TaskBatch, accuracy, adapt, bind, loss_fn, map_tasks, split_lrs
 from distributed_maml.core.models import Forward
 
 
@@ -95,3 +96,41 @@ def task_outputs(
         if task_map == "vmap":
             return vmap(fwd, in_dims=(0, 0))(adapted, xq)
         return torch.stack([fwd({k: v[i] for k, v in adapted.items()}, xq[i]) for i in range(xq.shape[0])])
+
+
+def adaptation_curve(
+    forward: Forward,
+    kind: str,
+    params: Params,
+    batch: TaskBatch,
+    steps: Sequence[int],
+    lr: float,
+    task_map: str = "vmap",
+    head: frozenset[str] | None = None,
+    proximal: implicit.Proximal | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-task query loss (and accuracy) after each of `steps` inner steps (ascending, distinct):
+    [T, len(steps)] (`head`: ANIL's, the only parameters that adapt; learned step sizes in
+    `params` replace `lr`; `proximal`: iMAML's inner loop, from lr, as it trained). The query set
+    is scored only at those counts: with 15 queries per class it is 15x the support set, so
+    scoring 0..10 cost 2.2x scoring 0, 1, 5 and 10."""
+    loss = loss_fn(kind)
+    classification = kind == "classification"
+    if not steps or list(steps) != sorted(set(steps)) or steps[0] < 0:
+        raise ValueError(f"steps must be distinct inner-step counts >= 0 in ascending order, got {list(steps)}")
+
+    def curve(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        losses, accs = [], []
+        iterates = inner_iterates(forward, kind, p, xs, ys, steps[-1], lr, head, proximal)
+        fq = bind(forward, yq)
+        for step, q in enumerate(itertools.chain([p], iterates)):  # the API's inner loop: the same bits
+            if step not in steps:
+                continue
+            out = fq(split_lrs(q)[0], xq)
+            losses.append(loss(out, yq))
+            accs.append(accuracy(out, yq) if classification else losses[-1])
+        return torch.stack(losses), torch.stack(accs)
+
+    frozen = {k: v.detach() for k, v in params.items()}
+    losses, accs = map_tasks(curve, task_map)(frozen, batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+    return losses.detach(), accs.detach() if classification else None

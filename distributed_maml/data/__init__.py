@@ -3,15 +3,14 @@ and the sampler that picks each meta-step's tasks. Imports only the package's ba
 
 from distributed_maml.data.episodes import TASK_IDS, EpisodeSpec
 from distributed_maml.data.format import COLUMNS, StoreInfo, image_info
+from distributed_maml.data.onthefly import episodes_of, plan_stream
 from distributed_maml.data.store import TaskStore, describe
 from distributed_maml.data.writing import (
     build,
     build_from_images,
     build_from_table,
     build_in_memory,
-    episodes_of,
     generate_batches,
-    plan_stream,
     write_batches,
 )
 

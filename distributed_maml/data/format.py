@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from distributed_maml.data.episodes import EpisodeSpec
+from distributed_maml.data.episodes import TASK_IDS, EpisodeSpec, Examples
 from distributed_maml.data.families import Family
 from distributed_maml.data.families.images import ImageTable
 from distributed_maml.errors import StoreError
@@ -335,3 +335,34 @@ def _parse_info(schema: pa.Schema, name: str) -> StoreInfo:
         diff += [f"{n} is not a task-store column" for n in have if n not in expected.names]
         raise StoreError(f"{name} has a wrong schema for its metadata: {'; '.join(diff)}; rebuild it")
     return info
+
+
+# ---- on-the-fly stores (layout "stream"): examples once, tasks drawn from (seed, id) ----------
+
+
+def stream_batch(info: StoreInfo, examples: Examples) -> pa.RecordBatch:
+    """An on-the-fly store's one record batch: its examples and their classes."""
+    size = int(np.prod(info.example_shape))
+    flat = pa.array(np.ascontiguousarray(examples.x).reshape(-1), type=info.dtype("example"))
+    cols = [pa.FixedSizeListArray.from_arrays(flat, size), pa.array(examples.labels.astype(np.int32), pa.int32())]
+    return pa.RecordBatch.from_arrays(cols, schema=info.schema())
+
+
+def as_stream(info: StoreInfo, spec: EpisodeSpec, num_tasks: int, examples: Examples | None) -> StoreInfo:
+    """`info` (a materialized store's, at the spec's largest shape) as an on-the-fly store's."""
+    if not 1 <= num_tasks <= TASK_IDS:
+        raise StoreError(f"--num-tasks of an on-the-fly store must be in [1, 2**63 - 1], got {num_tasks}")
+    if examples is not None:
+        examples.check(spec, f"the {info.split} classes of {info.family}")
+    classification = info.kind == "classification"
+    return replace(
+        info,
+        layout="stream",
+        format_version=FORMAT_VERSIONS["stream"],
+        episodes=spec.to_tuple(),
+        num_tasks=num_tasks,
+        num_params=0,
+        num_images=0 if examples is None else len(examples.x),
+        output_dim=spec.ways[1] if classification and examples is not None else info.output_dim,
+        rows_per_batch=1,
+    )
