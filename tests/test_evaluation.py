@@ -299,3 +299,21 @@ def test_bench_eval_times_every_phase_of_the_protocol_against_training(monkeypat
 
 def _tiny(measure):
     return lambda train_tasks, eval_tasks, pretrain_steps: measure(16, 4, 1)
+
+
+def test_a_table_on_the_fly_holds_its_split_s_rows_once(digits, tmp_path):
+    """`--from-table --on-the-fly`: the train split's standardised rows once; episodes draw only
+    those classes (the same classes as a materialized train store of that seed)."""
+    out = tmp_path / "fly.arrow"
+    r = run_cli(
+        "tasks", "build", "--from-table", digits, "--label-column", "digit", "--on-the-fly", "--ways", "3:5",
+        "--shots", "1:4", "--queries", "3", "--out", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    fly = data.TaskStore.open(out)
+    fixed = _build(digits, tmp_path / "fixed.arrow", "train", num=10)
+    assert fly.info.on_the_fly and fly.info.classes == fixed.classes and fly.info.features == fixed.features
+    pool = fly.drawer.examples
+    assert pool.x.shape[1] == 64 and pool.x.dtype == np.float32 and int(pool.labels.max()) + 1 == len(fixed.classes)
+    rows = fly.rows(np.arange(20))
+    assert rows["x_support"].shape[0] == 20 and rows["y_support"].shape[-1] == 2  # padded, masks in the labels

@@ -285,3 +285,27 @@ def test_uint8_scaling_is_exact_and_a_from_images_store_feeds_the_network_the_ha
             hand = torch.stack([by_hand[np.asarray(img, dtype=np.uint8).tobytes()] for img in stored])
             assert torch.equal(images, hand)
             assert torch.equal(net(params, images), net(params, hand))
+
+
+def test_an_image_folder_on_the_fly_holds_its_images_once_and_draws_episodes_from_them(image_folder, tmp_path):
+    out = tmp_path / "f.arrow"
+    p = run_cli(
+        "tasks", "build", "--from-images", image_folder, "--class-depth", "2", "--classes-split", "all",
+        "--on-the-fly", "--ways", "2:4", "--shots", "1:2", "--queries", "1", "--image-size", "8", "--grayscale",
+        "--out", out,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "drawn on the fly" in p.stdout and "36 examples" in p.stdout  # 9 classes x 4 images, once
+    from distributed_maml.data import TaskStore, episodes
+
+    store = TaskStore.open(out)
+    assert store.info.on_the_fly and store.info.spec.ways == (2, 4)
+    pool = store.drawer.examples
+    rows = store.rows(np.arange(30), data.COLUMNS)
+    for t in range(30):
+        one = episodes.unpad(rows, t, "classification")
+        ways = int(one["y_support"].max()) + 1
+        assert 2 <= ways <= 4 and len(one["y_query"]) == ways
+        for x, y in zip(one["x_support"], one["y_support"]):  # each image is one of its class's, in the table
+            cls = int(rows["params"][t][y])
+            assert any(np.array_equal(x, z) for z in pool.x[pool.labels == cls])
