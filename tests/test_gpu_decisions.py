@@ -115,6 +115,19 @@ def test_only_a_cuda_vmap_step_with_a_fixed_plan_is_a_graph():
     assert why_eager("graph", torch.device("cpu"), "vmap", plain) == "graphs need CUDA"
     assert why_eager("graph", CUDA, "loop", plain) == "tasks by loop"
     assert why_eager("graph", CUDA, "vmap", mamlpp) == "MAML++ schedules change the step"
+    assert why_eager("graph", CUDA, "vmap", plain, shapes_vary=True) == "episodes of variable shape"
+
+
+def test_variable_episodes_are_never_fused_nor_run_on_the_collective_device_path():
+    """A padded batch's shape changes from step to step: the fused step and the collective
+    loop's device path (one input buffer of one shape) must refuse it."""
+    from distributed_maml.execution import collectivesteps
+    from distributed_maml.execution.devicesteps import why_not_fused
+
+    for vary in (False, True):
+        c = SimpleNamespace(task_map="vmap", maml_cfg=MamlConfig(), shapes_vary=vary)
+        assert (why_not_fused(c) == "episodes of variable shape") is vary
+        assert collectivesteps.eligible(c) is not vary
 
 
 # -- where the learner lives (execution/inprocess.py; the Ray executors) ----------------------
