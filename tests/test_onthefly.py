@@ -17,7 +17,7 @@ from distributed_maml.data.onthefly import plan_stream
 from distributed_maml.data.sampler import ROUNDS, Sampler, _mix, keyed_permutation
 from distributed_maml.data.writing import write_batches
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, cli_in_process, run_cli
 
 GLYPH_SPEC = episodes.EpisodeSpec(ways=(3, 6), shots=(1, 4), queries=(1, 3), max_support=16)
 
@@ -199,14 +199,16 @@ def test_a_store_whose_episodes_differ_from_the_config_is_one_line(tmp_path):
     assert "shots" in str(e.value) and "[1, 4]" in str(e.value) and not (tmp_path / "r").exists()
 
 
-def test_cli_builds_describes_trains_and_evaluates_on_the_fly(tmp_path):
+def test_cli_builds_describes_trains_and_evaluates_on_the_fly(tmp_path, capsys):
+    """build and info in this interpreter, train and eval as a shell runs them."""
     out = tmp_path / "g.arrow"
-    r = run_cli(
+    r = cli_in_process(
+        capsys,
         "tasks", "build", "--family", "glyphs", "--on-the-fly", "--ways", "2:4", "--shots", "1:3",
         "--queries", "2", "--out", str(out),
     )  # fmt: skip
     assert r.returncode == 0 and "drawn on the fly" in r.stdout, r.stderr
-    info = json.loads(run_cli("tasks", "info", str(out), "--json").stdout)
+    info = json.loads(cli_in_process(capsys, "tasks", "info", str(out), "--json").stdout)
     assert info["layout"] == "stream" and info["episodes"] == "2-4-way 1-3-shot, 2 queries"
     sets = [f"--set={s}" for s in [*SMALL, "training.steps=4"]]
     r = run_cli("train", "--tasks", str(out), "--output-dir", str(tmp_path / "run"), "--no-progress", *sets)
@@ -227,9 +229,12 @@ def test_cli_builds_describes_trains_and_evaluates_on_the_fly(tmp_path):
         (["--family", "glyphs"], "--num-tasks"),
     ],
 )
-def test_bad_on_the_fly_builds_are_one_line(tmp_path, args, message):
+def test_bad_on_the_fly_builds_are_one_line(tmp_path, capsys, args, message):
     out = tmp_path / "x.arrow"
-    r = run_cli("tasks", "build", *args, "--out", str(out))
+    if "5:3" in args:  # argparse's own refusal: as a shell sees it
+        r = run_cli("tasks", "build", *args, "--out", str(out))
+    else:
+        r = cli_in_process(capsys, "tasks", "build", *args, "--out", str(out))
     assert_user_error(r, message)
     assert not out.exists()
 
@@ -238,7 +243,7 @@ def test_a_corrupt_on_the_fly_store_is_one_line(tmp_path):
     path = _write(tmp_path, "glyphs", GLYPH_SPEC)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    r = run_cli("tasks", "info", str(path))
+    r = run_cli("tasks", "info", str(path))  # as a shell sees it
     assert_user_error(r, "truncated or corrupt")
 
 
@@ -327,7 +332,7 @@ def _tiny_examples():
     return episodes.Examples(rng.normal(size=(60, 6)).astype(np.float32), np.repeat(np.arange(6), 10).astype(np.int32))
 
 
-def test_a_run_on_two_sources_reports_each_and_evaluates_by_source(tmp_path):
+def test_a_run_on_two_sources_reports_each_and_evaluates_by_source(tmp_path, capsys):
     a, b = _alphabets(tmp_path)
     cfg = config.load(
         None,
@@ -352,10 +357,10 @@ def test_a_run_on_two_sources_reports_each_and_evaluates_by_source(tmp_path):
     assert last["acc_after"] == pytest.approx(share * last["acc_after@alpha"] + (1 - share) * last["acc_after@beta"])
     at, bt = _alphabets(tmp_path, "test", ((0, 150), (150, 300)))
     out = tmp_path / "test.arrow"
-    built = run_cli("tasks", "build", "--on-the-fly", "--sources", f"alpha={at},beta={bt}", "--out", str(out))
+    built = cli_in_process(capsys, "tasks", "build", "--on-the-fly", "--sources", f"alpha={at},beta={bt}", "--out", out)
     assert built.returncode == 0, built.stderr
-    r = run_cli("eval", "--run", str(tmp_path / "run"), "--tasks", str(out), "--num-tasks", "16", "--steps", "1",
-                "--no-baselines", "--json")  # fmt: skip
+    r = cli_in_process(capsys, "eval", "--run", tmp_path / "run", "--tasks", out, "--num-tasks", "16", "--steps", "1",
+                       "--no-baselines", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     by = result["by_source"]
@@ -363,7 +368,7 @@ def test_a_run_on_two_sources_reports_each_and_evaluates_by_source(tmp_path):
     n = {k: v["num_tasks"] for k, v in by.items()}
     mean = sum(by[k]["accuracy_mean"][0] * n[k] for k in by) / 16
     assert mean == pytest.approx(result["accuracy_mean"][0])
-    r = run_cli("eval", "--run", str(tmp_path / "run"), "--num-tasks", "16", "--no-baselines")
+    r = cli_in_process(capsys, "eval", "--run", tmp_path / "run", "--num-tasks", "16", "--no-baselines")
     assert_user_error(r, "several sources", "--tasks")
 
 

@@ -372,7 +372,7 @@ BAD_SETS = [
     ("trainer.steps=3", "unknown section [trainer]"),
     ("nodot=3", "--set takes section.key=value"),
     # a value of the wrong TOML type, in every section
-    ('task.shots="5"', "task.shots must be an integer, got '5'"),
+    ('task.shots="5"', "task.shots must be an integer or [lo, hi], got '5'"),
     ('model.hidden="x"', "model.hidden must be a list of integers"),
     ('maml.inner_lr="fast"', "maml.inner_lr must be a number"),
     ("optimizer.lr=true", "optimizer.lr must be a number"),
