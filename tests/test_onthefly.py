@@ -355,6 +355,13 @@ def test_a_run_on_two_sources_reports_each_and_evaluates_by_source(tmp_path, cap
     assert last["tasks@alpha"] + last["tasks@beta"] == pytest.approx(1.0)
     share = last["tasks@alpha"]
     assert last["acc_after"] == pytest.approx(share * last["acc_after@alpha"] + (1 - share) * last["acc_after@beta"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"source/alpha/acc_after", "source/beta/loss_after", "source/beta/tasks"} <= set(events.Tags()["scalars"])
+    logged = {e.step: e.value for e in events.Scalars("source/alpha/acc_after")}
+    assert logged[4] == pytest.approx(last["acc_after@alpha"])
     at, bt = _alphabets(tmp_path, "test", ((0, 150), (150, 300)))
     out = tmp_path / "test.arrow"
     built = cli_in_process(capsys, "tasks", "build", "--on-the-fly", "--sources", f"alpha={at},beta={bt}", "--out", out)
