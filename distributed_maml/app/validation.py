@@ -101,7 +101,9 @@ def make(cfg: Config, train: TaskStore) -> Validation | None:
             store = held_out(info, t.eval_tasks, t.seed, "val", sources=cfg.task.source_list())
         else:
             store = build_in_memory(cfg.task.family, t.eval_tasks, t.seed, info.shots, info.queries, "val", info.ways)
-        source = f"{cfg.task.family} val stream"
+        source = f"{cfg.task.family} val {'episodes' if info.on_the_fly else 'stream'}"
+        if info.sources:
+            source += f" of {', '.join(info.sources)}"
     computer = factory.local_computer(store, cfg.model, cfg.maml, cfg.scaling, name="validation")
     ids = np.arange(min(t.eval_tasks, len(store)))
     steps, lr = cfg.maml.inner_steps, cfg.maml.inner_lr
