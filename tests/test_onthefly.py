@@ -200,7 +200,8 @@ def test_a_store_whose_episodes_differ_from_the_config_is_one_line(tmp_path):
 
 
 def test_cli_builds_describes_trains_and_evaluates_on_the_fly(tmp_path, capsys):
-    """build and info in this interpreter, train and eval as a shell runs them."""
+    """The commands on a store given with --tasks (in this interpreter; the shell's train is the
+    two-source test's)."""
     out = tmp_path / "g.arrow"
     r = cli_in_process(
         capsys,
@@ -211,10 +212,12 @@ def test_cli_builds_describes_trains_and_evaluates_on_the_fly(tmp_path, capsys):
     info = json.loads(cli_in_process(capsys, "tasks", "info", str(out), "--json").stdout)
     assert info["layout"] == "stream" and info["episodes"] == "2-4-way 1-3-shot, 2 queries"
     sets = [f"--set={s}" for s in [*SMALL, "training.steps=4"]]
-    r = run_cli("train", "--tasks", str(out), "--output-dir", str(tmp_path / "run"), "--no-progress", *sets)
+    r = cli_in_process(capsys, "train", "--tasks", out, "--output-dir", tmp_path / "run", "--no-progress", *sets)
     assert r.returncode == 0, r.stderr
     assert "glyphs episodes drawn on the fly (2-4-way 1-3-shot, 2 queries" in r.stdout
-    r = run_cli("eval", "--run", str(tmp_path / "run"), "--num-tasks", "12", "--steps", "0,1", "--no-baselines")
+    r = cli_in_process(
+        capsys, "eval", "--run", tmp_path / "run", "--num-tasks", "12", "--steps", "0,1", "--no-baselines"
+    )
     assert r.returncode == 0, r.stderr
     assert "2-4-way 1-3-shot" in r.stdout and "by ways" in r.stdout
 
@@ -333,23 +336,18 @@ def _tiny_examples():
 
 
 def test_a_run_on_two_sources_reports_each_and_evaluates_by_source(tmp_path, capsys):
+    """Trained as a shell runs it; the log line, metrics.jsonl, TensorBoard and eval by source."""
     a, b = _alphabets(tmp_path)
-    cfg = config.load(
-        None,
-        [
-            *[s for s in SMALL if not s.startswith(("task.ways", "task.shots"))],
-            "task.ways=[3, 5]",
-            "task.shots=[1, 3]",
-            f'task.sources=[{{store="{a}", name="alpha", weight=2}}, {{store="{b}", name="beta"}}]',
-            "training.steps=4",
-        ],
-    )
-    r = run.prepare(cfg, tmp_path / "run", progress=False)
-    ex = train.make_executor(r)
-    try:
-        train.train(r, ex, progress=False)
-    finally:
-        ex.close()
+    sets = [
+        *[s for s in SMALL if not s.startswith(("task.ways", "task.shots"))],
+        "task.ways=[3, 5]",
+        "task.shots=[1, 3]",
+        f'task.sources=[{{store="{a}", name="alpha", weight=2}}, {{store="{b}", name="beta"}}]',
+        "training.steps=4",
+    ]
+    r = run_cli("train", "--output-dir", tmp_path / "run", "--no-progress", *[f"--set={s}" for s in sets])
+    assert r.returncode == 0, r.stderr
+    assert "By source: alpha " in r.stdout and ", beta " in r.stdout
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = lines[-1]
     assert last["tasks@alpha"] + last["tasks@beta"] == pytest.approx(1.0)
