@@ -41,9 +41,11 @@ def _documented_image_episode(x, labels, seed, task_id, spec):
     counts = np.bincount(labels)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     classes = rng.choice(len(counts), ways, replace=False)
+    keys = rng.random((ways, counts[classes].max()))
     xs, ys, xq, yq = [], [], [], []
     for i, (c, s) in enumerate(zip(classes, shots)):
-        picks = starts[c] + rng.choice(counts[c], s + queries, replace=False)
+        keys[i, counts[c] :] = np.inf
+        picks = starts[c] + np.argsort(keys[i])[: s + queries]
         xs += list(x[picks[:s]])
         xq += list(x[picks[s:]])
         ys += [i] * s

@@ -16,10 +16,12 @@ in this order (every draw uniform, bounds inclusive):
    passes task.max_support each is scaled down to floor(s_c * max_support / sum), at least 1;
 2. the examples: a store of examples picks w distinct classes (numpy `choice` without
    replacement; label i is the i-th class picked; a store of several sources first picks the
-   source, `choice` with p = the normalised weights, then w of that source's classes), then for each class in that order s_c + q
-   distinct examples of it (the first s_c to the support set); a generated family calls its
-   own generate(rng, 1, max(s), q) and keeps, for each of w classes picked among its ways, the
-   first s_c support examples of that class and its q queries (regression: s_1 points, q queries).
+   source, `choice` with p = the normalised weights, then w of that source's classes), then one
+   array of uniform keys [w, m] (`random`; m: the most examples a picked class has, keys past a
+   class's own count +inf): class i's examples in the order of its keys' argsort, the first s_i
+   to the support set and the next q to the query set; a generated family calls its own
+   generate(rng, 1, max(s), q) and keeps, for each of w classes picked among its ways, the first
+   s_i support examples of that class and its q queries (regression: s_1 points, q queries).
 
 Nothing is stateful, so a resumed run, any worker or `eval` draws the same bits, and opening a
 store costs the same at 10^3 or 10^18 task ids.
@@ -229,6 +231,22 @@ class Drawer:
         return out
 
     def _from_examples(self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int) -> Episode:
+        support, query, classes = self._picks(rng, ways, shots, queries)
+        labels = np.arange(ways, dtype=np.int64)
+        assert self.examples is not None
+        x = self.examples.x
+        return {
+            "x_support": x[support],
+            "y_support": np.repeat(labels, shots),
+            "x_query": x[query],
+            "y_query": np.repeat(labels, queries),
+            "params": classes.astype(np.float32),  # label i's class in the store (pretraining's labels)
+        }
+
+    def _picks(
+        self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An episode's support and query example indices (class by class) and its classes."""
         assert self.examples is not None and self._bounds is not None
         starts, counts = self._bounds
         if self._weights is None:
@@ -237,20 +255,15 @@ class Drawer:
             src = self._source(rng)
             first, n = self._first_class[src], self._first_class[src + 1] - self._first_class[src]
             classes = first + rng.choice(n, ways, replace=False)
-        support, query = [], []
-        for c, s in zip(classes, shots, strict=True):
-            picks = starts[c] + rng.choice(counts[c], int(s) + queries, replace=False)
-            support.append(picks[:s])
-            query.append(picks[s:])
-        labels = np.arange(ways, dtype=np.int64)
-        x = self.examples.x
-        return {
-            "x_support": x[np.concatenate(support)],
-            "y_support": np.repeat(labels, shots),
-            "x_query": x[np.concatenate(query)],
-            "y_query": np.repeat(labels, queries),
-            "params": classes.astype(np.float32),  # label i's class in the store (pretraining's labels)
-        }
+        # one draw for all the classes (a choice per class cost ~8 us each, most of an episode):
+        # uniform keys [ways, most examples of a picked class], +inf past a class's own count
+        have = counts[classes]
+        keys = rng.random((ways, int(have.max())))
+        keys[np.arange(keys.shape[1]) >= have[:, None]] = np.inf
+        order = starts[classes][:, None] + np.argsort(keys, axis=1)  # each class's examples, shuffled
+        support = order[np.arange(order.shape[1]) < shots[:, None]]  # row by row: class by class
+        query = order[np.arange(ways)[:, None], shots[:, None] + np.arange(queries)]
+        return support, query.reshape(-1), classes
 
     def _from_family(self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int) -> Episode:
         assert self.generate is not None
@@ -273,10 +286,39 @@ class Drawer:
     def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The episodes of `ids` as one batch: stacked as they are when the spec is fixed, else
         padded to the batch's largest shape with the masks in the labels (`pad`)."""
-        episodes = [self.episode(int(t)) for t in np.asarray(ids, dtype=np.int64)]
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.examples is not None and not self.spec.fixed:
+            return self._padded_from_examples(ids)
+        episodes = [self.episode(int(t)) for t in ids]
         if self.spec.fixed:
             return {k: np.stack([e[k] for e in episodes]) for k in (*SETS, "params")}
         return pad(episodes, self.kind)
+
+    def _padded_from_examples(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """`pad` of the episodes of `ids`, with the examples gathered once for the whole batch
+        (one fancy index per set, padding at index -1, zeroed after): the same arrays, without
+        a copy per episode (at Meta-Dataset-like glyph episodes the gather dominated the draw)."""
+        assert self.examples is not None
+        drawn = []
+        for t in ids:
+            rng = task_rng(self.seed, int(t), self.split)
+            ways, shots, queries = draw_shape(rng, self.spec)
+            drawn.append((*self._picks(rng, ways, shots, queries), ways, shots, queries))
+        out = {"params": np.zeros((len(ids), max(d[3] for d in drawn)), dtype=np.float32)}
+        for part, at in (("support", 0), ("query", 1)):
+            n = max(len(d[at]) for d in drawn)
+            index = np.full((len(ids), n), -1, dtype=np.int64)
+            y = np.zeros((len(ids), n, 2), dtype=np.int64)
+            for t, (sup, qry, classes, ways, shots, queries) in enumerate(drawn):
+                picks = sup if part == "support" else qry
+                index[t, : len(picks)] = picks
+                y[t, : len(picks), 0] = np.repeat(np.arange(ways), shots if part == "support" else queries)
+                y[t, : len(picks), 1] = ways
+                out["params"][t, :ways] = classes
+            x = self.examples.x[np.maximum(index, 0)]
+            x[index < 0] = 0
+            out[f"x_{part}"], out[f"y_{part}"] = x, y
+        return out
 
 
 def pad(episodes: list[Episode], kind: str) -> dict[str, np.ndarray]:
