@@ -453,3 +453,22 @@ def test_a_fixed_shape_on_the_fly_step_is_a_materialized_store_s_bits(tmp_path):
     weights = a.spec.flatten(dict(a.model.named_parameters())).detach().numpy()
     ga, gb = a.compute(weights, ids), b.compute(weights, np.arange(16))
     assert np.array_equal(ga.grad_sum, gb.grad_sum) and ga.metrics == gb.metrics
+
+
+def test_a_variable_episode_run_adapts_to_a_user_s_task_of_fewer_ways_and_exports(tmp_path):
+    """The run's way out: its network has the most ways' outputs; a user's 3-way support set
+    adapts, predicts only its own labels, and an export predicts the same."""
+    import distributed_maml as dm
+    from distributed_maml.data.families import FAMILIES
+
+    _train(tmp_path, "run", 2)
+    table = FAMILIES["glyphs"].table("train")  # (rendered for this module already; any images do)
+    names = np.array(["a", "b", "c"])
+    xs = np.concatenate([table.images[table.labels == c][:2] for c in range(3)])
+    xq = np.concatenate([table.images[table.labels == c][2:5] for c in range(3)])
+    model = dm.open_run(tmp_path / "run").meta_model()
+    assert model.info.output_dim == 4
+    got = model.adapt(xs, np.repeat(names, 2)).predict(xq)
+    assert set(got) <= set(names)
+    dm.export(tmp_path / "run", tmp_path / "export")
+    assert np.array_equal(dm.load(tmp_path / "export").adapt(xs, np.repeat(names, 2)).predict(xq), got)
