@@ -46,6 +46,10 @@ SPLITS = ("train", "val", "test")
 BUILD_SPLITS = ("train", "val", "test", "all")  # "all": every class of an image folder (it ships its own split)
 
 
+# StoreInfo's tuple fields added after format 1: empty ones stay out of the fingerprint
+LATER_FIELDS = ("features", "feature_mean", "feature_std", "episodes", "sources", "source_weights", "source_classes")
+
+
 @dataclass(frozen=True)
 class StoreInfo:
     """What the schema metadata says about a store."""
@@ -93,17 +97,7 @@ class StoreInfo:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> StoreInfo:
         """The info from its JSON form (a store's metadata, an export's card): lists back to tuples."""
-        tuples = (
-            "classes",
-            "image_shape",
-            "features",
-            "feature_mean",
-            "feature_std",
-            "episodes",
-            "sources",
-            "source_weights",
-            "source_classes",
-        )
+        tuples = ("classes", "image_shape", *LATER_FIELDS)
         return cls(**{**raw, **{k: tuple(raw.get(k, ())) for k in tuples}})
 
     @property
@@ -171,16 +165,7 @@ class StoreInfo:
     def fingerprint(self) -> str:
         """A short digest of everything the metadata says (a replaced store shows here)."""
         meta = asdict(self)
-        # added later: a store without them keeps its digest
-        for key in (
-            "features",
-            "feature_mean",
-            "feature_std",
-            "episodes",
-            "sources",
-            "source_weights",
-            "source_classes",
-        ):
+        for key in LATER_FIELDS:  # added later: a store without them keeps its digest
             if not meta[key]:
                 del meta[key]
         return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
