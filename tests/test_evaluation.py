@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_maml import data
-from distributed_maml.app import evaluate
+from distributed_maml.app import evaltable, evaluate
 from distributed_maml.errors import StoreError
 
 from .conftest import assert_user_error, cli_in_process, run_cli
@@ -19,7 +19,7 @@ from .conftest import assert_user_error, cli_in_process, run_cli
 
 def test_ci_of_the_mean_matches_a_hand_computation():
     values = np.array([[1.0], [2.0], [3.0], [4.0]])
-    mean, ci = evaluate.mean_ci95(values)
+    mean, ci = evaltable.mean_ci95(values)
     # sample sd of 1..4 = sqrt(5/3) = 1.290994; 1.96 * 1.290994 / sqrt(4) = 1.265174
     assert mean[0] == pytest.approx(2.5) and ci[0] == pytest.approx(1.265174, rel=1e-6)
 
@@ -56,7 +56,7 @@ def test_blow_ups_are_reported_apart_from_tasks_that_got_worse():
     # bound 20: task 1 is non-finite, task 2 passes the bound (blow-ups); task 4 rose from a tiny
     # start (0.01 -> 0.3: "got worse", not a blow-up); tasks 0 and 3 improved
     losses = np.array([[1.0, 0.5], [1.0, np.inf], [2.0, 30.0], [1.0, 0.4], [0.01, 0.3]])
-    s = evaluate.summarize(losses, None, [0, 1], bound=20.0)
+    s = evaltable.summarize(losses, None, [0, 1], bound=20.0)
     assert s["blow_up_fraction"] == [0.0, 0.4] and s["worse_fraction"] == [0.0, 0.2]
     assert s["loss_median"][1] == pytest.approx(0.5) and not np.isfinite(s["loss_mean"][1])
 

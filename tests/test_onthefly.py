@@ -37,7 +37,7 @@ def _documented_image_episode(x, labels, seed, task_id, spec):
     queries = rng.integers(spec.queries[0], spec.queries[1] + 1)
     shots = rng.integers(spec.shots[0], spec.shots[1] + 1, size=ways)
     if shots.sum() > spec.max_support:
-        shots = np.maximum(1, shots * spec.max_support // shots.sum())
+        shots = 1 + (shots - 1) * (spec.max_support - ways) // (shots.sum() - ways)
     counts = np.bincount(labels)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     classes = rng.choice(len(counts), ways, replace=False)

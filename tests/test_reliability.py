@@ -408,6 +408,11 @@ def _path_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "out under a file": ([*build, str(afile / "s.arrow")], "a file stands where a folder is needed"),
         "out is a folder": ([*build, str(tmp), "--overwrite"], "is a folder"),
         "out beyond the disk": ([*build[:5], "1000000000000", "--out", str(tmp / "big.arrow")], "would take about"),
+        # a new user's first try at many tasks: the line names what that user wants
+        "train beyond the disk": (
+            [*train, "--set", "task.num_tasks=1000000000", "--output-dir", str(tmp / "big")],
+            "task.on_the_fly = true",
+        ),
         "tasks is a folder": ([*train, "--tasks", str(tmp), "--output-dir", str(tmp / "r")], "is a folder"),
         "resume a file": (["train", "--resume", str(afile)], "is a file, not a run folder"),
         "resume /proc": (["train", "--resume", "/proc"], "not a distributed-maml run folder"),

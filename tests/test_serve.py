@@ -238,21 +238,6 @@ def test_a_replica_killed_under_load_is_replaced(maml_app):
     assert post(url, body(rows, 2), headers=AUTH).status_code == 200
 
 
-def test_serving_beyond_loopback_without_a_token_is_one_line(runs, tmp_path, capsys):  # noqa: F811
-    proc = cli_in_process(capsys, "serve", "--run", runs["maml"][0], "--host", "0.0.0.0")
-    assert_user_error(proc, "give --token-file FILE")
-    short = tmp_path / "short"
-    short.write_text("abc\n")
-    proc = cli_in_process(capsys, "serve", "--run", runs["maml"][0], "--host", "0.0.0.0", "--token-file", short)
-    assert_user_error(proc, "at least 16 characters")
-    with socket.socket() as busy:  # a port in use: one line before Ray starts
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = str(busy.getsockname()[1])
-        proc = cli_in_process(capsys, "serve", "--run", runs["maml"][0], "--port", port)
-        assert_user_error(proc, f"cannot serve on 127.0.0.1:{port}", "choose another --port")
-
-
 @pytest.mark.cluster
 def test_the_readme_serve_command_in_a_shell_beyond_loopback(runs, tmp_path):  # noqa: F811
     """`distributed-maml serve` as a shell runs it, bound to 0.0.0.0 with a token file (its own

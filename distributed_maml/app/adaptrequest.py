@@ -88,6 +88,10 @@ def parse(meta: MetaModel, body: bytes, limits: Limits) -> AdaptRequest:
         data = json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the request is not JSON: {str(e).splitlines()[0][:200]}") from None
+    except RecursionError:  # the parser recurses once per level: 100,000 nested arrays end here
+        raise RequestError(
+            400, "the request nests arrays or objects too deeply; examples need at most 4 levels"
+        ) from None
     if not isinstance(data, dict):
         raise RequestError(400, "the request must be a JSON object with 'query' (and 'support' or 'task_id')")
     unknown = sorted(set(data) - {"task_id", "steps", "support", "query"})

@@ -1,5 +1,6 @@
-"""`eval`'s groups and table: held-out tasks grouped by ways and by source (variable episodes,
-several sources), and the table `distributed-maml eval` prints."""
+"""`eval`'s numbers and table: per-task curves summarized (means, intervals, medians, blow-ups),
+held-out tasks grouped by ways and by source (variable episodes, several sources), and the table
+`distributed-maml eval` prints."""
 
 from __future__ import annotations
 
@@ -8,6 +9,45 @@ from typing import Any
 import numpy as np
 
 from distributed_maml.data.store import TaskStore
+
+
+def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over axis 0 and the half-width of its normal-approximation 95% interval,
+    1.96 * sample std / sqrt(n) (the paper's protocol)."""
+    n = values.shape[0]
+    sd = values.std(axis=0, ddof=1) if n > 1 else np.zeros(values.shape[1:])
+    return values.mean(axis=0), 1.96 * sd / np.sqrt(n)
+
+
+def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int], bound: float) -> dict[str, Any]:
+    """The table's numbers at columns `steps` of per-task curves whose column 0 is the
+    unadapted loss (the reference for "got worse")."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        blow_up = ~np.isfinite(losses) | (losses > bound)
+        worse = ~blow_up & (losses > losses[:, :1])
+        mean, ci = mean_ci95(losses[:, steps])
+    out = {
+        "loss_mean": mean.tolist(),
+        "loss_ci95": ci.tolist(),
+        # a NaN loss is a blow-up: it counts as +inf, so the median stays meaningful
+        "loss_median": np.median(np.nan_to_num(losses[:, steps], nan=np.inf), axis=0).tolist(),
+        "blow_up_fraction": blow_up[:, steps].mean(axis=0).tolist(),
+        "worse_fraction": worse[:, steps].mean(axis=0).tolist(),
+    }
+    if accs is not None:
+        mean, ci = mean_ci95(accs[:, steps])
+        out.update(accuracy_mean=mean.tolist(), accuracy_ci95=ci.tolist())
+    return out
+
+
+def grouped(
+    losses: np.ndarray, accs: np.ndarray | None, masks: dict[str, np.ndarray], steps: list[int], bound: float
+) -> dict[str, dict[str, Any]]:
+    """`summarize` of each group's own tasks (a mask over the tasks each), with its task count."""
+    return {
+        label: {"num_tasks": int(m.sum()), **summarize(losses[m], None if accs is None else accs[m], steps, bound)}
+        for label, m in masks.items()
+    }
 
 
 def source_groups(store: TaskStore, n: int) -> dict[str, np.ndarray]:

@@ -62,14 +62,6 @@ VALIDATION_TASKS = 100
 DEFAULT_STEPS = (0, 1, 5, 10)  # the curve's step counts (cli.py repeats it: it imports no torch to parse)
 
 
-def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over axis 0 and the half-width of its normal-approximation 95% interval,
-    1.96 * sample std / sqrt(n) (the paper's protocol)."""
-    n = values.shape[0]
-    sd = values.std(axis=0, ddof=1) if n > 1 else np.zeros(values.shape[1:])
-    return values.mean(axis=0), 1.96 * sd / np.sqrt(n)
-
-
 def held_out_store(state: RunState, tasks: str | Path | None, num_tasks: int, shots: int | None) -> TaskStore:
     cfg, train = state.config, state.store
     if tasks is None:
@@ -254,27 +246,6 @@ def _real(y: np.ndarray, info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
     return episodes.real_targets(y, info.output_dim)
 
 
-def summarize(losses: np.ndarray, accs: np.ndarray | None, steps: list[int], bound: float) -> dict[str, Any]:
-    """The table's numbers at columns `steps` of per-task curves whose column 0 is the
-    unadapted loss (the reference for "got worse")."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        blow_up = ~np.isfinite(losses) | (losses > bound)
-        worse = ~blow_up & (losses > losses[:, :1])
-        mean, ci = mean_ci95(losses[:, steps])
-    out = {
-        "loss_mean": mean.tolist(),
-        "loss_ci95": ci.tolist(),
-        # a NaN loss is a blow-up: it counts as +inf, so the median stays meaningful
-        "loss_median": np.median(np.nan_to_num(losses[:, steps], nan=np.inf), axis=0).tolist(),
-        "blow_up_fraction": blow_up[:, steps].mean(axis=0).tolist(),
-        "worse_fraction": worse[:, steps].mean(axis=0).tolist(),
-    }
-    if accs is not None:
-        mean, ci = mean_ci95(accs[:, steps])
-        out.update(accuracy_mean=mean.tolist(), accuracy_ci95=ci.tolist())
-    return out
-
-
 def evaluate(
     run_dir: str | Path,
     tasks: str | Path | None = None,
@@ -332,16 +303,10 @@ def evaluate(
             params = maml_mod.with_learned_lrs(cfg.maml, p, lrs[name])
             shown = "learned" if name == "maml" and ckpt.inner_lr else lrs[name]
             losses, accs = curves(executor, spec, params, n, scored, lrs[name])
-            results[name] = {"inner_lr": shown, **summarize(losses, accs, cols, bound)}
+            results[name] = {"inner_lr": shown, **evaltable.summarize(losses, accs, cols, bound)}
             for key, masks in groups.items():  # variable episodes, several sources: the same numbers by group
                 if masks:
-                    results[name][key] = {
-                        label: {
-                            "num_tasks": int(m.sum()),
-                            **summarize(losses[m], None if accs is None else accs[m], cols, bound),
-                        }
-                        for label, m in masks.items()
-                    }
+                    results[name][key] = evaltable.grouped(losses, accs, masks, cols, bound)
     finally:
         executor.close()
     clock.lap("curves")

@@ -114,7 +114,7 @@ def _card(meta: MetaModel, run_dir: Path, ckpt: checkpoint.Checkpoint, digest: s
         },
         "validation": {"metric": best[0].metric, "value": best[0].value} if best else None,
         "provenance": {
-            "run": str(run_dir.resolve()),
+            "run": run_dir.resolve().name,  # its name, not this machine's folders: the card travels
             "checkpoint": ckpt.path.name,
             "step": ckpt.step,
             "version": ckpt.version,

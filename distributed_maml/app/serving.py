@@ -5,32 +5,35 @@
   vmapped call (MetaModel.adapt_many) and scored in another, on the replica's device. A task's
   predictions do not depend on what it was batched with (metamodel.MetaModel._stack), so a
   served request answers what the Python API and `distributed-maml adapt` answer, bit for bit.
-- A request naming a `task_id` has its adapted weights cached on the replica (LRU); a later
-  request with that id and no support set skips adaptation.
+- A request naming a `task_id` has its adapted weights cached (LRU, `cache_size` tasks) in the
+  service's one task cache (a deployment of its own, app/adaptbatch.TaskCache): a later request
+  with that id and no support set skips adaptation, whichever replica answers it.
 - Bound to 127.0.0.1 by default. Bound beyond loopback it needs a bearer token (read from a
   file): every request but GET /healthz then carries `Authorization: Bearer <token>`.
 - A bad request gets a 4xx and one line (`{"error": "..."}`); the replica goes on serving.
 
-The request schema is in app/adaptrequest.py (and in the service's own /docs).
+The request schema is in app/adaptrequest.py (and in the service's own /docs); a batch's answers
+are computed in app/adaptbatch.py.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations
 # (Request) as objects, and the deployment's class is made inside `build`, whose names a
 # string annotation could not be resolved against.
 
+import asyncio
 import hmac
 import ipaddress
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed_maml.app.adaptrequest import REQUEST_SCHEMA, AdaptRequest, Limits, RequestError, parse
+from distributed_maml.app.adaptbatch import CachedTask, Job, Reply, TaskCache, answer
+from distributed_maml.app.adaptrequest import REQUEST_SCHEMA, Limits, RequestError, parse
 from distributed_maml.errors import UserError
 
 APP_NAME = "distributed-maml"
-DIVERGED = "adaptation diverged (non-finite outputs): check the examples' scale, or send fewer steps"
+CACHE_TIMEOUT_S = 10.0  # a cache lookup or store that takes longer is a 503 (its replica is being replaced)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,19 @@ def build(settings: ServeSettings) -> Any:
         description="Adapt a meta-learned initialisation to your support set and predict your queries.",
     )
 
+    @serve.deployment(name="TaskCache", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    class CacheServer:
+        """The service's one task cache: every replica reads and fills it."""
+
+        def __init__(self, size: int) -> None:
+            self.cache = TaskCache(size)
+
+        def get(self, task_id: str) -> CachedTask | None:
+            return self.cache.get(task_id)
+
+        def put(self, task_id: str, entry: CachedTask) -> None:
+            self.cache.put(task_id, entry)
+
     @serve.deployment(
         name="Adapter",
         num_replicas=settings.replicas,
@@ -140,7 +156,7 @@ def build(settings: ServeSettings) -> Any:
     )
     @serve.ingress(api)
     class Adapter:
-        def __init__(self, settings: ServeSettings) -> None:
+        def __init__(self, settings: ServeSettings, tasks: Any) -> None:
             import torch
 
             from distributed_maml.app.export import load_any
@@ -151,7 +167,8 @@ def build(settings: ServeSettings) -> Any:
             )
             self.meta = load_any(settings.source, settings.checkpoint, device)
             self.settings = settings
-            self.cache: OrderedDict[str, Any] = OrderedDict()
+            self.tasks = tasks  # the CacheServer's handle
+            self.replica = serve.get_replica_context().replica_id.unique_id  # answers name it (x-replica)
             self.run_batch.set_max_batch_size(settings.max_batch)
             self.run_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
 
@@ -196,72 +213,39 @@ def build(settings: ServeSettings) -> Any:
             limits = self.settings.limits
             declared = request.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limits.max_body_bytes:
-                return JSONResponse({"error": f"request of {declared} bytes; at most {limits.max_body_bytes}"}, 413)
+                return self._reply(413, {"error": f"request of {declared} bytes; at most {limits.max_body_bytes}"})
             try:
                 item = parse(self.meta, await request.body(), limits)
-                if item.support is None and item.task_id not in self.cache:
-                    raise RequestError(
-                        404, f"task_id {item.task_id!r} is not cached on this replica; send its support set again"
-                    )
-                if self.settings.batched:
-                    return await self.run_batch(item)
-                return self.compute([item])[0]
+                cached = None
+                if item.support is None:
+                    cached = await self._cache("get", item.task_id)
+                    if cached is None:
+                        raise RequestError(404, f"task_id {item.task_id!r} is not cached; send its support set again")
+                job = Job(item, cached)
+                reply = await self.run_batch(job) if self.settings.batched else answer(self.meta, [job])[0]
+                if reply.remember is not None and self.settings.cache_size:
+                    await self._cache("put", item.task_id, reply.remember)
+                return self._reply(reply.status, reply.body)
             except RequestError as e:
-                return JSONResponse({"error": e.line}, e.status)
+                return self._reply(e.status, {"error": e.line})
+
+        async def _cache(self, method: str, *args: Any) -> Any:
+            """A call to the task cache, bounded: one line (503) if it does not answer."""
+            try:
+                return await asyncio.wait_for(getattr(self.tasks, method).remote(*args), CACHE_TIMEOUT_S)
+            except Exception as e:  # a timeout, or the cache's replica lost (Serve starts another)
+                raise RequestError(
+                    503, f"the task cache did not answer ({type(e).__name__}); send the support set again"
+                ) from None
+
+        def _reply(self, status: int, body: dict[str, Any]) -> JSONResponse:
+            return JSONResponse(body, status, headers={"x-replica": self.replica})
 
         @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)  # both set from the settings in __init__
-        async def run_batch(self, items: list[AdaptRequest]) -> list[Any]:
-            return self.compute(items)
+        async def run_batch(self, jobs: list[Job]) -> list[Reply]:
+            return answer(self.meta, jobs)
 
-        def compute(self, items: list[AdaptRequest]) -> list[Any]:
-            """The batch's tasks adapted in one call per shape and steps, then scored in one."""
-            adapted: list[Any] = [None] * len(items)
-            fresh: dict[int | None, list[int]] = {}
-            for i, item in enumerate(items):
-                if item.support is None:
-                    adapted[i] = self.cache.get(item.task_id)  # type: ignore[arg-type]
-                else:
-                    fresh.setdefault(item.steps, []).append(i)
-            for steps, idx in fresh.items():
-                for i, a in zip(idx, self.meta.adapt_many([items[i].support for i in idx], steps), strict=True):  # type: ignore[misc]
-                    adapted[i] = a
-            out: list[Any] = []
-            missing = [i for i, a in enumerate(adapted) if a is None]  # evicted between the check and now
-            ready = [i for i in range(len(items)) if i not in missing]
-            preds = self.meta.predict_many([adapted[i] for i in ready], [items[i].query for i in ready])
-            by_index = dict(zip(ready, preds, strict=True))
-            for i, item in enumerate(items):
-                if i in by_index and not by_index[i].finite():
-                    out.append(JSONResponse({"error": DIVERGED}, 422))
-                elif i in by_index:
-                    if item.task_id is not None and item.support is not None and self.settings.cache_size:
-                        self._remember(item.task_id, adapted[i])
-                    elif item.task_id in self.cache:
-                        self.cache.move_to_end(item.task_id)
-                    out.append(
-                        {
-                            "task_id": item.task_id,
-                            "cached": item.support is None,
-                            "steps": adapted[i].steps,
-                            "batch": len(items),  # requests adapted and scored together with this one
-                            **by_index[i].to_json(),
-                        }
-                    )
-                else:
-                    out.append(
-                        JSONResponse(
-                            {"error": f"task_id {item.task_id!r} is no longer cached; send its support set"}, 404
-                        )
-                    )
-            return out
-
-        def _remember(self, task_id: str, adapted: Any) -> None:
-            self.cache[task_id] = adapted
-            self.cache.move_to_end(task_id)
-            while len(self.cache) > self.settings.cache_size:
-                self.cache.popitem(last=False)
-
-    return Adapter.bind(settings)
+    return Adapter.bind(settings, CacheServer.bind(settings.cache_size))
 
 
 def app_builder(args: dict[str, Any]) -> Any:

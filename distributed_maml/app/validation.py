@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distributed_maml.app.checkpoint import BestEntry
-from distributed_maml.app.evaluate import mean_ci95
+from distributed_maml.app.evaltable import mean_ci95
 from distributed_maml.config import Config
 from distributed_maml.data.families import FROM_FILES
 from distributed_maml.data.format import StoreInfo

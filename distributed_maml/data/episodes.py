@@ -13,7 +13,9 @@ in this order (every draw uniform, bounds inclusive):
 
 1. the shape: ways w in task.ways, queries per class q in task.queries, then shots per class
    s_1..s_w, each in task.shots (an imbalanced support set, as Meta-Dataset's); when their sum
-   passes task.max_support each is scaled down to floor(s_c * max_support / sum), at least 1;
+   S passes the cap M = task.max_support, each class keeps one example and shares the rest of
+   the cap in proportion: s_c = 1 + floor((s_c - 1) * (M - w) / (S - w)), so the sum is at most
+   M and no class goes without a support example (M >= the most ways, checked);
 2. the examples: a store of examples picks w distinct classes (numpy `choice` without
    replacement; label i is the i-th class picked; a store of several sources first picks the
    source, `choice` with p = the normalised weights, then w of that source's classes), then one
@@ -121,7 +123,9 @@ def draw_shape(rng: np.random.Generator, spec: EpisodeSpec) -> tuple[int, np.nda
     shots = rng.integers(spec.shots[0], spec.shots[1] + 1, size=ways)
     total = int(shots.sum())
     if spec.max_support and total > spec.max_support:
-        shots = np.maximum(1, shots * spec.max_support // total)
+        # one example per class, the rest of the cap shared in proportion: the sum stays <= the
+        # cap (scaling every s_c and then raising zeros to 1 overshot it, by 8 for 10 ways)
+        shots = 1 + (shots - 1) * (spec.max_support - ways) // (total - ways)
     return ways, shots.astype(np.int64), queries
 
 

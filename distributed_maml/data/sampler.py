@@ -100,15 +100,17 @@ class Sampler:
             return _permutation(self.seed, first_epoch, self.num_tasks)[
                 first_offset : first_offset + self.meta_batch
             ].copy()
-        pos = start + np.arange(self.meta_batch, dtype=np.int64)
-        epochs, offsets = np.divmod(pos, self.num_tasks)
+        # a step that straddles epochs: each position from its own epoch's order (Python ints:
+        # near 2**63 ids the positions pass int64)
+        epochs, offsets = zip(*(divmod(start + j, self.num_tasks) for j in range(self.meta_batch)), strict=True)
+        epoch_of, offset_of = np.array(epochs, dtype=object), np.array(offsets, dtype=np.uint64)
         out = np.empty(self.meta_batch, dtype=np.int64)
-        for e in np.unique(epochs):
-            mask = epochs == e
+        for e in sorted(set(epochs)):
+            mask = epoch_of == e
             if self.order == "keyed":
-                out[mask] = keyed_permutation(offsets[mask], self.num_tasks, self.seed, int(e))
+                out[mask] = keyed_permutation(offset_of[mask], self.num_tasks, self.seed, e)
             else:
-                out[mask] = _permutation(self.seed, int(e), self.num_tasks)[offsets[mask]]
+                out[mask] = _permutation(self.seed, e, self.num_tasks)[offset_of[mask].astype(np.int64)]
         return out
 
     def state(self) -> dict[str, Any]:

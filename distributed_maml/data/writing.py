@@ -152,7 +152,8 @@ def check_disk(path: Path, nbytes: int) -> None:
     if nbytes + DISK_MARGIN_BYTES > free:
         raise StoreError(
             f"the task store {path} would take about {_size(nbytes)} but {folder} has {_size(free)} free; "
-            "lower --num-tasks / task.num_tasks or write it elsewhere"
+            "lower --num-tasks / task.num_tasks, write it elsewhere, or draw tasks as they are used "
+            "(task.on_the_fly = true; tasks build --on-the-fly): no task rows on disk at any count"
         )
 
 
