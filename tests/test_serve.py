@@ -27,7 +27,7 @@ import torch
 import distributed_maml as dm
 from distributed_maml.app import serving
 
-from .conftest import REPO, assert_user_error, cli_in_process
+from .conftest import REPO
 from .test_api import FAMILIES, HELD_OUT, _tasks
 from .test_api import runs as runs  # noqa: F401  (the module's trained runs: the same fixture)
 
