@@ -171,6 +171,7 @@ def _bad_requests(rows) -> list[tuple[bytes, int, str]]:
         (json.dumps({**good, "extra": 1}).encode(), 422, "unknown field(s) extra"),
         (json.dumps({"query": good["query"]}).encode(), 422, "neither 'support' nor a 'task_id'"),
         (b"x" * (9 * 2**20), 413, "at most 8388608"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nests"),  # the parser's recursion: once a 500
         (json.dumps({**good, "support": {**good["support"], "x": (rows["x_support"][2] * 1e30).tolist()}}).encode(),
          422, "adaptation diverged"),
     ]  # fmt: skip
@@ -199,6 +200,14 @@ def test_without_the_token_the_service_refuses(maml_app):
     assert requests.get(f"{url}/card", headers=AUTH, timeout=30).json()["input_shape"] == [10]
 
 
+def adapter_replicas() -> list[dict]:
+    """The Adapter deployment's replica actors (not the task cache's)."""
+    import ray
+
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return [a for a in actors if "SERVE_REPLICA" in a["name"] and "Adapter" in a["name"]]
+
+
 def test_a_replica_killed_under_load_is_replaced(maml_app):
     import ray
 
@@ -218,7 +227,7 @@ def test_a_replica_killed_under_load_is_replaced(maml_app):
         t.start()
     try:
         time.sleep(1.0)
-        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+        replicas = adapter_replicas()
         assert len(replicas) == 1, replicas
         victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
         ray.kill(victim, no_restart=True)
@@ -233,7 +242,7 @@ def test_a_replica_killed_under_load_is_replaced(maml_app):
     assert any(t < killed and s == 200 for t, s in statuses)  # it served before
     after = [s for t, s in statuses if t > killed + 0.5]
     assert 200 in after, statuses[-20:]  # and again, from the new replica
-    now = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+    now = adapter_replicas()
     assert now and now[0]["name"] != replicas[0]["name"]  # a new replica took its place
     assert post(url, body(rows, 2), headers=AUTH).status_code == 200
 
@@ -267,3 +276,32 @@ def test_the_readme_serve_command_in_a_shell_beyond_loopback(runs, tmp_path):  #
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0 and "stopping the service" in out, out[-2000:]  # a service stopped as asked
+
+
+def test_a_cached_task_is_answered_by_every_replica(ray_serve, runs):  # noqa: F811
+    """--replicas 2: 20 tasks adapted under task ids, then 20 lookups by id alone, each on a new
+    connection: every one answered with its adapted answer's bits, some by the replica that did
+    not adapt it (those were 404s while each replica kept its own cache); the cache stays
+    bounded (cache_size 20: a 21st task drops the least recently used)."""
+    run_dir, store = runs["maml"]
+    deploy(ray_serve, run_dir, replicas=2, cpus_per_replica=0.5, cache_size=20)
+    rows = _tasks(store)
+    adapted = {}
+    for i in range(20):
+        r = post(ray_serve, body(rows, i % HELD_OUT, task_id=f"t{i}"))
+        assert r.status_code == 200, r.text
+        adapted[f"t{i}"] = (r.headers["x-replica"], r.json())
+    crossed = 0
+    for i in range(20):
+        query = {"x": rows["x_query"][i % HELD_OUT].tolist()}
+        r = post(ray_serve, {"task_id": f"t{i}", "query": query})
+        assert r.status_code == 200, r.text
+        first_replica, first = adapted[f"t{i}"]
+        assert r.json()["cached"] is True and r.json()["probabilities"] == first["probabilities"]
+        crossed += r.headers["x-replica"] != first_replica
+    replicas = {rep for rep, _ in adapted.values()}
+    assert len(replicas) == 2 and crossed > 0, (replicas, crossed)  # both served; lookups crossed replicas
+    assert post(ray_serve, body(rows, 0, task_id="t20")).status_code == 200  # t0 is now the least recent
+    gone = post(ray_serve, {"task_id": "t0", "query": {"x": rows["x_query"][0].tolist()}})
+    assert gone.status_code == 404 and "send its support set" in gone.json()["error"]
+    assert post(ray_serve, {"task_id": "t1", "query": {"x": rows["x_query"][1].tolist()}}).status_code == 200
