@@ -41,8 +41,9 @@ class TaskConfig:
     """Query examples per class (classification) or query points (regression); [lo, hi]: each
     episode draws its own."""
     max_support: int = 0
-    """Variable episodes: the most support examples an episode has (each class's shots scaled
-    down to fit, at least 1); 0 = no cap beyond ways x shots."""
+    """Variable episodes: the most support examples an episode has (over it, each class keeps one
+    shot and shares the rest of the cap in proportion to its drawn shots); 0 = no cap beyond
+    ways x shots."""
     sources: tuple[dict[str, Any], ...] = ()
     """[[task.sources]]: several sources of examples, each {family = "glyphs", part = [0, 2]} (an
     image family's classes, optionally the i-th of n equal parts of each split's) or {store =
