@@ -88,6 +88,25 @@ def store_path(tmp_path_factory, request):
     return path
 
 
+def trained_once(tmp_path_factory, name: str, train) -> Path:
+    """A module's trained run (its input data), made by `train(folder)` in a temporary folder; or,
+    when DMAML_TEST_RUNS names a folder (tools/mutate.py sets it), made there once and reused by
+    later test sessions: a mutant of the code under test then pays for its tests, not for
+    training the same run again. A run found there is complete (its `done` marker)."""
+    cache = os.environ.get("DMAML_TEST_RUNS")
+    if not cache:
+        return train(tmp_path_factory.mktemp(name) / name)
+    folder = Path(cache) / name
+    if (folder / ".complete").exists():
+        return folder
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    out = train(folder)
+    (folder / ".complete").write_text("")
+    return out
+
+
 def train_on(run_dir: Path, store_path: Path | None, overrides, hook=None, config_path: Path | None = None):
     """Trains a run through the library (the CLI's path minus argv): on an existing store, or
     (store_path None) on the store its config builds, as `train` does; `hook` sees the executor

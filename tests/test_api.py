@@ -20,7 +20,7 @@ from distributed_maml.app import evaluate
 from distributed_maml.data.store import TaskStore
 from distributed_maml.data.writing import build
 
-from .conftest import assert_user_error, cli_in_process, run_cli, tree_digest
+from .conftest import assert_user_error, cli_in_process, run_cli, trained_once, tree_digest
 
 COMMON = ["scaling.num_workers=0", "training.log_every=5", "task.meta_batch=4", "task.num_tasks=40"]
 FAMILIES = {  # name: (overrides, the held-out store's family and ways)
@@ -45,13 +45,16 @@ HELD_OUT = 12
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """Each family's trained run and a held-out (test-split) store of its tasks."""
-    root = tmp_path_factory.mktemp("runs")
     out = {}
     for name, (sets, (family, ways)) in FAMILIES.items():
-        result = dm.train(None, [*COMMON, *sets], output_dir=root / name, progress=False)
-        store = root / f"{name}-test.arrow"
-        build(store, family, HELD_OUT, seed=7, split="test", progress=False, ways=ways)
-        out[name] = (result.path, store)
+
+        def make(folder: Path, sets=sets, family=family, ways=ways) -> Path:
+            dm.train(None, [*COMMON, *sets], output_dir=folder / "run", progress=False)
+            build(folder / "test.arrow", family, HELD_OUT, seed=7, split="test", progress=False, ways=ways)
+            return folder
+
+        folder = trained_once(tmp_path_factory, f"api-{name}", make)
+        out[name] = (folder / "run", folder / "test.arrow")
     return out
 
 

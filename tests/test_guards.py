@@ -37,7 +37,7 @@ from distributed_maml.core.adaptation import adaptation_curve
 from distributed_maml.data import episodes
 from distributed_maml.data.sampler import Sampler, keyed_permutation
 
-from .conftest import assert_user_error, cli_in_process, run_cli
+from .conftest import assert_user_error, cli_in_process, run_cli, trained_once
 
 PROPERTY = settings(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WAYS, STEPS = 5, 2  # the run's outputs and inner steps
@@ -47,12 +47,13 @@ SIZES = (0.3, 0.02)  # distinct per-step sizes set by hand: a wrong step's size 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A 5-way glyph MLP with MAML++'s learned per-step sizes, checkpoints at steps 1, 2 and 3."""
-    root = tmp_path_factory.mktemp("guards")
     sets = ["scaling.num_workers=0", "task.family=glyphs", "model.name=mlp", f"task.ways={WAYS}", "task.shots=1",
             "task.queries=2", "task.meta_batch=2", "task.num_tasks=8", "training.steps=3", "training.eval_every=0",
             "training.log_every=1", "training.checkpoint_every=1", f"maml.inner_steps={STEPS}",
             "maml.learn_inner_lr=per-layer-per-step"]  # fmt: skip
-    return dm.train(None, sets, output_dir=root / "glyph-lslr", progress=False).path
+    return trained_once(
+        tmp_path_factory, "glyph-lslr", lambda out: dm.train(None, sets, output_dir=out, progress=False).path
+    )
 
 
 @pytest.fixture(scope="module")

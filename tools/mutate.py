@@ -97,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         copy_tree(dest)
         configure(dest, args.modules, args.tests, args.timeout_multiplier)
+        # the tests' trained runs are their input data: made once (the clean run), read by every mutant
+        env = {**os.environ, "DMAML_TEST_RUNS": str(dest / ".test-runs")}
         run = subprocess.run(
             [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
             cwd=dest,
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
