@@ -29,7 +29,7 @@ def test_batches_can_straddle_epochs_and_exceed_the_store():
     assert sorted(Sampler(1, 3, 9).ids(0).tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
-@pytest.mark.parametrize("n, k", [(10, 3), (10, 1), (2, 5), (4096, 3)])
+@pytest.mark.parametrize("n, k", [(10, 3), (10, 2), (10, 1), (2, 5), (4096, 3)])
 def test_shards_are_contiguous_nearly_equal_and_never_empty(n, k):
     ids = np.arange(n) * 7
     shards = split_shards(ids, k)

@@ -33,13 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 KILLED = {"killed", "segfault"}  # a timeout is counted apart: a hang is a catch only if it is a real one
 
 
-def copy_tree(dest: Path) -> None:
-    """Git's tracked and untracked-but-not-ignored files (the working tree as you have it)."""
+def copy_tree(tree: Path, dest: Path) -> None:
+    """Git's tracked and untracked-but-not-ignored files of `tree` (the working tree as you have it)."""
     files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=tree, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     for f in files:
-        src = REPO / f
+        src = tree / f
         if src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
@@ -56,9 +56,9 @@ def configure(dest: Path, modules: list[str], tests: list[str], timeout_multipli
         # the default tier's tests only; stop a mutant's run at its first failure
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q", "-m", "not slow and not cluster and not gpu"]',
         f"timeout_multiplier = {timeout_multiplier}",
-        # + seconds: a module fixture (a trained run) is set up inside a mutant's first test, and
-        # mutmut's per-test times leave it out (a mutant then "times out" without a failure)
-        "timeout_constant = 20.0",
+        # + seconds: a mutant's first test also opens the (cached) trained runs, which mutmut's
+        # per-test times leave out (too short a limit calls a slow but correct mutant a timeout)
+        "timeout_constant = 5.0",
     ]
     with open(dest / "pyproject.toml", "a") as f:
         f.write("\n".join(lines) + "\n")
@@ -87,15 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-multiplier", type=float, default=4.0, help="a mutant's time limit, x the clean run's")
     ap.add_argument("--json", default="mutation.json")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy (to run `mutmut browse` there)")
+    ap.add_argument(
+        "--tree", type=Path, default=REPO, help="another checkout to mutate (e.g. a `git worktree` of an older commit)"
+    )
     args = ap.parse_args(argv)
     for m in args.modules:
-        if not (REPO / m).is_file():
+        if not (args.tree / m).is_file():
             print(f"mutate: {m} is not a file of this repository; name modules as paths", file=sys.stderr)
             return 2
     dest = Path(tempfile.mkdtemp(prefix="dmaml-mutate-"))
     start = time.monotonic()
     try:
-        copy_tree(dest)
+        copy_tree(args.tree, dest)
         configure(dest, args.modules, args.tests, args.timeout_multiplier)
         # the tests' trained runs are their input data: made once (the clean run), read by every mutant
         env = {**os.environ, "DMAML_TEST_RUNS": str(dest / ".test-runs")}
