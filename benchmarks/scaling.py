@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed_maml import config  # noqa: E402
-from distributed_maml.app import run, train  # noqa: E402
 from distributed_maml.core.shards import reduce_shards  # noqa: E402
 from distributed_maml.data.sampler import Sampler, split_shards  # noqa: E402
 from distributed_maml.data.writing import build  # noqa: E402
+from distributed_maml.training import run, train  # noqa: E402
 
 
 def measure(store: Path, meta_batch: int, workers: int, gpus: float, steps: int, warmup: int, tmp: Path) -> dict:

@@ -36,9 +36,9 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 
 import distributed_maml as dm  # noqa: E402
-from distributed_maml.app import serving  # noqa: E402
 from distributed_maml.data.store import TaskStore  # noqa: E402
 from distributed_maml.data.writing import build  # noqa: E402
+from distributed_maml.use import serving  # noqa: E402
 
 MODELS = {
     "seed-mlp": (["training.steps=20"], ("seed", 0)),

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed_maml import config  # noqa: E402
-from distributed_maml.app import run, train  # noqa: E402
+from distributed_maml.training import run, train  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:

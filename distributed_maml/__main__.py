@@ -2,6 +2,6 @@
 
 import sys
 
-from distributed_maml.app.cli import main
+from distributed_maml.cli.main import main
 
 sys.exit(main())

@@ -16,10 +16,10 @@ The CLI's `train`, `adapt`, `export` and `serve` call these same functions.
 
 from __future__ import annotations
 
-from distributed_maml.app.export import export, load, load_any
-from distributed_maml.app.metamodel import Adapted, MetaModel, Prediction
-from distributed_maml.app.runs import CheckpointRef, RunResult, open_run, train
-from distributed_maml.app.serving import ServeSettings
+from distributed_maml.use.export import export, load, load_any
+from distributed_maml.use.metamodel import Adapted, MetaModel, Prediction
+from distributed_maml.use.runs import CheckpointRef, RunResult, open_run, train
+from distributed_maml.use.serving import ServeSettings
 
 __all__ = [
     "Adapted",

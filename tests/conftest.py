@@ -46,7 +46,7 @@ def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
     """The command line's parser and error path in this interpreter (cli.main), as a
     CompletedProcess for assert_user_error: for many bad-input cases, where a fresh interpreter
     per case costs seconds each (keep one run_cli case per test for what a shell sees)."""
-    from distributed_maml.app import cli
+    from distributed_maml.cli import main as cli
 
     capsys.readouterr()
     code = cli.main([str(a) for a in args])
@@ -112,7 +112,7 @@ def train_on(run_dir: Path, store_path: Path | None, overrides, hook=None, confi
     (store_path None) on the store its config builds, as `train` does; `hook` sees the executor
     before the first step. Returns (TrainResult, executor)."""
     from distributed_maml import config
-    from distributed_maml.app import run, train
+    from distributed_maml.training import run, train
 
     r = run.prepare(config.load(config_path, list(overrides)), run_dir, tasks=store_path, progress=False)
     ex = train.make_executor(r)

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import distributed_maml as dm
-from distributed_maml.app import evaluate
 from distributed_maml.data.store import TaskStore
 from distributed_maml.data.writing import build
+from distributed_maml.evaluation import evaluate
 
 from .conftest import assert_user_error, cli_in_process, run_cli, trained_once, tree_digest
 

@@ -127,7 +127,7 @@ def test_bench_memory_prints_every_row_and_its_json(capsys):
     assert_user_error(cli_in_process(capsys, "bench", "--memory", "--modes", "second,nosuch"), "--modes")
     bad = cli_in_process(capsys, "bench", "--memory", "--backbone", "vgg")
     assert_user_error(bad, "--backbone must be one of conv4, resnet12")
-    from distributed_maml.app.bench import memory as bench_memory
+    from distributed_maml.bench import memory as bench_memory
 
     (row,) = bench_memory.memory_per_task("resnet12", (2,), 2, ("recompute",), channels=2)  # --backbone resnet12
     assert row["model"] == "resnet12-2-5-10-20" and row["mib_per_task"] > 0 and row["tasks_per_s"] > 0

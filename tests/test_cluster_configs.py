@@ -121,8 +121,8 @@ def test_serve_configs_pass_serves_schema_and_build_the_app(tmp_path, monkeypatc
     binds where `host` says."""
     from ray.serve.schema import ServeDeploySchema
 
-    from distributed_maml.app import serving
     from distributed_maml.errors import UserError
+    from distributed_maml.use import serving
 
     configs = _serve_configs()
     assert [n for n, _ in configs] == ["jobs/serve.yaml", "rayservice.yaml"]
@@ -131,7 +131,7 @@ def test_serve_configs_pass_serves_schema_and_build_the_app(tmp_path, monkeypatc
     for name, cfg in configs:
         ServeDeploySchema.model_validate(cfg)
         (app,) = cfg["applications"]
-        assert app["import_path"] == "distributed_maml.app.serving:app_builder", name
+        assert app["import_path"] == "distributed_maml.use.serving:app_builder", name
         args = dict(app["args"])
         assert args["host"] == cfg["http_options"]["host"], name
         if "token_file" in args:

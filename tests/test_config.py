@@ -19,7 +19,7 @@ def test_defaults_are_jobs_seed_toml():
 def test_every_shipped_job_config_loads(path):
     """Configs load; sweep files (a [tune] table) pass the sweep's own checks, every searched value included."""
     if path.name.startswith("sweep-"):
-        from distributed_maml.app import sweep
+        from distributed_maml.sweeps import sweep
 
         spec = sweep.parse(path, [])
         assert spec.space and spec.config({d.key: d.values[-1] for d in spec.space}).training.eval_every >= 1

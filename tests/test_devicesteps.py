@@ -192,9 +192,9 @@ def test_every_computation_gets_the_configured_device(tmp_path, monkeypatch):
     """A spy on ShardComputer and the Learner: with scaling.device resolving to a device of its
     own ("cpu:0", distinguishable from the default "cpu"), training, validation, eval's curves,
     its step-size tuning, its pretrained baseline and bench --eval are all built on it."""
-    from distributed_maml.app import evaluate
-    from distributed_maml.app.bench import evaluation as bench_eval
+    from distributed_maml.bench import evaluation as bench_eval
     from distributed_maml.core import learner as learner_mod
+    from distributed_maml.evaluation import evaluate
 
     spied = torch.device("cpu", 0)
     monkeypatch.setattr(devices, "resolve", lambda scaling: devices.Compute(spied, "fp32"))
@@ -270,8 +270,8 @@ def test_a_stop_inside_a_fused_chunk_reports_the_last_step_applied(tmp_path, sto
     import signal
 
     from distributed_maml import stopping
-    from distributed_maml.app import checkpoint
     from distributed_maml.execution.devicesteps import FusedStep
+    from distributed_maml.training import checkpoint
 
     runs: list[int] = []  # the fused steps run
     original = FusedStep.run

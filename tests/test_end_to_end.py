@@ -135,12 +135,12 @@ def test_bench_measures_every_method_in_one_run_with_matching_gradients():
     assert result["gradients_max_rel_diff"]["sinusoid_mlp"] < 1e-5  # the methods compute the same meta-gradient
     bare = [r for r in result["rows"] if r["method"] == "bare"]  # timed beside the script on its own
     assert all(r["script_alone_ms"] > 0 for r in bare)
-    assert sum("bare row vs app/bench/minimal_script.py on its own" in line for line in lines) == 2
+    assert sum("bare row vs bench/minimal_script.py on its own" in line for line in lines) == 2
     assert result["machine"]["torch_threads"] == 1
 
 
 def test_bench_algorithms_times_every_algorithm_through_the_projects_step():
-    from distributed_maml.app.bench import methods as bench
+    from distributed_maml.bench import methods as bench
 
     cells = bench.algorithm_cells()
     assert {c.algorithm for c in cells} == set(bench.ALGORITHMS) and {c.method for c in cells} == {"in_process"}

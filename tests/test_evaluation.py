@@ -11,15 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_maml import data
-from distributed_maml.app import evaltable, evaluate
 from distributed_maml.errors import StoreError
+from distributed_maml.evaluation import evaltable, evaluate
+from distributed_maml.training import validation
 
 from .conftest import assert_user_error, cli_in_process, run_cli
 
 
 def test_ci_of_the_mean_matches_a_hand_computation():
     values = np.array([[1.0], [2.0], [3.0], [4.0]])
-    mean, ci = evaltable.mean_ci95(values)
+    mean, ci = validation.mean_ci95(values)
     # sample sd of 1..4 = sqrt(5/3) = 1.290994; 1.96 * 1.290994 / sqrt(4) = 1.265174
     assert mean[0] == pytest.approx(2.5) and ci[0] == pytest.approx(1.265174, rel=1e-6)
 
@@ -63,8 +64,8 @@ def test_blow_ups_are_reported_apart_from_tasks_that_got_worse():
 
 def _state(family: str, shots: int, queries: int):
     from distributed_maml import config
-    from distributed_maml.app import checkpoint
     from distributed_maml.data.sampler import Sampler
+    from distributed_maml.training import checkpoint
 
     cfg = config.load(None, [f"task.family={family}", f"task.shots={shots}", f"task.queries={queries}"])
     return checkpoint.RunState(cfg, Sampler(0, 10, 2), checkpoint.StoreRef("x", family, 0, 0, 10))
@@ -199,7 +200,7 @@ def test_meta_sgd_runs_are_evaluated_with_their_learned_step_sizes(tmp_path):
     the loss after one step is the loss before); the baselines with a fixed one."""
     import torch
 
-    from distributed_maml.app import checkpoint
+    from distributed_maml.training import checkpoint
 
     out = tmp_path / "r"
     sets = ["scaling.num_workers=0", "training.steps=6", "maml.algorithm=meta-sgd", "task.meta_batch=8"]
@@ -259,7 +260,8 @@ def test_digits_demonstration_beats_scratch(digits, tmp_path):
 def test_cli_eval_passes_every_flag(monkeypatch, tmp_path):
     """The CLI hands --workers (and the rest) to evaluate(): a flag the parser takes and drops
     would silently evaluate somewhere else."""
-    from distributed_maml.app import cli, evaluate, plots
+    from distributed_maml.cli import main as cli
+    from distributed_maml.evaluation import evaluate, plots
 
     seen = {}
 
@@ -276,7 +278,7 @@ def test_cli_eval_passes_every_flag(monkeypatch, tmp_path):
 
 def test_bench_eval_times_every_phase_of_the_protocol_against_training(monkeypatch, capsys):
     """`bench --eval` at a toy size: the eval's phases, the training time, and their ratio."""
-    from distributed_maml.app.bench import evaluation as bench_eval
+    from distributed_maml.bench import evaluation as bench_eval
 
     monkeypatch.setattr(evaluate, "VALIDATION_TASKS", 4)
     monkeypatch.setattr(bench_eval, "measure", _tiny(bench_eval.measure))

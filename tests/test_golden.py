@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distributed_maml import config
-from distributed_maml.app import run, train
+from distributed_maml.training import run, train
 
 GOLDEN = Path(__file__).parent / "assets" / "losses" / "seed_inprocess_20steps.txt"
 

@@ -129,7 +129,7 @@ def test_in_process_run_with_the_learner_on_the_gpu(tmp_path, store_path):
     host, _ = train_on(tmp_path / "host", store_path, [*cfg, "scaling.device=cpu"])
     np.testing.assert_allclose(graph.weights, host.weights, rtol=1e-4, atol=1e-5)
     # the checkpoint written on the GPU resumes on the CPU and goes on as the CPU run does
-    from distributed_maml.app import run, train
+    from distributed_maml.training import run, train
 
     r = run.resume(tmp_path / "graph", None, ["training.steps=12", "scaling.device=cpu"])
     resumed = train.train(r, train.make_executor(r), progress=False)

@@ -29,13 +29,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import distributed_maml as dm
-from distributed_maml.app import checkpoint, evaltable
-from distributed_maml.app.adaptbatch import CachedTask, Job, TaskCache, answer
-from distributed_maml.app.adaptrequest import Limits, RequestError, parse
 from distributed_maml.core import inner
 from distributed_maml.core.adaptation import adaptation_curve
 from distributed_maml.data import episodes
 from distributed_maml.data.sampler import Sampler, keyed_permutation
+from distributed_maml.evaluation import evaltable
+from distributed_maml.training import checkpoint
+from distributed_maml.use.adaptbatch import CachedTask, Job, TaskCache, answer
+from distributed_maml.use.adaptrequest import Limits, RequestError, parse
 
 from .conftest import assert_user_error, cli_in_process, run_cli, trained_once
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_maml.app import checkpoint
+from distributed_maml.training import checkpoint
 
 from .conftest import REPO, train_in_shards
 

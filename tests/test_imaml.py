@@ -186,7 +186,7 @@ def test_an_imaml_run_learns_and_resumes_bit_identical(tmp_path, store_path):
     base = ["scaling.num_workers=0", "task.meta_batch=8", "maml.algorithm=imaml", "maml.inner_steps=5"]
     full, _ = train_on(tmp_path / "full", store_path, [*base, "training.steps=6"])
     half, _ = train_on(tmp_path / "half", store_path, [*base, "training.steps=3"])
-    from distributed_maml.app import run, train
+    from distributed_maml.training import run, train
 
     r = run.resume(tmp_path / "half", None, ["training.steps=6"])
     resumed = train.train(r, train.make_executor(r), progress=False)
@@ -196,9 +196,9 @@ def test_an_imaml_run_learns_and_resumes_bit_identical(tmp_path, store_path):
 def test_a_run_saved_before_imaml_solver_existed_resumes_with_plain_steps():
     from pathlib import Path
 
-    from distributed_maml.app.checkpoint import RunState, StoreRef
     from distributed_maml.config import Config
     from distributed_maml.data.sampler import Sampler
+    from distributed_maml.training.checkpoint import RunState, StoreRef
 
     state = RunState(Config(), Sampler(0, 10, 2), StoreRef("s.arrow", "seed", 0, 2, 10))
     data = state.to_json()

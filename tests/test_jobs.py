@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed_maml.app import checkpoint
+from distributed_maml.training import checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # its own tier: pytest -m cluster
 

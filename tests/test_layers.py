@@ -1,8 +1,10 @@
-"""The package's shape: layers import only downward, and no import circle (issue 16).
+"""The package's shape: layers import only downward, and no import circle (issues 16, 44).
 
-Layers, bottom to top: the base modules (config, errors, stopping, userimport), `data`, `core`,
-`execution`, `app`. Every import of the package is counted, at module level or inside a
-function, so a circle cannot hide behind a deferred import.
+Floors, bottom to top: the base modules (config, errors, stopping, userimport), `data`, `core`,
+`execution`, then the product's rooms, one concern each (`training`, `evaluation`, `use`,
+`sweeps`, `bench`, `cli`), then the public surface (`api.py`, the package's top, `__main__`).
+Every import of the package is counted, at module level or inside a function, so a circle
+cannot hide behind a deferred import.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distributed_maml"
-LAYERS = {"data": 1, "core": 2, "execution": 3, "app": 4}  # anything else in the package: 0 (base)
+FLOORS = ("data", "core", "execution", "training", "evaluation", "use", "sweeps", "bench", "cli")
+LAYERS = {name: i + 1 for i, name in enumerate(FLOORS)}  # anything else in the package: 0 (base)
+SURFACE = len(FLOORS) + 1
 MAX_LINES = 400
 
 
@@ -24,11 +28,11 @@ TOP = {"distributed_maml", "distributed_maml.api"}  # the public surface: the pa
 
 
 def layer(module: str) -> int:
-    """0 for the base modules, 5 for `python -m distributed_maml` and the public surface (the
-    package's own names, api.py), which stand above all."""
+    """0 for the base modules, SURFACE for `python -m distributed_maml` and the public surface
+    (the package's own names, api.py), which stand above all."""
     parts = module.split(".")
     if parts[-1] == "__main__" or module in TOP:
-        return 5
+        return SURFACE
     return LAYERS.get(parts[1], 0) if len(parts) > 1 else 0
 
 
@@ -93,8 +97,32 @@ def test_every_import_goes_down_the_layers():
 
 def test_an_upward_import_is_found():
     assert layer("distributed_maml.core.maml") > layer("distributed_maml.data.store") > layer("distributed_maml.errors")
-    assert layer("distributed_maml.app.cli") > layer("distributed_maml.execution.driver")
-    assert layer("distributed_maml") > layer("distributed_maml.app.runs")  # the public surface on top
+    assert (
+        layer("distributed_maml.cli.main")
+        > layer("distributed_maml.bench.methods")
+        > layer("distributed_maml.sweeps.tune")
+    )
+    assert layer("distributed_maml.use.serving") > layer("distributed_maml.evaluation.evaluate")
+    assert layer("distributed_maml.evaluation.evaluate") > layer("distributed_maml.training.train")
+    assert layer("distributed_maml.training.train") > layer("distributed_maml.execution.driver")
+    assert layer("distributed_maml") > layer("distributed_maml.use.runs")  # the public surface on top
+
+
+def test_a_room_importing_one_above_it_is_found():
+    """The check itself can fail: training importing the use room, or evaluation the CLI."""
+    fake = {"distributed_maml.training.train": {"distributed_maml.use.runs", "distributed_maml.data.store"},
+            "distributed_maml.evaluation.plots": {"distributed_maml.cli.main"}}  # fmt: skip
+    upward = sorted((m, n) for m, deps in fake.items() for n in deps if layer(n) > layer(m))
+    assert upward == [
+        ("distributed_maml.evaluation.plots", "distributed_maml.cli.main"),
+        ("distributed_maml.training.train", "distributed_maml.use.runs"),
+    ]
+
+
+def test_every_package_folder_is_a_floor():
+    """A new folder of the package must be given its floor here (else it would count as the base)."""
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == {"config", *FLOORS}, folders ^ {"config", *FLOORS}
 
 
 def test_no_module_is_over_400_lines():
@@ -107,7 +135,7 @@ def test_no_module_is_over_400_lines():
 
 
 if __name__ == "__main__":  # docs/architecture.md's table: which layer imports which
-    names = {0: "base", 1: "data", 2: "core", 3: "execution", 4: "app", 5: "api, __main__"}
+    names = {0: "base", **{i + 1: f for i, f in enumerate(FLOORS)}, SURFACE: "api, __main__"}
     edges: dict[int, set[int]] = {}
     for m, deps in graph().items():
         edges.setdefault(layer(m), set()).update(layer(n) for n in deps if layer(n) != layer(m))

@@ -128,9 +128,9 @@ def test_vmap_matches_a_per_task_loop(family, model_name, first_order):
 @pytest.mark.parametrize("family, model_name", CASES)
 @pytest.mark.parametrize("first_order", [False, True])
 def test_benchs_minimal_script_computes_the_per_task_loops_meta_gradient(family, model_name, first_order):
-    """`bench`'s bare row (app/bench/minimal_script.py): the mean meta-gradient its step leaves in .grad
+    """`bench`'s bare row (bench/minimal_script.py): the mean meta-gradient its step leaves in .grad
     is the hand-written loop's, and the project's (float64)."""
-    from distributed_maml.app.bench import minimal_script
+    from distributed_maml.bench import minimal_script
 
     kind, model, params, batch = setup(family, model_name, tasks=4)
     cfg = MamlConfig(inner_steps=2, inner_lr=0.05, first_order=first_order)

@@ -235,7 +235,8 @@ def test_user_model_and_family_through_the_cli(tmp_path, capsys):
 def test_glyph_run_evaluates_against_baselines(tmp_path):
     """A tiny conv4 run on glyphs, then eval: held-out glyph classes, the pretrained baseline
     fit as a classifier over all training classes (its head re-initialised for the ways)."""
-    from distributed_maml.app import evaluate, run, train
+    from distributed_maml.evaluation import evaluate
+    from distributed_maml.training import run, train
 
     cfg = config.load(
         None,

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from distributed_maml import config
-from distributed_maml.app import checkpoint, run, train
 from distributed_maml.data import TaskStore, episodes
 from distributed_maml.data.families import FAMILIES
 from distributed_maml.data.onthefly import plan_stream
 from distributed_maml.data.sampler import ROUNDS, Sampler, _mix, keyed_permutation
 from distributed_maml.data.writing import write_batches
+from distributed_maml.training import checkpoint, run, train
 
 from .conftest import assert_user_error, cli_in_process, run_cli
 

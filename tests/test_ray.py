@@ -13,10 +13,10 @@ import pytest
 import ray
 
 from distributed_maml import config
-from distributed_maml.app import run, train
 from distributed_maml.errors import ConfigError
 from distributed_maml.execution.collective import CollectiveExecutor
 from distributed_maml.execution.driver import RayExecutor
+from distributed_maml.training import run, train
 
 from .conftest import train_on
 
@@ -241,8 +241,8 @@ def test_a_worker_that_keeps_failing_hands_its_shards_over(tmp_path, store_path,
 
 
 def test_no_healthy_worker_left_stops_with_a_valid_checkpoint(tmp_path, store_path):
-    from distributed_maml.app import checkpoint
     from distributed_maml.errors import TrainingError
+    from distributed_maml.training import checkpoint
 
     killed: list[int] = []
     with pytest.raises(TrainingError, match="no healthy worker left") as e:
@@ -262,7 +262,7 @@ def test_no_healthy_worker_left_stops_with_a_valid_checkpoint(tmp_path, store_pa
 def test_evaluation_through_ray_workers_matches_in_process(tmp_path, store_path):
     """Held-out tasks (generated in memory, so they travel through the object store) split over
     2 workers give the in-process evaluation's numbers."""
-    from distributed_maml.app import evaluate
+    from distributed_maml.evaluation import evaluate
 
     train_run(tmp_path, store_path, "r", 0)
     local = evaluate.evaluate(tmp_path / "r", steps=[0, 2], num_tasks=60, baselines=False, workers=0)
@@ -358,8 +358,8 @@ def test_a_worker_lost_in_any_phase_costs_no_weight(tmp_path, store_path, undist
     chunk), while the driver writes a checkpoint, or while it scores the validation tasks: the
     run ends with the undisturbed run's weights, bit for bit (nothing lost, nothing doubled),
     within worker_timeout_s plus a restart of the time an undisturbed run takes."""
-    from distributed_maml.app import validation
-    from distributed_maml.app.run import Run
+    from distributed_maml.training import validation
+    from distributed_maml.training.run import Run
 
     lost = []
 

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from distributed_maml import config, data
-from distributed_maml.app import checkpoint, cli, run, train
+from distributed_maml.cli import main as cli
 from distributed_maml.errors import CheckpointError
+from distributed_maml.training import checkpoint, run, train
 
 from .conftest import REPO, assert_user_error, cli_in_process, run_cli, train_in_shards, tree_digest
 

@@ -25,7 +25,7 @@ import requests
 import torch
 
 import distributed_maml as dm
-from distributed_maml.app import serving
+from distributed_maml.use import serving
 
 from .conftest import REPO
 from .test_api import FAMILIES, HELD_OUT, _tasks

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from distributed_maml import config
-from distributed_maml.app import sweep
-from distributed_maml.app.sweep import TrialSummary, ranked, summarise
 from distributed_maml.execution import tuning
+from distributed_maml.sweeps import sweep
+from distributed_maml.sweeps.sweep import TrialSummary, ranked, summarise
 
 ACCS = {"t_worst": 0.55, "t_best": 0.91, "t_mid": 0.74, "t_low": 0.62}
 LOSSES = {"t_worst": 0.95, "t_best": 0.12, "t_mid": 0.40, "t_low": 0.70}

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from distributed_maml import config
-from distributed_maml.app import checkpoint, run, train
 from distributed_maml.core import models
 from distributed_maml.errors import CheckpointError, ConfigError
+from distributed_maml.training import checkpoint, run, train
 
 from .conftest import assert_user_error, run_cli, tree_digest
 
@@ -193,7 +193,7 @@ def test_one_writer_per_run_folder(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from distributed_maml.app.runlock import RunLock; "
+            "import sys, time; from distributed_maml.training.runlock import RunLock; "
             "lock = RunLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
             str(tmp_path / "r"),
         ],
@@ -271,7 +271,7 @@ def test_a_resumed_runs_events_file_sorts_after_the_previous_one(tmp_path, monke
 
     from tensorboard.summary.writer import event_file_writer
 
-    from distributed_maml.app.scalars import Scalars
+    from distributed_maml.training.scalars import Scalars
 
     tb = tmp_path / "tensorboard"
     tb.mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from distributed_maml import config
-from distributed_maml.app import cli
+from distributed_maml.cli import main as cli
 
 from .conftest import REPO, assert_user_error, run_cli
 

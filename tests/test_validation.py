@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_maml import config, data
-from distributed_maml.app import checkpoint, evaltable, evaluate, run, train
 from distributed_maml.data.families import glyphs
 from distributed_maml.data.families.images import split_classes
+from distributed_maml.evaluation import evaltable, evaluate
+from distributed_maml.training import checkpoint, run, train
 
 from .conftest import assert_user_error, cli_in_process, run_cli
 

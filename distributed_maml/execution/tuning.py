@@ -1,4 +1,4 @@
-"""Ray Tune under `distributed-maml tune` (app/sweep.py holds the sweep file and the trials'
+"""Ray Tune under `distributed-maml tune` (sweeps/sweep.py holds the sweep file and the trials'
 record): the search space in Tune's terms, the early-stopping scheduler, the trials' resources,
 and the report a trial makes at each validation. Ray stays in execution/; the trial function
 (a training run) comes from the app layer.

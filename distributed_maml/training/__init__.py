@@ -1,0 +1,1 @@
+"""Training: the run folder and its lock, checkpoints, the training loop, validation, TensorBoard scalars."""
