@@ -28,7 +28,6 @@ from distributed_maml.training.checkpoint import BestEntry
 Scores = dict[str, float]  # val_loss, val_loss_ci95 (and val_acc, val_acc_ci95)
 
 
-@dataclass(frozen=True)
 def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean over axis 0 and the half-width of its normal-approximation 95% interval,
     1.96 * sample std / sqrt(n) (the paper's protocol)."""
@@ -37,6 +36,7 @@ def mean_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(axis=0), 1.96 * sd / np.sqrt(n)
 
 
+@dataclass(frozen=True)
 class Validation:
     """Scores weights on the validation tasks; `metric` is what keep_best ranks by."""
 
