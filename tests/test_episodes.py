@@ -130,6 +130,36 @@ def test_conv4_by_the_loop_task_map_computes_each_episode_unpadded(variant):
     check_against_loop(conv(5), "classification", drawer, variant, 5, task_map="loop")
 
 
+@pytest.mark.parametrize("variant", ["maml", "fomaml", "meta-sgd", "anil", "maml++", "reptile", "imaml"])
+def test_the_loop_computes_no_padding_for_any_algorithm(variant):
+    """By the loop task map, the network computes each episode's real examples only: the batches
+    it is called on, and their sizes, are those of the per-task loop over the unpadded episodes
+    (never a padded length), for every algorithm (the loop of one graph at a time included),
+    with that loop's meta-gradient."""
+    drawer = episodes.Drawer(3, SPEC, "classification", examples=vector_examples())
+    model = mlp(6, 5)
+    cfg = MamlConfig(inner_steps=2, inner_lr=0.3, **VARIANTS[variant])
+    net = models.functional(model)
+
+    def recording(seen: list[int]):
+        def forward(p, x):
+            seen.append(x.shape[0])
+            return net(p, x)
+
+        return forward
+
+    params = maml.with_learned_lrs(cfg, {k: v.detach() for k, v in model.named_parameters()}, cfg.inner_lr)
+    rows = drawer.rows(mixed_ids(drawer, 5))
+    seen, unpadded = [], []
+    g, _ = maml.meta_gradient(recording(seen), "classification", params, tensors(rows), cfg, task_map="loop", version=1)
+    want, _ = loop_meta_gradient(recording(unpadded), "classification", params, rows, cfg, 5)
+    padded = (rows["x_support"].shape[1], rows["x_query"].shape[1])
+    assert sorted(seen) == sorted(unpadded), (padded, sorted(seen), sorted(unpadded))
+    assert sum(seen) < len(seen) // 2 * sum(padded)  # smaller than the padded batches' rows
+    for k in want:
+        torch.testing.assert_close(g[k], want[k], rtol=1e-9, atol=1e-11, msg=k)
+
+
 def test_the_loop_task_map_pads_the_same_way():
     drawer = episodes.Drawer(3, SPEC, "classification", examples=vector_examples())
     check_against_loop(mlp(6, 5), "classification", drawer, "maml", 5, task_map="loop")

@@ -64,10 +64,18 @@ def map_tasks(fn: Callable[..., tuple[Tensor, ...]], task_map: str) -> TaskMap:
         return vmapped
 
     def looped(p: Params, *tensors: Tensor) -> tuple[Tensor, ...]:
-        outs = [fn(p, *trimmed([t[i] for t in tensors])) for i in range(tensors[0].shape[0])]
+        outs = [fn(p, *task_of(tensors, i)) for i in range(tensors[0].shape[0])]
         return tuple(torch.stack(o) for o in zip(*outs, strict=True))
 
     return looped
+
+
+def task_of(tensors: Sequence[Tensor], i: int) -> list[Tensor]:
+    """Task i's tensors, alone and cut to its real examples: what every per-task loop computes
+    on (map_tasks' loop and meta_gradient's loop of one graph at a time), so no loop runs the
+    padding of a mixed batch (conv4 on a CPU, where the loop is the default, computed 288
+    support rows for 218 real ones in a mixed glyph batch)."""
+    return trimmed([t[i] for t in tensors])
 
 
 def trimmed(task: list[Tensor]) -> list[Tensor]:

@@ -50,6 +50,7 @@ from distributed_maml.core.inner import (
     meta_spec,
     split_lrs,
     task_losses,
+    task_of,
     with_learned_lrs,
 )
 from distributed_maml.core.inner import (
@@ -347,7 +348,7 @@ def meta_gradient(
         loss_after = acc_after = torch.zeros((), device=batch.x_query.device)
         losses, accs = [], []
         for i in range(len(batch)):
-            g, (task_loss, acc) = per_task(params, *(t[i] for t in batch.tensors()))
+            g, (task_loss, acc) = per_task(params, *task_of(batch.tensors(), i))
             grads = {k: grads[k] + g[k] for k in grads}
             loss_after, acc_after = loss_after + task_loss, acc_after + acc
             losses.append(task_loss)
