@@ -14,8 +14,12 @@ Three tables, one JSON:
 3. **vmap vs loop**: a mixed meta-batch's meta-gradient, padded and vmapped (shape-sorted and
    bucketed, as the step runs it), against a per-task loop over the unpadded episodes (what
    peers do). Target: >= 3x the loop for the MLP families.
+4. **conv4 by the loop** (issue 44): conv4-32 with per-task BatchNorm on mixed glyph episodes,
+   the CPU's default task map, its meta-gradient with each episode cut to its real examples
+   (core/inner.task_of) against the same loop on the padded tensors (the code before the cut),
+   in one run; and a fixed-shape batch's gradient by both, which must be the same bits.
 
-    python benchmarks/episodes.py [--repeats 5] [--json out.json]
+    python benchmarks/episodes.py [--repeats 5] [--only conv4_loop] [--json out.json]
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def timed(fn, repeats: int) -> float:
 
 def store(root: Path, family: str, spec: episodes.EpisodeSpec, n: int) -> Path:
     p = plan_stream(family, spec, 0, "train", n)
-    path = root / f"{family}-{n}.arrow"
+    path = root / f"{family}-{n}-{'-'.join(map(str, spec.to_tuple()))}.arrow"
     if not path.exists():
         write_batches(path, p.info, p.batches(), overwrite=False)
     return path
@@ -176,20 +180,82 @@ def vmap_vs_loop(root: Path, repeats: int) -> list[dict]:
     return rows
 
 
+def conv4_loop(root: Path, repeats: int) -> dict:
+    spec = episodes.EpisodeSpec(ways=(3, 10), shots=(1, 5), queries=(1, 4), max_support=30)
+    s = TaskStore.open(store(root, "glyphs", spec, episodes.TASK_IDS))
+    net = models.build(ModelConfig(name="conv4", channels=32), s.info, seed=0)
+    forward = models.functional(net)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    ids = Sampler.of(s, 0, 8).ids(0)
+    batch = maml.TaskBatch.from_numpy(s.rows(ids))  # one shard of 8 mixed episodes, padded
+    real = int((batch.y_support[..., 1] > 0).sum()), int((batch.y_query[..., 1] > 0).sum())
+
+    def step(task_of=maml.task_of, batch=batch) -> dict:
+        return loop_gradient(forward, params, batch, task_of)
+
+    after, before = timed(step, repeats), timed(lambda: step(padded_loop), repeats)
+    g_cut, g_pad = step(), step(padded_loop)
+    fixed = TaskStore.open(store(root, "glyphs", episodes.EpisodeSpec.fixed_shape(5, 1, 3), episodes.TASK_IDS))
+    fixed_batch = maml.TaskBatch.from_numpy(fixed.rows(np.arange(8)))
+    a, b = step(batch=fixed_batch), step(padded_loop, fixed_batch)
+    same_bits = all(torch.equal(a[k], b[k]) for k in a)
+    return {
+        "spec": spec.describe(),
+        "model": "conv4-32, per-task BatchNorm",
+        "meta_batch": 8,
+        "support_rows": {"padded": int(batch.y_support.shape[0] * batch.y_support.shape[1]), "real": real[0]},
+        "query_rows": {"padded": int(batch.y_query.shape[0] * batch.y_query.shape[1]), "real": real[1]},
+        "padded_loop_ms": 1e3 * before,
+        "cut_loop_ms": 1e3 * after,
+        "speedup": before / after,
+        "max_gradient_difference": max(float((g_cut[k] - g_pad[k]).abs().max()) for k in g_cut),
+        "fixed_shape_same_bits": same_bits,
+    }
+
+
+def padded_loop(tensors, i):
+    """The loop before issue 44: each task's padded tensors as they are."""
+    return [t[i] for t in tensors]
+
+
+def loop_gradient(forward, params, batch, task_of) -> dict:
+    """meta_gradient by the loop, each task's tensors taken by `task_of` (the cut, or the old way)."""
+    cut = maml.task_of
+    maml.task_of = task_of
+    try:
+        return maml.meta_gradient(forward, "classification", params, batch, MAML, "loop", before=False)[0]
+    finally:
+        maml.task_of = cut
+
+
+SECTIONS = ("id_space", "padding", "vmap_vs_loop", "conv4_loop")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=SECTIONS, nargs="+", default=list(SECTIONS))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
+    run = {"id_space": id_space, "padding": padding, "vmap_vs_loop": vmap_vs_loop, "conv4_loop": conv4_loop}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        result = {
-            "machine": f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
-            "id_space": id_space(root, args.repeats),
-            "padding": padding(root, args.repeats),
-            "vmap_vs_loop": vmap_vs_loop(root, args.repeats),
-        }
+        result = {"machine": f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"}
+        result.update({name: run[name](root, args.repeats) for name in args.only})
+    if "conv4_loop" in result:
+        r = result["conv4_loop"]
+        print(
+            f"conv4 by the loop, {r['model']}, {r['spec']}, meta-batch {r['meta_batch']}: support rows "
+            f"{r['support_rows']['real']} real of {r['support_rows']['padded']}, query rows {r['query_rows']['real']} "
+            f"of {r['query_rows']['padded']}\n  padded loop {r['padded_loop_ms']:.1f} ms, cut loop "
+            f"{r['cut_loop_ms']:.1f} ms: {r['speedup']:.2f}x; gradients differ by at most "
+            f"{r['max_gradient_difference']:.1e}; a fixed-shape batch the same bits: {r['fixed_shape_same_bits']}\n"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if "id_space" not in result:
+        return
     ids = result["id_space"]
     print("task ids      open seed (ms)  open glyphs (ms)  step seed MLP (ms)")
     for r in ids:
