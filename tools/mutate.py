@@ -56,6 +56,9 @@ def configure(dest: Path, modules: list[str], tests: list[str], timeout_multipli
         # the default tier's tests only; stop a mutant's run at its first failure
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q", "-m", "not slow and not cluster and not gpu"]',
         f"timeout_multiplier = {timeout_multiplier}",
+        # a worker forked from a process whose torch thread pool already ran hangs in its first
+        # parallel op (every mutant then "times out"): fork from a server that ran no test
+        'process_isolation = "forkserver"',
         # + seconds: a mutant's first test also opens the (cached) trained runs, which mutmut's
         # per-test times leave out (too short a limit calls a slow but correct mutant a timeout)
         "timeout_constant = 5.0",
