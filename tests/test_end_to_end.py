@@ -54,52 +54,6 @@ def test_default_train_lowers_the_meta_loss_and_beats_both_baselines(tmp_path, s
     assert max(res["accuracy_ci95"]) < 0.03
 
 
-def test_short_sinusoid_run_lowers_post_adaptation_mse(tmp_path):
-    out = tmp_path / "sin"
-    proc = run_cli(
-        "train",
-        "--config",
-        "jobs/sinusoid.toml",
-        "--output-dir",
-        out,
-        "--no-progress",
-        "--set",
-        "training.steps=1500",
-        "--set",
-        "training.log_every=500",
-        "--set",
-        "training.checkpoint_every=0",
-        "--set",
-        "scaling.num_workers=0",  # learning is what this checks (in-process: a third of the time); Ray's weights equal it elsewhere
-    )
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads(
-        run_cli(
-            "eval", "--run", out, "--steps", "0,1", "--json", "--num-tasks", "600", "--pretrain-steps", "1500"
-        ).stdout
-    )
-    # after one step MAML beats both baselines of the paper's comparison, on the same tasks
-    for name in ("pretrained", "scratch"):
-        base = res["baselines"][name]
-        assert res["loss_mean"][1] + res["loss_ci95"][1] < base["loss_mean"][1] - base["loss_ci95"][1], (name, res)
-    assert (out / "plots" / "sinusoid-tasks.png").stat().st_size > 10_000
-    assert (out / "plots" / "adaptation-10shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
-    assert [v["step"] for v in val] == [1500] and val[0]["val_loss"] < 1.0 and 0 < val[0]["val_loss_ci95"] < 0.3
-    untrained, _ = _random_init_curve("sinusoid", "sinusoid_mlp", 10, 10, 0.01, 0, [0, 1])
-    # the run's own step-0 weights are models.build(seed=0): compare with them too
-    store = build_in_memory("sinusoid", 600, seed=0, shots=10, queries=10, split="test")
-    init = models.build(ModelConfig(name="sinusoid_mlp"), store.info, seed=0)
-    batch = maml.TaskBatch.from_numpy(store.rows(np.arange(600)))
-    before, _ = maml.adaptation_curve(
-        models.functional(init), "regression", {k: v.detach() for k, v in init.named_parameters()}, batch, (0, 1), 0.01
-    )
-    assert res["loss_mean"][1] < 0.6 * float(before[:, 1].mean()), (res, before[:, 1].mean())
-    assert res["loss_mean"][1] < 0.6 * untrained[1]
-    assert res["loss_mean"][1] < res["loss_mean"][0]  # one step of adaptation helps
-    assert "accuracy_mean" not in res
-
-
 def test_eval_table_and_bad_flags(tmp_path):
     out = tmp_path / "run"
     assert (
@@ -151,8 +105,11 @@ def test_bench_algorithms_times_every_algorithm_through_the_projects_step():
 @pytest.mark.slow
 def test_full_sinusoid_reproduction_matches_the_paper(tmp_path):
     """jobs/sinusoid.toml end to end (70,000 steps, ~8 minutes in-process on 2 cores): at 5 shots
-    after one step MAML reaches the paper's 0.67 (within its CI), and beats the pretrained
-    baseline's 2.41 by far. Run with `pytest -m slow`."""
+    after one step MAML reaches the paper's 0.67 (within its CI), beats the pretrained baseline's
+    2.41 by far and scratch with the intervals apart, and the run's own step-0 weights; its
+    validation entries, the task and adaptation plots are there. (A 1,500-step version of these
+    checks was the default tier's longest test, ~56 s: its learning claims are this run's.) Run
+    with `pytest -m slow`."""
     out = tmp_path / "sin"
     proc = run_cli(
         "train",
@@ -171,3 +128,18 @@ def test_full_sinusoid_reproduction_matches_the_paper(tmp_path):
     )
     assert res["loss_mean"][0] - res["loss_ci95"][0] < 0.67 * 1.15
     assert res["loss_mean"][0] < 0.5 * res["baselines"]["pretrained"]["loss_mean"][0]
+    scratch = res["baselines"]["scratch"]
+    assert res["loss_mean"][0] + res["loss_ci95"][0] < scratch["loss_mean"][0] - scratch["loss_ci95"][0], res
+    assert (out / "plots" / "sinusoid-tasks.png").stat().st_size > 10_000
+    assert (out / "plots" / "adaptation-5shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert [v["step"] for v in val] == list(range(5000, 70001, 5000))
+    assert val[-1]["val_loss"] < 1.0 and 0 < val[-1]["val_loss_ci95"] < 0.3
+    # the run's own step-0 weights are models.build(seed=0): one step from them is far worse
+    store = build_in_memory("sinusoid", 600, seed=0, shots=5, queries=10, split="test")
+    init = models.build(ModelConfig(name="sinusoid_mlp"), store.info, seed=0)
+    batch = maml.TaskBatch.from_numpy(store.rows(np.arange(600)))
+    before, _ = maml.adaptation_curve(
+        models.functional(init), "regression", {k: v.detach() for k, v in init.named_parameters()}, batch, (0, 1), 0.01
+    )
+    assert res["loss_mean"][0] < 0.6 * float(before[:, 1].mean()), (res, before[:, 1].mean())
