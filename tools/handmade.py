@@ -1,0 +1,96 @@
+"""The hand-made bugs each guard exists to catch: put each in, one at a time, run its named
+test, and say whether the test failed (it must). The tree is restored after each.
+
+    python tools/handmade.py            # every kind
+    python tools/handmade.py 4a 6       # some
+
+A kind whose text is no longer in its module (the code moved or changed) is reported as
+"not applied": update its line here with the code, not the test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# kind: (what, module, the line as it is, the line with the bug, the test that must fail)
+BUGS: dict[str, tuple[str, str, str, str, str]] = {
+    # issue 43: the way out and episodes
+    "1": ("adapting fewer classes than outputs: the mask off by one", "distributed_maml/use/metamodel.py",
+          'mask[ways:] = float("-inf")', 'mask[ways + 1 :] = float("-inf")',
+          "tests/test_guards.py::test_adapting_fewer_classes_than_outputs_is_the_training_loop_on_its_padded_episode"),
+    "2": ("the test-time inner loop takes step 0's learned size", "distributed_maml/core/adaptation.py",
+          "first_step=step - 1)", "first_step=0)",
+          "tests/test_guards.py::test_learned_per_step_sizes_take_each_step_s_own_size"),
+    "3": ("export --checkpoint step_N writes the default checkpoint", "distributed_maml/use/export.py",
+          "checkpoint.resolve(run_dir, which)", "checkpoint.resolve(run_dir, None)",
+          "tests/test_guards.py::test_export_of_a_named_checkpoint_holds_that_checkpoint_and_no_local_path"),
+    "4a": ("the served cache turned first-in first-out", "distributed_maml/use/adaptbatch.py",
+           "        if entry is not None:\n            self._entries.move_to_end(task_id)\n", "",
+           "tests/test_guards.py::test_the_task_cache_is_least_recently_used_against_a_written_out_one"),
+    "4b": ("a request's steps ignored", "distributed_maml/use/adaptbatch.py",
+           "meta.adapt_many(tasks, steps)", "meta.adapt_many(tasks, None)",
+           "tests/test_guards.py::test_a_request_s_steps_are_the_steps_it_adapts_with_and_a_cached_answer_is_fresh_bits"),
+    "4c": ("a size limit refuses a request at exactly its limit", "distributed_maml/use/adaptrequest.py",
+           "len(x) > most", "len(x) >= most",
+           "tests/test_guards.py::test_a_request_at_each_limit_is_accepted_and_one_past_it_refused"),
+    "5": ("a capped episode's class gets no support example", "distributed_maml/data/episodes.py",
+          "shots = 1 + (shots - 1) * (spec.max_support - ways) // (total - ways)",
+          "shots = shots * spec.max_support // total",
+          "tests/test_guards.py::test_a_capped_episode_gives_every_class_support_and_keeps_the_cap"),
+    "5b": ("the cap overshot (the draw before issue 43)", "distributed_maml/data/episodes.py",
+           "shots = 1 + (shots - 1) * (spec.max_support - ways) // (total - ways)",
+           "shots = np.maximum(1, shots * spec.max_support // total)",
+           "tests/test_guards.py::test_a_capped_episode_gives_every_class_support_and_keeps_the_cap"),
+    "6": ("a step straddling two epochs draws both parts from the first", "distributed_maml/data/sampler.py",
+          "keyed_permutation(offset_of[mask], self.num_tasks, self.seed, e)",
+          "keyed_permutation(offset_of[mask], self.num_tasks, self.seed, first_epoch)",
+          "tests/test_guards.py::test_keyed_epochs_are_bijections_whatever_the_batch_and_the_step"),
+    "7": ("eval's groups report every task's numbers", "distributed_maml/evaluation/evaltable.py",
+          "**summarize(losses[m], None if accs is None else accs[m], steps, bound)",
+          "**summarize(losses, accs, steps, bound)",
+          "tests/test_guards.py::test_each_group_s_numbers_are_its_own_tasks"),
+    # issue 44: the per-task loop computes no padding
+    "8": ("the loop of one graph at a time computes the padding", "distributed_maml/core/maml.py",
+          "per_task(params, *task_of(batch.tensors(), i))", "per_task(params, *(t[i] for t in batch.tensors()))",
+          "tests/test_episodes.py::test_the_loop_computes_no_padding_for_any_algorithm"),
+}  # fmt: skip
+
+
+def check(kind: str) -> str:
+    what, module, good, bad, test = BUGS[kind]
+    path = REPO / module
+    src = path.read_text()
+    if src.count(good) != 1:
+        return f"{kind:>3}  not applied: {module} no longer holds its line once ({what})"
+    path.write_text(src.replace(good, bad))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", test],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        path.write_text(src)
+    failed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    verdict = f"caught by {len(failed)} failing test(s)" if proc.returncode == 1 and failed else "NOT CAUGHT"
+    return f"{kind:>3}  {verdict}: {what} ({test.split('::')[-1]})"
+
+
+def main(argv: list[str]) -> int:
+    kinds = argv or list(BUGS)
+    unknown = [k for k in kinds if k not in BUGS]
+    if unknown:
+        print(f"handmade: no kind {', '.join(unknown)}; kinds: {', '.join(BUGS)}", file=sys.stderr)
+        return 2
+    lines = [check(k) for k in kinds]
+    print("\n".join(lines))
+    return 0 if all("caught by" in line for line in lines) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
