@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,27 @@ def test_a_capped_episode_gives_every_class_support_and_keeps_the_cap(spec, seed
         assert len(e["y_query"]) % ways == 0 and 1 <= len(e["y_query"]) // ways <= spec.queries[1]
         assert not set(e["x_support"].ravel()) & set(e["x_query"].ravel())
         assert len(set(e["x_support"].ravel())) == len(e["x_support"])  # no example twice
+
+
+@PROPERTY
+@given(
+    lo=st.integers(2, 12),
+    extra=st.integers(0, 8),
+    shots=st.tuples(st.integers(1, 5), st.integers(1, 120)),
+    slack=st.integers(0, 6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_capped_shape_keeps_the_cap_and_a_shot_per_class(lo, extra, shots, slack, seed):
+    """The shape's draw alone, 64 tasks an example, caps near the most ways (where scaling bites
+    hardest) and shot ranges up to 120: the support set never passes the cap, every class keeps
+    1..its drawn shots, and a capped shape is only drawn when the drawn shots passed the cap."""
+    spec = episodes.EpisodeSpec((lo, lo + extra), (min(shots), max(shots)), (1, 2), lo + extra + slack)
+    for t in range(64):
+        rng = episodes.task_rng(seed, t)
+        ways, got, _ = episodes.draw_shape(rng, spec)
+        assert len(got) == ways and got.min() >= 1 and got.sum() <= spec.max_support, (spec, got)
+        _, drawn, _ = episodes.draw_shape(episodes.task_rng(seed, t), replace(spec, max_support=0))  # uncapped
+        assert (got <= drawn).all() and (got.sum() < drawn.sum() or (got == drawn).all())
 
 
 @PROPERTY

@@ -44,7 +44,7 @@ BUGS: dict[str, tuple[str, str, str, str, str]] = {
     "5b": ("the cap overshot (the draw before issue 43)", "distributed_maml/data/episodes.py",
            "shots = 1 + (shots - 1) * (spec.max_support - ways) // (total - ways)",
            "shots = np.maximum(1, shots * spec.max_support // total)",
-           "tests/test_guards.py::test_a_capped_episode_gives_every_class_support_and_keeps_the_cap"),
+           "tests/test_guards.py::test_a_capped_shape_keeps_the_cap_and_a_shot_per_class"),
     "6": ("a step straddling two epochs draws both parts from the first", "distributed_maml/data/sampler.py",
           "keyed_permutation(offset_of[mask], self.num_tasks, self.seed, e)",
           "keyed_permutation(offset_of[mask], self.num_tasks, self.seed, first_epoch)",
