@@ -243,6 +243,54 @@ def test_a_request_at_each_limit_is_accepted_and_one_past_it_refused(meta, name,
     assert e.value.status in (413, 422) and "\n" not in e.value.line
 
 
+def _png(img: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img[0]).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_every_bad_request_is_its_status_and_its_whole_line(meta):
+    """Each bad request against its exact status and whole line (Ray-free: what a replica
+    answers); the good ones beside them (PNG images, a one-character task id) are accepted."""
+    xs, ys, xq = _task(2, seed=3)
+    good = json.loads(_body(xs, ys, xq))
+    png = {"png": [_png(i) for i in xq]}
+    cases = [
+        (b"{not json", 400, "the request is not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+        (b"[1, 2]", 400, "the request must be a JSON object with 'query' (and 'support' or 'task_id')"),
+        (b'{"query": NaN}', 400, "the request is not JSON: NaN is not a finite number"),
+        ({**good, "extra": 1, "more": 2}, 422, "unknown field(s) extra, more; a request takes task_id, steps, support, query"),
+        ({**good, "task_id": ""}, 422, "task_id must be a string of 1 to 200 characters"),
+        ({**good, "task_id": 7}, 422, "task_id must be a string of 1 to 200 characters"),
+        ({**good, "steps": True}, 422, "steps must be a whole number in [0, 100], got True"),
+        ({**good, "steps": 1.5}, 422, "steps must be a whole number in [0, 100], got 1.5"),
+        ({"support": good["support"]}, 422, "the request has no 'query': {'x': [...]} (or 'png') to predict"),
+        ({"query": good["query"]}, 422, "the request has neither 'support' nor a 'task_id' adapted before"),
+        ({**good, "query": {"x": [[1]], "png": ["a"]}}, 422, "'query' must be an object with 'x' (arrays) or 'png' (base64 images)"),
+        ({**good, "query": [1, 2]}, 422, "'query' must be an object with 'x' (arrays) or 'png' (base64 images)"),
+        ({**good, "query": {"png": []}}, 422, "'query.png' must be a non-empty list of base64 PNG strings"),
+        ({**good, "query": {"png": ["not base64!"]}}, 422, "query.png[0] is not base64"),
+        ({**good, "query": {"png": ["aGVsbG8="]}}, 422, "query.png[0] is not a readable image"),
+        ({**good, "query": {"x": [[1, 2], [3]]}}, 422, "'query.x' is ragged: every example must have the same shape"),
+        ({**good, "query": {"x": [["a"]]}}, 422, "'query.x' must hold numbers, got <U1"),
+        ({**good, "support": {"x": good["support"]["x"]}}, 422, "'support.y' must be a list: a label (or target) per support example"),
+    ]  # fmt: skip
+    for body, status, line in cases:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with pytest.raises(RequestError) as e:
+            parse(meta, raw, Limits())
+        assert (e.value.status, e.value.line) == (status, line)
+    for ok in ({**good, "task_id": "a"}, {**good, "query": png}, {**good, "steps": 0}):
+        got = parse(meta, json.dumps(ok).encode(), Limits())
+        assert got.query.shape == (len(xq), 1, 28, 28) and got.support is not None
+    np.testing.assert_array_equal(parse(meta, json.dumps({**good, "query": png}).encode(), Limits()).query, xq)
+
+
 def test_deeply_nested_json_is_one_line_400(meta):
     for depth in (100_000, 2_000):
         with pytest.raises(RequestError) as e:
