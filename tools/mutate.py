@@ -11,8 +11,8 @@ what is mutated. Name the tests that cover the modules (the fast, Ray-free ones 
 exist): every mutant runs them, so minutes per module on a 2-core machine, not CI.
 
 It prints a table (module, mutants, killed, survived, timed out, score) and writes JSON
-(`--json`, default mutation.json): the score per module and each survivor's diff, to read and
-either answer with a test or accept with a reason in the issue's closing note.
+(`--json`, default mutation.json): the score per module and the survivors (`--diffs`: each one's
+diff), to read and either answer with a test or accept with a reason in the issue's closing note.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-multiplier", type=float, default=4.0, help="a mutant's time limit, x the clean run's")
     ap.add_argument("--json", default="mutation.json")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy (to run `mutmut browse` there)")
+    ap.add_argument("--diffs", action="store_true", help="each survivor's diff in the JSON (a second each)")
     ap.add_argument(
         "--tree", type=Path, default=REPO, help="another checkout to mutate (e.g. a `git worktree` of an older commit)"
     )
@@ -118,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mutate: mutmut produced no results ({run.stderr.strip()[-300:]})", file=sys.stderr)
             return 1
         survivors = [name for name, s in got.items() if s == "survived"]
-        diffs = {
-            name: subprocess.run(
+        show = lambda name: (
+            subprocess.run(  # noqa: E731  (about a second each: hundreds take minutes)
                 [sys.executable, "-m", "mutmut", "show", name], cwd=dest, capture_output=True, text=True
             ).stdout
-            for name in survivors
-        }
+        )
+        diffs = {name: show(name) if args.diffs else "" for name in survivors}
     finally:
         if not args.keep:
             shutil.rmtree(dest, ignore_errors=True)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:<{width}}  {r['mutants']:>7}  {r['killed']:>6}  {r['survived']:>8}  {r['timed_out']:>9}  {score:>5}")
     result = {"modules": rows, "tests": args.tests, "seconds": round(time.monotonic() - start), "survivors": diffs}
     Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"survivors' diffs in {args.json}; {result['seconds']} s")
+    print(f"survivors{' and their diffs' if args.diffs else ''} in {args.json}; {result['seconds']} s")
     return 0
 
 
