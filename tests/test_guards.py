@@ -36,7 +36,7 @@ from distributed_maml.data import episodes
 from distributed_maml.data.sampler import Sampler, keyed_permutation
 from distributed_maml.evaluation import evaltable
 from distributed_maml.training import checkpoint
-from distributed_maml.use.adaptbatch import CachedTask, Job, TaskCache, answer
+from distributed_maml.use.adaptbatch import DIVERGED, CachedTask, Job, TaskCache, answer
 from distributed_maml.use.adaptrequest import Limits, RequestError, parse
 
 from .conftest import assert_user_error, cli_in_process, run_cli, trained_once
@@ -156,6 +156,76 @@ def test_export_of_a_named_checkpoint_holds_that_checkpoint_and_no_local_path(ru
     text = json.dumps(card)
     for folder in {str(run.parent), str(tmp_path), str(Path.cwd())}:  # nothing of this machine's folders
         assert folder not in text, folder
+
+
+def test_the_card_says_what_the_run_is(run, tmp_path):
+    """Every field of an export's card against the run's own config, store info and checkpoint,
+    and the weights file's own sha-256; the files a plain folder's modes; load_any takes the
+    export as best or latest only; a card of another format is refused."""
+    import datetime
+    import hashlib
+    import os
+    from dataclasses import asdict
+
+    from distributed_maml.errors import CheckpointError, UserError
+    from distributed_maml.use.export import CARD, FORMAT, FORMAT_VERSION, WEIGHTS, export, load, load_any
+
+    out = export(run, tmp_path / "e", "latest")
+    card = json.loads((out / CARD).read_text())
+    ckpt = checkpoint.load(run / "checkpoints" / "step_3")
+    cfg, meta = ckpt.state.config, dm.open_run(run).meta_model("latest", device="cpu")
+    info = meta.info
+    assert (card["format"], card["format_version"]) == (FORMAT, FORMAT_VERSION)
+    assert card["model"] == {
+        "name": "mlp", "factory": None, "arguments": cfg.to_dict()["model"], "input_shape": [1, 28, 28],
+        "outputs": WAYS, "kind": "classification", "parameters": {k: list(v.shape) for k, v in meta.meta.items()},
+    }  # fmt: skip
+    assert card["trained_for"] == {"family": "glyphs", "ways": WAYS, "shots": 1, "queries": 2}
+    assert card["adaptation"] == {
+        "algorithm": "maml", "inner_steps": STEPS, "inner_lr": cfg.maml.inner_lr,
+        "learned_inner_lr": "per-layer-per-step", "first_order": cfg.maml.always_first_order(), "anil_head": None,
+        "imaml": None, "batch_norm": None, "precision": cfg.scaling.precision,
+    }  # fmt: skip
+    assert card["inputs"] == {"classes_trained_on": list(info.classes), "table_features": [], "standardised": False}
+    assert card["validation"] is None  # the run validated nothing (eval_every = 0)
+    prov = card["provenance"]
+    assert (prov["run"], prov["checkpoint"], prov["step"], prov["version"]) == (run.name, "step_3", 3, ckpt.version)
+    assert prov["weights_sha256"] == hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()
+    when = datetime.datetime.fromisoformat(prov["exported_at"])
+    assert (
+        when.utcoffset() == datetime.timedelta(0)
+        and abs(datetime.datetime.now(datetime.timezone.utc) - when).total_seconds() < 600
+    )
+    assert prov["torch"] == torch.__version__ and prov["distributed_maml"] not in ("", None)
+    assert card["config"] == cfg.to_dict() and card["store_info"] == json.loads(json.dumps(asdict(info)))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(f.name, f.stat().st_mode & 0o777) for f in out.iterdir()} == {(f, 0o666 & ~umask) for f in (CARD, WEIGHTS)}
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert [p.name for p in out.parent.iterdir()] == ["e"]  # no temporary folder left beside it
+    for which in (None, "best", "latest"):
+        assert all(torch.equal(load_any(out, which, "cpu").meta[k], meta.meta[k]) for k in meta.meta)
+    with pytest.raises(UserError, match="is an export"):
+        load_any(out, "step_1", "cpu")
+    for key, value in (("format", "other"), ("format_version", FORMAT_VERSION + 1)):
+        (out / CARD).write_text(json.dumps({**card, key: value}))
+        with pytest.raises(CheckpointError, match="is format"):
+            load(out, "cpu")
+
+
+def test_an_answer_holds_what_the_schema_says_and_a_diverged_task_is_a_422(meta):
+    xs, ys, xq = _task(3, seed=4)
+    ok = parse(meta, _body(xs, ys, xq, task_id="named"), Limits())
+    wild = parse(meta, _body(xs, ys, xq, steps=100), Limits())
+    wild = replace(wild, support=(wild.support[0].astype(np.float32) * 1e30, wild.support[1]))
+    good, bad = answer(meta, [Job(ok), Job(wild)])
+    want = meta.predict(xs, ys, xq)
+    assert good.status == 200 and good.body == {
+        "task_id": "named", "cached": False, "steps": STEPS, "batch": 2, "predictions": want.labels.tolist(),
+        "probabilities": want.probabilities.tolist(), "classes": list(want.classes),
+    }  # fmt: skip
+    assert good.remember is not None and good.remember.steps == STEPS and good.remember.classes == want.classes
+    assert (bad.status, bad.body, bad.remember) == (422, {"error": DIVERGED}, None)
 
 
 # -- 4: the service's cache, steps and limits (Ray-free: what a replica runs) -----------------------
