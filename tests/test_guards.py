@@ -502,6 +502,35 @@ def test_each_group_s_numbers_are_its_own_tasks():
         assert got[label]["loss_mean"] != overall["loss_mean"]
 
 
+@pytest.mark.parametrize("ways, most", [((3, 14), 4), ((2, 4), 4), ((5, 6), 3), ((4, 4), 4)])
+def test_ways_buckets_hold_each_task_by_its_own_drawn_ways(tmp_path, ways, most):
+    """eval's buckets by ways against each task's own drawn episode (its classes): every task in
+    exactly one bucket, whose label's range holds its ways; at most `most` buckets, disjoint,
+    covering the store's range; none for a store whose ways do not vary."""
+    from distributed_maml.data.onthefly import plan_stream
+    from distributed_maml.data.store import TaskStore
+    from distributed_maml.data.writing import write_batches
+
+    spec = episodes.EpisodeSpec(ways, (1, 2), (1, 1), 0)
+    plan = plan_stream("glyphs", spec, 7, "train", episodes.TASK_IDS)
+    store = TaskStore.open(write_batches(tmp_path / "s.arrow", plan.info, plan.batches(), overwrite=False))
+    n = 120
+    buckets = evaltable.ways_buckets(store, n, most)
+    if ways[0] == ways[1]:
+        assert buckets == {}
+        return
+    drawn = np.array([len(store.drawer.episode(t)["params"]) for t in range(n)])
+    assert 1 < len(buckets) <= most and sum(m.sum() for m in buckets.values()) == n
+    covered = []
+    for label, mask in buckets.items():
+        lo, _, hi = label.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+        assert ((drawn[mask] >= lo) & (drawn[mask] <= hi)).all(), (label, drawn[mask])
+        assert not ((drawn[~mask] >= lo) & (drawn[~mask] <= hi)).any(), label
+        covered += list(range(lo, hi + 1))
+    assert sorted(covered) == sorted(set(covered)) and set(drawn) <= set(covered) <= set(range(ways[0], ways[1] + 1))
+
+
 # -- one line, as the user sees it -------------------------------------------------------------------
 
 
