@@ -190,7 +190,8 @@ def test_user_model_and_family_through_the_cli(tmp_path, capsys):
     assert ok.returncode == 0, ok.stderr
     assert "tasks by loop" in ok.stdout and "done: 2 steps" in ok.stdout
     assert "kwargs = {width = 3}" in (tmp_path / "user" / "config.toml").read_text()
-    fam = run_cli(
+    fam = cli_in_process(  # the user's family by import path (the shell's view: the network above)
+        capsys,
         *base,
         "--set",
         f"task.family={NETS}:Quadratic",
@@ -208,7 +209,8 @@ def test_user_model_and_family_through_the_cli(tmp_path, capsys):
     assert fam.returncode == 0, fam.stderr
     assert "Val Loss:" in fam.stdout  # validation tasks come from the user's generator too (its val stream)
     assert_user_error(
-        run_cli(
+        cli_in_process(
+            capsys,
             *base,
             "--set",
             f"model.name={NETS}:running_stats",

@@ -179,6 +179,7 @@ def test_collective_mode_equals_driver_mode_bit_for_bit(tmp_path, store_path, re
     assert [r["step"] for r in _metric_lines(tmp_path / "collective")] == [1, 3, 6]
 
 
+@pytest.mark.cluster  # a second collective group (~8 s); the default tier's group is MAML's above
 def test_imaml_in_a_collective_group_equals_driver_mode_bit_for_bit(tmp_path, store_path):
     """iMAML (implicit meta-gradients, conjugate gradient in every worker) through the collective
     path: the weights of the driver-mode run, bit for bit."""

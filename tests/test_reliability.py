@@ -162,7 +162,9 @@ def straight_run(tmp_path_factory):
     return straight
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# Each signal once in the default tier (Ctrl-C here, SIGTERM for the stop between logged steps
+# below); the other pairing with the cluster tier's fault phases (the suite's time budget)
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.cluster)])
 def test_a_signal_saves_the_last_step_and_resume_is_bit_identical(tmp_path, sig, straight_run):
     out, _, _ = _signal_and_resume(tmp_path, sig, INPROC, 150)
     a, b = (checkpoint.load(checkpoint.latest(d)) for d in (straight_run, out))
@@ -198,7 +200,7 @@ def _same_run(a_dir: Path, b_dir: Path, rtol: float = 0.0) -> None:
             assert la.keys() == lb.keys() and la == pytest.approx(lb, rel=rtol), (la, lb)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.cluster), signal.SIGTERM])
 def test_a_stop_between_logged_steps_resumes_bit_identical(tmp_path, sig, straight_run):
     """log_every = 10, no periodic checkpoints: the stop lands inside a chunk of steps, where a
     wrong count (saving step N with N - 1 updates) would go unseen with log_every = 1."""

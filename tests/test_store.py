@@ -93,14 +93,16 @@ def _rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
 
 
-def test_opening_a_1gb_store_costs_a_few_mb_of_rss(tmp_path):
+def test_opening_a_400mb_store_costs_a_few_mb_of_rss(tmp_path):
+    """Memory-mapped: reading rows maps pages, it does not load the file (400 MB: 50 times the
+    bound; 1 GB measured the same and cost 9 s of the default tier)."""
     path = tmp_path / "big.arrow"
-    info = data.build(path, "seed", 22000, shots=100, queries=400, progress=False)  # ~48 KB a task
-    assert path.stat().st_size > 1e9
+    info = data.build(path, "seed", 9000, shots=100, queries=400, progress=False)  # ~48 KB a task
+    assert path.stat().st_size > 4e8
     os.posix_fadvise(os.open(path, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
     before = _rss_kib()
     s = data.TaskStore.open(path)
-    rows = s.rows(np.array([0, 10_000, 21_999]))
+    rows = s.rows(np.array([0, 4_000, 8_999]))
     grown = (_rss_kib() - before) / 1024
     assert rows["x_query"].shape == (3, 800, 10) and len(s) == info.num_tasks
     assert grown < 8, f"RSS grew by {grown:.1f} MiB"

@@ -16,7 +16,7 @@ import pytest
 from distributed_maml import config
 from distributed_maml.cli import main as cli
 
-from .conftest import REPO, assert_user_error, run_cli
+from .conftest import REPO, assert_user_error, cli_in_process, run_cli
 
 pytestmark = pytest.mark.ray
 
@@ -79,16 +79,17 @@ def test_a_bad_search_space_is_one_line_before_any_trial(tmp_path, capsys, tune,
     assert not out.exists()  # nothing made, no Ray started
 
 
-def test_a_sweep_that_cannot_validate_or_rank_is_refused(tmp_path):
-    """Through the real command line: no validation (eval_every = 0), a pool sized by the cluster,
-    a trial larger than the cluster."""
+def test_a_sweep_that_cannot_validate_or_rank_is_refused(tmp_path, capsys):
+    """No validation (eval_every = 0) and a pool sized by the cluster are refused before Ray
+    starts (the parser's error path, in this interpreter); a trial larger than the cluster through
+    the real command line, where Ray's own start-up lines come first."""
     sweep = _sweep_file(tmp_path, '"maml.inner_lr" = { choice = [0.1, 0.2] }')
     for bad, needle in [
         ("training.eval_every=0", "training.eval_every >= 1"),
         ("scaling.num_workers=-1", "a fixed number"),
     ]:
-        proc = run_cli("tune", sweep, "--set", bad, "--output-dir", tmp_path / "x")
-        assert_user_error(proc, needle)
+        assert_user_error(cli_in_process(capsys, "tune", sweep, "--set", bad, "--output-dir", tmp_path / "x"), needle)
+        assert not (tmp_path / "x").exists()
     # more than this machine's local Ray holds: Tune would keep it pending for ever. Checked on the
     # cluster (Ray's own start-up lines come first), before the sweep's folder is made
     proc = run_cli("tune", sweep, "--set", "scaling.num_workers=4", "--output-dir", tmp_path / "x")
@@ -102,6 +103,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.cluster  # a Tune experiment in a shell (~30 s): the cluster tier holds the module's experiments
 def test_a_sweep_runs_its_trials_as_runs_and_writes_the_best_config(tmp_path):
     """A 2x2 grid (inner step size x in-process or one Ray worker), ASHA on: every trial is a run folder with
     its drawn values in config.toml; the table ranks them by their best validation loss, read
