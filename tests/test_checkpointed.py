@@ -100,6 +100,7 @@ def test_checkpoint_inner_with_a_first_order_or_reptile_run_is_one_clear_line():
     )
 
 
+@pytest.mark.cluster  # three fresh interpreters (the benchmark measures each row alone, ~16 s): with the shell-heavy tier
 def test_bench_memory_prints_every_row_and_its_json(capsys):
     """`bench --memory`: one row per (mode, inner steps), each from a fresh process, and the JSON
     line last; a bad mode is one line. (Its numbers are a benchmark's: docs/benchmarks.md.)"""

@@ -11,7 +11,7 @@ from distributed_maml.config import ModelConfig
 from distributed_maml.core import maml, models
 from distributed_maml.data.writing import build_in_memory
 
-from .conftest import assert_user_error, cli_in_process, run_cli
+from .conftest import assert_user_error, cli_in_process, run_cli, train_on
 
 
 def _metrics(run_dir):
@@ -56,12 +56,7 @@ def test_default_train_lowers_the_meta_loss_and_beats_both_baselines(tmp_path, s
 
 def test_eval_table_and_bad_flags(tmp_path, capsys):
     out = tmp_path / "run"
-    assert (
-        run_cli(
-            "train", "--output-dir", out, "--set", "training.steps=5", "--set", "scaling.num_workers=0", "--no-progress"
-        ).returncode
-        == 0
-    )
+    train_on(out, None, ["training.steps=5", "scaling.num_workers=0"])  # the shell's view: eval's table below
     table = run_cli("eval", "--run", out, "--steps", "0,1", "--num-tasks", "50")
     assert table.returncode == 0 and "± " in table.stdout and "inner steps" in table.stdout
     # bad flags: the parser's error path in this interpreter (the shell's view is the table above)

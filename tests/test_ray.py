@@ -139,12 +139,18 @@ def test_killed_worker_is_restarted_and_its_shard_recomputed(tmp_path, store_pat
 @pytest.mark.parametrize(
     "variant",
     [
-        ["maml.algorithm=anil"],
+        # The default tier: the algorithms whose learner or worker path differs (Reptile's SGD
+        # learner, iMAML's implicit gradient); the rest compute another meta_gradient on the same
+        # path (each equal to its oracle Ray-free), with the cluster tier (the suite's time budget)
+        pytest.param(["maml.algorithm=anil"], marks=pytest.mark.cluster),
         ["maml.algorithm=reptile"],
-        ["maml.multi_step_loss=true", "maml.msl_anneal_steps=4", "maml.first_order_until=2"],
-        ["maml.algorithm=meta-sgd"],
+        pytest.param(
+            ["maml.multi_step_loss=true", "maml.msl_anneal_steps=4", "maml.first_order_until=2"],
+            marks=pytest.mark.cluster,
+        ),
+        pytest.param(["maml.algorithm=meta-sgd"], marks=pytest.mark.cluster),
         ["maml.algorithm=imaml", "maml.imaml_cg_steps=3"],
-        ["maml.checkpoint_inner=true", "maml.multi_step_loss=true"],
+        pytest.param(["maml.checkpoint_inner=true", "maml.multi_step_loss=true"], marks=pytest.mark.cluster),
     ],
     ids=["anil", "reptile", "maml++", "meta-sgd", "imaml", "checkpointed"],
 )
@@ -340,14 +346,14 @@ def _phase_run(tmp_path, store_path, mode, hook):
     return result, ex, time.monotonic() - started
 
 
-# Every phase in each mode; the default run takes each phase in one mode (the suite's time
-# budget), the other three under -m slow
+# Every phase in each mode; the default run takes the driver's first line and checkpoint, the
+# cluster tier the collective validation (with its rank-loss tests), the other three -m slow
 @pytest.mark.parametrize(
     "phase,mode",
     [
         ("first-line", "driver"),
         ("checkpoint", "driver"),
-        ("validation", "collective"),
+        pytest.param("validation", "collective", marks=pytest.mark.cluster),  # collective faults: the cluster tier's
         pytest.param("first-line", "collective", marks=pytest.mark.slow),
         pytest.param("checkpoint", "collective", marks=pytest.mark.slow),
         pytest.param("validation", "driver", marks=pytest.mark.slow),
@@ -500,22 +506,31 @@ def test_a_rank_lost_inside_a_chunk_reruns_the_chunk_from_its_start(tmp_path, st
 SHARDS8 = [*BASE, "training.log_every=2"]
 
 
-def test_shards_by_speed_give_the_bits_of_any_pool_with_the_same_shards(tmp_path, store_path):
-    """8 shards a step, computed by 2 workers x 4 (worker-1 slowed: it gets fewer of them, its
-    share logged), by 4 x 2, and by 2 x 4 with worker-1 killed while it holds several (each of
-    them computed again once): the in-process run of the same 8 shards, bit for bit."""
-    import json
-
+@pytest.fixture(scope="module")
+def shards8_oracle(tmp_path_factory, store_path):
+    """The in-process run of 8 shards a step, computed as 1-CPU workers compute them."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 1-CPU worker's arithmetic
     try:
         oracle, _ = train_on(
-            tmp_path / "inproc", store_path, [*SHARDS8, "scaling.num_workers=0", "scaling.shards_per_worker=8"]
+            tmp_path_factory.mktemp("inproc8") / "inproc",
+            store_path,
+            [*SHARDS8, "scaling.num_workers=0", "scaling.shards_per_worker=8"],
         )
     finally:
         torch.set_num_threads(threads)
+    return oracle
+
+
+def test_shards_by_speed_give_the_bits_of_any_pool_with_the_same_shards(tmp_path, store_path, shards8_oracle):
+    """8 shards a step, computed by 2 workers x 4 (worker-1 slowed: it gets fewer of them, its
+    share logged) and by 2 x 4 with worker-1 killed while it holds several (each of them computed
+    again once): the in-process run of the same 8 shards, bit for bit. (4 x 2: below.)"""
+    import json
+
+    oracle = shards8_oracle
 
     def slowed(ex):
         ex.start()  # the workers up (bounded), then the straggler made
@@ -530,9 +545,6 @@ def test_shards_by_speed_give_the_bits_of_any_pool_with_the_same_shards(tmp_path
     assert shares["worker-1"] < shares["worker-0"] and sum(shares.values()) == 8, shares  # the straggler got fewer
     assert last["time"]["worker_tasks"]["worker-1"] < last["time"]["worker_tasks"]["worker-0"]
     np.testing.assert_array_equal(slow.weights, oracle.weights)
-
-    four, _ = train_run(tmp_path, store_path, "four", 4, ["training.log_every=2", "scaling.shards_per_worker=2"])
-    np.testing.assert_array_equal(four.weights, oracle.weights)
 
     sent: list[tuple[int, ...]] = []
     killed: list[int] = []
@@ -558,6 +570,13 @@ def test_shards_by_speed_give_the_bits_of_any_pool_with_the_same_shards(tmp_path
     again = [s for s, n in counts.items() if n == 2]
     assert len(again) >= 2 and all(n in (1, 2) for n in counts.values()), counts  # its shards, each once more
     np.testing.assert_array_equal(lost.weights, oracle.weights)
+
+
+@pytest.mark.cluster  # four workers on two cores (~7 s): the default tier's pool of the same shards is 2 x 4 above
+def test_the_same_shards_by_four_workers_give_the_same_bits(tmp_path, store_path, shards8_oracle):
+    """The 8 shards by 4 workers x 2: the in-process run's bits."""
+    four, _ = train_run(tmp_path, store_path, "four", 4, ["training.log_every=2", "scaling.shards_per_worker=2"])
+    np.testing.assert_array_equal(four.weights, shards8_oracle.weights)
 
 
 def test_pools_of_different_slices_in_one_run(tmp_path, store_path):

@@ -545,6 +545,7 @@ def test_resume_with_a_conflicting_config_changes_nothing(tmp_path, capsys):
     assert tree_digest(out) == before
 
 
+@pytest.mark.cluster  # Ray's object store over a 60-step run of 2 workers (~9 s): with the Ray-heavy tier
 def test_object_references_do_not_leak_over_a_run(tmp_path):
     """The driver owns no more Ray objects after a run than before it, and the count is flat
     during the run (one weights object per step, released after the step)."""
