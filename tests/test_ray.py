@@ -408,6 +408,7 @@ def test_a_worker_lost_in_any_phase_costs_no_weight(tmp_path, store_path, undist
     assert took < undisturbed_s + 3 + 30  # worker_timeout_s + a restart (the start grace) at most
 
 
+@pytest.mark.cluster  # a node lost during the store probe (~7 s): with the cluster tier's node-loss tests
 def test_a_slot_that_does_not_answer_the_store_probe_reads_it_from_the_object_store(
     tmp_path, store_path, undisturbed, monkeypatch
 ):

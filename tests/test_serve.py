@@ -208,6 +208,7 @@ def adapter_replicas() -> list[dict]:
     return [a for a in actors if "SERVE_REPLICA" in a["name"] and "Adapter" in a["name"]]
 
 
+@pytest.mark.cluster  # a replica killed under load (~7 s): with the cluster tier's fault phases
 def test_a_replica_killed_under_load_is_replaced(maml_app):
     import ray
 

@@ -81,8 +81,7 @@ def test_a_bad_search_space_is_one_line_before_any_trial(tmp_path, capsys, tune,
 
 def test_a_sweep_that_cannot_validate_or_rank_is_refused(tmp_path, capsys):
     """No validation (eval_every = 0) and a pool sized by the cluster are refused before Ray
-    starts (the parser's error path, in this interpreter); a trial larger than the cluster through
-    the real command line, where Ray's own start-up lines come first."""
+    starts (the parser's error path, in this interpreter); a trial larger than the cluster: below."""
     sweep = _sweep_file(tmp_path, '"maml.inner_lr" = { choice = [0.1, 0.2] }')
     for bad, needle in [
         ("training.eval_every=0", "training.eval_every >= 1"),
@@ -90,6 +89,11 @@ def test_a_sweep_that_cannot_validate_or_rank_is_refused(tmp_path, capsys):
     ]:
         assert_user_error(cli_in_process(capsys, "tune", sweep, "--set", bad, "--output-dir", tmp_path / "x"), needle)
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.cluster  # a local Ray started in a shell to be asked its size (~7 s): with the module's Tune experiments
+def test_a_trial_larger_than_the_cluster_is_refused_through_the_shell(tmp_path):
+    sweep = _sweep_file(tmp_path, '"maml.inner_lr" = { choice = [0.1, 0.2] }')
     # more than this machine's local Ray holds: Tune would keep it pending for ever. Checked on the
     # cluster (Ray's own start-up lines come first), before the sweep's folder is made
     proc = run_cli("tune", sweep, "--set", "scaling.num_workers=4", "--output-dir", tmp_path / "x")
