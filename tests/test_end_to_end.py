@@ -41,7 +41,9 @@ def test_default_train_lowers_the_meta_loss_and_beats_both_baselines(tmp_path, s
     first, last = m[0]["meta_loss"], np.mean([x["meta_loss"] for x in m[-5:]])
     assert last < 0.8 * first, (first, last)
 
-    ev = run_cli("eval", "--run", out, "--steps", "0,5", "--json", "--no-baselines")
+    # in-process (--workers 0): the run's two Ray workers again cost a Ray start; eval through
+    # workers equals it (test_ray.py::test_evaluation_through_ray_workers_matches_in_process)
+    ev = run_cli("eval", "--run", out, "--steps", "0,5", "--json", "--no-baselines", "--workers", "0")
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout)
     assert res["steps"] == [0, 5] and res["num_tasks"] == 600

@@ -233,6 +233,7 @@ def test_a_collective_group_that_cannot_form_is_one_line_naming_where(tmp_path, 
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.cluster  # a fault phase (~6 s): the default tier keeps a killed worker's restart and the last worker's loss
 def test_a_worker_that_keeps_failing_hands_its_shards_over(tmp_path, store_path, reference):
     killed: list[int] = []
     result, ex = train_run(
@@ -580,6 +581,7 @@ def test_the_same_shards_by_four_workers_give_the_same_bits(tmp_path, store_path
     np.testing.assert_array_equal(four.weights, shards8_oracle.weights)
 
 
+@pytest.mark.cluster  # three workers of two slice sizes (~5 s): shards by speed above keeps the default tier's handout
 def test_pools_of_different_slices_in_one_run(tmp_path, store_path):
     """scaling.pools: one worker of 1 CPU beside two of half a CPU, each its own slot and slice,
     6 shards a step by speed: the in-process run of the same 6 shards, bit for bit."""
