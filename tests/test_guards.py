@@ -184,7 +184,7 @@ def test_the_card_says_what_the_run_is(run, tmp_path):
     assert card["adaptation"] == {
         "algorithm": "maml", "inner_steps": STEPS, "inner_lr": cfg.maml.inner_lr,
         "learned_inner_lr": "per-layer-per-step", "first_order": cfg.maml.always_first_order(), "anil_head": None,
-        "imaml": None, "batch_norm": None, "precision": cfg.scaling.precision,
+        "head": "fixed", "most_ways": WAYS, "imaml": None, "batch_norm": None, "precision": cfg.scaling.precision,
     }  # fmt: skip
     assert card["inputs"] == {"classes_trained_on": list(info.classes), "table_features": [], "standardised": False}
     assert card["validation"] is None  # the run validated nothing (eval_every = 0)

@@ -472,3 +472,147 @@ def test_a_variable_episode_run_adapts_to_a_user_s_task_of_fewer_ways_and_export
     assert set(got) <= set(names)
     dm.export(tmp_path / "run", tmp_path / "export")
     assert np.array_equal(dm.load(tmp_path / "export").adapt(xs, np.repeat(names, 2)).predict(xq), got)
+
+
+def _twelve_way_task(tmp_path):
+    """12 glyph classes (2 support and 2 query images each), named c00..c11, and the same task
+    as image folders (one per class) and a query folder, for the command line."""
+    from PIL import Image
+
+    table = FAMILIES["glyphs"].table("train")
+    names = np.array([f"c{k:02d}" for k in range(12)])
+    pick = [table.images[table.labels == c] for c in range(100, 112)]  # classes no 3-5-way draw needs
+    xs, xq = np.concatenate([p[:2] for p in pick]), np.concatenate([p[2:4] for p in pick])
+    for i, img in enumerate(xs):
+        (tmp_path / "support" / names[i // 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0]).save(tmp_path / "support" / names[i // 2] / f"{i}.png")
+    (tmp_path / "query").mkdir()
+    for i, img in enumerate(xq):
+        Image.fromarray(img[0]).save(tmp_path / "query" / f"q{i:02d}.png")
+    return xs, names, xq
+
+
+@pytest.fixture(scope="module")
+def head_runs(tmp_path_factory):
+    """One short run of 3-5 ways per maml.head, trained when a test first asks (module scope)."""
+    import functools
+
+    @functools.cache
+    def trained(head: str):
+        folder = tmp_path_factory.mktemp(f"head-{head}") / "run"
+        sets = [*SMALL, "task.ways=[3, 5]", f"maml.head={head}", "training.steps=3"]
+        r = run.prepare(config.load(None, sets), folder, progress=False)
+        ex = train.make_executor(r)
+        try:
+            train.train(r, ex, progress=False)
+        finally:
+            ex.close()
+        return folder
+
+    return trained
+
+
+@pytest.mark.parametrize("head", ["unicorn", "proto"])
+def test_a_run_of_3_to_5_ways_adapts_a_12_way_task_by_every_path_and_renaming_renames(tmp_path, head, head_runs):
+    """maml.head unicorn or proto: a run trained on 3-5 ways adapts a 12-way task; the API, an
+    export and `distributed-maml adapt` (image folders) answer the same bits; the classes renamed
+    (a permutation of the names), each query's prediction is its old one renamed and its
+    probabilities the same, to float rounding. A fixed head refuses the task in one line that
+    names the heads that take it."""
+    import pyarrow.parquet as pq
+
+    import distributed_maml as dm
+    from distributed_maml.errors import InputError
+
+    trained = head_runs(head)
+    xs, names, xq = _twelve_way_task(tmp_path)
+    meta = dm.open_run(trained).meta_model(device="cpu")
+    assert meta.info.output_dim == 5 and meta.most_ways == 1000
+    adapted = meta.adapt(xs, np.repeat(names, 2))
+    got, proba = adapted.predict(xq), adapted.predict_proba(xq)
+    assert proba.shape == (24, 12) and set(got) <= set(names) and adapted.classes == tuple(names)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+
+    renamed = names[np.random.default_rng(0).permutation(12)]  # class k is now called renamed[k]
+    again = meta.adapt(xs, np.repeat(renamed, 2))
+    assert list(again.predict(xq)) == [renamed[list(names).index(g)] for g in got]
+    columns = [list(again.classes).index(n) for n in renamed]  # each class's column in the new order
+    np.testing.assert_allclose(again.predict_proba(xq)[:, columns], proba, rtol=1e-5, atol=1e-6)
+
+    dm.export(trained, tmp_path / "export")
+    card = json.loads((tmp_path / "export" / "card.json").read_text())
+    assert card["adaptation"]["head"] == head and card["adaptation"]["most_ways"] == 1000
+    np.testing.assert_array_equal(
+        dm.load(tmp_path / "export", device="cpu").adapt(xs, np.repeat(names, 2)).predict_proba(xq), proba
+    )
+    out = tmp_path / "predictions.parquet"
+    proc = run_cli("adapt", "--run", tmp_path / "export", "--support", tmp_path / "support", "--query",
+                   tmp_path / "query", "--out", out, "--device", "cpu")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(out)
+    assert table["prediction"].to_pylist() == list(got)
+    shell = np.stack([table[f"p_{n}"].to_numpy() for n in names], 1)
+    np.testing.assert_array_equal(shell.astype(np.float32), proba)
+
+    _train(tmp_path, "fixed", 1)  # SMALL's fixed head, 2-4 ways
+    with pytest.raises(InputError, match=r"at most 4 apart \(it was trained .* maml.head = unicorn or proto"):
+        dm.open_run(tmp_path / "fixed").meta_model(device="cpu").adapt(xs, np.repeat(names, 2))
+
+
+def test_a_relabelling_is_a_permutation_of_each_task_s_own_classes():
+    """Every assignment maps each task's real labels through a bijection of its own ways (the
+    same one in its support and query sets); padded examples are untouched; assignment j is the
+    same for a task wherever it is drawn."""
+    from distributed_maml.evaluation.permutations import relabelled
+
+    st = episodes.Drawer(3, episodes.EpisodeSpec(ways=(2, 5), shots=(1, 3), queries=(1, 2)), "classification",
+                         examples=_tiny_examples())  # fmt: skip
+    ids = np.arange(12)
+    rows = st.rows(ids)
+    seen = set()
+    for j in (1, 2):
+        new = relabelled(rows, ids, 5, j)
+        for t in range(12):
+            ways = int(rows["y_support"][t, :, 1].max())
+            for key in ("y_support", "y_query"):
+                real = rows[key][t, :, 1] > 0
+                assert np.array_equal(new[key][t, ~real], rows[key][t, ~real]) and np.array_equal(
+                    new[key][t, :, 1], rows[key][t, :, 1]
+                )
+            pairs = {(int(a), int(b)) for key in ("y_support", "y_query")
+                     for a, b, r in zip(rows[key][t, :, 0], new[key][t, :, 0], rows[key][t, :, 1] > 0, strict=True) if r}  # fmt: skip
+            mapping = dict(pairs)
+            assert len(mapping) == len(pairs) == ways and sorted(mapping.values()) == list(range(ways))  # a bijection
+            seen.add(tuple(sorted(mapping.items())))
+        again = relabelled({k: v[3:4] for k, v in rows.items()}, ids[3:4], 5, j)
+        assert np.array_equal(again["y_query"][0], new["y_query"][3])  # keyed by (assignment, id), not position
+    assert len(seen) > 12  # the assignments differ
+    assert np.array_equal(rows["y_support"], st.rows(ids)["y_support"])  # the input is not changed
+
+
+def test_eval_permutations_shows_what_a_fixed_head_costs(head_runs, tmp_path, capsys):
+    """`eval --permutations 4`: a fixed head's accuracy moves with the label assignment, a
+    unicorn or proto head's does not (to float rounding); the table says so in one line."""
+    from distributed_maml.cli import main as cli
+    from distributed_maml.evaluation import evaluate
+
+    _train(tmp_path, "fixed", 3)
+    spread = {}
+    for name, folder in [
+        ("fixed", tmp_path / "fixed"),
+        ("unicorn", head_runs("unicorn")),
+        ("proto", head_runs("proto")),
+    ]:
+        res = evaluate.evaluate(folder, steps=[0, 1], num_tasks=40, baselines=False, workers=0, permutations=4)
+        p = res["permutations"]
+        assert p["assignments"] == 4 and len(p["accuracy"]) == 4 and p["steps"] == 1
+        assert p["accuracy"][0] == pytest.approx(res["accuracy_mean"][1], abs=1e-6)  # assignment 0: the tasks as stored
+        spread[name] = p["spread"]
+    assert spread["fixed"] > 1e-3 and spread["unicorn"] < 1e-5 and spread["proto"] < 1e-5, spread
+    code = cli.main(["eval", "--run", str(head_runs("unicorn")), "--steps", "0,1", "--num-tasks", "20", "--no-baselines",
+                     "--workers", "0", "--permutations", "3"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "label assignments (3, accuracy after 1 inner steps): mean" in out, out
+    for bad in ("1", "1001"):
+        proc = cli_in_process(capsys, "eval", "--run", head_runs("unicorn"), "--permutations", bad, "--workers", "0")
+        assert_user_error(proc, "--permutations must be in [2, 1000]")

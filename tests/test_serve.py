@@ -127,6 +127,36 @@ def test_served_predictions_equal_the_api_for_every_family(ray_serve, runs, tmp_
             assert g["predictions"] == want.labels.tolist() and tuple(g["classes"]) == want.classes
 
 
+def test_a_served_unicorn_run_adapts_more_classes_than_it_trained_on(ray_serve, tmp_path):
+    """maml.head = unicorn, trained on 3-5 ways: a 12-way task served answers the API's bits
+    (the export's head and limit on /info: any number of classes, up to 1,000)."""
+    from distributed_maml import config
+    from distributed_maml.training import run, train
+
+    from .test_onthefly import SMALL, _twelve_way_task
+
+    sets = [*SMALL, "task.ways=[3, 5]", "maml.head=unicorn", "training.steps=2"]
+    r = run.prepare(config.load(None, sets), tmp_path / "run", progress=False)
+    ex = train.make_executor(r)
+    try:
+        train.train(r, ex, progress=False)
+    finally:
+        ex.close()
+    exported = dm.export(tmp_path / "run", tmp_path / "export")
+    deploy(ray_serve, exported)
+    xs, names, xq = _twelve_way_task(tmp_path)
+    payload = {"support": {"x": xs.tolist(), "y": np.repeat(names, 2).tolist()}, "query": {"x": xq.tolist()}}
+    answer = post(ray_serve, payload)
+    assert answer.status_code == 200, answer.text
+    with one_thread():
+        want = dm.load(exported, device="cpu").predict(xs, np.repeat(names, 2), xq)
+    got = answer.json()
+    assert tuple(got["classes"]) == tuple(names) and got["predictions"] == want.labels.tolist()
+    np.testing.assert_array_equal(np.asarray(got["probabilities"], dtype=np.float32), want.probabilities)
+    info = requests.get(f"{ray_serve}/card", timeout=30).json()
+    assert (info["head"], info["most_ways"], info["trained_for"]["ways"]) == ("unicorn", 1000, 5)
+
+
 @pytest.fixture(scope="module")
 def maml_app(ray_serve, runs):  # noqa: F811
     """The plain-MAML run served straight from its run folder, with a token (on loopback a

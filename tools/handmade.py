@@ -76,6 +76,22 @@ BUGS: dict[str, tuple[str, str, str, str, str]] = {
     "8": ("the loop of one graph at a time computes the padding", "distributed_maml/core/maml.py",
           "per_task(params, *task_of(batch.tensors(), i))", "per_task(params, *(t[i] for t in batch.tensors()))",
           "tests/test_episodes.py::test_the_loop_computes_no_padding_for_any_algorithm"),
+    # issue 45: heads of any number of classes
+    "45.1": ("unicorn's copies cut from the shared row (its gradient lost)", "distributed_maml/core/heads.py",
+             "p[self.weight].expand(rows, self.features)", "p[self.weight].detach().expand(rows, self.features)",
+             "tests/test_heads.py::test_the_shared_row_s_gradient_is_the_sum_over_its_copies"),
+    "45.2": ("proto's bias +||c||^2", "distributed_maml/core/heads.py",
+             "out[self.bias] = -centres.square().sum(-1)", "out[self.bias] = centres.square().sum(-1)",
+             "tests/test_heads.py::test_a_mixed_batch_s_meta_gradient_is_the_written_out_per_task_loop"),
+    "45.3": ("proto's prototypes count padded examples", "distributed_maml/core/heads.py",
+             "            onehot = onehot * example_weight(ys).to(features.dtype).unsqueeze(-1)\n", "",
+             "tests/test_heads.py::test_a_mixed_batch_s_meta_gradient_is_the_written_out_per_task_loop"),
+    "45.4": ("a task's own number of classes ignored at adaptation", "distributed_maml/core/heads.py",
+             "rows = self.width if width is None else width", "rows = self.width",
+             "tests/test_onthefly.py::test_a_run_of_3_to_5_ways_adapts_a_12_way_task_by_every_path_and_renaming_renames"),
+    "45.5": ("--permutations relabels the support set only", "distributed_maml/evaluation/permutations.py",
+             '        for key in ("y_support", "y_query"):\n            labels', '        for key in ("y_support",):\n            labels',
+             "tests/test_onthefly.py::test_a_relabelling_is_a_permutation_of_each_task_s_own_classes"),
 }  # fmt: skip
 
 

@@ -75,6 +75,12 @@ def parser() -> argparse.ArgumentParser:
         help="best, latest or step_N (default: best when the run keeps one by validation, else latest)",
     )
     e.add_argument("--pretrain-steps", type=int, help="steps of the pretrained baseline (default: min(steps, 10000))")
+    e.add_argument(
+        "--permutations",
+        type=int,
+        default=0,
+        help="K label assignments of the same tasks: the spread of the meta-model's accuracy over them (2-1000)",
+    )
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     tasks_cli.add_parser(sub)
@@ -132,6 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         inner_lr=args.inner_lr,
         workers=args.workers,
         which=args.checkpoint,
+        permutations=args.permutations,
     )
     print(json.dumps(result) if args.json else evaltable.format_table(result))
     from distributed_maml.evaluation import plots

@@ -16,12 +16,14 @@ from distributed_maml.config.scaling import ScalingConfig
 from distributed_maml.config.task import TaskConfig
 from distributed_maml.config.values import (
     ALGORITHMS,
+    HEAD_KINDS,
     INNER_SOLVERS,
     LEARN_INNER_LR,
     MODELS,
     NONFINITE_POLICIES,
     SELECT_BY,
     Algorithm,
+    HeadKind,
     InnerSolver,
     LearnInnerLr,
     NonfinitePolicy,
@@ -95,6 +97,13 @@ class MamlConfig:
     anil_head: str = ""
     """With "anil": the parameter-name prefix of the head the inner loop adapts (e.g. "2." or
     "head."); empty = the model's last layer."""
+    head: HeadKind = "fixed"
+    """Where a classification task's head rows start (core/heads.py, docs/algorithms.md): "fixed",
+    one meta-learned row per class index (class k starts from row k; a task may have at most the
+    store's ways); "unicorn" (UNICORN-MAML, Ye & Chao 2022), one meta-learned row copied to every
+    class; "proto" (Proto-MAML, Triantafillou et al. 2020), each class's row from its support
+    prototype in the network's features. With unicorn or proto the answer does not depend on how
+    the classes are named, and a task may have any number of classes (up to 1,000)."""
     reptile_step: float = 1.0
     """With "reptile": the outer step size epsilon, theta += epsilon * mean(phi - theta), applied
     by plain SGD (Adam's optimizer.lr is unused). 1.0 is Nichol et al.'s starting value; on the
@@ -202,6 +211,12 @@ class MamlConfig:
         _require(
             not self.checkpoint_recompute or self.checkpoint_inner,
             "maml.checkpoint_recompute is a way of maml.checkpoint_inner: set checkpoint_inner = true too",
+        )
+        _require(self.head in HEAD_KINDS, f"maml.head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}")
+        _require(
+            self.head == "fixed" or self.algorithm != "reptile",
+            f"maml.head = {self.head} needs a meta-gradient through the head's start; reptile moves the weights "
+            "toward adapted ones, whose head has a row per class and none to move: use maml.head = fixed with reptile",
         )
         _require(
             math.isfinite(self.reptile_step) and 0 < self.reptile_step <= 1,

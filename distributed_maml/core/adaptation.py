@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from distributed_maml.core import implicit
+from distributed_maml.core import heads, implicit
 from distributed_maml.core.inner import Params, TaskBatch, accuracy, adapt, bind, loss_fn, map_tasks, split_lrs
 from distributed_maml.core.models import Forward
 
@@ -68,18 +68,21 @@ def adapt_tasks(
     head: frozenset[str] | None = None,
     proximal: implicit.Proximal | None = None,
     class_mask: Tensor | None = None,
+    width: int | None = None,
 ) -> Params:
     """The network's parameters adapted to each task of xs [T, N, ...], ys [T, N(, O)]: each
-    [T, ...] (learned step sizes dropped). The meta-parameters are not touched."""
+    [T, ...] (learned step sizes dropped). The meta-parameters are not touched. With a head
+    of any ways (maml.head unicorn or proto) a task starts with `width` rows (its ways)."""
     fwd = masked(forward, class_mask)
 
     def one(p: Params, xs: Tensor, ys: Tensor) -> tuple[Tensor, ...]:
+        p = heads.start(forward, p, xs, ys, width)
         q = collections.deque(inner_iterates(fwd, kind, p, xs, ys, steps, lr, head, proximal), maxlen=1)
         model = split_lrs(q[0] if q else p)[0]
         return tuple(model[k] for k in names)
 
     frozen = {k: v.detach() for k, v in params.items()}
-    names = list(split_lrs(frozen)[0])
+    names = heads.started_names(forward, list(split_lrs(frozen)[0]))
     with torch.no_grad() if steps == 0 else torch.enable_grad():  # the inner loop takes gradients
         out = map_tasks(one, task_map)(frozen, xs, ys)
     return {k: v.detach() for k, v in zip(names, out, strict=True)}
@@ -121,6 +124,7 @@ def adaptation_curve(
 
     def curve(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         losses, accs = [], []
+        p = heads.start(forward, p, xs, ys)  # the head's rows (maml.head), as training started them
         iterates = inner_iterates(forward, kind, p, xs, ys, steps[-1], lr, head, proximal)
         fq = bind(forward, yq)
         for step, q in enumerate(itertools.chain([p], iterates)):  # the API's inner loop: the same bits

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.func import grad
 
 from distributed_maml.config import MamlConfig
-from distributed_maml.core import checkpointed, implicit
+from distributed_maml.core import checkpointed, heads, implicit
 from distributed_maml.core.adaptation import adaptation_curve
 from distributed_maml.core.inner import (
     LR_PREFIX,
@@ -57,6 +57,7 @@ from distributed_maml.core.inner import (
     accuracy as accuracy_of,
 )
 from distributed_maml.core.models import Forward
+from distributed_maml.core.shards import by_group
 
 # fmt: off
 __all__ = [  # the inner loop's pieces re-exported from core/inner.py, then this module's own
@@ -106,7 +107,7 @@ def _objective(
 
     def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
         objective: Tensor | float = 0.0
-        adapted = p
+        adapted = heads.start(forward, p, xs, ys)  # a task's head rows (maml.head)
         fs, fq = bind(forward, ys), bind(forward, yq)  # a padded set's BatchNorm: its real examples
         for i in range(cfg.inner_steps):
             adapted = adapt(fs, kind, adapted, xs, ys, 1, cfg.inner_lr, plan.first_order, head, first_step=i)
@@ -161,7 +162,9 @@ def batch_vectors(
         return _checkpointed_sums(forward, kind, params, batch, cfg, plan, weights, task_map)
     if cfg.algorithm == "imaml":
         return _imaml_sums(forward, kind, params, batch, cfg, weights, task_map)
-    objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])), accuracy)
+    objective = _objective(
+        forward, kind, cfg, plan, heads.anil_head(cfg, forward, list(split_lrs(params)[0])), accuracy
+    )
 
     def batch_objective(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         totals, *metrics = map_tasks(objective, task_map)(p, *batch.tensors())
@@ -200,19 +203,21 @@ def _checkpointed_sums(
 ) -> tuple[Params, Tensor, Tensor]:
     """batch_sums with maml.checkpoint_inner: each task's meta-gradient by core/checkpointed.py
     (one inner step's graph alive at a time), mapped over tasks and summed."""
-    head = head_of(cfg, list(split_lrs(params)[0]))
+    head = heads.anil_head(cfg, forward, list(split_lrs(params)[0]))
     names = list(params)
 
     def task(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
         fs = bind(forward, ys)
+        theta, pull = heads.started(forward, p, xs, ys)
 
         def step(q: Params, i: int) -> Params:
             return adapt(fs, kind, q, xs, ys, 1, cfg.inner_lr, False, head, first_step=i)
 
         query = _query(forward, kind, xq, yq)
         g, final, acc = checkpointed.meta_gradient(
-            p, step, query, cfg.inner_steps, plan.weights, recompute=cfg.checkpoint_recompute
+            theta, step, query, cfg.inner_steps, plan.weights, recompute=cfg.checkpoint_recompute
         )
+        g = g if pull is None else pull(g)
         return (*(g[k] for k in names), final, acc)
 
     return _summed(names, *_per_task(task, params, batch, task_map), weights)
@@ -233,10 +238,11 @@ def _imaml_sums(
 
     def task(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
         fs = bind(forward, ys)
+        theta, pull = heads.started(forward, p, xs, ys)
         g, final, acc = implicit.meta_gradient(
             lambda q: loss(fs(q, xs), ys),
             _query(forward, kind, xq, yq),
-            p,
+            theta,
             cfg.imaml_lambda,
             cfg.inner_lr,
             cfg.inner_steps,
@@ -244,6 +250,7 @@ def _imaml_sums(
             cfg.imaml_damping,
             cfg.imaml_solver,
         )
+        g = g if pull is None else pull(g)
         return (*(g[k] for k in names), final, acc)
 
     return _summed(names, *_per_task(task, params, batch, task_map), weights)
@@ -337,7 +344,9 @@ def meta_gradient(
         grads, loss_vec, acc_vec = batch_vectors(forward, kind, params, batch, cfg, plan, None, task_map, before)
         loss_after, acc_after = loss_vec.sum(), acc_vec.sum()
     else:  # one task at a time: the memory of one task's graph, gradients summed in task order
-        objective = _objective(forward, kind, cfg, plan, head_of(cfg, list(split_lrs(params)[0])), before)
+        objective = _objective(
+            forward, kind, cfg, plan, heads.anil_head(cfg, forward, list(split_lrs(params)[0])), before
+        )
 
         def one_task(p: Params, *task: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
             total, final, *acc = objective(p, *task)
@@ -364,32 +373,20 @@ def meta_gradient(
     return grads, metrics
 
 
-def by_group(groups: Sequence[str], losses: Tensor, accs: Tensor | None) -> dict[str, float]:
-    """Per-task losses (and accuracies) summed by group: loss_after@g, acc_after@g, tasks@g."""
-    values = losses.detach().cpu().tolist()
-    hits = accs.detach().cpu().tolist() if accs is not None else None
-    out: dict[str, float] = {}
-    for i, g in enumerate(groups):
-        out[f"tasks@{g}"] = out.get(f"tasks@{g}", 0.0) + 1.0
-        out[f"loss_after@{g}"] = out.get(f"loss_after@{g}", 0.0) + values[i]
-        if hits is not None:
-            out[f"acc_after@{g}"] = out.get(f"acc_after@{g}", 0.0) + hits[i]
-    return out
-
-
 def metrics_before(forward: Forward, kind: str, params: Params, batch: TaskBatch, task_map: str) -> dict[str, float]:
     """loss_before (and acc_before) summed over tasks: the query loss of the unadapted weights."""
     loss = loss_fn(kind)
     classification = kind == "classification"
 
-    def unadapted(p: Params, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
-        out = bind(forward, yq)(split_lrs(p)[0], xq)  # per task: a BatchNorm model sees this task's examples only
+    def unadapted(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
+        started = heads.start(forward, p, xs, ys)  # the head's rows before any step (proto: the prototypes)
+        out = bind(forward, yq)(split_lrs(started)[0], xq)  # per task: a BatchNorm model sees this task's examples only
         acc = accuracy_of(out, yq) if classification else out.new_zeros(())
         return loss(out, yq), acc
 
     with torch.no_grad():
         frozen = {k: v.detach() for k, v in params.items()}
-        losses, accs = map_tasks(unadapted, task_map)(frozen, batch.x_query, batch.y_query)
+        losses, accs = map_tasks(unadapted, task_map)(frozen, *batch.tensors())
     out = {"loss_before": losses.sum().item()}
     if classification:
         out["acc_before"] = accs.sum().item()

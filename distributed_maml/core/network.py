@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from distributed_maml.config import MamlConfig, ModelConfig
-from distributed_maml.core.maml import head_of, meta_spec, with_learned_lrs
+from distributed_maml.core import heads
+from distributed_maml.core.maml import meta_spec, with_learned_lrs
 from distributed_maml.core.models import Forward, ParamSpec, build, functional
 from distributed_maml.data.format import StoreInfo
 
@@ -24,7 +25,8 @@ class Network:
 
     `model` is the module (its own parameters are the initialisation drawn from the seed, and a
     template for `forward`); `spec` lays out the meta-parameters: the network's, then any learned
-    inner step sizes (Meta-SGD, MAML++'s LSLR); `head` names what ANIL adapts (None: all)."""
+    inner step sizes (Meta-SGD, MAML++'s LSLR); `head` names what ANIL adapts (None: all);
+    `task_head` says where a task's classifier rows start (maml.head; `forward` carries it)."""
 
     model: nn.Module
     network_spec: ParamSpec
@@ -32,11 +34,13 @@ class Network:
     forward: Forward
     head: frozenset[str] | None
     maml: MamlConfig
+    task_head: heads.Head
 
     def initial(self) -> torch.Tensor:
         """The meta-parameters at the start of a run, flat: the model's initialisation, and
         every learned step size at maml.inner_lr."""
-        params = with_learned_lrs(self.maml, dict(self.model.named_parameters()), self.maml.inner_lr)
+        own = self.task_head.meta_params(dict(self.model.named_parameters()))
+        params = with_learned_lrs(self.maml, own, self.maml.inner_lr)
         return self.spec.flatten(params)
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -51,11 +55,15 @@ def assemble(
     is a one-line ConfigError here (before any worker starts)."""
     model = build(model_cfg, info, seed=seed).to(device)
     network = ParamSpec.of(model)
+    task_head = heads.of(maml_cfg.head, model, info.kind)
+    forward = heads.attach(functional(model), task_head)
+    heads.check_ends_in_head(task_head, functional(model), dict(model.named_parameters()), tuple(info.example_shape))
     return Network(
         model=model,
         network_spec=network,
-        spec=meta_spec(maml_cfg, network),
-        forward=functional(model),
-        head=head_of(maml_cfg, network.names),
+        spec=meta_spec(maml_cfg, task_head.meta_spec(network)),
+        forward=forward,
+        head=heads.anil_head(maml_cfg, forward, network.names),
         maml=maml_cfg,
+        task_head=task_head,
     )

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch import Tensor
 
 
 @dataclass
@@ -55,4 +56,17 @@ def _means(sums: dict[str, float], count: int) -> dict[str, float]:
             out[k] = v / count
         elif sums.get(f"tasks@{group}"):
             out[k] = v / sums[f"tasks@{group}"]
+    return out
+
+
+def by_group(groups: Sequence[str], losses: Tensor, accs: Tensor | None) -> dict[str, float]:
+    """Per-task losses (and accuracies) summed by group: loss_after@g, acc_after@g, tasks@g."""
+    values = losses.detach().cpu().tolist()
+    hits = accs.detach().cpu().tolist() if accs is not None else None
+    out: dict[str, float] = {}
+    for i, g in enumerate(groups):
+        out[f"tasks@{g}"] = out.get(f"tasks@{g}", 0.0) + 1.0
+        out[f"loss_after@{g}"] = out.get(f"loss_after@{g}", 0.0) + values[i]
+        if hits is not None:
+            out[f"acc_after@{g}"] = out.get(f"acc_after@{g}", 0.0) + hits[i]
     return out

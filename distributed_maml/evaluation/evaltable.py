@@ -103,7 +103,18 @@ def format_table(result: dict[str, Any]) -> str:
     widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     table = [head, line(cols), line(["-" * w for w in widths]), *map(line, rows)]
-    return "\n".join(table + _by_ways(result))
+    return "\n".join(table + _by_ways(result) + _permutations(result))
+
+
+def _permutations(result: dict[str, Any]) -> list[str]:
+    """`--permutations K`: the meta-model's accuracy over K label assignments of the tasks."""
+    p = result.get("permutations")
+    if not p:
+        return []
+    return [
+        f"label assignments ({p['assignments']}, accuracy after {p['steps']} inner steps): mean {p['mean']:.4f}, "
+        f"std {p['std']:.4f}, spread (max - min) {p['spread']:.4f}"
+    ]
 
 
 def _by_ways(result: dict[str, Any]) -> list[str]:

@@ -51,6 +51,7 @@ from distributed_maml.data.store import TaskStore
 from distributed_maml.data.writing import build_in_memory
 from distributed_maml.errors import StoreError, UserError
 from distributed_maml.evaluation import evaltable
+from distributed_maml.evaluation import permutations as permutation_spread
 from distributed_maml.execution import devices, factory
 from distributed_maml.execution.protocol import Executor
 from distributed_maml.training import checkpoint
@@ -258,15 +259,19 @@ def evaluate(
     inner_lr: float | None = None,
     workers: int | None = None,
     which: str | None = None,
+    permutations: int = 0,
 ) -> dict[str, Any]:
     """The adaptation curve of the run's weights (and of the baselines) on held-out tasks;
-    `which` checkpoint: "best", "latest", "step_N" (None: best when the run keeps one)."""
+    `which` checkpoint: "best", "latest", "step_N" (None: best when the run keeps one);
+    `permutations` K > 1: the meta-model's accuracy under K label assignments of the same tasks."""
     if not steps or min(steps) < 0:
         raise UserError(f"--steps must be a list of numbers >= 0, got {list(steps)}")
     if num_tasks < 2:
         raise UserError(f"--num-tasks must be >= 2 for a confidence interval, got {num_tasks}")
     if shots is not None and shots < 1:
         raise UserError(f"--shots must be >= 1, got {shots}")
+    if permutations and not 2 <= permutations <= permutation_spread.MAX_PERMUTATIONS:
+        raise UserError(f"--permutations must be in [2, {permutation_spread.MAX_PERMUTATIONS}], got {permutations}")
     run_dir = Path(run_dir)
     ckpt = checkpoint.load(checkpoint.resolve(run_dir, which))
     chosen = which or ("best" if (run_dir / "checkpoints" / "best").is_file() else "latest")
@@ -275,6 +280,8 @@ def evaluate(
         cfg = cfg.replace(maml=replace(cfg.maml, inner_lr=inner_lr))
     store = held_out_store(ckpt.state, tasks, num_tasks, shots)
     info, n, idx = store.info, min(num_tasks, len(store)), list(steps)
+    if permutations and info.kind != "classification":
+        raise UserError("--permutations relabels classes; this run's tasks are regression")
     scored = sorted({0, *idx})  # the curves' columns: the asked-for counts, and 0 for "got worse"
     cols = [scored.index(k) for k in idx]
     # the meta-learned init with its learned inner step sizes (Meta-SGD, LSLR), if it has them
@@ -311,6 +318,13 @@ def evaluate(
     finally:
         executor.close()
     clock.lap("curves")
+    spread = {}
+    if permutations:
+        own = maml_mod.with_learned_lrs(cfg.maml, inits["maml"], lrs["maml"])
+        spread = {
+            "permutations": permutation_spread.accuracy_spread(cfg, store, own, n, max(idx), lrs["maml"], permutations)
+        }
+        clock.lap("permutations")
     if tuning:
         results["pretrained"]["inner_lr_tuning"] = tuning
     out: dict[str, Any] = {
@@ -327,6 +341,7 @@ def evaluate(
         "evaluated_by": evaluated_by,
         "seconds": clock.laps,
         **results.pop("maml"),
+        **spread,
         "baselines": results,
     }
     lr_tag = "" if inner_lr is None else f"-lr{inner_lr:g}"  # a test-time step size of its own keeps its own file

@@ -101,6 +101,8 @@ def _card(meta: MetaModel, run_dir: Path, ckpt: checkpoint.Checkpoint, digest: s
             "learned_inner_lr": ("per-element" if m.algorithm == "meta-sgd" else m.learn_inner_lr) if learned else None,
             "first_order": m.always_first_order(),
             "anil_head": sorted(meta.network.head) if meta.network.head else None,
+            "head": m.head,  # where a task's class rows start (maml.head)
+            "most_ways": meta.most_ways if info.kind == "classification" else None,
             "imaml": {"lambda": m.imaml_lambda, "solver": m.imaml_solver} if m.algorithm == "imaml" else None,
             "batch_norm": "per-task batch statistics (support and query sets each by their own)"
             if per_task_bn

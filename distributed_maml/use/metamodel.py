@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from distributed_maml.config import Config, ScalingConfig
-from distributed_maml.core import implicit
+from distributed_maml.core import heads, implicit
 from distributed_maml.core import precision as precision_mod
 from distributed_maml.core.adaptation import adapt_tasks, task_outputs
 from distributed_maml.core.inner import as_input, split_lrs
@@ -84,7 +84,8 @@ class Adapted:
 
     def module(self) -> nn.Module:
         """The adapted network as a plain nn.Module (a copy; for a task with fewer classes than
-        outputs, its missing classes' outputs are not masked here: take the first len(classes))."""
+        outputs of a fixed head, its missing classes' outputs are not masked here: take the first
+        len(classes); a unicorn or proto head has one output per class)."""
         return self.meta._module_with(self.params)
 
 
@@ -117,11 +118,26 @@ class MetaModel:
     # -- the plain network --------------------------------------------------------------------
 
     def module(self) -> nn.Module:
-        """The network with the meta-learned weights, as a plain nn.Module (a copy)."""
-        return self._module_with(split_lrs(self.meta)[0])
+        """The network with the meta-learned weights, as a plain nn.Module (a copy). A unicorn
+        head's shared row fills each of the network's outputs; a proto head is made from a
+        support set, so only an adapted task has one (`adapt(...).module()`)."""
+        head = self.network.task_head
+        if head.kind == "proto":
+            raise InputError("a proto head's rows are made from a task's support set: adapt first, then .module()")
+        params = split_lrs(self.meta)[0]
+        if head.kind == "unicorn":
+            params = head.start(self.network.forward, params, torch.empty(0), torch.empty(0), self.outputs)
+        return self._module_with(params)
 
     def _module_with(self, params: dict[str, Tensor]) -> nn.Module:
         model = copy.deepcopy(self.network.model)
+        head = self.network.task_head
+        rows = params[head.weight].shape[0] if head.any_ways else self.outputs
+        if rows != self.outputs:  # a task's own number of classes: its head layer that wide
+            parent, _, leaf = head.weight.rpartition(".")[0].rpartition(".")
+            layer = model.get_submodule(head.weight.rpartition(".")[0])
+            wide = nn.Linear(layer.in_features, rows, bias=layer.bias is not None).to(layer.weight)
+            setattr(model.get_submodule(parent) if parent else model, leaf, wide)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(params[name])
@@ -153,7 +169,7 @@ class MetaModel:
             with self._autocast():
                 adapted = adapt_tasks(
                     self.network.forward, self.kind, self.meta, xs, ys, k, self.config.maml.inner_lr,
-                    self.task_map, self.network.head, self.proximal, self._mask(key[1]),
+                    self.task_map, self.network.head, self.proximal, self._mask(key[1]), self._width(key[1]),
                 )  # fmt: skip
             for j, i in enumerate(idx):
                 out[i] = Adapted(self, {n: v[j] for n, v in adapted.items()}, prepared[i][2], k)
@@ -226,10 +242,15 @@ class MetaModel:
             classes, index = np.unique(labels, return_inverse=True)
         except TypeError:
             raise InputError(f"{what}: labels must be all numbers or all strings") from None
-        if len(classes) > self.outputs:
+        if len(classes) > self.most_ways:
             raise InputError(
-                f"{what}: the support set has {len(classes)} classes; this model tells at most {self.outputs} apart "
-                f"(it was trained {self.info.ways}-way)"
+                f"{what}: the support set has {len(classes)} classes; this model tells at most {self.most_ways} apart"
+                + (
+                    f" (maml.head = {self.config.maml.head})"
+                    if self.any_ways
+                    else f" (it was trained {self.info.ways}-way with maml.head = fixed; a run trained with "
+                    "maml.head = unicorn or proto takes any number of classes)"
+                )
             )
         return (
             xs,
@@ -237,9 +258,24 @@ class MetaModel:
             tuple(c.item() if isinstance(c, np.generic) else c for c in classes),
         )
 
+    @property
+    def any_ways(self) -> bool:
+        """Whether a task's head has a row per class of any number (maml.head unicorn or proto)."""
+        return self.network.task_head.any_ways
+
+    @property
+    def most_ways(self) -> int:
+        """The most classes a task may have: the outputs of a fixed head, else heads.MAX_WAYS."""
+        return heads.MAX_WAYS if self.any_ways else self.outputs
+
+    def _width(self, ways: int) -> int | None:
+        """The rows a task of `ways` classes starts with (None: the network's outputs)."""
+        return ways if self.any_ways and self.kind == "classification" else None
+
     def _mask(self, ways: int) -> Tensor | None:
-        """0 for a task's classes, -inf for outputs it lacks (None: it has them all)."""
-        if self.kind != "classification" or ways >= self.outputs:
+        """0 for a task's classes, -inf for outputs it lacks (None: it has them all, or its head
+        has a row per class)."""
+        if self.kind != "classification" or ways >= self.outputs or self.any_ways:
             return None
         mask = torch.zeros(self.outputs, device=self.device)
         mask[ways:] = float("-inf")

@@ -197,6 +197,8 @@ def build(settings: ServeSettings) -> Any:
                 "input_shape": list(meta.example_shape),
                 "outputs": meta.outputs,
                 "trained_for": {"ways": meta.info.ways, "shots": meta.info.shots},
+                "head": meta.config.maml.head,
+                "most_ways": meta.most_ways,
                 "limits": asdict(self.settings.limits),
             }
 

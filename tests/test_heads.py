@@ -1,0 +1,295 @@
+"""maml.head (core/heads.py): UNICORN-MAML's shared row and Proto-MAML's prototype rows against
+an independent reference: a float64 per-task loop over the unpadded episodes written out here
+(each head's start as its paper states it, the inner SGD by autograd), finite differences, the
+shared row's gradient as the sum over its copies, and permutation invariance. Ray-free."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distributed_maml.config import MamlConfig
+from distributed_maml.core import heads, maml, models
+from distributed_maml.data import episodes
+from distributed_maml.errors import ConfigError
+
+from .test_episodes import SPEC, image_examples, mixed_ids, tensors, vector_examples
+
+ALGORITHMS = {
+    "maml": {},
+    "fomaml": {"algorithm": "fomaml"},
+    "meta-sgd": {"algorithm": "meta-sgd"},
+    "anil": {"algorithm": "anil"},
+    "maml++": {"multi_step_loss": True, "learn_inner_lr": "per-layer-per-step", "msl_anneal_steps": 4},
+    "imaml": {"algorithm": "imaml", "imaml_lambda": 1.0, "imaml_cg_steps": 4},
+    "checkpointed": {"checkpoint_inner": True},
+}
+
+
+def mlp(d_in=6, d_out=5, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, 16), nn.ReLU(), nn.Linear(16, d_out)).double()
+
+
+def conv(d_out=5, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.per_task_batch_norm_(models.conv4((1, 16, 16), d_out, channels=3)).double()
+
+
+def setup(model: nn.Module, kind: str, algorithm: str = "maml", **extra):
+    cfg = MamlConfig(inner_steps=2, inner_lr=0.3, head=kind, **{**ALGORITHMS[algorithm], **extra})
+    head = heads.of(kind, model, "classification")
+    forward = heads.attach(models.functional(model), head)
+    full = {k: v.detach() for k, v in model.named_parameters()}
+    params = maml.with_learned_lrs(cfg, head.meta_params(full), cfg.inner_lr)
+    return cfg, head, forward, params
+
+
+# -- the reference: one unpadded episode at a time, each head's start written out -------------
+
+
+def start_written_out(kind: str, head: heads.Head, model_forward, p: dict, xs, ys, ways: int) -> dict:
+    if kind == "unicorn":  # the shared row copied into each class's row
+        out = {**p, head.weight: p[head.weight].repeat(ways, 1)}
+        return {**out, head.bias: p[head.bias].repeat(ways)} if head.bias else out
+    # proto: the features are the network's input to its last layer, taken by a forward hook
+    features = model_forward(p, xs, features=True)
+    rows, biases = [], []
+    for k in range(ways):
+        c = features[ys == k].mean(0)
+        rows.append(2 * c)
+        biases.append(-(c @ c))
+    return {**p, head.weight: torch.stack(rows), head.bias: torch.stack(biases)}
+
+
+def feature_forward(model: nn.Module):
+    """forward(p, x) of the model, and with features=True its last layer's input (a hook)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+    def fwd(p, x, features=False):
+        seen = []
+        handle = last.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+        try:
+            out = torch.func.functional_call(model, p, (x,))
+        finally:
+            handle.remove()
+        return seen[0] if features else out
+
+    return fwd
+
+
+def reference_meta_gradient(model, kind, head, params, rows, cfg):
+    """Sum over tasks of d(query loss after the inner loop)/d(meta-parameters), float64, each
+    unpadded episode alone: plain labels, `ways` rows, SGD by autograd.grad (create_graph for
+    second order; first order detaches the inner gradients, never the start)."""
+    fwd = feature_forward(model)
+    names = [n for n in params if not n.startswith("inner_lr")]
+    lrs = {n: v for n, v in params.items() if n.startswith("inner_lr")}
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    total = 0.0
+    for t in range(len(rows["x_support"])):
+        one = episodes.unpad(rows, t, "classification")
+        xs, ys, xq, yq = (tensors({k: v[None] for k, v in one.items()}).tensors()[i][0] for i in range(4))
+        ways = int(ys.max()) + 1
+        p = start_written_out(kind, head, fwd, {n: leaves[n] for n in names}, xs, ys, ways)
+        moving = [head.weight, head.bias] if cfg.algorithm == "anil" else list(p)  # proto: the head's rows too
+        for i in range(cfg.inner_steps):
+            # each parameter a node of its own: the inner gradient is partial in each (a prototype
+            # row is a parameter of the inner loop, not a function of the features it came from)
+            p = {n: v.view_as(v) for n, v in p.items()}
+            loss = nn.functional.cross_entropy(fwd(p, xs), ys)
+            g = torch.autograd.grad(
+                loss, [p[n] for n in moving], create_graph=not cfg.always_first_order(), retain_graph=True
+            )
+            if cfg.always_first_order():
+                g = [x.detach() for x in g]
+            p = dict(p)
+            for n, gn in zip(moving, g, strict=True):
+                size = leaves.get("inner_lr:" + n, None)
+                if size is None and "inner_lr_step:" + n in lrs:
+                    size = leaves["inner_lr_step:" + n][i]
+                p[n] = p[n] - (cfg.inner_lr if size is None else size) * gn
+        total = total + nn.functional.cross_entropy(fwd(p, xq), yq)
+    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads, strict=True)}
+
+
+def drawer_for(net: str) -> episodes.Drawer:
+    examples = vector_examples() if net == "mlp" else image_examples()
+    return episodes.Drawer(3, SPEC, "classification", examples=examples)
+
+
+@pytest.mark.parametrize("kind", ["unicorn", "proto"])
+@pytest.mark.parametrize("net, algorithm", [("mlp", "maml"), ("mlp", "fomaml"), ("conv4", "maml"), ("conv4", "fomaml")])
+def test_a_mixed_batch_s_meta_gradient_is_the_written_out_per_task_loop(kind, net, algorithm):
+    """Mixed ways, shots and queries, padded and vmapped: the float64 loop over the unpadded
+    episodes (conv4: per-task BatchNorm over each set's real examples), second and first order."""
+    model = mlp() if net == "mlp" else conv()
+    cfg, head, forward, params = setup(model, kind, algorithm)
+    drawer = drawer_for(net)
+    rows = drawer.rows(mixed_ids(drawer, 5))
+    g, _ = maml.meta_gradient(forward, "classification", params, tensors(rows), cfg, version=1)
+    want = reference_meta_gradient(model, kind, head, params, rows, cfg)
+    assert set(g) == set(want) and float(sum(v.abs().sum() for v in g.values())) > 0
+    for k in want:
+        torch.testing.assert_close(g[k], want[k], rtol=1e-8, atol=1e-10, msg=f"{kind} {net} {algorithm}: {k}")
+
+
+@pytest.mark.parametrize("kind", ["unicorn", "proto"])
+@pytest.mark.parametrize("algorithm", ["meta-sgd", "anil", "maml++"])
+def test_every_algorithm_that_adapts_a_head_takes_each_head(kind, algorithm):
+    """Meta-SGD (a learned step size per element of the shared row), ANIL (the head alone moves),
+    MAML++ (the last step's loss: msl weighs the last step at version 1 little)."""
+    model = mlp()
+    cfg, head, forward, params = setup(model, kind, algorithm)
+    if algorithm == "maml++":  # the written-out loop scores the last step only
+        cfg = MamlConfig(inner_steps=2, inner_lr=0.3, head=kind, learn_inner_lr="per-layer-per-step")
+    drawer = drawer_for("mlp")
+    rows = drawer.rows(mixed_ids(drawer, 4))
+    g, _ = maml.meta_gradient(forward, "classification", params, tensors(rows), cfg, version=1)
+    want = reference_meta_gradient(model, kind, head, params, rows, cfg)
+    for k in want:
+        torch.testing.assert_close(g[k], want[k], rtol=1e-8, atol=1e-10, msg=f"{kind} {algorithm}: {k}")
+
+
+@pytest.mark.parametrize("kind", ["unicorn", "proto"])
+@pytest.mark.parametrize("algorithm", ["imaml", "checkpointed"])
+def test_imaml_and_the_checkpointed_loop_take_each_head(kind, algorithm):
+    """The checkpointed loop: the plain second-order meta-gradient of the same head, to the bit's
+    rounding; iMAML: its implicit gradient chained through the head's start (a head built from
+    the meta-parameters: the vector-Jacobian product of the start), against the same chain
+    written with the fixed head's implicit gradient at the started rows."""
+    model = mlp()
+    cfg, head, forward, params = setup(model, kind, algorithm)
+    drawer = drawer_for("mlp")
+    batch = tensors(drawer.rows(mixed_ids(drawer, 4)))
+    g, m = maml.meta_gradient(forward, "classification", params, batch, cfg, version=1)
+    if algorithm == "checkpointed":
+        plain_cfg, _, _, _ = setup(model, kind, "maml")
+        want, _ = maml.meta_gradient(forward, "classification", params, batch, plain_cfg, version=1)
+    else:  # per task: the fixed head's implicit gradient at the started rows, pulled back by hand
+        fixed = models.functional(model)
+        want = {k: torch.zeros_like(v) for k, v in params.items()}
+        for t in range(len(batch)):
+            xs, ys, xq, yq = (x[t : t + 1] for x in batch.tensors())
+            leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+            started = head.start(forward, leaves, xs[0], ys[0])
+            theta = {k: v.detach() for k, v in started.items()}
+            gt, _ = maml.meta_gradient(fixed, "classification", theta, maml.TaskBatch(xs, ys, xq, yq), cfg)
+            pulled = torch.autograd.grad(
+                list(started.values()), list(leaves.values()), [gt[k] for k in started], allow_unused=True
+            )
+            want = {k: want[k] + (0 if p is None else p) for k, p in zip(leaves, pulled, strict=True)}
+    for k in want:
+        torch.testing.assert_close(g[k], want[k], rtol=1e-7, atol=1e-10, msg=f"{kind} {algorithm}: {k}")
+    assert np.isfinite(m["loss_after"])
+
+
+@pytest.mark.parametrize("kind", ["unicorn", "proto"])
+def test_each_head_s_meta_gradient_matches_finite_differences(kind):
+    model = mlp()
+    cfg, _, forward, params = setup(model, kind)
+    drawer = drawer_for("mlp")
+    batch = tensors(drawer.rows(mixed_ids(drawer, 4)))
+    spec = models.ParamSpec(tuple(params), tuple(tuple(v.shape) for v in params.values()))
+    g, _ = maml.meta_gradient(forward, "classification", params, batch, cfg)
+    vec, gv = spec.flatten(params), spec.flatten(g)
+
+    def value(v):
+        with torch.enable_grad():
+            return maml.meta_gradient(forward, "classification", spec.unflatten(v), batch, cfg, before=False)[1][
+                "loss_after"
+            ]
+
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        d = torch.tensor(rng.normal(size=vec.shape))
+        d /= d.norm()
+        fd = (value(vec + 1e-5 * d) - value(vec - 1e-5 * d)) / 2e-5
+        assert fd == pytest.approx(float(gv @ d), rel=1e-6, abs=1e-9)
+
+
+def test_the_shared_row_s_gradient_is_the_sum_over_its_copies():
+    """UNICORN-MAML's outer gradient: a fixed head whose rows are all the shared row gives each
+    row's gradient; the shared row's is their sum (fixed-shape batch: the store's 5 ways)."""
+    model = mlp()
+    cfg, head, forward, params = setup(model, "unicorn")
+    drawer = episodes.Drawer(3, episodes.EpisodeSpec(ways=(5, 5), shots=(2, 2), queries=(3, 3)), "classification",
+                             examples=vector_examples())  # fmt: skip
+    batch = tensors(drawer.rows(np.arange(4)))
+    g, _ = maml.meta_gradient(forward, "classification", params, batch, cfg)
+    copied = {**params, head.weight: params[head.weight].repeat(5, 1), head.bias: params[head.bias].repeat(5)}
+    fixed_cfg = MamlConfig(inner_steps=2, inner_lr=0.3)
+    per_row, _ = maml.meta_gradient(models.functional(model), "classification", copied, batch, fixed_cfg)
+    torch.testing.assert_close(g[head.weight], per_row[head.weight].sum(0, keepdim=True), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g[head.bias], per_row[head.bias].sum(0, keepdim=True), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(per_row[head.weight][0], per_row[head.weight][1])  # the rows do differ
+
+
+def test_proto_maml_s_gradient_flows_through_the_prototypes_and_first_order_keeps_it():
+    """The feature part's gradient includes the path through the prototypes: with the start's
+    graph cut (prototypes detached) it differs; fo-Proto-MAML drops only the inner loop's
+    second-order terms, so its gradient is not the detached one either (the written-out loop
+    above checks both exactly)."""
+    model = mlp()
+    drawer = drawer_for("mlp")
+    batch = tensors(drawer.rows(mixed_ids(drawer, 4)))
+    for algorithm in ("maml", "fomaml"):
+        cfg, head, forward, params = setup(model, "proto", algorithm)
+        g, _ = maml.meta_gradient(forward, "classification", params, batch, cfg)
+        detached = heads.Head(**{**head.__dict__})
+        cut = heads.attach(models.functional(model), detached)
+        original = detached.prototypes
+
+        def cut_start(*a, original=original):
+            return {k: v.detach() for k, v in original(*a).items()}
+
+        object.__setattr__(detached, "prototypes", cut_start)
+        g_cut, _ = maml.meta_gradient(cut, "classification", params, batch, cfg)
+        assert (g["0.weight"] - g_cut["0.weight"]).abs().max() > 1e-6, algorithm
+
+
+@pytest.mark.parametrize("kind", ["unicorn", "proto"])
+def test_renaming_the_classes_renames_the_predictions(kind):
+    """A task's support labels permuted: each query's outputs permuted the same way (to float
+    rounding), so the predicted class names are the same."""
+    model = mlp()
+    cfg, head, forward, params = setup(model, kind)
+    from distributed_maml.core.adaptation import adapt_tasks, task_outputs
+
+    rng = np.random.default_rng(0)
+    ways = 4
+    xs = torch.tensor(rng.normal(size=(1, 12, 6)))
+    ys = torch.tensor(np.tile(np.arange(ways), 3))[None]
+    xq = torch.tensor(rng.normal(size=(1, 7, 6)))
+    perm = torch.tensor([2, 0, 3, 1])
+    out = []
+    for labels in (ys, perm[ys]):
+        adapted = adapt_tasks(forward, "classification", params, xs, labels, 3, 0.3, width=ways)
+        out.append(task_outputs(forward, adapted, xq)[0])
+    torch.testing.assert_close(out[1][:, perm], out[0], rtol=1e-10, atol=1e-12)
+    fixed_out = []
+    fixed = models.functional(model)
+    full = {k: v.detach() for k, v in model.named_parameters()}
+    for labels in (ys, perm[ys]):
+        adapted = adapt_tasks(fixed, "classification", full, xs, labels, 3, 0.3)
+        fixed_out.append(task_outputs(fixed, adapted, xq)[0][:, :ways])
+    assert not torch.allclose(fixed_out[1][:, perm], fixed_out[0])  # the fixed head is not invariant
+
+
+def test_a_head_setting_without_a_meaning_is_one_line():
+    with pytest.raises(ConfigError, match="maml.head must be one of fixed, unicorn, proto"):
+        heads.of("shared", mlp(), "classification")
+    with pytest.raises(ConfigError, match="regression"):
+        heads.of("unicorn", mlp(), "regression")
+    no_bias = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5, bias=False))
+    with pytest.raises(ConfigError, match="no bias"):
+        heads.of("proto", no_bias, "classification")
+    with pytest.raises(ConfigError, match="nn.Linear"):
+        heads.of("unicorn", nn.Sequential(nn.Flatten()), "classification")
+    with pytest.raises(ConfigError, match="reptile"):
+        MamlConfig(algorithm="reptile", head="proto")
+    with pytest.raises(ConfigError, match="maml.head must be one of"):
+        MamlConfig(head="shared")
