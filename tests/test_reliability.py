@@ -595,6 +595,7 @@ def test_object_references_do_not_leak_over_a_run(tmp_path):
 OLD_RUN = REPO / "tests" / "assets" / "run-flat-layout"  # 6 steps, written by the flat layout (commit d2b143d)
 
 
+@pytest.mark.cluster  # a one-time layout migration, a run and its resume in shells (~6 s): with the shell-heavy tier
 def test_a_run_folder_written_before_the_layers_resumes_equal_to_a_straight_run(tmp_path):
     """A run folder of the previous layout (its checkpoint format unchanged) resumes under this
     one and ends equal to a straight run of this code on the same tasks: bit for bit until issue

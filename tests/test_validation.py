@@ -181,7 +181,7 @@ def digit_stores(tmp_path_factory):
     return folder
 
 
-def test_a_table_run_validates_on_its_val_store_through_the_cli(digit_stores, tmp_path):
+def test_a_table_run_validates_on_its_val_store_through_the_cli(digit_stores, tmp_path, capsys):
     stores = {n: data.TaskStore.open(digit_stores / f"{n}.arrow").info for n in ("train", "val", "train-all")}
     assert stores["val"].split == "val" and len(stores["val"].classes) == 2
     assert not set(stores["val"].classes) & set(stores["train"].classes)
@@ -221,7 +221,8 @@ def test_a_table_run_validates_on_its_val_store_through_the_cli(digit_stores, tm
         ("train", "train", "is a train store"),
     ):
         bad = tmp_path / f"bad-{train_store}-{val_store}"
-        proc = run_cli(
+        proc = cli_in_process(  # the parser's error path here; the shell's view is the run above
+            capsys,
             "train",
             "--tasks",
             digit_stores / f"{train_store}.arrow",
@@ -234,7 +235,8 @@ def test_a_table_run_validates_on_its_val_store_through_the_cli(digit_stores, tm
         )
         assert_user_error(proc, needle)
         assert not bad.exists()  # checked before the run folder is made
-    no_val = run_cli(
+    no_val = cli_in_process(
+        capsys,
         "tasks",
         "build",
         "--from-table",
