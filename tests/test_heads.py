@@ -228,6 +228,43 @@ def test_the_shared_row_s_gradient_is_the_sum_over_its_copies():
     assert not torch.allclose(per_row[head.weight][0], per_row[head.weight][1])  # the rows do differ
 
 
+def test_the_start_s_gradient_is_the_sum_over_the_copies():
+    """The copy's vector-Jacobian product: any cotangent R on the started rows pulls back to the
+    shared row as R summed over the rows (and the bias likewise). (Through a softmax the shared
+    row's meta-gradient itself is zero to rounding, the loss does not change when one vector is
+    added to every row: the test above sees 0 = 0, so the copy is checked here directly.)"""
+    model = mlp()
+    _, head, forward, params = setup(model, "unicorn")
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    xs, ys = torch.zeros(3, 6, dtype=torch.float64), torch.tensor([0, 1, 2])
+    started = head.start(forward, leaves, xs, ys, width=7)
+    assert started[head.weight].shape == (7, 16) and started[head.bias].shape == (7,)
+    rw, rb = torch.randn(7, 16, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    gw, gb = torch.autograd.grad((started[head.weight] * rw).sum() + (started[head.bias] * rb).sum(),
+                                 [leaves[head.weight], leaves[head.bias]])  # fmt: skip
+    torch.testing.assert_close(gw, rw.sum(0, keepdim=True))
+    torch.testing.assert_close(gb, rb.sum(0, keepdim=True))
+
+
+def test_a_shared_row_changes_no_prediction():
+    """Softmax is unchanged when one vector is added to every row: two different shared rows give
+    the same adapted predictions (to rounding), so what unicorn buys is a start that is the same
+    for every class, not a learned row (docs/algorithms.md)."""
+    from distributed_maml.core.adaptation import adapt_tasks, task_outputs
+
+    model = mlp()
+    _, head, forward, params = setup(model, "unicorn")
+    rng = np.random.default_rng(0)
+    xs, xq = torch.tensor(rng.normal(size=(1, 12, 6))), torch.tensor(rng.normal(size=(1, 5, 6)))
+    ys = torch.tensor(np.tile(np.arange(4), 3))[None]
+    probs = []
+    for shift in (0.0, 3.0):
+        moved = {**params, head.weight: params[head.weight] + shift, head.bias: params[head.bias] - shift}
+        adapted = adapt_tasks(forward, "classification", moved, xs, ys, 3, 0.3, width=4)
+        probs.append(task_outputs(forward, adapted, xq)[0].softmax(-1))
+    torch.testing.assert_close(probs[0], probs[1], rtol=1e-9, atol=1e-12)
+
+
 def test_proto_maml_s_gradient_flows_through_the_prototypes_and_first_order_keeps_it():
     """The feature part's gradient includes the path through the prototypes: with the start's
     graph cut (prototypes detached) it differs; fo-Proto-MAML drops only the inner loop's
