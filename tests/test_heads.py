@@ -15,17 +15,9 @@ from distributed_maml.core import heads, maml, models
 from distributed_maml.data import episodes
 from distributed_maml.errors import ConfigError
 
-from .test_episodes import SPEC, image_examples, mixed_ids, tensors, vector_examples
+from .test_episodes import SPEC, VARIANTS, image_examples, mixed_ids, tensors, vector_examples
 
-ALGORITHMS = {
-    "maml": {},
-    "fomaml": {"algorithm": "fomaml"},
-    "meta-sgd": {"algorithm": "meta-sgd"},
-    "anil": {"algorithm": "anil"},
-    "maml++": {"multi_step_loss": True, "learn_inner_lr": "per-layer-per-step", "msl_anneal_steps": 4},
-    "imaml": {"algorithm": "imaml", "imaml_lambda": 1.0, "imaml_cg_steps": 4},
-    "checkpointed": {"checkpoint_inner": True},
-}
+ALGORITHMS = {k: v for k, v in VARIANTS.items() if k != "reptile"}  # every one that adapts a head
 
 
 def mlp(d_in=6, d_out=5, seed=0) -> nn.Module:

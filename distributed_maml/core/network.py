@@ -57,7 +57,7 @@ def assemble(
     network = ParamSpec.of(model)
     task_head = heads.of(maml_cfg.head, model, info.kind)
     forward = heads.attach(functional(model), task_head)
-    heads.check_ends_in_head(task_head, functional(model), dict(model.named_parameters()), tuple(info.example_shape))
+    heads.check_ends_in_head(task_head, forward, dict(model.named_parameters()), tuple(info.example_shape))
     return Network(
         model=model,
         network_spec=network,
