@@ -18,6 +18,8 @@ Three tables, one JSON:
    the CPU's default task map, its meta-gradient with each episode cut to its real examples
    (core/inner.task_of) against the same loop on the padded tensors (the code before the cut),
    in one run; and a fixed-shape batch's gradient by both, which must be the same bits.
+5. **samplers** (issue 45): Meta-Dataset's sampler beside the uniform draw (the padding table's
+   episodes): mean shape, padding and an MLP step's cost per real example.
 
     python benchmarks/episodes.py [--repeats 5] [--only conv4_loop] [--json out.json]
 """
@@ -30,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +44,7 @@ import torch  # noqa: E402
 from distributed_maml.config import MamlConfig, ModelConfig  # noqa: E402
 from distributed_maml.core import maml, models  # noqa: E402
 from distributed_maml.data import episodes  # noqa: E402
+from distributed_maml.data import padding as pads  # noqa: E402
 from distributed_maml.data.onthefly import plan_stream  # noqa: E402
 from distributed_maml.data.sampler import Sampler, split_shards  # noqa: E402
 from distributed_maml.data.store import TaskStore  # noqa: E402
@@ -50,6 +54,11 @@ from distributed_maml.execution.computer import ShardComputer, buckets  # noqa: 
 SIZES = (10**3, 10**6, 10**9)
 META_DATASET = episodes.EpisodeSpec(ways=(5, 30), shots=(1, 10), queries=(1, 5), max_support=150)
 MAML = MamlConfig(inner_steps=1, inner_lr=0.4)
+SAMPLED = {
+    "uniform": META_DATASET,
+    "meta-dataset": replace(META_DATASET, shots=(10, 10), queries=(5, 5), sampler="meta-dataset"),
+    "meta-dataset (paper)": episodes.EpisodeSpec((5, 50), (100, 100), (10, 10), 500, "meta-dataset"),
+}
 
 
 def timed(fn, repeats: int) -> float:
@@ -99,28 +108,55 @@ def id_space(root: Path, repeats: int) -> list[dict]:
     return [{"task_ids": n, **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in times[n].items()}} for n in SIZES]
 
 
+def fraction(s: TaskStore, order, shards: int, bucketed: bool) -> float:
+    """Padded examples / all over 20 steps' batches: the step cut into shards, each (with
+    `bucketed`, as ShardComputer.compute does) into buckets, each padded to its largest."""
+    real = total = 0
+    for k in range(20):
+        for shard in split_shards(order(k), shards):
+            for part in buckets(shard, s.drawer.shapes) if bucketed else [shard]:
+                shapes = s.drawer.shapes.of(part)
+                real += int(shapes[:, 1].sum() + shapes[:, 2].sum())
+                total += len(part) * int(shapes[:, 1].max() + shapes[:, 2].max())
+    return 1 - real / total
+
+
+def samplers(root: Path, repeats: int) -> list[dict]:
+    """Meta-Dataset's sampler beside the uniform draw on glyphs, meta-batch 64, one shard: the
+    episodes' mean shape, the padding of a step (sorted and bucketed, as it runs; and unsorted),
+    and an in-process MLP step's time per real example. Three rows: the uniform draw of the
+    padding table, the sampler at the same bounds (ways 5-30, <= 10 a class toward a budget of
+    150, <= 5 queries), and at the paper's constants (5-50 ways, 100, 10 queries, 500)."""
+    rows = []
+    for name, spec in SAMPLED.items():
+        s = TaskStore.open(store(root, "glyphs", spec, episodes.TASK_IDS))
+        sampler = Sampler.of(s, 0, 64)
+        shapes = np.concatenate([s.drawer.shapes.of(sampler.ids(k)) for k in range(20)])
+        computer = ShardComputer(s, ModelConfig(name="mlp", hidden=(64,)), MAML, task_map="vmap")
+        weights = computer.spec.flatten(dict(computer.model.named_parameters())).detach().numpy()
+        ids = sampler.ids(0)
+        real = int(s.drawer.shapes.of(ids)[:, 1:].sum())
+        seconds = timed(lambda c=computer, w=weights, b=ids: c.compute(w, b, before=False), repeats)
+        rows.append({
+            "sampler": name, "spec": spec.describe(),
+            "mean_ways": float(shapes[:, 0].mean()), "mean_support": float(shapes[:, 1].mean()),
+            "mean_query": float(shapes[:, 2].mean()),
+            "padding_step": fraction(s, sampler.ids, 1, True), "padding_unsorted": fraction(s, sampler._drawn, 1, False),
+            "step_ms": 1e3 * seconds, "us_per_example": 1e6 * seconds / real,
+        })  # fmt: skip
+    return rows
+
+
 def padding(root: Path, repeats: int) -> dict:
     s = TaskStore.open(store(root, "glyphs", META_DATASET, episodes.TASK_IDS))
     sampler = Sampler.of(s, 0, 64)
     out: dict = {"spec": META_DATASET.describe(), "meta_batch": 64, "fraction": {}}
 
-    def fraction(order, shards: int, bucketed: bool) -> float:
-        """Padded examples / all over 20 steps' batches: the step cut into shards, each (with
-        `bucketed`, as ShardComputer.compute does) into buckets, each padded to its largest."""
-        real = total = 0
-        for k in range(20):
-            for shard in split_shards(order(k), shards):
-                for part in buckets(shard, s.drawer.shapes) if bucketed else [shard]:
-                    shapes = s.drawer.shapes.of(part)
-                    real += int(shapes[:, 1].sum() + shapes[:, 2].sum())
-                    total += len(part) * int(shapes[:, 1].max() + shapes[:, 2].max())
-        return 1 - real / total
-
     for shards in (1, 2, 4, 8):
         out["fraction"][shards] = {
-            "unsorted": fraction(sampler._drawn, shards, False),  # the same ids, not sorted by shape
-            "sorted": fraction(sampler.ids, shards, False),
-            "sorted_bucketed": fraction(sampler.ids, shards, True),
+            "unsorted": fraction(s, sampler._drawn, shards, False),  # the same ids, not sorted by shape
+            "sorted": fraction(s, sampler.ids, shards, False),
+            "sorted_bucketed": fraction(s, sampler.ids, shards, True),
         }
     # step time per real example: the mixed batch (shape-sorted, bucketed) vs fixed episodes of its mean shape
     ids = sampler.ids(0)
@@ -132,7 +168,7 @@ def padding(root: Path, repeats: int) -> dict:
         computer = ShardComputer(st, ModelConfig(name="mlp", hidden=(64,)), MAML, task_map="vmap")
         weights = computer.spec.flatten(dict(computer.model.named_parameters())).detach().numpy()
         rows = st.rows(batch_ids)
-        examples = sum(int(episodes.real(rows[c], "classification")[1].sum()) for c in ("y_support", "y_query"))
+        examples = sum(int(pads.real(rows[c], "classification")[1].sum()) for c in ("y_support", "y_query"))
         seconds = timed(lambda c=computer, w=weights, b=batch_ids: c.compute(w, b, before=False), repeats)
         out[name] = {"examples": examples, "step_ms": 1e3 * seconds, "us_per_example": 1e6 * seconds / examples}
     out["fixed"]["shape"] = fixed_spec.describe()
@@ -157,7 +193,7 @@ def vmap_vs_loop(root: Path, repeats: int) -> list[dict]:
             maml.TaskBatch.from_numpy(s.rows(part)) for part in buckets(ids, s.drawer.shapes)
         ]  # as the step batches them
         singles = [
-            maml.TaskBatch.from_numpy({k: v[None] for k, v in episodes.unpad(rows_, t, s.info.kind).items()})
+            maml.TaskBatch.from_numpy({k: v[None] for k, v in pads.unpad(rows_, t, s.info.kind).items()})
             for t in range(len(ids))
         ]
         out_dim = s.info.output_dim
@@ -228,7 +264,7 @@ def loop_gradient(forward, params, batch, task_of) -> dict:
         maml.task_of = cut
 
 
-SECTIONS = ("id_space", "padding", "vmap_vs_loop", "conv4_loop")
+SECTIONS = ("id_space", "padding", "vmap_vs_loop", "conv4_loop", "samplers")
 
 
 def main() -> None:
@@ -238,7 +274,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
-    run = {"id_space": id_space, "padding": padding, "vmap_vs_loop": vmap_vs_loop, "conv4_loop": conv4_loop}
+    run = {
+        "id_space": id_space, "padding": padding, "vmap_vs_loop": vmap_vs_loop, "conv4_loop": conv4_loop,
+        "samplers": samplers,
+    }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         result = {"machine": f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"}
@@ -252,6 +291,15 @@ def main() -> None:
             f"{r['cut_loop_ms']:.1f} ms: {r['speedup']:.2f}x; gradients differ by at most "
             f"{r['max_gradient_difference']:.1e}; a fixed-shape batch the same bits: {r['fixed_shape_same_bits']}\n"
         )
+    if "samplers" in result:
+        print("sampler               mean ways  support  query  padding (step / unsorted)  step (ms)  us/example")
+        for r in result["samplers"]:
+            print(
+                f"{r['sampler']:<21} {r['mean_ways']:<10.1f} {r['mean_support']:<8.1f} {r['mean_query']:<6.1f} "
+                f"{100 * r['padding_step']:>5.1f}% / {100 * r['padding_unsorted']:<17.1f}% {r['step_ms']:<10.1f} "
+                f"{r['us_per_example']:.2f}"
+            )
+        print()
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if "id_space" not in result:

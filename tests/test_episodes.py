@@ -11,7 +11,7 @@ from torch import nn
 
 from distributed_maml.config import MamlConfig
 from distributed_maml.core import maml, models
-from distributed_maml.data import episodes
+from distributed_maml.data import episodes, padding
 from distributed_maml.data.families import FAMILIES
 
 VARIANTS = {
@@ -66,7 +66,7 @@ def loop_meta_gradient(forward, kind, params, rows, cfg, out_dim):
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     loss = 0.0
     for t in range(len(rows["x_support"])):
-        one = episodes.unpad(rows, t, kind)
+        one = padding.unpad(rows, t, kind)
         ways = int(one["y_support"].max()) + 1 if kind == "classification" else out_dim
 
         def fwd(p, x, ways=ways):

@@ -193,6 +193,11 @@ def test_baselines_see_exactly_the_same_tasks_and_steps(tmp_path, monkeypatch):
     assert len(scores) >= len(evaluate.PRETRAINED_LR_GRID) and pre["inner_lr"] == float(min(scores, key=scores.get))
     assert seen[0][2] == (0, 3)  # the query sets are scored at the asked-for steps only
     assert json.loads((out / "eval" / "eval-5shots.json").read_text())["steps"] == [0, 3]
+    # scratch only (eval --no-pretrained): two curves, no step-size search, scratch's numbers the same
+    monkeypatch.setattr(evaluate, "tune_lr", lambda *a: pytest.fail("the pretrained baseline's search ran"))
+    only = evaluate.evaluate(out, steps=[0, 3], num_tasks=50, pretrain_steps=20, workers=0, pretrained=False)
+    assert set(only["baselines"]) == {"scratch"} and len(seen) == 5
+    assert only["baselines"]["scratch"]["accuracy_mean"] == res["baselines"]["scratch"]["accuracy_mean"]
 
 
 def test_meta_sgd_runs_are_evaluated_with_their_learned_step_sizes(tmp_path, capsys):
@@ -269,8 +274,10 @@ def test_cli_eval_passes_every_flag(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluate, "evaluate", spy)
     monkeypatch.setattr(plots, "plot_run", lambda *_: [])
     with pytest.raises(SystemExit):
-        cli.main(["eval", "--run", str(tmp_path), "--workers", "3", "--inner-lr", "0.1", "--num-tasks", "7"])
+        cli.main(["eval", "--run", str(tmp_path), "--workers", "3", "--inner-lr", "0.1", "--num-tasks", "7",
+                  "--no-pretrained"])  # fmt: skip
     assert seen["kwargs"]["workers"] == 3 and seen["kwargs"]["inner_lr"] == 0.1 and 7 in seen["args"]
+    assert seen["kwargs"]["pretrained"] is False
 
 
 def test_bench_eval_times_every_phase_of_the_protocol_against_training(monkeypatch, capsys):

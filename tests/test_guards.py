@@ -111,7 +111,7 @@ def test_adapting_fewer_classes_than_outputs_is_the_training_loop_on_its_padded_
     assert adapted.classes == ("cat", "dog", "emu")
     x = meta.inputs(xs, "support")
     index = torch.as_tensor(np.unique(ys, return_inverse=True)[1])
-    padded = torch.stack([index, torch.full_like(index, 3)], dim=-1)  # as data/episodes.pad writes it
+    padded = torch.stack([index, torch.full_like(index, 3)], dim=-1)  # as data/padding.pad writes it
     trained = inner.adapt(meta.network.forward, "classification", meta.meta, x, padded, STEPS, 0.0, True)
     _close(adapted.params, inner.split_lrs(trained)[0])
     want = _by_hand(meta, x, index, 3, STEPS)

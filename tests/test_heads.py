@@ -12,7 +12,7 @@ from torch import nn
 
 from distributed_maml.config import MamlConfig
 from distributed_maml.core import heads, maml, models
-from distributed_maml.data import episodes
+from distributed_maml.data import episodes, padding
 from distributed_maml.errors import ConfigError
 
 from .test_episodes import SPEC, VARIANTS, image_examples, mixed_ids, tensors, vector_examples
@@ -82,7 +82,7 @@ def reference_meta_gradient(model, kind, head, params, rows, cfg):
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     total = 0.0
     for t in range(len(rows["x_support"])):
-        one = episodes.unpad(rows, t, "classification")
+        one = padding.unpad(rows, t, "classification")
         xs, ys, xq, yq = (tensors({k: v[None] for k, v in one.items()}).tensors()[i][0] for i in range(4))
         ways = int(ys.max()) + 1
         p = start_written_out(kind, head, fwd, {n: leaves[n] for n in names}, xs, ys, ways)

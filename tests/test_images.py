@@ -296,14 +296,14 @@ def test_an_image_folder_on_the_fly_holds_its_images_once_and_draws_episodes_fro
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "drawn on the fly" in p.stdout and "36 examples" in p.stdout  # 9 classes x 4 images, once
-    from distributed_maml.data import TaskStore, episodes
+    from distributed_maml.data import TaskStore, padding
 
     store = TaskStore.open(out)
     assert store.info.on_the_fly and store.info.spec.ways == (2, 4)
     pool = store.drawer.examples
     rows = store.rows(np.arange(30), data.COLUMNS)
     for t in range(30):
-        one = episodes.unpad(rows, t, "classification")
+        one = padding.unpad(rows, t, "classification")
         ways = int(one["y_support"].max()) + 1
         assert 2 <= ways <= 4 and len(one["y_query"]) == ways
         for x, y in zip(one["x_support"], one["y_support"]):  # each image is one of its class's, in the table

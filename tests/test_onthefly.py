@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distributed_maml import config
-from distributed_maml.data import TaskStore, episodes
+from distributed_maml.data import TaskStore, episodes, padding
 from distributed_maml.data.families import FAMILIES
 from distributed_maml.data.onthefly import plan_stream
 from distributed_maml.data.sampler import ROUNDS, Sampler, _mix, keyed_permutation
@@ -59,7 +59,7 @@ def test_an_image_episode_is_the_documented_function_of_seed_and_id(tmp_path):
     table = FAMILIES["glyphs"].table("train")
     for task_id in (0, 12345, 2**62 + 17):
         xs, ys, xq, yq = _documented_image_episode(table.images, table.labels, 7, task_id, GLYPH_SPEC)
-        got = episodes.unpad(store.rows(np.array([task_id])), 0, "classification")
+        got = padding.unpad(store.rows(np.array([task_id])), 0, "classification")
         assert np.array_equal(got["x_support"], xs) and np.array_equal(got["y_support"], ys)
         assert np.array_equal(got["x_query"], xq) and np.array_equal(got["y_query"], yq)
 
@@ -399,7 +399,7 @@ def test_a_bucketed_shard_gives_the_per_task_loop_s_meta_gradient(tmp_path):
     want = torch.zeros(computer.spec.numel)
     loss = acc = 0.0
     for t in range(len(ids)):
-        one = episodes.unpad(rows, t, "classification")
+        one = padding.unpad(rows, t, "classification")
         ways = int(one["y_support"].max()) + 1
         batch = maml.TaskBatch.from_numpy({k: v[None] for k, v in one.items()})
         g, m = maml.meta_gradient(
@@ -414,23 +414,25 @@ def test_a_bucketed_shard_gives_the_per_task_loop_s_meta_gradient(tmp_path):
 
 @pytest.mark.slow
 def test_the_two_source_glyph_job_beats_scratch_by_ways_and_source(tmp_path):
-    """jobs/glyphs-sources.toml as shipped (variable episodes from two glyph alphabets, drawn on
-    the fly) through the CLI: after training, held-out episodes are adapted better from the
-    meta-learned initialisation than from scratch (the 95% intervals apart after 5 inner steps),
-    and eval reports every ways bucket and both alphabets."""
+    """jobs/glyphs-sources.toml's setting (variable episodes from two glyph alphabets, drawn on
+    the fly) through the CLI, at 100 of its 300 steps (150 steps left the intervals 0.22 apart;
+    docs/results.md has the full run): after training, held-out episodes are adapted better
+    from the meta-learned initialisation than from scratch (the 95% intervals apart after 5
+    inner steps), and eval reports every ways bucket and both alphabets."""
     out = tmp_path / "sources"
     train_ = run_cli(
         "train", "--config", "jobs/glyphs-sources.toml", "--output-dir", out, "--no-progress",
-        "--set", "training.eval_every=0", timeout=1500,
+        "--set", "training.eval_every=0", "--set", "training.steps=100", timeout=1500,
     )  # fmt: skip
     assert train_.returncode == 0, train_.stderr
     assert "By source: alphabet-a" in train_.stdout
     ev = run_cli(
-        "eval", "--run", out, "--steps", "0,5", "--num-tasks", "200", "--pretrain-steps", "20", "--json", timeout=1200
+        "eval", "--run", out, "--steps", "0,5", "--num-tasks", "200", "--no-pretrained", "--json", timeout=1200
     )
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout)
     scratch = res["baselines"]["scratch"]
+    assert set(res["baselines"]) == {"scratch"}  # the pretrained baseline's training skipped (not asserted on)
     assert res["accuracy_mean"][1] - res["accuracy_ci95"][1] > scratch["accuracy_mean"][1] + scratch["accuracy_ci95"][1]
     assert set(res["by_source"]) == {"alphabet-a", "alphabet-b"}
     assert sum(b["num_tasks"] for b in res["by_ways"].values()) == 200

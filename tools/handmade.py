@@ -92,6 +92,21 @@ BUGS: dict[str, tuple[str, str, str, str, str]] = {
     "45.5": ("--permutations relabels the support set only", "distributed_maml/evaluation/permutations.py",
              '        for key in ("y_support", "y_query"):\n            labels', '        for key in ("y_support",):\n            labels',
              "tests/test_onthefly.py::test_a_relabelling_is_a_permutation_of_each_task_s_own_classes"),
+    "45.6": ("the meta-dataset ways stop one short of the classes there are", "distributed_maml/data/metadataset.py",
+             "min(ways[1], n) + 1)", "min(ways[1], n))",
+             "tests/test_metadataset.py::test_ways_and_the_support_budget_are_uniform_at_a_fixed_seed"),
+    "45.7": ("the queries from a third of the smallest class, not half", "distributed_maml/data/metadataset.py",
+             "int(have.min()) // 2)", "int(have.min()) // 3)",
+             "tests/test_metadataset.py::test_every_episode_is_the_paper_s_definition_and_its_examples_are_its_classes"),
+    "45.8": ("the support budget ignores the cap", "distributed_maml/data/metadataset.py",
+             "        size = min(size, budget)", "        size = max(size, budget)",
+             "tests/test_metadataset.py::test_the_boundaries_two_examples_a_class_and_fewer_classes_than_ways"),
+    "45.9": ("the class shares ignore the classes' sizes", "distributed_maml/data/metadataset.py",
+             "share = have * np.exp(", "share = 1 + 0 * have * np.exp(",
+             "tests/test_metadataset.py::test_imbalance_follows_class_size"),
+    "45.10": ("a class's shots not capped by its examples left after the queries", "distributed_maml/data/metadataset.py",
+             ".astype(np.int64) + 1, left)", ".astype(np.int64) + 1, left + 1)",
+             "tests/test_metadataset.py::test_every_episode_is_the_paper_s_definition_and_its_examples_are_its_classes"),
 }  # fmt: skip
 
 

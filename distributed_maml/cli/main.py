@@ -71,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, help="Ray workers for evaluation (default: the run's; 0 = in-process)")
     e.add_argument("--no-baselines", action="store_true", help="skip the pretrained and scratch baselines")
     e.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="skip the pretrained baseline (its training and step-size search): scratch only",
+    )
+    e.add_argument(
         "--checkpoint",
         help="best, latest or step_N (default: best when the run keeps one by validation, else latest)",
     )
@@ -139,6 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         workers=args.workers,
         which=args.checkpoint,
         permutations=args.permutations,
+        pretrained=not args.no_pretrained,
     )
     print(json.dumps(result) if args.json else evaltable.format_table(result))
     from distributed_maml.evaluation import plots

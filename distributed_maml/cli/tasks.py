@@ -65,6 +65,14 @@ def add_parser(sub: Any) -> None:
         help="with --on-the-fly: the most support examples of an episode (0: no cap)",
     )
     b.add_argument(
+        "--sampler",
+        choices=("uniform", "meta-dataset"),
+        default="uniform",
+        help="with --on-the-fly: how episodes are drawn (meta-dataset: Triantafillou et al. 2020, with --shots "
+        "the most a class adds to the support budget, --queries the most per class, --max-support the budget; "
+        "docs/episodes.md)",
+    )
+    b.add_argument(
         "--sources",
         type=sources_arg,
         metavar="NAME=STORE[:WEIGHT],...",
@@ -183,12 +191,13 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     if args.from_table or args.from_images:
         ways = args.ways or (5, 5)
     spec = None
-    if args.on_the_fly or args.max_support or any(lo < hi for lo, hi in (ways, shots, queries)):
+    varies = args.max_support or args.sampler != "uniform" or any(lo < hi for lo, hi in (ways, shots, queries))
+    if args.on_the_fly or varies:
         if not args.on_the_fly:
-            raise UserError("ranges (lo:hi) and --max-support draw tasks on the fly: add --on-the-fly")
-        spec = data.episodes_of(family, ways, shots, queries, args.max_support) if family else None
+            raise UserError("ranges (lo:hi), --max-support and --sampler draw tasks on the fly: add --on-the-fly")
+        spec = data.episodes_of(family, ways, shots, queries, args.max_support, args.sampler) if family else None
         if spec is None:
-            spec = data.EpisodeSpec(ways, shots, queries, args.max_support)
+            spec = data.EpisodeSpec(ways, shots, queries, args.max_support, args.sampler)
     elif args.num_tasks is None:
         raise UserError("tasks build needs --num-tasks N (or --on-the-fly: tasks drawn from (seed, id), no cap)")
     if spec is not None:
@@ -268,10 +277,14 @@ def _build_sources(args: argparse.Namespace) -> None:
         raise UserError("--sources combines on-the-fly stores: give it with --on-the-fly and no --family/--from-*")
     stores = [data.TaskStore.open(path) for _, path, _ in args.sources]
     spec = None
-    if args.ways or args.shots or args.queries or args.max_support:
+    if args.ways or args.shots or args.queries or args.max_support or args.sampler != "uniform":
         first = stores[0].info.spec
         spec = data.EpisodeSpec(
-            args.ways or first.ways, args.shots or first.shots, args.queries or first.queries, args.max_support
+            args.ways or first.ways,
+            args.shots or first.shots,
+            args.queries or first.queries,
+            args.max_support,
+            args.sampler,
         )
     names, weights = [n for n, _, _ in args.sources], [w for _, _, w in args.sources]
     p = plan_sources(stores, names, weights, spec, args.seed, args.num_tasks or data.TASK_IDS)

@@ -44,6 +44,12 @@ class TaskConfig:
     """Variable episodes: the most support examples an episode has (over it, each class keeps one
     shot and shares the rest of the cap in proportion to its drawn shots); 0 = no cap beyond
     ways x shots."""
+    sampler: str = "uniform"
+    """How variable episodes are drawn: "uniform" (each bound above drawn uniformly) or
+    "meta-dataset" (Triantafillou et al. 2020: ways up to the classes there are, queries and an
+    imbalanced support set from the picked classes' sizes; task.shots is then the most a class
+    adds to the support budget (the paper's 100), task.queries the most queries per class (10),
+    task.max_support the budget (500); docs/episodes.md)."""
     sources: tuple[dict[str, Any], ...] = ()
     """[[task.sources]]: several sources of examples, each {family = "glyphs", part = [0, 2]} (an
     image family's classes, optionally the i-th of n equal parts of each split's) or {store =
@@ -110,6 +116,16 @@ class TaskConfig:
                 f"task.sources[{i}].weight must be a number > 0, got {w!r}",
             )
             _require(isinstance(src.get("name", ""), str), f"task.sources[{i}].name must be a string")
+        _require(
+            self.sampler in ("uniform", "meta-dataset"),
+            f'task.sampler must be "uniform" or "meta-dataset", got {self.sampler!r}',
+        )
+        _require(
+            self.sampler == "uniform" or not any(isinstance(getattr(self, n), tuple) for n in ("shots", "queries")),
+            "task.sampler = meta-dataset draws the shots and queries itself: give task.shots (the most a class adds "
+            "to the support budget, the paper's 100) and task.queries (the most per class, the paper's 10) as single "
+            "numbers",
+        )
         _require(len(self.sources) != 1, "task.sources needs two or more stores; train on one with --tasks")
         _require(
             self.max_support == 0 or self.max_support >= max(2, ways[1]),
@@ -136,7 +152,11 @@ class TaskConfig:
     @property
     def varies(self) -> bool:
         """Episodes of different shapes: a range with lo < hi, or a support cap."""
-        return self.max_support > 0 or any(lo < hi for lo, hi in map(self.bounds, ("ways", "shots", "queries")))
+        return (
+            self.max_support > 0
+            or self.sampler != "uniform"
+            or any(lo < hi for lo, hi in map(self.bounds, ("ways", "shots", "queries")))
+        )
 
     @property
     def drawn(self) -> bool:

@@ -28,7 +28,7 @@ in this order (every draw uniform, bounds inclusive):
 Nothing is stateful, so a resumed run, any worker or `eval` draws the same bits, and opening a
 store costs the same at 10^3 or 10^18 task ids.
 
-A batch of episodes of different shapes is padded to its largest (see `pad`), with its masks
+A batch of episodes of different shapes is padded to its largest (data/padding.py), with its masks
 in its labels (core/inner.py: classification labels [N, 2] = (label, ways; 0 on padding),
 regression targets [N, O + 1] = (targets, weight)): a padded example weighs nothing, a padded
 class is never predicted, and per-task BatchNorm takes its statistics over real examples. A
@@ -42,8 +42,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distributed_maml.data import metadataset
+from distributed_maml.data.padding import Episode, pad
 from distributed_maml.errors import StoreError
 
+SAMPLERS = ("uniform", "meta-dataset")  # a store's spec keeps the index (to_tuple)
 SPLIT_NUMBERS = {"train": 0, "test": 1, "all": 2, "val": 3}  # a task's Philox counter starts at its split's
 TASK_IDS = 2**63 - 1  # an on-the-fly store's default id space: [0, 2**63 - 1)
 Bounds = tuple[int, int]
@@ -58,6 +61,11 @@ class EpisodeSpec:
     shots: Bounds
     queries: Bounds
     max_support: int = 0
+    sampler: str = "uniform"
+    """"uniform" (the draw above) or "meta-dataset" (data/metadataset.py: ways up to the
+    classes there are, the queries, support budget and imbalanced shots from the classes' sizes;
+    shots[1], queries[1] and max_support are then the paper's per-class cap, most queries and
+    budget)."""
 
     @classmethod
     def fixed_shape(cls, ways: int, shots: int, queries: int) -> EpisodeSpec:
@@ -65,16 +73,27 @@ class EpisodeSpec:
 
     @classmethod
     def from_tuple(cls, t: tuple[int, ...]) -> EpisodeSpec:
-        return cls((t[0], t[1]), (t[2], t[3]), (t[4], t[5]), t[6])
+        return cls((t[0], t[1]), (t[2], t[3]), (t[4], t[5]), t[6], SAMPLERS[t[7]] if len(t) > 7 else "uniform")
 
     def to_tuple(self) -> tuple[int, ...]:
-        return (*self.ways, *self.shots, *self.queries, self.max_support)
+        """Seven numbers for the uniform draw (as every store before the sampler), an eighth
+        (the sampler's index in SAMPLERS) otherwise."""
+        tail = (SAMPLERS.index(self.sampler),) if self.sampler != "uniform" else ()
+        return (*self.ways, *self.shots, *self.queries, self.max_support, *tail)
+
+    @property
+    def meta_dataset(self) -> bool:
+        return self.sampler == "meta-dataset"
 
     @property
     def fixed(self) -> bool:
         """Every episode has the same shape: batches need no padding."""
         lo_hi = (self.ways, self.shots, self.queries)
-        return all(lo == hi for lo, hi in lo_hi) and (not self.max_support or self.max_support >= self.support_max)
+        return (
+            not self.meta_dataset
+            and all(lo == hi for lo, hi in lo_hi)
+            and (not self.max_support or self.max_support >= self.support_max)
+        )
 
     @property
     def support_max(self) -> int:
@@ -91,6 +110,13 @@ class EpisodeSpec:
         for name, (lo, hi) in (("ways", self.ways), ("shots", self.shots), ("queries", self.queries)):
             if not 1 <= lo <= hi:
                 raise StoreError(f"{where}.{name} must be n or [lo, hi] with 1 <= lo <= hi, got [{lo}, {hi}]")
+        if self.sampler not in SAMPLERS:
+            raise StoreError(f"{where}.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if regression and self.meta_dataset:
+            raise StoreError(
+                f"{where}.sampler = meta-dataset draws classification episodes from classes of examples; "
+                'use sampler = "uniform" for a regression family'
+            )
         if regression and self.ways != (1, 1):
             raise StoreError(f"{where}.ways must be 1 for a regression family, got {list(self.ways)}")
         if not regression and self.ways[0] < 2:
@@ -106,6 +132,11 @@ class EpisodeSpec:
             return str(b[0]) if b[0] == b[1] else f"{b[0]}-{b[1]}"
 
         cap = f", support <= {self.max_support}" if self.max_support else ""
+        if self.meta_dataset:
+            return (
+                f"Meta-Dataset episodes: {one(self.ways)}-way (at most the classes there are), <= {self.queries[1]} "
+                f"queries, <= {self.shots[1]} shots per class toward the budget{cap}"
+            )
         return f"{one(self.ways)}-way {one(self.shots)}-shot, {one(self.queries)} queries{cap}"
 
 
@@ -136,12 +167,22 @@ class Shapes:
     seed: int
     spec: EpisodeSpec
     split: int = 0
+    pool: metadataset.Pool | None = None  # the Meta-Dataset sampler's classes (their sizes set the shape)
+
+    def draw(self, rng: np.random.Generator) -> tuple[int, np.ndarray, int, metadataset.Drawn | None]:
+        """An episode's first draws: (ways, shots per class, queries per class), and under the
+        Meta-Dataset sampler the classes and source they came from (drawn first)."""
+        if self.pool is None:
+            return (*draw_shape(rng, self.spec), None)
+        s = self.spec
+        d = metadataset.draw(rng, s.ways, s.shots[1], s.queries[1], s.max_support, self.pool)
+        return len(d.classes), d.shots, d.queries, d
 
     def of(self, ids: np.ndarray) -> np.ndarray:
         """Each task's (ways, support size, query size): int64 [len(ids), 3]."""
         out = np.empty((len(ids), 3), dtype=np.int64)
         for i, t in enumerate(ids):
-            w, s, q = draw_shape(task_rng(self.seed, int(t), self.split), self.spec)
+            w, s, q, _ = self.draw(task_rng(self.seed, int(t), self.split))
             out[i] = (w, s.sum(), w * q)
         return out
 
@@ -168,6 +209,17 @@ class Examples:
 
     def check(self, spec: EpisodeSpec, where: str) -> None:
         _, counts = self.bounds()
+        if spec.meta_dataset:  # ways up to the classes there are; a query and a shot from each
+            if len(counts) < spec.ways[0]:
+                raise StoreError(
+                    f"{where} has {len(counts)} classes: too few for {spec.ways[0]}-way episodes; lower the ways"
+                )
+            if counts.min() < 2:
+                raise StoreError(
+                    f"{where}: class {int(counts.argmin())} has {counts.min()} example; the meta-dataset sampler "
+                    "needs 2 per class (a query and a shot)"
+                )
+            return
         if len(counts) < spec.ways[1]:
             raise StoreError(
                 f"{where} has {len(counts)} classes: too few for {spec.ways[1]}-way episodes; lower the ways"
@@ -180,7 +232,6 @@ class Examples:
             )
 
 
-Episode = dict[str, np.ndarray]  # x_support [S, ...], y_support [S] or [S, O], x_query, y_query, params
 SETS = ("x_support", "y_support", "x_query", "y_query")
 
 
@@ -202,18 +253,28 @@ class Drawer:
         self.seed, self.spec, self.kind = seed, spec, kind
         self.examples, self.generate, self.family_ways = examples, generate, family_ways
         self.split = split
-        self.shapes = Shapes(seed, spec, split)
         self._bounds = examples.bounds() if examples is not None else None
         # several sources: (weight, classes) each; source i's classes follow source i - 1's
         weights = np.array([w for w, _ in sources], dtype=np.float64)
         self._weights = weights / weights.sum() if sources else None
         self._first_class = np.concatenate([[0], np.cumsum([c for _, c in sources])]).astype(np.int64)
+        pool = None
+        if spec.meta_dataset:
+            if self._bounds is None:
+                raise StoreError(
+                    "task.sampler = meta-dataset draws from classes of examples (an image family, --from-images "
+                    'or --from-table); a generated family has none: use sampler = "uniform"'
+                )
+            counts = self._bounds[1]
+            first = self._first_class if sources else np.array([0, len(counts)], dtype=np.int64)
+            pool = metadataset.Pool(counts.astype(np.int64), first, self._weights)
+        self.shapes = Shapes(seed, spec, split, pool)
 
     def episode(self, task_id: int) -> Episode:
         rng = task_rng(self.seed, task_id, self.split)
-        ways, shots, queries = draw_shape(rng, self.spec)
+        ways, shots, queries, drawn = self.shapes.draw(rng)
         if self.examples is not None:
-            return self._from_examples(rng, ways, shots, queries)
+            return self._from_examples(rng, ways, shots, queries, drawn)
         return self._from_family(rng, ways, shots, queries)
 
     @property
@@ -230,12 +291,14 @@ class Drawer:
         out = np.empty(len(ids), dtype=np.int64)
         for i, t in enumerate(np.asarray(ids, dtype=np.int64)):
             rng = task_rng(self.seed, int(t), self.split)
-            draw_shape(rng, self.spec)
-            out[i] = self._source(rng)
+            *_, drawn = self.shapes.draw(rng)
+            out[i] = drawn.source if drawn is not None else self._source(rng)
         return out
 
-    def _from_examples(self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int) -> Episode:
-        support, query, classes = self._picks(rng, ways, shots, queries)
+    def _from_examples(
+        self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int, drawn: metadataset.Drawn | None
+    ) -> Episode:
+        support, query, classes = self._picks(rng, ways, shots, queries, drawn)
         labels = np.arange(ways, dtype=np.int64)
         assert self.examples is not None
         x = self.examples.x
@@ -248,12 +311,15 @@ class Drawer:
         }
 
     def _picks(
-        self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int
+        self, rng: np.random.Generator, ways: int, shots: np.ndarray, queries: int, drawn: metadataset.Drawn | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """An episode's support and query example indices (class by class) and its classes."""
+        """An episode's support and query example indices (class by class) and its classes (the
+        Meta-Dataset sampler drew them with the shape: `drawn`)."""
         assert self.examples is not None and self._bounds is not None
         starts, counts = self._bounds
-        if self._weights is None:
+        if drawn is not None:
+            classes = drawn.classes
+        elif self._weights is None:
             classes = rng.choice(len(counts), ways, replace=False)
         else:  # the source by weight, then `ways` of its classes
             src = self._source(rng)
@@ -306,8 +372,8 @@ class Drawer:
         drawn = []
         for t in ids:
             rng = task_rng(self.seed, int(t), self.split)
-            ways, shots, queries = draw_shape(rng, self.spec)
-            drawn.append((*self._picks(rng, ways, shots, queries), ways, shots, queries))
+            ways, shots, queries, plan = self.shapes.draw(rng)
+            drawn.append((*self._picks(rng, ways, shots, queries, plan), ways, shots, queries))
         out = {"params": np.zeros((len(ids), max(d[3] for d in drawn)), dtype=np.float32)}
         for part, at in (("support", 0), ("query", 1)):
             n = max(len(d[at]) for d in drawn)
@@ -323,62 +389,3 @@ class Drawer:
             x[index < 0] = 0
             out[f"x_{part}"], out[f"y_{part}"] = x, y
         return out
-
-
-def pad(episodes: list[Episode], kind: str) -> dict[str, np.ndarray]:
-    """Episodes of different shapes as one batch, padded with zeros to the largest support and
-    query sets; labels [T, N, 2] = (label, the task's ways; 0 on padding) for classification,
-    targets [T, N, O + 1] = (targets, 1 real / 0 padding) for regression; params (each label's
-    class) padded with zeros to the most ways."""
-    width = max(len(e["params"]) for e in episodes)
-    out = {"params": np.zeros((len(episodes), width), dtype=np.float32)}
-    for t, e in enumerate(episodes):
-        out["params"][t, : len(e["params"])] = e["params"]
-    for part in ("support", "query"):
-        xs, ys = [e[f"x_{part}"] for e in episodes], [e[f"y_{part}"] for e in episodes]
-        n = max(len(x) for x in xs)
-        x = np.zeros((len(xs), n, *xs[0].shape[1:]), dtype=xs[0].dtype)
-        if kind == "classification":
-            y = np.zeros((len(ys), n, 2), dtype=np.int64)
-        else:
-            y = np.zeros((len(ys), n, ys[0].shape[-1] + 1), dtype=np.float32)
-        for t, (xt, yt) in enumerate(zip(xs, ys, strict=True)):
-            x[t, : len(xt)] = xt
-            if kind == "classification":
-                ways = int(episodes[t]["y_support"].max()) + 1
-                y[t, : len(yt)] = np.stack([yt, np.full_like(yt, ways)], axis=-1)
-            else:
-                y[t, : len(yt), :-1] = yt
-                y[t, : len(yt), -1] = 1.0
-        out[f"x_{part}"], out[f"y_{part}"] = x, y
-    return out
-
-
-def unpad(rows: dict[str, np.ndarray], t: int, kind: str) -> Episode:
-    """Task `t` of a padded batch as it was drawn (the oracle's view: real examples only)."""
-    out = {}
-    for part in ("support", "query"):
-        y = rows[f"y_{part}"][t]
-        if kind == "classification":
-            keep = y[:, 1] > 0
-            out[f"x_{part}"], out[f"y_{part}"] = rows[f"x_{part}"][t][keep], y[keep, 0]
-        else:
-            keep = y[:, -1] > 0
-            out[f"x_{part}"], out[f"y_{part}"] = rows[f"x_{part}"][t][keep], y[keep, :-1]
-    return out
-
-
-def real(y: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Plain labels or targets of a (possibly padded) batch [T, N, ...], and which are real:
-    (y without its mask column, bool [T, N])."""
-    padded = y.ndim == 3 if kind == "classification" else False
-    if kind == "classification":
-        return (y[..., 0], y[..., 1] > 0) if padded else (y, np.ones(y.shape, dtype=bool))
-    return y, np.ones(y.shape[:2], dtype=bool)
-
-
-def real_targets(y: np.ndarray, output_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Regression targets [T, N, O] of a batch, padded ([T, N, O + 1]) or not, and which are real."""
-    if y.shape[-1] == output_dim + 1:
-        return y[..., :-1], y[..., -1] > 0
-    return y, np.ones(y.shape[:2], dtype=bool)

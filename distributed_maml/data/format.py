@@ -86,7 +86,8 @@ class StoreInfo:
     the mean: a user's own rows (`adapt`, `serve`) are standardised the same way."""
     episodes: tuple[int, ...] = ()
     """Stream layout: the episodes' bounds (EpisodeSpec.to_tuple: ways, shots, queries as lo, hi,
-    then max_support); `ways`, `shots` and `queries` above are then the largest."""
+    then max_support, and an eighth, 1, for the Meta-Dataset sampler); `ways`, `shots` and `queries`
+    above are then the largest."""
     sources: tuple[str, ...] = ()
     """Stream layout from several stores (`tasks build --sources`, task.sources): their names; each
     episode picks one by `source_weights`, its classes then among that source's only."""
@@ -299,7 +300,12 @@ def _parse_info(schema: pa.Schema, name: str) -> StoreInfo:
             bad_sources = n > 0 and (
                 len(info.source_weights) != n or len(info.source_classes) != n or not info.num_images
             )
-            bad_images = len(info.episodes) != 7 or info.num_tasks < 1 or bad_sources
+            bad_images = (
+                tuple(info.episodes[7:]) not in ((), (1,))
+                or len(info.episodes) < 7
+                or info.num_tasks < 1
+                or bad_sources
+            )
             info.spec.check(info.kind == "regression", "the store's")
         except StoreError:
             bad_images = True

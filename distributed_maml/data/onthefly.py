@@ -37,6 +37,11 @@ def plan_stream(
         raise StoreError(
             f"a class range or part picks classes of an image family's split; {family} generates its tasks"
         )
+    if spec.meta_dataset and not isinstance(fam, ImageFamily):
+        raise StoreError(
+            f"task.sampler = meta-dataset draws from classes of examples (an image family, --from-images or "
+            f'--from-table); {family} generates its tasks: use sampler = "uniform"'
+        )
     if isinstance(fam, ImageFamily):
         if split not in SPLITS:
             raise StoreError(f"--split must be one of {', '.join(SPLITS)} for {family}, got {split!r}")
@@ -55,13 +60,18 @@ def plan_stream(
 
 
 def episodes_of(
-    family: str, ways: tuple[int, int], shots: tuple[int, int], queries: tuple[int, int], max_support: int = 0
+    family: str,
+    ways: tuple[int, int],
+    shots: tuple[int, int],
+    queries: tuple[int, int],
+    max_support: int = 0,
+    sampler: str = "uniform",
 ) -> EpisodeSpec:
     """The episodes `task.*` asks of a family (ways (0, 0): the family's own)."""
     if ways == (0, 0):
         w = resolve(family).ways
         ways = (w, w)
-    return EpisodeSpec(ways, shots, queries, max_support)
+    return EpisodeSpec(ways, shots, queries, max_support, sampler)
 
 
 def held_out(

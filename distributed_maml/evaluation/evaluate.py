@@ -42,7 +42,7 @@ from distributed_maml.core.learner import Learner
 from distributed_maml.core.maml import as_input, loss_fn
 from distributed_maml.core.models import ParamSpec
 from distributed_maml.core.network import Network, assemble
-from distributed_maml.data import episodes
+from distributed_maml.data import padding
 from distributed_maml.data.families import FROM_FILES, resolve
 from distributed_maml.data.format import COLUMNS, StoreInfo
 from distributed_maml.data.onthefly import held_out
@@ -195,11 +195,18 @@ def pretrain(cfg: Config, store: TaskStore, steps: int, seed: int, net: Network)
 
 
 def baseline_weights(
-    run_dir: Path, cfg: Config, net: Network, pretrain_steps: int, train_store: Callable[[], TaskStore]
+    run_dir: Path,
+    cfg: Config,
+    net: Network,
+    pretrain_steps: int,
+    train_store: Callable[[], TaskStore],
+    pretrained: bool = True,
 ) -> dict[str, dict]:
-    """The two baselines' initial weights: the run's own step-0 weights (`net`'s), and the
-    pretrained one, cached in the run folder."""
+    """The two baselines' initial weights: the run's own step-0 weights (`net`'s), and (unless
+    not `pretrained`) the pretrained one, cached in the run folder."""
     out = {"scratch": net.weights()}
+    if not pretrained:
+        return out
     cache = run_dir / "baselines" / f"pretrained_{pretrain_steps}.pt"
     if cache.exists():
         out["pretrained"] = torch.load(cache, weights_only=True)
@@ -244,8 +251,8 @@ def blow_up_bound(store: TaskStore, n: int) -> float:
 def _real(y: np.ndarray, info: StoreInfo) -> tuple[np.ndarray, np.ndarray]:
     """A batch's plain labels or targets and which examples are real (padded episodes)."""
     if info.kind == "classification":
-        return episodes.real(y, info.kind)
-    return episodes.real_targets(y, info.output_dim)
+        return padding.real(y, info.kind)
+    return padding.real_targets(y, info.output_dim)
 
 
 def evaluate(
@@ -260,8 +267,10 @@ def evaluate(
     workers: int | None = None,
     which: str | None = None,
     permutations: int = 0,
+    pretrained: bool = True,
 ) -> dict[str, Any]:
-    """The adaptation curve of the run's weights (and of the baselines) on held-out tasks;
+    """The adaptation curve of the run's weights (and of the baselines) on held-out tasks
+    (`pretrained` False: scratch only, without the pretrained one's training and step-size search);
     `which` checkpoint: "best", "latest", "step_N" (None: best when the run keeps one);
     `permutations` K > 1: the meta-model's accuracy under K label assignments of the same tasks."""
     if not steps or min(steps) < 0:
@@ -292,7 +301,7 @@ def evaluate(
     clock = _Clock()  # seconds per phase, in the result: where an evaluation's time went
     if baselines:
         steps_pre = pretrain_steps if pretrain_steps is not None else min(cfg.training.steps, 10_000)
-        inits.update(baseline_weights(run_dir, cfg, net, steps_pre, train_store))
+        inits.update(baseline_weights(run_dir, cfg, net, steps_pre, train_store, pretrained))
     clock.lap("baselines")
     lrs: dict[str, Any] = {name: cfg.maml.inner_lr for name in inits}
     tuning: dict[str, Any] = {}

@@ -145,7 +145,7 @@ def _sources_plan(cfg: Config) -> Plan:
     if ways == (0, 0):  # the first source's: a store's own, or its family's
         first = listed[0]
         ways = TaskStore.open(first.store).info.spec.ways if first.store else (resolve(first.family).ways,) * 2
-    spec = EpisodeSpec(ways, t.bounds("shots"), t.bounds("queries"), t.max_support)
+    spec = EpisodeSpec(ways, t.bounds("shots"), t.bounds("queries"), t.max_support, t.sampler)
     p = plan_from_sources(listed, spec, cfg.training.seed, "train", t.num_tasks or TASK_IDS)
     if p.info.family != t.family:
         raise StoreError(
@@ -181,6 +181,8 @@ def _check_store(store: TaskStore, cfg: Config) -> None:
         )
     if t.max_support and t.max_support != spec.max_support:
         raise StoreError(f"{store.name} caps support sets at {spec.max_support} but task.max_support = {t.max_support}")
+    if t.sampler != "uniform" and spec.sampler != t.sampler:
+        raise StoreError(f"{store.name} draws {spec.sampler} episodes but task.sampler = {t.sampler}; make them agree")
     if info.split in ("test", "val"):
         raise StoreError(f"{store.name} is a held-out ({info.split}) store; train on a store built with --split train")
 
@@ -212,7 +214,8 @@ def prepare(
         if t.sources:  # several on-the-fly stores as one: each episode's source drawn by weight
             new_store = _sources_plan(cfg)
         elif t.drawn:  # an on-the-fly store: the family's examples once (or nothing), no task rows
-            spec = episodes_of(t.family, t.bounds("ways"), t.bounds("shots"), t.bounds("queries"), t.max_support)
+            b = t.bounds
+            spec = episodes_of(t.family, b("ways"), b("shots"), b("queries"), t.max_support, t.sampler)
             new_store = plan_stream(t.family, spec, cfg.training.seed, "train", t.num_tasks or TASK_IDS)
         elif t.num_tasks:
             new_store = plan(t.family, t.num_tasks, cfg.training.seed, t.shots, t.queries, "train", t.ways)
