@@ -93,11 +93,12 @@ def test_resnet12_on_vectors_is_one_clear_line():
 
 @pytest.mark.slow
 def test_a_small_resnet12_glyph_run_learns_through_the_cli(tmp_path):
-    """The 2-core demonstration (about 7 minutes): a reduced-width ResNet-12 on 5-way 1-shot
-    glyphs, 200 meta-steps, beats the scratch baseline after one inner step on held-out tasks."""
+    """The 2-core demonstration (about 2 minutes): a reduced-width ResNet-12 on 5-way 1-shot
+    glyphs, 50 meta-steps, beats the scratch baseline after one inner step on held-out tasks
+    (measured 0.456 +- 0.019 against 0.261 +- 0.014 on 2 cores; 0.608 at 100 steps)."""
     out = tmp_path / "r12"
     widths = "model.kwargs={widths = [8, 8, 16, 16]}"
-    sets = ["model.name=resnet12", widths, "training.steps=200", "training.log_every=50", "training.eval_every=0"]
+    sets = ["model.name=resnet12", widths, "training.steps=50", "training.log_every=50", "training.eval_every=0"]
     train = run_cli(
         "train",
         "--config",
@@ -117,12 +118,12 @@ def test_a_small_resnet12_glyph_run_learns_through_the_cli(tmp_path):
         "0,1,3",
         "--num-tasks",
         "200",
-        "--pretrain-steps",
-        "100",
+        "--no-pretrained",
         "--json",
         timeout=1200,
     )
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout)
     scratch = res["baselines"]["scratch"]
+    assert set(res["baselines"]) == {"scratch"}
     assert res["accuracy_mean"][1] - res["accuracy_ci95"][1] > scratch["accuracy_mean"][1] + scratch["accuracy_ci95"][1]
