@@ -296,7 +296,7 @@ def main() -> None:
         for r in result["samplers"]:
             print(
                 f"{r['sampler']:<21} {r['mean_ways']:<10.1f} {r['mean_support']:<8.1f} {r['mean_query']:<6.1f} "
-                f"{100 * r['padding_step']:>5.1f}% / {100 * r['padding_unsorted']:<17.1f}% {r['step_ms']:<10.1f} "
+                f"{100 * r['padding_step']:>5.1f}% / {100 * r['padding_unsorted']:5.1f}%{'':14} {r['step_ms']:<10.1f} "
                 f"{r['us_per_example']:.2f}"
             )
         print()
