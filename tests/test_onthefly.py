@@ -515,6 +515,28 @@ def head_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("head", ["unicorn", "proto"])
+def test_a_head_run_is_evaluated_beside_both_baselines(head, head_runs):
+    """eval of a unicorn or proto run with its baselines: each baseline starts its tasks' heads
+    as the run does (its weights in the run's layout). Unicorn's reference at 0 steps: every
+    row the same, every query is given label 0, so each task scores 1 / its ways (2 queries a
+    class), for the meta-model and scratch alike; proto's scratch is the prototype classifier
+    of the untrained features, above chance."""
+    from distributed_maml.evaluation import evaluate
+
+    res = evaluate.evaluate(head_runs(head), steps=[0, 1], num_tasks=24, pretrain_steps=2, workers=0)
+    assert set(res["baselines"]) == {"pretrained", "scratch"}
+    buckets = res["by_ways"]  # 3-5 ways: one bucket a count
+    assert sorted(buckets) == ["3", "4", "5"] and sum(b["num_tasks"] for b in buckets.values()) == 24
+    chance = sum(b["num_tasks"] / int(w) for w, b in buckets.items()) / 24
+    scratch = res["baselines"]["scratch"]["accuracy_mean"][0]
+    if head == "unicorn":
+        assert res["accuracy_mean"][0] == pytest.approx(chance, abs=1e-6) and scratch == pytest.approx(chance, abs=1e-6)
+    else:
+        assert scratch > chance + 0.1, (scratch, chance)
+    assert all(np.isfinite(r["accuracy_mean"]).all() for r in (res, *res["baselines"].values()))
+
+
+@pytest.mark.parametrize("head", ["unicorn", "proto"])
 def test_a_run_of_3_to_5_ways_adapts_a_12_way_task_by_every_path_and_renaming_renames(tmp_path, head, head_runs):
     """maml.head unicorn or proto: a run trained on 3-5 ways adapts a 12-way task; the API, an
     export and `distributed-maml adapt` (image folders) answer the same bits; the classes renamed

@@ -107,6 +107,9 @@ BUGS: dict[str, tuple[str, str, str, str, str]] = {
     "45.10": ("a class's shots not capped by its examples left after the queries", "distributed_maml/data/metadataset.py",
              ".astype(np.int64) + 1, left)", ".astype(np.int64) + 1, left + 1)",
              "tests/test_metadataset.py::test_every_episode_is_the_paper_s_definition_and_its_examples_are_its_classes"),
+    "45.11": ("a unicorn run's baselines evaluated in the network's layout, not the run's", "distributed_maml/evaluation/evaluate.py",
+             "inits.update({name: net.task_head.meta_params(w) for name, w in own.items()})", "inits.update(own)",
+             "tests/test_onthefly.py::test_a_head_run_is_evaluated_beside_both_baselines"),
 }  # fmt: skip
 
 

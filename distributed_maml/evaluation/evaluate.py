@@ -301,7 +301,10 @@ def evaluate(
     clock = _Clock()  # seconds per phase, in the result: where an evaluation's time went
     if baselines:
         steps_pre = pretrain_steps if pretrain_steps is not None else min(cfg.training.steps, 10_000)
-        inits.update(baseline_weights(run_dir, cfg, net, steps_pre, train_store, pretrained))
+        # in the run's layout: a unicorn or proto run's baselines start each task's head as it
+        # does (unicorn: their head's first row copied; proto: the prototypes of their features)
+        own = baseline_weights(run_dir, cfg, net, steps_pre, train_store, pretrained)
+        inits.update({name: net.task_head.meta_params(w) for name, w in own.items()})
     clock.lap("baselines")
     lrs: dict[str, Any] = {name: cfg.maml.inner_lr for name in inits}
     tuning: dict[str, Any] = {}
