@@ -218,3 +218,18 @@ def test_the_draw_needs_a_pool_of_classes():
         from distributed_maml.config import TaskConfig
 
         TaskConfig(family="glyphs", sampler="meta-dataset", queries=(1, 3))
+
+
+def test_eval_shots_k_of_a_meta_dataset_run_draws_k_shot_episodes():
+    """`eval --shots K` asks for K shots a class: a meta-dataset run's held-out episodes are then
+    drawn uniformly at its ways and queries, K each, no budget (the sampler would read K as its
+    per-class cap and give fewer)."""
+    from distributed_maml.data.onthefly import held_out, plan_stream
+
+    spec = episodes.EpisodeSpec((3, 6), (6, 6), (4, 4), 12, "meta-dataset")
+    info = plan_stream("glyphs", spec, 0, "train", episodes.TASK_IDS).info
+    store = held_out(info, 40, 0, "test", shots=3)
+    assert store.info.spec == episodes.EpisodeSpec((3, 6), (3, 3), (4, 4), 0)
+    shapes = store.drawer.shapes.of(np.arange(40))
+    assert np.array_equal(shapes[:, 1], 3 * shapes[:, 0]) and np.array_equal(shapes[:, 2], 4 * shapes[:, 0])
+    assert held_out(info, 40, 0, "test").info.spec.sampler == "meta-dataset"  # without --shots: as trained

@@ -90,6 +90,8 @@ def held_out(
     if shots is not None:
         queries = (shots, shots) if info.kind == "regression" else spec.queries
         spec = replace(spec, shots=(shots, shots), queries=queries)
+        if spec.meta_dataset:  # K shots a class: the uniform draw (the sampler reads shots as a cap toward its budget)
+            spec = replace(spec, sampler="uniform", max_support=0)
     name = f"<held-out {info.family} episodes ({split})>"
     if info.sources:
         if not sources or any(s.store for s in sources):
