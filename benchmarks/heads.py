@@ -7,8 +7,9 @@ in interleaved rounds (best of each), so the ratios do not depend on what else t
 - the glyph MLP (784-64-10) under vmap, meta-batch 32;
 - conv4-32 with per-task BatchNorm by the loop (the CPU's default task map), meta-batch 8.
 
-Target: unicorn and proto at most 1.1x fixed. Proto computes the features of the support set
-once more (the network with its head the identity); unicorn copies one row.
+Target: unicorn and proto at most 1.1x fixed. Proto takes its prototypes and its first inner
+gradient from one pass over the support set (core/heads.py `Head.open`: the features by the
+network's body, the head applied to them); unicorn copies one row.
 
     python benchmarks/heads.py [--seconds 3] [--json benchmarks/results/heads-2core.json]
 """

@@ -30,10 +30,13 @@ def conv(d_out=5, seed=0) -> nn.Module:
     return models.per_task_batch_norm_(models.conv4((1, 16, 16), d_out, channels=3)).double()
 
 
-def setup(model: nn.Module, kind: str, algorithm: str = "maml", **extra):
+def setup(model: nn.Module, kind: str, algorithm: str = "maml", body: bool = True, **extra):
+    """(config, head, forward, meta-parameters); `body`: the forward as a run builds it (a
+    Sequential's proto features by its body), else by the identity head (any other network)."""
     cfg = MamlConfig(inner_steps=2, inner_lr=0.3, head=kind, **{**ALGORITHMS[algorithm], **extra})
     head = heads.of(kind, model, "classification")
-    forward = heads.attach(models.functional(model), head)
+    forward = heads.attach(models.functional(model), head, model if body else None)
+    assert hasattr(forward, heads.BODY_ATTR) == (body and kind == "proto")
     full = {k: v.detach() for k, v in model.named_parameters()}
     params = maml.with_learned_lrs(cfg, head.meta_params(full), cfg.inner_lr)
     return cfg, head, forward, params
@@ -127,6 +130,23 @@ def test_a_mixed_batch_s_meta_gradient_is_the_written_out_per_task_loop(kind, ne
     assert set(g) == set(want) and float(sum(v.abs().sum() for v in g.values())) > 0
     for k in want:
         torch.testing.assert_close(g[k], want[k], rtol=1e-8, atol=1e-10, msg=f"{kind} {net} {algorithm}: {k}")
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv4"])
+def test_proto_s_one_pass_start_is_the_written_out_loop_by_either_features_and_task_map(net):
+    """Proto's start and first inner gradient from one pass over the support set (Head.open):
+    with the features by the network's body or by its head set to the identity, vmapped or one
+    task at a time (conv4's CPU default), second and first order: the written-out loop."""
+    model = mlp() if net == "mlp" else conv()
+    drawer = drawer_for(net)
+    rows = drawer.rows(mixed_ids(drawer, 4))
+    for algorithm in ("maml", "fomaml"):
+        for body, task_map in ((True, "loop"), (False, "vmap"), (False, "loop")):
+            cfg, head, forward, params = setup(model, "proto", algorithm, body=body)
+            g, _ = maml.meta_gradient(forward, "classification", params, tensors(rows), cfg, task_map)
+            want = reference_meta_gradient(model, "proto", head, params, rows, cfg)
+            for k in want:
+                torch.testing.assert_close(g[k], want[k], rtol=1e-8, atol=1e-10, msg=f"{algorithm} {body} {task_map}")
 
 
 @pytest.mark.parametrize("kind", ["unicorn", "proto"])
@@ -270,12 +290,12 @@ def test_proto_maml_s_gradient_flows_through_the_prototypes_and_first_order_keep
         g, _ = maml.meta_gradient(forward, "classification", params, batch, cfg)
         detached = heads.Head(**{**head.__dict__})
         cut = heads.attach(models.functional(model), detached)
-        original = detached.prototypes
+        original = detached.rows_of  # every start's prototype rows (`prototypes` and `open`)
 
         def cut_start(*a, original=original):
             return {k: v.detach() for k, v in original(*a).items()}
 
-        object.__setattr__(detached, "prototypes", cut_start)
+        object.__setattr__(detached, "rows_of", cut_start)
         g_cut, _ = maml.meta_gradient(cut, "classification", params, batch, cfg)
         assert (g["0.weight"] - g_cut["0.weight"]).abs().max() > 1e-6, algorithm
 

@@ -110,6 +110,13 @@ BUGS: dict[str, tuple[str, str, str, str, str]] = {
     "45.11": ("a unicorn run's baselines evaluated in the network's layout, not the run's", "distributed_maml/evaluation/evaluate.py",
              "inits.update({name: net.task_head.meta_params(w) for name, w in own.items()})", "inits.update(own)",
              "tests/test_onthefly.py::test_a_head_run_is_evaluated_beside_both_baselines"),
+    "45.12": ("proto's one-pass first inner gradient total (through the prototypes), not partial", "distributed_maml/core/heads.py",
+             "torch.func.grad(head_loss, argnums=(0, 1))(features, rows)",
+             "torch.func.grad(lambda f, r: head_loss(f, {**r, **self.rows_of(f, ys, self.width)}), argnums=(0, 1))(features, rows)",
+             "tests/test_heads.py::test_proto_s_one_pass_start_is_the_written_out_loop_by_either_features_and_task_map"),
+    "45.13": ("proto's features by the body without a padded set's BatchNorm masks", "distributed_maml/core/heads.py",
+             "fwd = bind(body, ys)", "fwd = body",
+             "tests/test_heads.py::test_a_mixed_batch_s_meta_gradient_is_the_written_out_per_task_loop"),
 }  # fmt: skip
 
 

@@ -24,11 +24,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distributed_maml.config import MamlConfig
-from distributed_maml.core.inner import bind, example_weight, head_of
-from distributed_maml.core.models import Forward, ParamSpec
+from distributed_maml.core.inner import Opening, bind, example_weight, head_of, loss_fn
+from distributed_maml.core.models import Forward, ParamSpec, functional
 from distributed_maml.errors import ConfigError
 
 HEADS = ("fixed", "unicorn", "proto")
@@ -103,10 +104,25 @@ class Head:
     def prototypes(self, forward: Forward, p: Params, xs: Tensor, ys: Tensor, rows: int) -> Params:
         """Proto-MAML's head: each class's mean support feature c_k, as rows 2 c_k and biases
         -||c_k||^2 (a class with no support example, a padded one, gets a zero row)."""
+        return self.rows_of(self.features_of(forward, ys, xs)(p), ys, rows)
+
+    def features_of(self, forward: Forward, ys: Tensor, xs: Tensor) -> Callable[[Params], Tensor]:
+        """The support set's features [N, F] at given parameters: the network up to its head
+        (its body, where `attach` could cut one off; else the network with its head the identity).
+        `check_ends_in_head` proves the head is applied to exactly these."""
+        body = getattr(forward, BODY_ATTR, None)
+        if body is not None:  # a Sequential ending in the head: no F x F identity, forward and back
+            own = {self.weight, self.bias}
+            fwd = bind(body, ys)
+            return lambda p: fwd({k: v for k, v in p.items() if k not in own}, xs)
         identity = {self.weight: torch.eye(self.features, dtype=xs.dtype, device=xs.device)}
         if self.bias:
             identity[self.bias] = torch.zeros(self.features, dtype=xs.dtype, device=xs.device)
-        features = bind(forward, ys)({**p, **identity}, xs)  # [N, F]: the network up to its head
+        fwd = bind(forward, ys)
+        return lambda p: fwd({**p, **identity}, xs)
+
+    def rows_of(self, features: Tensor, ys: Tensor, rows: int) -> Params:
+        """The prototype rows (2 c_k, bias -||c_k||^2) of support features [N, F] labelled ys."""
         padded = ys.dim() == 2
         labels = ys[..., 0] if padded else ys
         # [N, rows] by comparison: F.one_hot checks the labels' range, a data-dependent branch vmap refuses
@@ -120,22 +136,67 @@ class Head:
             out[self.bias] = -centres.square().sum(-1)
         return out
 
+    def open(
+        self, forward: Forward, kind: str, p: Params, xs: Tensor, ys: Tensor, moving: frozenset[str] | None
+    ) -> tuple[Params, Params]:
+        """Proto-MAML's start and its first inner gradient from ONE pass of the network over the
+        support set: `start` then a gradient of the loss at the started parameters runs the
+        network over it twice (the prototypes' features, then the outputs), and back twice in
+        the meta-gradient (1.34x a fixed head's conv4 step). The outputs are the head applied to
+        the prototypes' own features; the gradient is the partial one, the rows held as they are
+        (the loss is taken as a function of (features, rows) apart), pulled back through the
+        network by the features' vector-Jacobian product. Same numbers as `start` and then
+        `grad`; the meta-gradient still flows through the prototypes (fo-Proto-MAML keeps that
+        path and drops only this gradient's own)."""
+        loss = loss_fn(kind)
+        body = [k for k in p if moving is None or k in moving]
+        features_at = self.features_of(forward, ys, xs)
+        if body:
+            features, pull = torch.func.vjp(lambda q: features_at({**p, **q}), {k: p[k] for k in body})
+        else:  # ANIL: only the rows move
+            features = features_at(p)
+        rows = self.rows_of(features, ys, self.width)
+
+        def head_loss(f: Tensor, r: Params) -> Tensor:
+            return loss(F.linear(f, r[self.weight], r[self.bias] if self.bias else None), ys)
+
+        g_features, g_rows = torch.func.grad(head_loss, argnums=(0, 1))(features, rows)
+        g = {k: v for k, v in g_rows.items() if moving is None or k in moving}
+        if body:
+            g.update(pull(g_features)[0])
+        return {**p, **rows}, g
+
 
 HEAD_ATTR = "task_head"  # a Forward's attribute: the head its tasks start with (absent: fixed)
+BODY_ATTR = "task_body"  # a proto head's Forward's attribute: the network without its head
 
 
-def attach(forward: Forward, head: Head) -> Forward:
+def attach(forward: Forward, head: Head, model: nn.Module | None = None) -> Forward:
     """`forward` carrying `head` (a fixed head: `forward` as it is). Every algorithm's per-task
     inner loop, the test-time loop and the unadapted metrics start a task through `start`, so the
-    head travels with the forward function to every worker and path, as the BatchNorm masks do."""
+    head travels with the forward function to every worker and path, as the BatchNorm masks do.
+    A proto head of a `model` that is an nn.Sequential ending in its head also carries the
+    forward of the rest (the prototypes' features: the built-in MLPs, conv4, ResNet-12)."""
     if head.kind != "fixed":
         setattr(forward, HEAD_ATTR, head)
+    last = list(model.named_children())[-1] if isinstance(model, nn.Sequential) and len(model) > 1 else None
+    if head.kind == "proto" and last is not None and head.weight == f"{last[0]}.weight":
+        setattr(forward, BODY_ATTR, functional(model[:-1]))
     return forward
 
 
 def head_on(forward: Forward) -> Head | None:
     """The head a forward carries (None: fixed)."""
     return getattr(forward, HEAD_ATTR, None)
+
+
+def opening(forward: Forward, kind: str, p: Params, xs: Tensor, ys: Tensor) -> Opening | None:
+    """A task's first inner step in one pass (`Head.open`) where it starts a proto head, else
+    None: `start`, then the step's own gradient (a unicorn or fixed head costs nothing more)."""
+    head = head_on(forward)
+    if head is None or head.kind != "proto" or head.own_rows(p):
+        return None
+    return lambda q, moving: head.open(forward, kind, q, xs, ys, moving)
 
 
 def start(forward: Forward, p: Params, xs: Tensor, ys: Tensor, width: int | None = None) -> Params:
@@ -171,18 +232,16 @@ def started(forward: Forward, p: Params, xs: Tensor, ys: Tensor) -> tuple[Params
 
 
 def check_ends_in_head(head: Head, forward: Forward, params: Params, example_shape: tuple[int, ...]) -> None:
-    """The network's outputs must be its last nn.Linear applied to what that layer gets (the
-    features a prototype is made of, the rows a shared row is copied to): a one-line ConfigError
-    otherwise (a network that transforms its outputs after that layer)."""
+    """The network's outputs must be its last nn.Linear applied to the features a prototype is
+    made of (`Head.features_of`; unicorn: what that layer gets, the rows a shared row is copied
+    to): a one-line ConfigError otherwise (a network that transforms its outputs after that layer)."""
     if head.kind == "fixed":
         return
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, *example_shape, generator=g).to(next(iter(params.values())))
-    identity = {head.weight: torch.eye(head.features).to(x)}
-    if head.bias:
-        identity[head.bias] = torch.zeros(head.features).to(x)
     with torch.no_grad():
-        out, features = forward(params, x), forward({**params, **identity}, x)
+        out = forward(params, x)
+        features = head.features_of(forward, torch.zeros(4, dtype=torch.long), x)(params)
         want = features @ params[head.weight].T + (params[head.bias] if head.bias else 0)
     if features.shape != (4, head.features) or not torch.allclose(out, want, rtol=1e-4, atol=1e-5):
         raise ConfigError(

@@ -51,6 +51,9 @@ def as_input(t: Tensor) -> Tensor:
 
 
 TaskMap = Callable[..., tuple[Tensor, ...]]
+# (a task's parameters, the names that move or None for all) -> (its parameters at the first
+# inner step, the support loss's gradient there for those names): see `adapt`
+Opening = Callable[[Params, frozenset[str] | None], tuple[Params, Params]]
 
 
 def map_tasks(fn: Callable[..., tuple[Tensor, ...]], task_map: str) -> TaskMap:
@@ -185,20 +188,26 @@ def adapt(
     first_order: bool = False,
     head: frozenset[str] | None = None,
     first_step: int = 0,
+    opening: Opening | None = None,
 ) -> Params:
     """`steps` SGD steps on one task's support set, differentiable (unless first_order). With
     `head` (ANIL) only those parameters move; the rest still carry the meta-gradient. Learned
     step sizes in `params` (LR_PREFIX entries: Meta-SGD's per element, MAML++'s per parameter
-    and step, indexed from `first_step`) replace `lr`; they stay in the returned dict."""
+    and step, indexed from `first_step`) replace `lr`; they stay in the returned dict. With
+    `opening` the first step's parameters and gradient come from it (core/heads.py: Proto-MAML
+    starts its head and takes that gradient from one pass of the network over the support set)."""
     loss = loss_fn(kind)
     params, lrs = split_lrs(params)
     for i in range(first_step, first_step + steps):
-        moving = params if head is None else {k: params[k] for k in head}
+        if opening is not None and i == first_step:
+            params, g = opening(params, head)
+        else:
+            moving = params if head is None else {k: params[k] for k in head}
 
-        def support_loss(q: Params, params: Params = params) -> Tensor:
-            return loss(forward({**params, **q}, xs), ys)
+            def support_loss(q: Params, params: Params = params) -> Tensor:
+                return loss(forward({**params, **q}, xs), ys)
 
-        g = grad(support_loss)(moving)
+            g = grad(support_loss)(moving)
         if first_order:
             g = {k: v.detach() for k, v in g.items()}
         params = {k: _sgd(params[k], g[k], _step_size(lrs, k, i, lr)) if k in g else params[k] for k in params}

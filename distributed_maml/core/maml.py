@@ -107,10 +107,12 @@ def _objective(
 
     def task_objective(p: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, ...]:
         objective: Tensor | float = 0.0
-        adapted = heads.start(forward, p, xs, ys)  # a task's head rows (maml.head)
         fs, fq = bind(forward, ys), bind(forward, yq)  # a padded set's BatchNorm: its real examples
+        opening = heads.opening(forward, kind, p, xs, ys)  # proto: its rows and first gradient in one pass
+        adapted = p if opening else heads.start(forward, p, xs, ys)  # a task's head rows (maml.head)
         for i in range(cfg.inner_steps):
-            adapted = adapt(fs, kind, adapted, xs, ys, 1, cfg.inner_lr, plan.first_order, head, first_step=i)
+            first = opening if i == 0 else None
+            adapted = adapt(fs, kind, adapted, xs, ys, 1, cfg.inner_lr, plan.first_order, head, i, first)
             if plan.weights is not None and i < cfg.inner_steps - 1:
                 objective = objective + plan.weights[i] * loss(fq(split_lrs(adapted)[0], xq), yq)
         out = fq(split_lrs(adapted)[0], xq)

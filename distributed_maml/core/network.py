@@ -56,7 +56,7 @@ def assemble(
     model = build(model_cfg, info, seed=seed).to(device)
     network = ParamSpec.of(model)
     task_head = heads.of(maml_cfg.head, model, info.kind)
-    forward = heads.attach(functional(model), task_head)
+    forward = heads.attach(functional(model), task_head, model)
     heads.check_ends_in_head(task_head, forward, dict(model.named_parameters()), tuple(info.example_shape))
     return Network(
         model=model,
