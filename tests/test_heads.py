@@ -12,6 +12,7 @@ from torch import nn
 
 from distributed_maml.config import MamlConfig
 from distributed_maml.core import heads, maml, models
+from distributed_maml.core.resnet import resnet12
 from distributed_maml.data import episodes, padding
 from distributed_maml.errors import ConfigError
 
@@ -28,6 +29,14 @@ def mlp(d_in=6, d_out=5, seed=0) -> nn.Module:
 def conv(d_out=5, seed=0) -> nn.Module:
     torch.manual_seed(seed)
     return models.per_task_batch_norm_(models.conv4((1, 16, 16), d_out, channels=3)).double()
+
+
+def resnet(d_out=5, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.per_task_batch_norm_(resnet12((1, 16, 16), d_out, {"widths": [2, 3, 3, 4]})).double()
+
+
+NETS = {"mlp": mlp, "conv4": conv, "resnet12": resnet}
 
 
 def setup(model: nn.Module, kind: str, algorithm: str = "maml", body: bool = True, **extra):
@@ -117,11 +126,15 @@ def drawer_for(net: str) -> episodes.Drawer:
 
 
 @pytest.mark.parametrize("kind", ["unicorn", "proto"])
-@pytest.mark.parametrize("net, algorithm", [("mlp", "maml"), ("mlp", "fomaml"), ("conv4", "maml"), ("conv4", "fomaml")])
+@pytest.mark.parametrize(
+    "net, algorithm",
+    [("mlp", "maml"), ("mlp", "fomaml"), ("conv4", "maml"), ("conv4", "fomaml"), ("resnet12", "maml")],
+)
 def test_a_mixed_batch_s_meta_gradient_is_the_written_out_per_task_loop(kind, net, algorithm):
     """Mixed ways, shots and queries, padded and vmapped: the float64 loop over the unpadded
-    episodes (conv4: per-task BatchNorm over each set's real examples), second and first order."""
-    model = mlp() if net == "mlp" else conv()
+    episodes (conv4 and ResNet-12: per-task BatchNorm over each set's real examples, the
+    residual blocks' too), second and first order."""
+    model = NETS[net]()
     cfg, head, forward, params = setup(model, kind, algorithm)
     drawer = drawer_for(net)
     rows = drawer.rows(mixed_ids(drawer, 5))
@@ -342,6 +355,43 @@ def test_a_head_setting_without_a_meaning_is_one_line():
         MamlConfig(algorithm="reptile", head="proto")
     with pytest.raises(ConfigError, match="maml.head must be one of"):
         MamlConfig(head="shared")
+
+
+class Net(nn.Module):
+    """A user's network that is no Sequential, ending in its head; `squash` adds a tanh after it."""
+
+    def __init__(self, squash: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features, self.head, self.squash = nn.Linear(6, 8), nn.Linear(8, 5), squash
+
+    def forward(self, x):
+        out = self.head(torch.relu(self.features(x)))
+        return torch.tanh(out) if self.squash else out
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv4", "resnet12", "user"])
+def test_proto_s_features_are_the_head_s_input_and_a_network_that_changes_its_outputs_is_one_line(net):
+    """A built-in network (a Sequential ending in its head) gives proto its body's features, a
+    user's network its head's input by the identity head; both are what the head is applied to
+    (the check passes, and the two ways agree where both exist). A tanh after the head: refused."""
+    model = Net().double() if net == "user" else NETS[net]()
+    shape = (6,) if net in ("mlp", "user") else (1, 16, 16)
+    head = heads.of("proto", model, "classification")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    forward = heads.attach(models.functional(model), head, model)
+    assert hasattr(forward, heads.BODY_ATTR) == (net != "user")
+    heads.check_ends_in_head(head, forward, params, shape)
+    x, ys = torch.randn(7, *shape, dtype=torch.float64), torch.arange(7) % 3
+    by_identity = head.features_of(heads.attach(models.functional(model), head), ys, x)(params)
+    torch.testing.assert_close(head.features_of(forward, ys, x)(params), by_identity)
+    assert by_identity.shape == (7, head.features)
+    squashed = Net(squash=True).double()
+    own = heads.of("proto", squashed, "classification")
+    with pytest.raises(ConfigError, match="changes them after it"):
+        heads.check_ends_in_head(
+            own, heads.attach(models.functional(squashed), own, squashed), dict(squashed.named_parameters()), (6,)
+        )
 
 
 HEADS_JOB = [  # jobs/glyphs-sources.toml's episodes (one source), reduced: an MLP, in-process
