@@ -347,7 +347,7 @@ def test_a_head_setting_without_a_meaning_is_one_line():
     with pytest.raises(ConfigError, match="regression"):
         heads.of("unicorn", mlp(), "regression")
     no_bias = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5, bias=False))
-    with pytest.raises(ConfigError, match="no bias"):
+    with pytest.raises(ConfigError, match=r"no bias: give it one \(bias=True\), or use maml\.head = unicorn$"):
         heads.of("proto", no_bias, "classification")
     with pytest.raises(ConfigError, match="nn.Linear"):
         heads.of("unicorn", nn.Sequential(nn.Flatten()), "classification")
@@ -357,8 +357,76 @@ def test_a_head_setting_without_a_meaning_is_one_line():
         MamlConfig(head="shared")
 
 
+@pytest.mark.parametrize("kind", heads.HEADS)
+def test_a_head_s_meta_parameter_layout_is_its_meta_parameters(kind):
+    """The layout a run flattens its meta-parameters by (`meta_spec`) has each head's names and
+    shapes: fixed the network's, unicorn its head one row, proto no head; and it is the layout
+    of `meta_params` of the built network, in the network's order."""
+    model = mlp()
+    head = heads.of(kind, model, "classification")
+    spec = models.ParamSpec.of(model)
+    meta = head.meta_spec(spec)
+    params = head.meta_params(dict(model.named_parameters()))
+    want = {"fixed": {"0.weight": (16, 6), "0.bias": (16,), "2.weight": (5, 16), "2.bias": (5,)},
+            "unicorn": {"0.weight": (16, 6), "0.bias": (16,), "2.weight": (1, 16), "2.bias": (1,)},
+            "proto": {"0.weight": (16, 6), "0.bias": (16,)}}[kind]  # fmt: skip
+    assert dict(zip(meta.names, meta.shapes, strict=True)) == want
+    assert list(meta.names) == list(params) and all(tuple(params[n].shape) == want[n] for n in want)
+    if kind == "unicorn":  # its shared row: the layer's own first row
+        assert torch.equal(params["2.weight"], model[2].weight[:1]) and torch.equal(params["2.bias"], model[2].bias[:1])
+
+
+def test_proto_s_first_inner_step_runs_the_network_over_the_support_set_once():
+    """What proto's speed rests on (`Head.open`): one task's meta-gradient with one inner step
+    calls the network's body once (the support set: the prototypes' features and the step's
+    outputs both) and the whole network once (the query set), not the support set twice."""
+    model = conv()
+    _, head, built, params = setup(model, "proto")
+    calls = []
+
+    def counted(f, name):
+        def call(p, x):
+            calls.append((name, x.shape[0]))
+            return f(p, x)
+
+        call.mask_keys = f.mask_keys  # per-task BatchNorm's masks, as `bind` reads them
+        return call
+
+    forward = heads.attach(counted(built, "network"), head)
+    setattr(forward, heads.BODY_ATTR, counted(getattr(built, heads.BODY_ATTR), "body"))
+    drawer = drawer_for("conv4")
+    batch = tensors({k: v[:1] for k, v in drawer.rows(mixed_ids(drawer, 4)).items()})  # one task
+    real = [int((batch.tensors()[i][0][:, 1] > 0).sum()) for i in (1, 3)]  # the support and query sizes
+    cfg = MamlConfig(inner_steps=1, inner_lr=0.3, head="proto")
+    g, _ = maml.meta_gradient(forward, "classification", params, batch, cfg, "loop", before=False)
+    assert calls == [("body", real[0]), ("network", real[1])], calls
+    assert float(sum(v.abs().sum() for v in g.values())) > 0
+
+
+def test_a_started_task_s_names_and_a_baseline_s_own_rows():
+    """The names a started task has: proto adds its head's, unicorn's are there already (no
+    name twice), fixed adds none. A baseline's full-width head (evaluated beside a run) starts
+    from its own rows, as a fixed head does: `start` leaves it as it is."""
+    model = mlp()
+    names = list(dict(model.named_parameters()))
+    body = [n for n in names if not n.startswith("2.")]
+    for kind, given, want in (("fixed", names, names), ("unicorn", names, names), ("proto", body, names)):
+        head = heads.of(kind, model, "classification")
+        assert head.names(list(given)) == want, kind
+    full = {k: v.detach() for k, v in model.named_parameters()}
+    xs, ys = torch.randn(6, 6, dtype=torch.float64), torch.arange(6) % 3
+    for kind in ("unicorn", "proto"):
+        head = heads.of(kind, model, "classification")
+        forward = heads.attach(models.functional(model), head, model)
+        assert head.own_rows(full) and not head.own_rows(head.meta_params(full))
+        assert heads.start(forward, full, xs, ys) is full
+        started = heads.start(forward, head.meta_params(full), xs, ys)
+        assert started["2.weight"].shape == (5, 16)
+
+
 class Net(nn.Module):
-    """A user's network that is no Sequential, ending in its head; `squash` adds a tanh after it."""
+    """A user's network that is no Sequential, ending in its head; `squash` adds a softmax after
+    it (a network that returns probabilities: its outputs are not the head's)."""
 
     def __init__(self, squash: bool = False) -> None:
         super().__init__()
@@ -367,7 +435,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         out = self.head(torch.relu(self.features(x)))
-        return torch.tanh(out) if self.squash else out
+        return out.softmax(-1) if self.squash else out
 
 
 @pytest.mark.parametrize("net", ["mlp", "conv4", "resnet12", "user"])
@@ -388,10 +456,17 @@ def test_proto_s_features_are_the_head_s_input_and_a_network_that_changes_its_ou
     assert by_identity.shape == (7, head.features)
     squashed = Net(squash=True).double()
     own = heads.of("proto", squashed, "classification")
-    with pytest.raises(ConfigError, match="changes them after it"):
+    with pytest.raises(ConfigError, match=r"applied to that layer's input; this network changes them after it: end the "
+                       r"network in that layer, or use maml\.head = fixed$"):  # fmt: skip
         heads.check_ends_in_head(
             own, heads.attach(models.functional(squashed), own, squashed), dict(squashed.named_parameters()), (6,)
         )
+    fixed = heads.of("fixed", squashed, "classification")  # a fixed head asks nothing of the network
+    heads.check_ends_in_head(fixed, heads.attach(models.functional(squashed), fixed), {}, (6,))
+    no_bias = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5, bias=False)).double()
+    unicorn = heads.of("unicorn", no_bias, "classification")  # unicorn takes a head without a bias
+    heads.check_ends_in_head(unicorn, heads.attach(models.functional(no_bias), unicorn, no_bias),
+                             dict(no_bias.named_parameters()), (6,))  # fmt: skip
 
 
 HEADS_JOB = [  # jobs/glyphs-sources.toml's episodes (one source), reduced: an MLP, in-process

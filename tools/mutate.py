@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mutate: mutmut produced no results ({run.stderr.strip()[-300:]})", file=sys.stderr)
             return 1
         survivors = [name for name, s in got.items() if s == "survived"]
+        timed_out = sorted(name for name, s in got.items() if s == "timeout")
         show = lambda name: (
             subprocess.run(  # noqa: E731  (about a second each: hundreds take minutes)
                 [sys.executable, "-m", "mutmut", "show", name], cwd=dest, capture_output=True, text=True
@@ -146,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     for m, r in rows.items():
         score = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
         print(f"{m:<{width}}  {r['mutants']:>7}  {r['killed']:>6}  {r['survived']:>8}  {r['timed_out']:>9}  {score:>5}")
-    result = {"modules": rows, "tests": args.tests, "seconds": round(time.monotonic() - start), "survivors": diffs}
+    result = {
+        "modules": rows,
+        "tests": args.tests,
+        "seconds": round(time.monotonic() - start),
+        "survivors": diffs,
+        "timed_out": timed_out,  # by name: a hang or a slow mutant, to read (mutmut show NAME) before counting it
+    }
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"survivors{' and their diffs' if args.diffs else ''} in {args.json}; {result['seconds']} s")
     return 0
