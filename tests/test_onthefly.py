@@ -614,6 +614,46 @@ def test_a_relabelling_is_a_permutation_of_each_task_s_own_classes():
     assert np.array_equal(rows["y_support"], st.rows(ids)["y_support"])  # the input is not changed
 
 
+def test_a_relabelling_of_fixed_shape_tasks_maps_each_through_a_permutation_of_the_ways():
+    """Plain labels [T, N] (a fixed-shape store): each task's support and query labels go
+    through one bijection of the store's ways, keyed by (assignment, task id)."""
+    from distributed_maml.evaluation.permutations import relabelled
+
+    ways, ids = 5, np.arange(10, 16)
+    rows = {"y_support": np.tile(np.arange(ways), (6, 2)), "y_query": np.tile(np.arange(ways)[::-1], (6, 3))}
+    new = relabelled(rows, ids, ways, 1)
+    maps = []
+    for t in range(6):
+        mapping = dict(zip(rows["y_support"][t], new["y_support"][t], strict=True))
+        assert sorted(mapping.values()) == list(range(ways)) and len(mapping) == ways
+        assert [mapping[int(a)] for a in rows["y_query"][t]] == list(new["y_query"][t])  # the same map in its query set
+        maps.append(tuple(mapping.values()))
+    assert len(set(maps)) > 1 and np.array_equal(rows["y_support"][0], np.tile(np.arange(ways), 2))  # input kept
+    assert np.array_equal(
+        relabelled({k: v[2:3] for k, v in rows.items()}, ids[2:3], ways, 1)["y_query"][0], new["y_query"][2]
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["anil", "imaml"])
+def test_eval_permutations_adapts_as_the_run_does(algorithm, tmp_path):
+    """Assignment 0 of `--permutations 2` is the run's own evaluation at that step: ANIL's head
+    alone adapts and iMAML's proximal inner loop runs, as eval's curve does; with two
+    assignments the std is their sample std."""
+    from distributed_maml.evaluation import evaluate
+
+    sets = [*SMALL, f"maml.algorithm={algorithm}", "training.steps=2"]
+    r = run.prepare(config.load(None, sets), tmp_path / "run", progress=False)
+    ex = train.make_executor(r)
+    try:
+        train.train(r, ex, progress=False)
+    finally:
+        ex.close()
+    res = evaluate.evaluate(tmp_path / "run", steps=[0, 1], num_tasks=24, baselines=False, workers=0, permutations=2)
+    p = res["permutations"]
+    assert p["accuracy"][0] == pytest.approx(res["accuracy_mean"][1], abs=1e-6)
+    assert p["std"] == pytest.approx(abs(p["accuracy"][0] - p["accuracy"][1]) / np.sqrt(2)) and p["std"] > 0
+
+
 def test_eval_permutations_shows_what_a_fixed_head_costs(head_runs, tmp_path, capsys):
     """`eval --permutations 4`: a fixed head's accuracy moves with the label assignment, a
     unicorn or proto head's does not (to float rounding); the table says so in one line."""
@@ -631,6 +671,9 @@ def test_eval_permutations_shows_what_a_fixed_head_costs(head_runs, tmp_path, ca
         p = res["permutations"]
         assert p["assignments"] == 4 and len(p["accuracy"]) == 4 and p["steps"] == 1
         assert p["accuracy"][0] == pytest.approx(res["accuracy_mean"][1], abs=1e-6)  # assignment 0: the tasks as stored
+        assert p["mean"] == pytest.approx(np.mean(p["accuracy"])) and p["std"] == pytest.approx(
+            np.std(p["accuracy"], ddof=1)
+        )
         spread[name] = p["spread"]
     assert spread["fixed"] > 1e-3 and spread["unicorn"] < 1e-5 and spread["proto"] < 1e-5, spread
     code = cli.main(["eval", "--run", str(head_runs("unicorn")), "--steps", "0,1", "--num-tasks", "20", "--no-baselines",

@@ -125,6 +125,12 @@ BUGS: dict[str, tuple[str, str, str, str, str]] = {
              "    if head is None or head.kind != \"proto\" or head.own_rows(p):",
              "    if True:",
              "tests/test_heads.py::test_proto_s_first_inner_step_runs_the_network_over_the_support_set_once"),
+    "45.16": ("eval --permutations adapting every weight of an ANIL run (the run's head unused)", "distributed_maml/evaluation/permutations.py",
+             "computer.task_map, computer.head, computer.proximal,", "computer.task_map, None, computer.proximal,",
+             "tests/test_onthefly.py::test_eval_permutations_adapts_as_the_run_does"),
+    "45.17": ("a fixed-shape task relabelled as if padded (its labels' second column read as ways)", "distributed_maml/evaluation/permutations.py",
+             "if padded else ways", "if True else ways",
+             "tests/test_onthefly.py::test_a_relabelling_of_fixed_shape_tasks_maps_each_through_a_permutation_of_the_ways"),
 }  # fmt: skip
 
 
