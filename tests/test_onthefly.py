@@ -161,11 +161,12 @@ SMALL = [
 ]
 
 
-def _train(tmp, name, steps, resume=False):
+def _train(tmp, name, steps, resume=False, extra=()):
+    """A SMALL run (with `extra` settings) trained in-process to `steps` in tmp/name."""
     if resume:
         r = run.resume(tmp / name, overrides=[f"training.steps={steps}"])
     else:
-        r = run.prepare(config.load(None, [*SMALL, f"training.steps={steps}"]), tmp / name, progress=False)
+        r = run.prepare(config.load(None, [*SMALL, *extra, f"training.steps={steps}"]), tmp / name, progress=False)
     ex = train.make_executor(r)
     try:
         return train.train(r, ex, progress=False)
@@ -501,15 +502,9 @@ def head_runs(tmp_path_factory):
 
     @functools.cache
     def trained(head: str):
-        folder = tmp_path_factory.mktemp(f"head-{head}") / "run"
-        sets = [*SMALL, "task.ways=[3, 5]", f"maml.head={head}", "training.steps=3"]
-        r = run.prepare(config.load(None, sets), folder, progress=False)
-        ex = train.make_executor(r)
-        try:
-            train.train(r, ex, progress=False)
-        finally:
-            ex.close()
-        return folder
+        tmp = tmp_path_factory.mktemp(f"head-{head}")
+        _train(tmp, "run", 3, extra=["task.ways=[3, 5]", f"maml.head={head}"])
+        return tmp / "run"
 
     return trained
 
@@ -641,13 +636,7 @@ def test_eval_permutations_adapts_as_the_run_does(algorithm, tmp_path):
     assignments the std is their sample std."""
     from distributed_maml.evaluation import evaluate
 
-    sets = [*SMALL, f"maml.algorithm={algorithm}", "training.steps=2"]
-    r = run.prepare(config.load(None, sets), tmp_path / "run", progress=False)
-    ex = train.make_executor(r)
-    try:
-        train.train(r, ex, progress=False)
-    finally:
-        ex.close()
+    _train(tmp_path, "run", 2, extra=[f"maml.algorithm={algorithm}"])
     res = evaluate.evaluate(tmp_path / "run", steps=[0, 1], num_tasks=24, baselines=False, workers=0, permutations=2)
     p = res["permutations"]
     assert p["accuracy"][0] == pytest.approx(res["accuracy_mean"][1], abs=1e-6)

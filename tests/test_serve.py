@@ -130,18 +130,9 @@ def test_served_predictions_equal_the_api_for_every_family(ray_serve, runs, tmp_
 def test_a_served_unicorn_run_adapts_more_classes_than_it_trained_on(ray_serve, tmp_path):
     """maml.head = unicorn, trained on 3-5 ways: a 12-way task served answers the API's bits
     (the export's head and limit on /info: any number of classes, up to 1,000)."""
-    from distributed_maml import config
-    from distributed_maml.training import run, train
+    from .test_onthefly import _train, _twelve_way_task
 
-    from .test_onthefly import SMALL, _twelve_way_task
-
-    sets = [*SMALL, "task.ways=[3, 5]", "maml.head=unicorn", "training.steps=2"]
-    r = run.prepare(config.load(None, sets), tmp_path / "run", progress=False)
-    ex = train.make_executor(r)
-    try:
-        train.train(r, ex, progress=False)
-    finally:
-        ex.close()
+    _train(tmp_path, "run", 2, extra=["task.ways=[3, 5]", "maml.head=unicorn"])
     exported = dm.export(tmp_path / "run", tmp_path / "export")
     deploy(ray_serve, exported)
     xs, names, xq = _twelve_way_task(tmp_path)
